@@ -1,0 +1,69 @@
+"""pf_metered: pay other agents per call, per token, per data point or per second of compute.
+
+A budget is locked in a Purple Flea escrow; units are counted on the hot path with no I/O;
+partial payments are released in batches in the background; closing pays the last partial
+batch and refunds the rest.
+"""
+
+from pf_metered.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeout,
+    AmbiguousCreate,
+    AmbiguousOutcome,
+    AmbiguousRelease,
+    AuthError,
+    BudgetExhausted,
+    ConfigError,
+    Conflict,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidInput,
+    InvalidRequest,
+    InvalidResponse,
+    NotFound,
+    PermissionDenied,
+    PFMeteredError,
+    RateLimited,
+    ServerError,
+    StreamClosed,
+    UnsupportedByDialect,
+)
+from pf_metered.models import Escrow, EscrowList, FaucetClaim, Release
+from pf_metered.money import Rate, format_usdc, parse_amount, parse_rate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APITimeout",
+    "AmbiguousCreate",
+    "AmbiguousOutcome",
+    "AmbiguousRelease",
+    "AuthError",
+    "BudgetExhausted",
+    "ConfigError",
+    "Conflict",
+    "Escrow",
+    "EscrowList",
+    "FaucetClaim",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidInput",
+    "InvalidRequest",
+    "InvalidResponse",
+    "NotFound",
+    "PFMeteredError",
+    "PermissionDenied",
+    "RateLimited",
+    "Rate",
+    "Release",
+    "ServerError",
+    "StreamClosed",
+    "UnsupportedByDialect",
+    "__version__",
+    "format_usdc",
+    "parse_amount",
+    "parse_rate",
+]

@@ -1,0 +1,195 @@
+"""Every error pf_metered raises, in one tree, so callers can catch as broadly as they need.
+
+::
+
+    PFMeteredError
+    ├── ConfigError                  missing key, insecure base URL, bad option
+    ├── InvalidInput (ValueError)    an argument refused before any I/O; names the field
+    ├── APIError                     the escrow service answered with an error
+    │   ├── InvalidRequest           400 (invalid_amount, ...)
+    │   ├── AuthError                401 / 403
+    │   │   └── PermissionDenied     403 forbidden
+    │   ├── InsufficientFunds        402
+    │   ├── NotFound                 404
+    │   ├── Conflict                 409 (invalid_status, request in progress)
+    │   ├── IdempotencyConflict      422 (same key, other body)
+    │   ├── RateLimited              429; ``retry_after`` seconds when the server said
+    │   ├── ServerError              5xx
+    │   └── InvalidResponse          an answer we refuse to believe (malformed, hostile)
+    ├── APIConnectionError           the request may not have reached the server
+    │   └── APITimeout
+    ├── AmbiguousOutcome             a POST whose effect could not be settled
+    │   ├── AmbiguousRelease
+    │   └── AmbiguousCreate
+    ├── UnsupportedByDialect         the server's dialect has no such call
+    ├── BudgetExhausted              a unit would exceed the stream's budget
+    └── StreamClosed                 the stream no longer takes units
+
+What never happens here: an exception that carries the API key. Messages are built from
+status, code, server message and request id only; the server's message is truncated and any
+``pf_live_``/``pf_test_``-shaped token in it is redacted before it is stored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APITimeout",
+    "AmbiguousCreate",
+    "AmbiguousOutcome",
+    "AmbiguousRelease",
+    "AuthError",
+    "BudgetExhausted",
+    "ConfigError",
+    "Conflict",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidInput",
+    "InvalidRequest",
+    "InvalidResponse",
+    "NotFound",
+    "PFMeteredError",
+    "PermissionDenied",
+    "RateLimited",
+    "ServerError",
+    "StreamClosed",
+    "UnsupportedByDialect",
+    "redact",
+]
+
+_KEYLIKE = re.compile(r"(pf_(?:live|test|sbx)_)[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.IGNORECASE)
+_MAX_MESSAGE = 300
+
+
+def redact(text: str) -> str:
+    """Replace anything shaped like an API key or bearer token with a marker."""
+    return _KEYLIKE.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+
+
+class PFMeteredError(Exception):
+    """The root of every error this library raises."""
+
+
+class ConfigError(PFMeteredError):
+    """The library was configured in a way it cannot work with (no key, http to a remote)."""
+
+
+class InvalidInput(PFMeteredError, ValueError):
+    """An argument was refused before any request was sent; ``field`` names it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field} {problem}")
+
+
+class APIError(PFMeteredError):
+    """The escrow service answered with an error status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.message = redact(message)[:_MAX_MESSAGE]
+        parts = [self.message]
+        if status is not None:
+            parts.append(f"(HTTP {status}{', ' + code if code else ''})")
+        if request_id:
+            parts.append(f"[request {request_id}]")
+        super().__init__(" ".join(parts))
+
+
+class InvalidRequest(APIError):
+    """400: the server refused the request's content."""
+
+
+class AuthError(APIError):
+    """401/403: the key is missing, wrong, or not allowed to do this."""
+
+
+class PermissionDenied(AuthError):
+    """403: the key is valid but may not act on this escrow."""
+
+
+class InsufficientFunds(APIError):
+    """402: the payer's balance cannot cover the escrow."""
+
+
+class NotFound(APIError):
+    """404: no such escrow (or not one of the caller's)."""
+
+
+class Conflict(APIError):
+    """409: the escrow's state forbids this, or the same request is still in progress."""
+
+
+class IdempotencyConflict(APIError):
+    """422: the idempotency key was used before with a different body."""
+
+
+class RateLimited(APIError):
+    """429: too many requests; ``retry_after`` is the server's hint in seconds, if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kw)
+
+
+class ServerError(APIError):
+    """5xx: the server failed; the request may or may not have taken effect."""
+
+
+class InvalidResponse(APIError):
+    """The server's answer was malformed or contradicts itself; nothing local was changed."""
+
+
+class APIConnectionError(PFMeteredError):
+    """The request could not be completed over the network (reset, refused, DNS)."""
+
+
+class APITimeout(APIConnectionError):
+    """The request timed out; it may have taken effect on the server."""
+
+
+class AmbiguousOutcome(PFMeteredError):
+    """A POST may or may not have taken effect, and reading back could not settle it."""
+
+    def __init__(self, message: str, *, idempotency_key: str | None = None, **known: Any) -> None:
+        self.idempotency_key = idempotency_key
+        self.known = known
+        super().__init__(message)
+
+
+class AmbiguousRelease(AmbiguousOutcome):
+    """A release may have been applied; retry only with the same idempotency key."""
+
+
+class AmbiguousCreate(AmbiguousOutcome):
+    """An escrow may have been created; do not create another before reconciling."""
+
+
+class UnsupportedByDialect(PFMeteredError):
+    """The server's API dialect has no such operation (e.g. partial release on 'deployed')."""
+
+
+class BudgetExhausted(PFMeteredError):
+    """Recording these units would spend more than the stream's budget; nothing was counted."""
+
+    def __init__(self, message: str, *, remaining_units: int | None = None) -> None:
+        self.remaining_units = remaining_units
+        super().__init__(message)
+
+
+class StreamClosed(PFMeteredError):
+    """The stream is closed (or closing) and takes no more units."""

@@ -1,0 +1,158 @@
+"""What the escrow service answers, as validated pydantic models, in dialect-neutral terms.
+
+Why strict: a payments client that believes a malformed answer corrupts its own books. Every
+model here refuses unknown statuses, amounts that are not exact decimal strings (a JSON number
+has already been through a float somewhere), more than six places, negative or non-finite
+values, and escrows whose figures do not add up. A dialect module turns its wire shape into
+these models; nothing above the client ever sees raw JSON.
+
+Amounts are ``Decimal`` on the models (what users read) with ``*_micro`` integer views (what
+the meter computes with).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    model_validator,
+)
+
+from pf_metered.errors import InvalidInput
+from pf_metered.money import MICRO, format_usdc, micro_to_decimal, parse_amount
+
+__all__ = [
+    "USDC",
+    "Escrow",
+    "EscrowList",
+    "EscrowStatus",
+    "FaucetClaim",
+    "Registration",
+    "Release",
+]
+
+EscrowStatus = Literal["locked", "completed", "released", "refunded", "disputed"]
+"""``locked``: funds held, releases possible. ``completed``: the provider marked the work done
+(deployed dialect). ``released``: everything went to the provider. ``refunded``: closed, the
+unreleased rest went back to the payer. ``disputed``: frozen until resolved."""
+
+OPEN_STATUSES: frozenset[str] = frozenset({"locked", "completed"})
+
+
+def _wire_amount(value: object) -> Decimal:
+    """Accept an amount only as an exact decimal string (or a Decimal we built ourselves)."""
+    if isinstance(value, str | Decimal) and not isinstance(value, bool):
+        try:
+            micro = parse_amount(value, "amount", allow_zero=True)
+        except InvalidInput as exc:
+            raise ValueError(exc.problem) from None
+        return micro_to_decimal(micro)
+    raise ValueError(f"amount must be a decimal string, not {type(value).__name__}")
+
+
+USDC = Annotated[
+    Decimal,
+    BeforeValidator(_wire_amount),
+    PlainSerializer(lambda d: format_usdc(int(d * MICRO)), return_type=str),
+]
+"""A USDC amount from the wire: a decimal string, at most six places, finite, non-negative."""
+
+_ID = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=False)
+
+
+class Release(_Model):
+    """One partial release from an escrow to its provider."""
+
+    amount: USDC
+    memo: str = Field(default="", max_length=1000)
+    release_id: _ID | None = None
+    created_at: str | None = Field(default=None, max_length=64)
+
+    @property
+    def amount_micro(self) -> int:
+        return int(self.amount * MICRO)
+
+
+class Escrow(_Model):
+    """An escrow as the service reports it: the budget, what left it, and what is left."""
+
+    escrow_id: _ID
+    status: EscrowStatus
+    amount: USDC
+    released: USDC
+    remaining: USDC
+    refunded: USDC = Decimal(0)
+    to_agent_id: _ID | None = None
+    from_agent_id: _ID | None = None
+    memo: str = Field(default="", max_length=1000)
+    auto_release_at: str | None = Field(default=None, max_length=64)
+    releases: tuple[Release, ...] = ()
+
+    @model_validator(mode="after")
+    def _figures_add_up(self) -> Escrow:
+        if self.released + self.remaining + self.refunded != self.amount:
+            raise ValueError(
+                f"released {self.released} + remaining {self.remaining} + refunded "
+                f"{self.refunded} != amount {self.amount}"
+            )
+        if self.releases and sum((r.amount for r in self.releases), Decimal(0)) != self.released:
+            raise ValueError("release history does not sum to released")
+        return self
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    @property
+    def amount_micro(self) -> int:
+        return int(self.amount * MICRO)
+
+    @property
+    def released_micro(self) -> int:
+        return int(self.released * MICRO)
+
+    @property
+    def remaining_micro(self) -> int:
+        return int(self.remaining * MICRO)
+
+    @property
+    def refunded_micro(self) -> int:
+        return int(self.refunded * MICRO)
+
+
+class EscrowList(_Model):
+    """The caller's escrows."""
+
+    escrows: tuple[Escrow, ...] = ()
+
+
+class FaucetClaim(_Model):
+    """A faucet credit to a new agent ($1 once)."""
+
+    credited: USDC
+    claim_id: _ID
+    agent_id: _ID | None = None
+
+    @property
+    def credited_micro(self) -> int:
+        return int(self.credited * MICRO)
+
+
+class Registration(_Model):
+    """A new agent's identity and key (deployed dialect's casino registration)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", hide_input_in_errors=True)
+
+    agent_id: _ID
+    api_key: SecretStr
