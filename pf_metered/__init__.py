@@ -6,12 +6,12 @@ batch and refunds the rest.
 """
 
 from pf_metered.errors import (
-    APIConnectionError,
-    APIError,
-    APITimeout,
     AmbiguousCreate,
     AmbiguousOutcome,
     AmbiguousRelease,
+    APIConnectionError,
+    APIError,
+    APITimeout,
     AuthError,
     BudgetExhausted,
     ConfigError,
@@ -56,8 +56,8 @@ __all__ = [
     "NotFound",
     "PFMeteredError",
     "PermissionDenied",
-    "RateLimited",
     "Rate",
+    "RateLimited",
     "Release",
     "ServerError",
     "StreamClosed",

@@ -17,15 +17,15 @@ except the error types.
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from typing import Final, Union
+from typing import Final
 
 from pf_metered.errors import InvalidInput
 
 __all__ = [
+    "FEE_PERCENT",
     "MAX_AMOUNT_MICRO",
     "MAX_RATE_PLACES",
     "MICRO",
-    "FEE_PERCENT",
     "AmountLike",
     "Rate",
     "fee_micro",
@@ -55,7 +55,7 @@ MAX_UNITS: Final = 10**15
 FEE_PERCENT: Final = 1
 """Purple Flea's flat fee on what is released, in percent."""
 
-AmountLike = Union[str, int, Decimal]
+AmountLike = str | int | Decimal
 """What callers may pass as money. ``float`` is refused on purpose."""
 
 
@@ -224,7 +224,7 @@ def parse_rate(value: object, field: str = "rate", *, allow_zero: bool = False) 
     if dec == 0 and not allow_zero:
         raise InvalidInput(field, "must be greater than zero")
     dec = dec.normalize()
-    sign, digits, exponent = dec.as_tuple()
+    _sign, digits, exponent = dec.as_tuple()
     if not isinstance(exponent, int):
         raise InvalidInput(field, f"must be finite, got {dec}")
     if exponent < -MAX_RATE_PLACES:

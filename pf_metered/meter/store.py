@@ -32,10 +32,10 @@ from pf_metered.money import Rate, parse_rate
 __all__ = [
     "Intent",
     "MemoryStore",
+    "Store",
     "StreamConfig",
     "StreamState",
     "StreamStatus",
-    "Store",
     "intent_amount_micro",
     "intent_key",
 ]
