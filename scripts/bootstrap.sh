@@ -19,6 +19,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp="$venv/.pf-metered-installed"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+# One installer at a time: parallel test runs share this venv.
+exec 9>"$venv/.install.lock"
+flock 9
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "bootstrap: installing pf_metered and its dev tools into .venv (about 30 s)" >&2
   log="$venv/pip-install.log"
@@ -29,4 +32,6 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+flock -u 9
+exec 9>&-
 export PATH="$venv/bin:$PATH"
