@@ -1,0 +1,222 @@
+"""What every tool call runs against: the clients, the operator's caps and the open streams.
+
+Why one object: tools are stateless descriptions; the state an agent builds up while it works
+(the streams it opened, how much it has locked) lives here, shared by the LangChain tools and the
+MCP server of one session. Stream ids handed to the model are short and sequential (``s1``,
+``s2``) because models copy short ids faithfully; each stream keeps its own unique id inside.
+
+Bookkeeping of what is locked is reserved *before* any I/O under one lock and given back if
+the call fails, so parallel tool calls cannot together exceed ``max_total`` or
+``max_open_streams``.
+
+What this module must never do: hold a lock across I/O, expose the API key (``repr`` names
+no secret), or hand a stream to a caller of the other colour (an async stream's close is never
+run from sync code).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pf_metered.money import Rate, format_usdc
+from pf_metered.tools.caps import Caps
+from pf_metered.tools.errors import ToolError
+
+if TYPE_CHECKING:
+    from pf_metered.client import AsyncEscrowClient, EscrowClient
+    from pf_metered.meter.receipt import Receipt
+    from pf_metered.meter.store import Store
+    from pf_metered.stream import AsyncPaymentStream, PaymentStream
+
+__all__ = ["StreamEntry", "ToolContext"]
+
+
+@dataclass(slots=True, eq=False)
+class StreamEntry:
+    """One stream opened through the tools, under the short id the model knows it by."""
+
+    handle: str
+    stream: PaymentStream | AsyncPaymentStream
+    provider: str
+    rate: Rate
+    budget_micro: int
+    max_units: int | None
+    is_async: bool
+    receipt: Receipt | None = None
+    closing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def escrow_id(self) -> str | None:
+        return self.stream.escrow_id
+
+
+class ToolContext:
+    """The clients, caps and stream registry behind one agent's tools.
+
+    ``client`` serves sync tool calls and ``async_client`` async ones; give either or both.
+    With only a sync client, async calls run the sync work in a thread. ``store`` and
+    ``auto_release_hours`` are passed to every stream the tools open.
+    """
+
+    def __init__(
+        self,
+        client: EscrowClient | None = None,
+        async_client: AsyncEscrowClient | None = None,
+        *,
+        caps: Caps | None = None,
+        store: Store | None = None,
+        auto_release_hours: int | None = None,
+    ) -> None:
+        if client is None and async_client is None:
+            from pf_metered.errors import ConfigError
+
+            raise ConfigError("ToolContext needs a client, an async_client, or both")
+        self.client = client
+        self.async_client = async_client
+        self.caps = caps if caps is not None else Caps()
+        self.store = store
+        self.auto_release_hours = auto_release_hours
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._streams: dict[str, StreamEntry] = {}
+        self._locked_micro = 0
+        self._opening = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"ToolContext(streams={len(self._streams)}, locked={format_usdc(self._locked_micro)}, "
+            f"caps={self.caps.describe()!r})"
+        )
+
+    # -- money at risk -------------------------------------------------------------------
+
+    @property
+    def locked_micro(self) -> int:
+        """What the tools of this context have locked and not had refunded, in micro-USDC."""
+        return self._locked_micro
+
+    def reserve(self, amount_micro: int, *, what: str, provider: str, stream: bool) -> None:
+        """Check the caps for locking ``amount_micro`` and hold it; raise ``ToolError`` if not."""
+        caps = self.caps
+        if caps.allowed_providers is not None and provider not in caps.allowed_providers:
+            raise ToolError(
+                f"Cap exceeded: paying {provider!r} is not allowed by the operator; allowed "
+                f"providers: {sorted(caps.allowed_providers)}.",
+                kind="cap_exceeded",
+            )
+        if caps.max_budget_micro is not None and amount_micro > caps.max_budget_micro:
+            raise ToolError(
+                f"Cap exceeded: {what} {format_usdc(amount_micro)} USDC is above the operator's "
+                f"maximum of {format_usdc(caps.max_budget_micro)} USDC. Use a smaller amount.",
+                kind="cap_exceeded",
+            )
+        with self._lock:
+            if caps.max_total_micro is not None:
+                room = caps.max_total_micro - self._locked_micro
+                if amount_micro > room:
+                    raise ToolError(
+                        f"Cap exceeded: locking {format_usdc(amount_micro)} USDC more would pass "
+                        f"the operator's total of {format_usdc(caps.max_total_micro)} USDC "
+                        f"({format_usdc(max(room, 0))} USDC left). Close a stream or use less.",
+                        kind="cap_exceeded",
+                    )
+            if stream and caps.max_open_streams is not None:
+                open_now = self._opening + sum(
+                    1 for e in self._streams.values() if e.receipt is None
+                )
+                if open_now >= caps.max_open_streams:
+                    raise ToolError(
+                        f"Cap exceeded: at most {caps.max_open_streams} streams may be open at "
+                        "once. Close one with stream_close first.",
+                        kind="cap_exceeded",
+                    )
+            self._locked_micro += amount_micro
+            if stream:
+                self._opening += 1
+
+    def unreserve(self, amount_micro: int, *, stream: bool) -> None:
+        """Give back a reservation whose lock failed (or an amount a close refunded)."""
+        with self._lock:
+            self._locked_micro -= amount_micro
+            if stream:
+                self._opening -= 1
+
+    def check_rate(self, rate: Rate) -> None:
+        """Refuse a rate above the operator's ``max_rate``."""
+        cap = self.caps.max_rate
+        if cap is not None and rate.decimal > cap.decimal:
+            raise ToolError(
+                f"Cap exceeded: rate {rate} USDC per unit is above the operator's maximum of "
+                f"{cap} USDC per unit. Use a lower rate.",
+                kind="cap_exceeded",
+            )
+
+    # -- the stream registry -------------------------------------------------------------
+
+    def register(
+        self,
+        stream: PaymentStream | AsyncPaymentStream,
+        *,
+        provider: str,
+        rate: Rate,
+        budget_micro: int,
+        max_units: int | None,
+        is_async: bool,
+    ) -> StreamEntry:
+        """Add an opened stream under a new short id (its reservation becomes a real lock)."""
+        with self._lock:
+            handle = f"s{next(self._ids)}"
+            entry = StreamEntry(handle, stream, provider, rate, budget_micro, max_units, is_async)
+            self._streams[handle] = entry
+            self._opening -= 1
+            return entry
+
+    def entry(self, stream_id: str) -> StreamEntry:
+        """The stream the model calls ``stream_id``, or a ``ToolError`` listing the known ones."""
+        with self._lock:
+            found = self._streams.get(stream_id.strip())
+            known = sorted(self._streams, key=lambda h: (len(h), h))
+        if found is None:
+            listing = ", ".join(known[-10:]) if known else "none yet; open one with stream_open"
+            raise ToolError(
+                f"Unknown stream {stream_id!r}. Known streams: {listing}.", kind="unknown_stream"
+            )
+        return found
+
+    def entries(self) -> list[StreamEntry]:
+        """Every stream opened through this context, oldest first."""
+        with self._lock:
+            return list(self._streams.values())
+
+    def stream_for(self, provider: str) -> StreamEntry | None:
+        """The newest open stream paying ``provider``, for tools that are paid per call."""
+        with self._lock:
+            for entry in reversed(list(self._streams.values())):
+                if entry.provider == provider and entry.receipt is None and not entry.closing:
+                    return entry
+        return None
+
+    def owner_of_escrow(self, escrow_id: str) -> StreamEntry | None:
+        """The open stream whose budget is escrow ``escrow_id``, if any."""
+        with self._lock:
+            for entry in self._streams.values():
+                if entry.receipt is None and entry.escrow_id == escrow_id:
+                    return entry
+        return None
+
+    def closed(self, entry: StreamEntry, receipt: Receipt, refunded_micro: int) -> None:
+        """Record a stream's receipt and return its refund to the ``max_total`` room."""
+        with self._lock:
+            if entry.receipt is None:
+                entry.receipt = receipt
+                self._locked_micro -= refunded_micro
+
+    def streams_summary(self) -> dict[str, Any]:
+        """How many streams are open and how much is locked (for stream_list)."""
+        with self._lock:
+            open_n = sum(1 for e in self._streams.values() if e.receipt is None)
+            return {"open_streams": open_n, "locked": format_usdc(self._locked_micro)}

@@ -1,0 +1,274 @@
+"""The escrow tools: create, release, read and list escrows, and claim the faucet.
+
+Why these exist next to the streams: some payments are one-off (a fixed price for a job), and
+agents already know the escrow vocabulary (``escrow_create``, ``escrow_release``) from the
+service's own tools. Every amount is parsed exactly and checked against the operator's caps
+before any request leaves.
+
+What this module must never do: release or read through a stream's escrow behind the stream's
+back (an escrow that belongs to an open stream is refused: its books are the stream's), or lock
+money without first holding it against ``max_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from pf_metered.models import Escrow
+from pf_metered.money import format_usdc, parse_amount
+from pf_metered.tools._base import Answer, ToolDefinition
+from pf_metered.tools.context import ToolContext
+from pf_metered.tools.errors import ToolError
+from pf_metered.tools.schemas import (
+    EscrowCreateArgs,
+    EscrowListArgs,
+    EscrowReleaseArgs,
+    EscrowStatusArgs,
+    FaucetClaimArgs,
+)
+
+if TYPE_CHECKING:
+    from pf_metered.client import AsyncEscrowClient, EscrowClient
+
+__all__ = [
+    "ESCROW_CREATE",
+    "ESCROW_LIST",
+    "ESCROW_RELEASE",
+    "ESCROW_STATUS",
+    "FAUCET_CLAIM",
+    "escrow_figures",
+]
+
+_HISTORY = 10
+
+
+def escrow_figures(escrow: Escrow, *, history: bool = False) -> Answer:
+    """An escrow as the model reads it: ids, status and every figure as a decimal string."""
+    answer: Answer = {
+        "escrow_id": escrow.escrow_id,
+        "status": escrow.status,
+        "to_agent_id": escrow.to_agent_id,
+        "amount": format_usdc(escrow.amount_micro),
+        "released": format_usdc(escrow.released_micro),
+        "remaining": format_usdc(escrow.remaining_micro),
+        "refunded": format_usdc(escrow.refunded_micro),
+    }
+    if escrow.memo:
+        answer["memo"] = escrow.memo
+    if history:
+        answer["releases"] = len(escrow.releases)
+        answer["last_releases"] = [
+            {"amount": format_usdc(r.amount_micro), "memo": r.memo}
+            for r in escrow.releases[-_HISTORY:]
+        ]
+    return answer
+
+
+def _sync(ctx: ToolContext) -> EscrowClient:
+    if ctx.client is None:
+        raise ToolError("This tool set was configured for async use only; call it "
+                        "asynchronously.", kind="config")
+    return ctx.client
+
+
+def _async(ctx: ToolContext) -> AsyncEscrowClient | None:
+    return ctx.async_client
+
+
+# -- escrow_create ----------------------------------------------------------------------
+
+
+def _create_prepare(ctx: ToolContext, args: EscrowCreateArgs) -> int:
+    amount = parse_amount(args.amount, "amount")
+    ctx.reserve(amount, what="escrow amount", provider=args.to_agent_id, stream=False)
+    return amount
+
+
+def _create(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
+    client = _sync(ctx)
+    amount = _create_prepare(ctx, args)
+    try:
+        escrow = client.create_escrow(
+            args.to_agent_id, format_usdc(amount), memo=args.memo,
+            auto_release_hours=args.auto_release_hours,
+        )
+    except BaseException:
+        ctx.unreserve(amount, stream=False)
+        raise
+    return escrow_figures(escrow)
+
+
+async def _acreate(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
+    client = _async(ctx)
+    if client is None:
+        return await asyncio.to_thread(_create, ctx, args)
+    amount = _create_prepare(ctx, args)
+    try:
+        escrow = await client.create_escrow(
+            args.to_agent_id, format_usdc(amount), memo=args.memo,
+            auto_release_hours=args.auto_release_hours,
+        )
+    except BaseException:
+        ctx.unreserve(amount, stream=False)
+        raise
+    return escrow_figures(escrow)
+
+
+ESCROW_CREATE: ToolDefinition[EscrowCreateArgs] = ToolDefinition(
+    name="escrow_create",
+    family="escrow",
+    description=(
+        "Lock USDC in a new Purple Flea escrow for another agent (the provider), to pay them "
+        "for a job in one or more releases. Returns the escrow_id and its figures. For work "
+        "paid per unit (per call, token or data point) prefer stream_open."
+    ),
+    args_schema=EscrowCreateArgs,
+    run=_create,
+    arun=_acreate,
+    uses_caps=True,
+)
+
+
+# -- escrow_release ---------------------------------------------------------------------
+
+
+def _release_prepare(ctx: ToolContext, args: EscrowReleaseArgs) -> int:
+    amount = parse_amount(args.amount, "amount")
+    owner = ctx.owner_of_escrow(args.escrow_id)
+    if owner is not None:
+        raise ToolError(
+            f"Escrow {args.escrow_id} is the budget of stream {owner.handle}; pay through the "
+            f"stream (stream_record, stream_close), not escrow_release.",
+            kind="owned_by_stream",
+        )
+    return amount
+
+
+def _release(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
+    client = _sync(ctx)
+    amount = _release_prepare(ctx, args)
+    escrow = client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
+    return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
+
+
+async def _arelease(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
+    client = _async(ctx)
+    if client is None:
+        return await asyncio.to_thread(_release, ctx, args)
+    amount = _release_prepare(ctx, args)
+    escrow = await client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
+    return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
+
+
+ESCROW_RELEASE: ToolDefinition[EscrowReleaseArgs] = ToolDefinition(
+    name="escrow_release",
+    family="escrow",
+    description=(
+        "Pay part (or all) of an escrow you created to its provider. The 1% fee is taken from "
+        "what is released. Returns the escrow's figures after the release. Do not repeat a "
+        "release whose outcome was unclear: check escrow_status first."
+    ),
+    args_schema=EscrowReleaseArgs,
+    run=_release,
+    arun=_arelease,
+)
+
+
+# -- escrow_status ----------------------------------------------------------------------
+
+
+def _status(ctx: ToolContext, args: EscrowStatusArgs) -> Answer:
+    return escrow_figures(_sync(ctx).get_escrow(args.escrow_id), history=True)
+
+
+async def _astatus(ctx: ToolContext, args: EscrowStatusArgs) -> Answer:
+    client = _async(ctx)
+    if client is None:
+        return await asyncio.to_thread(_status, ctx, args)
+    return escrow_figures(await client.get_escrow(args.escrow_id), history=True)
+
+
+ESCROW_STATUS: ToolDefinition[EscrowStatusArgs] = ToolDefinition(
+    name="escrow_status",
+    family="escrow",
+    description=(
+        "Read one escrow: status, amount, released, remaining, refunded and its latest "
+        "releases."
+    ),
+    args_schema=EscrowStatusArgs,
+    run=_status,
+    arun=_astatus,
+    read_only=True,
+)
+
+
+# -- escrow_list ------------------------------------------------------------------------
+
+
+def _list_answer(escrows: list[Escrow] | tuple[Escrow, ...], args: EscrowListArgs) -> Answer:
+    chosen = [e for e in escrows if args.status is None or e.status == args.status]
+    return {
+        "count": len(chosen),
+        "escrows": [escrow_figures(e) for e in chosen[-args.limit:]],
+        **({"shown": args.limit} if len(chosen) > args.limit else {}),
+    }
+
+
+def _escrows(found: object) -> list[Escrow]:
+    escrows = getattr(found, "escrows", found)
+    return list(escrows)  # type: ignore[call-overload]
+
+
+def _list(ctx: ToolContext, args: EscrowListArgs) -> Answer:
+    return _list_answer(_escrows(_sync(ctx).list_escrows()), args)
+
+
+async def _alist(ctx: ToolContext, args: EscrowListArgs) -> Answer:
+    client = _async(ctx)
+    if client is None:
+        return await asyncio.to_thread(_list, ctx, args)
+    return _list_answer(_escrows(await client.list_escrows()), args)
+
+
+ESCROW_LIST: ToolDefinition[EscrowListArgs] = ToolDefinition(
+    name="escrow_list",
+    family="escrow",
+    description=(
+        "List your escrows (as payer or provider) with their figures, optionally only those "
+        "in one status."
+    ),
+    args_schema=EscrowListArgs,
+    run=_list,
+    arun=_alist,
+    read_only=True,
+)
+
+
+# -- faucet_claim -----------------------------------------------------------------------
+
+
+def _claim(ctx: ToolContext, args: FaucetClaimArgs) -> Answer:
+    claim = _sync(ctx).claim_faucet()
+    return {"credited": format_usdc(claim.credited_micro), "claim_id": claim.claim_id}
+
+
+async def _aclaim(ctx: ToolContext, args: FaucetClaimArgs) -> Answer:
+    client = _async(ctx)
+    if client is None:
+        return await asyncio.to_thread(_claim, ctx, args)
+    claim = await client.claim_faucet()
+    return {"credited": format_usdc(claim.credited_micro), "claim_id": claim.claim_id}
+
+
+FAUCET_CLAIM: ToolDefinition[FaucetClaimArgs] = ToolDefinition(
+    name="faucet_claim",
+    family="faucet",
+    description=(
+        "Claim the one-time free 1.00 USDC credit for a new agent. Works once per agent; a "
+        "second claim fails with already_claimed."
+    ),
+    args_schema=FaucetClaimArgs,
+    run=_claim,
+    arun=_aclaim,
+)

@@ -1,0 +1,352 @@
+"""The stream tools: an agent opens, feeds, reads and closes its own metered payment streams.
+
+Why the agent gets these: it knows when it starts buying from a provider and when it is done;
+the stream does the exact accounting (batches, remainders, refund) in between. The model sees
+short ids (``s1``) and figures as decimal strings; the budget it asks for is checked against
+the operator's caps before anything is locked.
+
+What this module must never do: lock a budget the caps do not allow, close a stream twice,
+count a unit the budget cannot pay (the stream refuses it and the model is told how many are
+left), or run an async stream's I/O from sync code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+from pf_metered.meter.receipt import Receipt, StatusReport
+from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_rate
+from pf_metered.tools._base import Answer, ToolDefinition
+from pf_metered.tools.context import StreamEntry, ToolContext
+from pf_metered.tools.errors import ToolError
+from pf_metered.tools.schemas import (
+    StreamCloseArgs,
+    StreamListArgs,
+    StreamOpenArgs,
+    StreamRecordArgs,
+    StreamStatusArgs,
+)
+
+__all__ = [
+    "STREAM_CLOSE",
+    "STREAM_LIST",
+    "STREAM_OPEN",
+    "STREAM_RECORD",
+    "STREAM_STATUS",
+    "receipt_figures",
+    "status_figures",
+]
+
+
+def _units_cap(rate: Rate, budget_micro: int, max_units: int | None) -> int:
+    affordable = rate.units_affordable(budget_micro)
+    return min(affordable, max_units) if max_units is not None else affordable
+
+
+def status_figures(entry: StreamEntry, report: StatusReport) -> Answer:
+    """A stream's figures as the model reads them."""
+    cap = _units_cap(entry.rate, report.budget_micro, entry.max_units)
+    return {
+        "stream_id": entry.handle,
+        "provider": entry.provider,
+        "status": report.state,
+        "rate": str(entry.rate),
+        "units": report.units,
+        "units_left": max(cap - report.units, 0) if cap < MAX_UNITS else None,
+        "budget": format_usdc(report.budget_micro),
+        "released": format_usdc(report.released_micro),
+        "unreleased_units": report.pending_units,
+        "remaining": format_usdc(report.remaining_micro),
+        "escrow_id": report.escrow_id,
+    }
+
+
+def receipt_figures(entry: StreamEntry, receipt: Receipt) -> Answer:
+    """A closed stream's receipt as the model reads it."""
+    return {
+        "stream_id": entry.handle,
+        "provider": entry.provider,
+        "status": "closed",
+        "units": receipt.units,
+        "releases": receipt.releases,
+        "budget": format_usdc(receipt.budget_micro),
+        "paid": format_usdc(receipt.paid_micro),
+        "fee": format_usdc(receipt.fee_micro),
+        "provider_net": format_usdc(receipt.provider_net_micro),
+        "refunded": format_usdc(receipt.refunded_micro),
+        "escrow_id": receipt.escrow_id,
+    }
+
+
+def _figures(entry: StreamEntry) -> Answer:
+    if entry.receipt is not None:
+        return receipt_figures(entry, entry.receipt)
+    return status_figures(entry, entry.stream.status())
+
+
+# -- stream_open ------------------------------------------------------------------------
+
+
+def _open_prepare(ctx: ToolContext, args: StreamOpenArgs) -> tuple[Rate, int]:
+    rate = parse_rate(args.rate, "rate")
+    ctx.check_rate(rate)
+    if args.budget is not None:
+        budget_micro = parse_amount(args.budget, "budget")
+    elif args.max_units is not None:
+        budget_micro = rate.micro_half_up(args.max_units)
+        if budget_micro == 0:
+            raise ToolError(
+                "Invalid arguments: rate x max_units is less than 0.000001 USDC; give a "
+                "larger max_units or a budget.", kind="invalid_argument",
+            )
+    else:
+        raise ToolError(
+            "Invalid arguments for stream_open: give budget (USDC to lock, e.g. \"2.00\") or "
+            "max_units (the most units to pay for).", kind="invalid_argument",
+        )
+    ctx.reserve(budget_micro, what="stream budget", provider=args.provider, stream=True)
+    return rate, budget_micro
+
+
+def _stream_kwargs(ctx: ToolContext, args: StreamOpenArgs, budget_micro: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "batch": args.batch,
+        "budget": format_usdc(budget_micro),
+        "max_units": args.max_units,
+        "memo": args.memo or None,
+    }
+    if ctx.store is not None:
+        kwargs["store"] = ctx.store
+    if ctx.auto_release_hours is not None:
+        kwargs["auto_release_hours"] = ctx.auto_release_hours
+    return kwargs
+
+
+def _opened(
+    ctx: ToolContext, stream: Any, args: StreamOpenArgs, rate: Rate, budget_micro: int,
+    *, is_async: bool,
+) -> Answer:
+    entry = ctx.register(
+        stream, provider=args.provider, rate=rate, budget_micro=budget_micro,
+        max_units=args.max_units, is_async=is_async,
+    )
+    return status_figures(entry, stream.status())
+
+
+def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
+    if ctx.client is None:
+        raise ToolError("This tool set is configured for async use; call it asynchronously.",
+                        kind="config")
+    from pf_metered.stream import PaymentStream
+
+    rate, budget_micro = _open_prepare(ctx, args)
+    try:
+        stream = PaymentStream(
+            ctx.client, args.provider, str(rate), **_stream_kwargs(ctx, args, budget_micro)
+        )
+        stream.open()
+    except BaseException:
+        ctx.unreserve(budget_micro, stream=True)
+        raise
+    return _opened(ctx, stream, args, rate, budget_micro, is_async=False)
+
+
+async def _aopen(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
+    if ctx.async_client is None:
+        return await asyncio.to_thread(_open, ctx, args)
+    from pf_metered.stream import AsyncPaymentStream
+
+    rate, budget_micro = _open_prepare(ctx, args)
+    try:
+        stream = AsyncPaymentStream(
+            ctx.async_client, args.provider, str(rate),
+            **_stream_kwargs(ctx, args, budget_micro),
+        )
+        await stream.open()
+    except BaseException:
+        ctx.unreserve(budget_micro, stream=True)
+        raise
+    return _opened(ctx, stream, args, rate, budget_micro, is_async=True)
+
+
+STREAM_OPEN: ToolDefinition[StreamOpenArgs] = ToolDefinition(
+    name="stream_open",
+    family="stream",
+    description=(
+        "Open a metered payment stream to a provider agent: locks a budget in escrow, then pays "
+        "the provider a fixed rate per unit of work (per call, token, data point or second) in "
+        "batches as units are counted. Returns a stream_id (e.g. \"s1\") to use with "
+        "stream_record, stream_status and stream_close. Close the stream when done: the unused "
+        "budget is refunded."
+    ),
+    args_schema=StreamOpenArgs,
+    run=_open,
+    arun=_aopen,
+    uses_caps=True,
+)
+
+
+# -- stream_status ----------------------------------------------------------------------
+
+
+def _status(ctx: ToolContext, args: StreamStatusArgs) -> Answer:
+    return _figures(ctx.entry(args.stream_id))
+
+
+async def _astatus(ctx: ToolContext, args: StreamStatusArgs) -> Answer:
+    return _status(ctx, args)
+
+
+STREAM_STATUS: ToolDefinition[StreamStatusArgs] = ToolDefinition(
+    name="stream_status",
+    family="stream",
+    description=(
+        "Read a payment stream's figures: units counted, units_left in the budget, released "
+        "(paid to the provider so far), unreleased_units and remaining budget."
+    ),
+    args_schema=StreamStatusArgs,
+    run=_status,
+    arun=_astatus,
+    read_only=True,
+)
+
+
+# -- stream_record ----------------------------------------------------------------------
+
+
+def _record(ctx: ToolContext, args: StreamRecordArgs) -> Answer:
+    entry = ctx.entry(args.stream_id)
+    if entry.receipt is not None or entry.closing:
+        raise ToolError(
+            f"Stream {entry.handle} is closed; open a new stream with stream_open to pay for "
+            "more units.", kind="stream_closed",
+        )
+    result = entry.stream.record(args.units)
+    if inspect.isawaitable(result):  # pragma: no cover - record() does no I/O on either stream
+        raise ToolError("internal: record() must not await", kind="error")
+    return {"recorded": args.units, **status_figures(entry, entry.stream.status())}
+
+
+async def _arecord(ctx: ToolContext, args: StreamRecordArgs) -> Answer:
+    return _record(ctx, args)
+
+
+STREAM_RECORD: ToolDefinition[StreamRecordArgs] = ToolDefinition(
+    name="stream_record",
+    family="stream",
+    description=(
+        "Count units of work you received from the provider on a stream (e.g. 25 data points), "
+        "when nothing counts them for you. Payment follows in batches. Fails without counting "
+        "anything if the budget cannot pay for them; the answer says how many units are left."
+    ),
+    args_schema=StreamRecordArgs,
+    run=_record,
+    arun=_arecord,
+)
+
+
+# -- stream_close -----------------------------------------------------------------------
+
+
+def _begin_close(ctx: ToolContext, args: StreamCloseArgs) -> tuple[StreamEntry, bool]:
+    """Claim the close of a stream: ``(entry, True)`` if this call must close it."""
+    entry = ctx.entry(args.stream_id)
+    with entry.lock:
+        if entry.receipt is not None:
+            return entry, False
+        if entry.closing:
+            raise ToolError(
+                f"Stream {entry.handle} is being closed by another call; check it with "
+                "stream_status in a moment.", kind="closing",
+            )
+        entry.closing = True
+        return entry, True
+
+
+def _finish_close(ctx: ToolContext, entry: StreamEntry, receipt: Receipt) -> Answer:
+    ctx.closed(entry, receipt, receipt.refunded_micro)
+    entry.closing = False
+    return receipt_figures(entry, receipt)
+
+
+def _close(ctx: ToolContext, args: StreamCloseArgs) -> Answer:
+    entry, mine = _begin_close(ctx, args)
+    if not mine:
+        return _figures(entry)
+    if entry.is_async:
+        entry.closing = False
+        raise ToolError(
+            f"Stream {entry.handle} was opened asynchronously; close it from async code.",
+            kind="config",
+        )
+    try:
+        receipt = entry.stream.close()  # type: ignore[union-attr]
+    except BaseException:
+        entry.closing = False
+        raise
+    return _finish_close(ctx, entry, receipt)
+
+
+async def _aclose(ctx: ToolContext, args: StreamCloseArgs) -> Answer:
+    entry, mine = _begin_close(ctx, args)
+    if not mine:
+        return _figures(entry)
+    try:
+        if entry.is_async:
+            receipt = await entry.stream.close()  # type: ignore[misc]
+        else:
+            receipt = await asyncio.to_thread(entry.stream.close)  # type: ignore[arg-type]
+    except BaseException:
+        entry.closing = False
+        raise
+    return _finish_close(ctx, entry, receipt)
+
+
+STREAM_CLOSE: ToolDefinition[StreamCloseArgs] = ToolDefinition(
+    name="stream_close",
+    family="stream",
+    description=(
+        "Close a payment stream when you are done with the provider: pays for every unit "
+        "counted, refunds the unused budget to you, and returns the receipt (units, paid, fee, "
+        "provider_net, refunded). Closing an already closed stream returns its receipt again."
+    ),
+    args_schema=StreamCloseArgs,
+    run=_close,
+    arun=_aclose,
+)
+
+
+# -- stream_list ------------------------------------------------------------------------
+
+
+def _list(ctx: ToolContext, args: StreamListArgs) -> Answer:
+    rows = []
+    for entry in ctx.entries():
+        if entry.receipt is not None and not args.include_closed:
+            continue
+        figures = _figures(entry)
+        rows.append({k: figures[k] for k in (
+            "stream_id", "provider", "status", "units", "budget",
+            "paid" if "paid" in figures else "released",
+        )})
+    return {**ctx.streams_summary(), "streams": rows}
+
+
+async def _alist(ctx: ToolContext, args: StreamListArgs) -> Answer:
+    return _list(ctx, args)
+
+
+STREAM_LIST: ToolDefinition[StreamListArgs] = ToolDefinition(
+    name="stream_list",
+    family="stream",
+    description=(
+        "List the payment streams opened in this session, with their status, units and money "
+        "released so far."
+    ),
+    args_schema=StreamListArgs,
+    run=_list,
+    arun=_alist,
+    read_only=True,
+)
