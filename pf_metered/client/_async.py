@@ -1,0 +1,162 @@
+"""``AsyncEscrowClient``: the asyncio driver of the shared operations in ``_base``.
+
+What this module is for: the I/O and nothing else — send a request with httpx, read at most
+1 MiB of the answer, sleep when told to. Every decision (what to send, whether to retry, how
+long to wait, what to believe) is made in ``_base``; this is ``_sync.py`` with ``await``.
+
+What it must never do: decide anything about retries or answers itself, follow redirects, or
+hold the API key anywhere but the base's :class:`~pf_metered.client._secrets.Secret`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from types import TracebackType
+from typing import TypeVar
+
+import httpx
+
+from pf_metered.errors import ConfigError
+from pf_metered.models import Escrow, FaucetClaim
+
+from ._base import Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
+from ._dialect import RequestSpec
+from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+
+__all__ = ["AsyncEscrowClient"]
+
+T = TypeVar("T")
+
+
+class AsyncEscrowClient(BaseEscrowClient):
+    """An asyncio client of the Purple Flea escrow API (v1). Use as ``async with``.
+
+    >>> async with AsyncEscrowClient() as client:          # doctest: +SKIP
+    ...     escrow = await client.create_escrow("agent_b", "10.00")
+    ...     await client.release_partial(escrow.escrow_id, "0.25")
+    ...     await client.refund(escrow.escrow_id)
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        server_honours_idempotency: bool | None = None,
+        _sleep: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(
+            api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            server_honours_idempotency=server_honours_idempotency,
+        )
+        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
+            raise ConfigError(
+                "AsyncEscrowClient needs an async httpx transport (httpx.AsyncBaseTransport)"
+            )
+        self._sleep: Callable[[float], Awaitable[None]] = _sleep or asyncio.sleep
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            timeout=self._timeout,
+            follow_redirects=False,
+            headers=self._default_headers(),
+        )
+
+    # -- the driver ----------------------------------------------------------------------
+
+    async def _run(self, op: Op[T]) -> T:
+        outcome: Outcome = None
+        try:
+            while True:
+                action = op.send(outcome)
+                if isinstance(action, Sleep):
+                    await self._sleep(action.seconds)
+                    outcome = None
+                else:
+                    outcome = await self._send(action.spec)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    async def _send(self, spec: RequestSpec) -> Answer | Exception:
+        request = self._http.build_request(
+            spec.method, self._url(spec), headers=self._headers(spec), content=spec.body
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+            try:
+                body = BodyCollector(response.headers)
+                if not body.too_large:
+                    async for chunk in response.aiter_bytes():
+                        if not body.add(chunk):
+                            break
+            finally:
+                await response.aclose()
+        except httpx.RequestError as exc:
+            return exc
+        return body.answer(response)
+
+    # -- the API -------------------------------------------------------------------------
+
+    async def create_escrow(
+        self,
+        to_agent_id: str,
+        amount: str | int | Decimal,
+        memo: str = "",
+        auto_release_hours: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Escrow:
+        """Lock ``amount`` USDC for ``to_agent_id``; the escrow as created."""
+        return await self._run(
+            self._create_op(to_agent_id, amount, memo, auto_release_hours, idempotency_key)
+        )
+
+    async def release_partial(
+        self,
+        escrow_id: str,
+        amount: str | int | Decimal,
+        memo: str = "",
+        idempotency_key: str | None = None,
+    ) -> Escrow:
+        """Release ``amount`` USDC of the escrow to its provider; the escrow afterwards."""
+        return await self._run(self._release_op(escrow_id, amount, memo, idempotency_key))
+
+    async def get_escrow(self, escrow_id: str) -> Escrow:
+        """The escrow with its release history."""
+        return await self._run(self._get_op(escrow_id))
+
+    async def list_escrows(self) -> list[Escrow]:
+        """The caller's escrows, as payer or provider."""
+        return await self._run(self._list_op())
+
+    async def refund(self, escrow_id: str, idempotency_key: str | None = None) -> Escrow:
+        """Return the unreleased rest to the payer and close the escrow."""
+        return await self._run(self._refund_op(escrow_id, idempotency_key))
+
+    async def claim_faucet(self) -> FaucetClaim:
+        """Claim the faucet's one-time credit for a new agent."""
+        return await self._run(self._faucet_op())
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the connection pool. The client cannot be used afterwards."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncEscrowClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,825 @@
+"""The one base both clients share: configuration, validation, request building, the retry
+loop, reading back after a lost answer, and answer parsing — everything except I/O.
+
+What this module is for: each public call is turned into an *operation*, a generator that
+yields :class:`Send` and :class:`Sleep` actions and receives what happened (an
+:class:`Answer` or the httpx error). ``EscrowClient`` and ``AsyncEscrowClient`` only drive
+these generators, one with blocking I/O, one with ``await``; there is no second copy of any
+decision (tenacity's ``iter()`` shape).
+
+The rules it keeps:
+
+* every argument is validated before the operation exists, so bad input sends nothing;
+* a POST gets one ``Idempotency-Key`` per logical call (the caller's or a fresh uuid4), and
+  the request is built once, so every retry sends the same bytes and the same key;
+* a POST whose answer was lost is re-sent only if the server honours idempotency keys
+  (declared, or advertised with ``Idempotency-Supported: true``); otherwise the escrow is read
+  back first, and the key — carried in the memo as `` [idem:KEY]`` — says whether it landed;
+* an answer is believed only after it has been decoded (≤ 1 MiB, JSON without NaN/Infinity or
+  duplicate keys, floats as Decimal) and validated into a model about the escrow asked for.
+
+What it must never do: send a request after a validation error, make a new idempotency key
+for a retry, retry a 4xx other than 408/409-in-progress/429, let the API key or a URL with
+credentials into an exception or log message, or sleep itself (sleeping is the driver's).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import uuid
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import Enum
+from typing import Any, Final, NoReturn, TypeVar
+
+import httpx
+
+from pf_metered.errors import (
+    AmbiguousCreate,
+    AmbiguousOutcome,
+    AmbiguousRelease,
+    APIConnectionError,
+    APIError,
+    APITimeout,
+    ConfigError,
+    Conflict,
+    InvalidInput,
+    InvalidResponse,
+    PFMeteredError,
+    RateLimited,
+    redact,
+)
+from pf_metered.models import Escrow, FaucetClaim
+from pf_metered.money import format_usdc, micro_to_decimal, parse_amount
+
+from ._dialect import Dialect, RequestSpec
+from ._retry import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    Verdict,
+    backoff_delay,
+    classify_exception,
+    classify_status,
+    parse_retry_after,
+)
+from ._secrets import Secret, install_log_redaction, redact_text
+from .v1 import V1
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "MAX_ANSWER_BYTES",
+    "MAX_MEMO",
+    "Answer",
+    "BaseEscrowClient",
+    "Capabilities",
+    "Op",
+    "Send",
+    "Sleep",
+    "check_base_url",
+    "memo_tag",
+]
+
+log = logging.getLogger("pf_metered.client")
+
+T = TypeVar("T")
+
+DEFAULT_BASE_URL: Final = "https://escrow.purpleflea.com/api/v1"
+ENV_API_KEY: Final = "PF_API_KEY"
+ENV_BASE_URL: Final = "PF_BASE_URL"
+MAX_ANSWER_BYTES: Final = 1 << 20
+"""Answers larger than this (1 MiB) are refused unread."""
+MAX_MEMO: Final = 1000
+MAX_RETRIES_LIMIT: Final = 20
+MIN_AUTO_RELEASE_HOURS: Final = 1
+MAX_AUTO_RELEASE_HOURS: Final = 8760
+IDEMPOTENCY_SUPPORTED: Final = "Idempotency-Supported"
+IDEMPOTENT_REPLAYED: Final = "Idempotent-Replayed"
+USER_AGENT: Final = "pf-metered/0.1.0 (python; httpx)"
+
+_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+_HAS_ALNUM: Final = re.compile(r"[A-Za-z0-9]")
+_IDEM_RE: Final = re.compile(r"^[\x20-\x7e]{1,255}$")
+_CODE_RE: Final = re.compile(r"^[a-z0-9_.\-]{1,64}$")
+_REQUEST_ID_RE: Final = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+# -- actions and outcomes ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send this request and report what happened."""
+
+    spec: RequestSpec
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Wait this many seconds (the driver's sleep, injectable in tests)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer, its body read up to :data:`MAX_ANSWER_BYTES`."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    too_large: bool = False
+
+
+Action = Send | Sleep
+Outcome = Answer | Exception | None
+Op = Generator[Action, Outcome, T]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the client knows it can rely on.
+
+    ``honours_idempotency`` is ``True`` when declared or advertised by the server, ``False``
+    when declared not to, ``None`` while unknown (the client then reads back before re-sending
+    a POST whose answer was lost).
+    """
+
+    dialect: str
+    supports_partial_release: bool
+    honours_idempotency: bool | None
+
+
+@dataclass(frozen=True)
+class _Failure:
+    verdict: Verdict
+    error: PFMeteredError
+    retry_after: float | None = None
+
+
+class _Lost(Exception):
+    """A POST's answer was lost (it may have taken effect); ``final``: no retries left."""
+
+    def __init__(self, error: PFMeteredError, *, final: bool = False) -> None:
+        self.error = error
+        self.final = final
+        super().__init__(str(error))
+
+
+class _Budget:
+    """Retries left for one logical call, shared by its sends and read-backs."""
+
+    def __init__(self, retries: int) -> None:
+        self.left = retries
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self.used += 1
+        return True
+
+
+class _Found(Enum):
+    FOUND = "found"
+    ABSENT = "absent"
+    UNKNOWN = "unknown"
+
+
+class BodyCollector:
+    """Accumulates an answer's body, refusing it once it passes :data:`MAX_ANSWER_BYTES`."""
+
+    def __init__(self, headers: httpx.Headers) -> None:
+        self._buf = bytearray()
+        declared = headers.get("content-length", "")
+        self.too_large = declared.isdigit() and int(declared) > MAX_ANSWER_BYTES
+
+    def add(self, chunk: bytes) -> bool:
+        """Keep ``chunk``; ``False`` when the body is now too large (stop reading)."""
+        self._buf += chunk
+        if len(self._buf) > MAX_ANSWER_BYTES:
+            self.too_large = True
+            self._buf.clear()
+            return False
+        return True
+
+    def answer(self, response: httpx.Response) -> Answer:
+        body = b"" if self.too_large else bytes(self._buf)
+        return Answer(response.status_code, response.headers, body, self.too_large)
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(raw: object) -> str:
+    """The base URL, refused unless https or http to a loopback host; no credentials, query
+    or fragment. Errors name the scheme and host only, never the whole URL."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigError("base_url must be a non-empty string")
+    try:
+        url = httpx.URL(raw.strip())
+    except (httpx.InvalidURL, TypeError, ValueError):
+        raise ConfigError("base_url is not a valid URL") from None
+    if url.scheme not in ("http", "https"):
+        raise ConfigError("base_url must start with https:// (or http:// for loopback)")
+    host = (url.host or "").lower()
+    if not host:
+        raise ConfigError("base_url has no host")
+    if url.userinfo:
+        raise ConfigError(
+            "base_url must not carry credentials (user:password@host); pass the key as api_key"
+        )
+    if url.query or url.fragment:
+        raise ConfigError("base_url must not carry a query or fragment")
+    if url.scheme == "http" and not _is_loopback(host):
+        raise ConfigError(
+            f"base_url must use https unless its host is loopback (127.0.0.0/8, ::1, "
+            f"localhost); refused http://{host[:100]}"
+        )
+    return str(url).rstrip("/")
+
+
+def _check_id(value: object, field: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value) or not _HAS_ALNUM.search(value):
+        raise InvalidInput(field, "must be 1..128 characters of letters, digits and _ . : -")
+    return value
+
+
+def _check_memo(value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput("memo", f"must be a str, not {type(value).__name__}")
+    if len(value) > limit:
+        raise InvalidInput(
+            "memo",
+            f"must be at most {limit} characters, got {len(value)}"
+            + (
+                ""
+                if limit == MAX_MEMO
+                else f" ({MAX_MEMO - limit} are reserved for the idempotency tag)"
+            ),
+        )
+    return value
+
+
+def _check_hours(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput("auto_release_hours", f"must be an int, not {type(value).__name__}")
+    if not MIN_AUTO_RELEASE_HOURS <= value <= MAX_AUTO_RELEASE_HOURS:
+        raise InvalidInput(
+            "auto_release_hours",
+            f"must be between {MIN_AUTO_RELEASE_HOURS} and {MAX_AUTO_RELEASE_HOURS}, got {value}",
+        )
+    return value
+
+
+def _check_idempotency_key(value: object) -> tuple[str, bool]:
+    """The key to use and whether the caller gave it."""
+    if value is None:
+        return f"pfm_{uuid.uuid4().hex}", False
+    if not isinstance(value, str) or not _IDEM_RE.match(value) or value != value.strip():
+        raise InvalidInput(
+            "idempotency_key", "must be 1..255 printable ASCII characters, no outer spaces"
+        )
+    return value, True
+
+
+def memo_tag(idempotency_key: str) -> str:
+    """What a POST's memo ends with when the server is not known to honour keys."""
+    return f"[idem:{idempotency_key}]"
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        out[key] = value
+    return out
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode an answer strictly: UTF-8, floats as Decimal, no NaN/Infinity, no duplicate keys."""
+    try:
+        return json.loads(
+            body.decode("utf-8"),
+            parse_float=Decimal,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_no_duplicates,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise InvalidResponse(f"answer is not valid JSON ({type(exc).__name__})") from None
+
+
+def _request_id(headers: httpx.Headers) -> str | None:
+    value = headers.get("x-request-id")
+    if value is None or not _REQUEST_ID_RE.match(value):
+        return None
+    return redact(value)
+
+
+# -- the base ----------------------------------------------------------------------------
+
+
+class BaseEscrowClient:
+    """Configuration and every decision; subclasses add only the I/O."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        server_honours_idempotency: bool | None = None,
+        dialect: Dialect = V1,
+    ) -> None:
+        install_log_redaction()
+        key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
+        if not key:
+            raise ConfigError(
+                f"no API key: pass api_key=... or set the {ENV_API_KEY} environment variable"
+            )
+        self._secret = Secret(key)
+        self._base_url = check_base_url(
+            base_url if base_url is not None else os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
+        )
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < float("inf")
+        ):
+            raise ConfigError("timeout must be a positive number of seconds")
+        if (
+            isinstance(max_retries, bool)
+            or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= MAX_RETRIES_LIMIT
+        ):
+            raise ConfigError(f"max_retries must be an int between 0 and {MAX_RETRIES_LIMIT}")
+        if server_honours_idempotency not in (None, True, False):
+            raise ConfigError("server_honours_idempotency must be True, False or None")
+        self._timeout = httpx.Timeout(float(timeout))
+        self._max_retries = max_retries
+        self._honours_declared = server_honours_idempotency
+        self._honours_seen = False
+        self._dialect = dialect
+        self._rand: Callable[[], float] = random.random
+
+    # -- public, I/O-free ----------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @property
+    def max_retries(self) -> int:
+        return self._max_retries
+
+    @property
+    def capabilities(self) -> Capabilities:
+        honours = self._honours_declared
+        if honours is None and self._honours_seen:
+            honours = True
+        return Capabilities(
+            dialect=self._dialect.name,
+            supports_partial_release=self._dialect.supports_partial_release,
+            honours_idempotency=honours,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base_url={self._base_url!r}, api_key={self._secret!r}, "
+            f"dialect={self._dialect.name!r})"
+        )
+
+    # -- request building ----------------------------------------------------------------
+
+    def _default_headers(self) -> dict[str, str]:
+        return {"User-Agent": USER_AGENT, "Accept": "application/json"}
+
+    def _url(self, spec: RequestSpec) -> str:
+        return self._base_url + spec.path
+
+    def _headers(self, spec: RequestSpec) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self._secret.reveal()}"}
+        if spec.body is not None:
+            headers["Content-Type"] = "application/json"
+        if spec.idempotency_key is not None:
+            headers["Idempotency-Key"] = spec.idempotency_key
+        return headers
+
+    def _honours_now(self) -> bool:
+        if self._honours_declared is not None:
+            return self._honours_declared
+        return self._honours_seen
+
+    def _learn(self, headers: httpx.Headers) -> None:
+        if self._honours_declared is None and (
+            headers.get(IDEMPOTENCY_SUPPORTED, "").strip().lower() == "true"
+            or headers.get(IDEMPOTENT_REPLAYED, "").strip().lower() == "true"
+        ):
+            self._honours_seen = True
+
+    # -- judging one outcome -------------------------------------------------------------
+
+    def _judge(self, spec: RequestSpec, outcome: Outcome) -> Answer | _Failure:
+        if outcome is None:  # pragma: no cover - a driver bug
+            raise RuntimeError("the driver sent no outcome for a Send")
+        if isinstance(outcome, Exception):
+            verdict = classify_exception(outcome)
+            cls = APITimeout if isinstance(outcome, httpx.TimeoutException) else APIConnectionError
+            detail = redact_text(str(outcome))[:200]
+            return _Failure(
+                verdict,
+                cls(f"{spec.method} {spec.path}: {type(outcome).__name__}: {detail}".rstrip(": ")),
+            )
+        self._learn(outcome.headers)
+        if 200 <= outcome.status <= 299:
+            return outcome
+        error = self._error_from(outcome)
+        code = error.code if isinstance(error, APIError) else None
+        verdict = classify_status(
+            outcome.status, in_progress=self._dialect.is_in_progress(outcome.status, code)
+        )
+        retry_after = parse_retry_after(outcome.headers.get("retry-after"))
+        return _Failure(verdict, error, retry_after)
+
+    def _error_from(self, answer: Answer) -> APIError:
+        status, rid = answer.status, _request_id(answer.headers)
+        if not 400 <= status <= 599:
+            return InvalidResponse(
+                f"unexpected HTTP {status} answer", status=status, request_id=rid
+            )
+        code: str | None = None
+        message = "the escrow service refused the request"
+        if not answer.too_large and answer.body:
+            try:
+                data = decode_json(answer.body)
+            except InvalidResponse:
+                data = None
+            if isinstance(data, dict):
+                raw_code, raw_message = data.get("error"), data.get("message")
+                if isinstance(raw_code, str) and _CODE_RE.match(raw_code):
+                    code = raw_code
+                if isinstance(raw_message, str) and raw_message.strip():
+                    message = raw_message
+        cls = self._dialect.error_class(status, code)
+        if issubclass(cls, RateLimited):
+            return cls(
+                message,
+                retry_after=parse_retry_after(answer.headers.get("retry-after")),
+                status=status,
+                code=code,
+                request_id=rid,
+            )
+        return cls(message, status=status, code=code, request_id=rid)
+
+    # -- parsing answers -----------------------------------------------------------------
+
+    def _parse(self, answer: Answer, parse: Callable[[Any], T]) -> T:
+        rid = _request_id(answer.headers)
+        try:
+            if answer.too_large:
+                raise InvalidResponse(f"answer larger than {MAX_ANSWER_BYTES} bytes refused")
+            return parse(decode_json(answer.body))
+        except InvalidResponse as exc:
+            raise InvalidResponse(exc.message, status=answer.status, request_id=rid) from None
+
+    def _escrow_answer(self, answer: Answer, expected_id: str) -> Escrow:
+        escrow = self._parse(answer, self._dialect.parse_escrow)
+        if escrow.escrow_id != expected_id:
+            raise InvalidResponse(
+                f"asked about escrow {expected_id} but the answer is about another escrow",
+                status=answer.status,
+                request_id=_request_id(answer.headers),
+            )
+        return escrow
+
+    # -- the retry loop ------------------------------------------------------------------
+
+    def _exchange(self, spec: RequestSpec, budget: _Budget) -> Op[Answer]:
+        """Send ``spec`` until it succeeds, fails for good, or (a POST) its answer is lost on a
+        server not known to honour idempotency keys — then raise :class:`_Lost`."""
+        while True:
+            judged = self._judge(spec, (yield Send(spec)))
+            if isinstance(judged, Answer):
+                return judged
+            if judged.verdict is Verdict.FAIL:
+                raise judged.error
+            lost_post = judged.verdict is Verdict.LOST and spec.method == "POST"
+            if lost_post and not self._honours_now():
+                raise _Lost(judged.error)
+            if not budget.take():
+                if lost_post:
+                    raise _Lost(judged.error, final=True)
+                raise judged.error
+            delay = backoff_delay(budget.used, judged.retry_after, rand=self._rand)
+            log.info(
+                "retrying %s %s in %.2f s after %s (retry %d of %d)",
+                spec.method,
+                spec.path,
+                delay,
+                type(judged.error).__name__,
+                budget.used,
+                self._max_retries,
+            )
+            yield Sleep(delay)
+
+    def _pause(self, budget: _Budget) -> Sleep:
+        return Sleep(backoff_delay(max(budget.used, 1), rand=self._rand))
+
+    # -- operations (validated eagerly; the generator runs only the I/O plan) ------------
+
+    def _get_op(self, escrow_id: str) -> Op[Escrow]:
+        _check_id(escrow_id, "escrow_id")
+        return self._get_gen(escrow_id)
+
+    def _get_gen(self, escrow_id: str) -> Op[Escrow]:
+        spec = self._dialect.get_escrow(escrow_id)
+        answer = yield from self._exchange(spec, _Budget(self._max_retries))
+        return self._escrow_answer(answer, escrow_id)
+
+    def _list_op(self) -> Op[list[Escrow]]:
+        return self._list_gen()
+
+    def _list_gen(self) -> Op[list[Escrow]]:
+        answer = yield from self._exchange(self._dialect.list_escrows(), _Budget(self._max_retries))
+        return self._parse(answer, self._dialect.parse_escrow_list)
+
+    def _tagged(self, memo: object, key: str) -> tuple[str, bool]:
+        """The memo to send, and whether it carries the idempotency tag."""
+        if self._honours_now():
+            return _check_memo(memo, MAX_MEMO), False
+        tag = memo_tag(key)
+        text = _check_memo(memo, MAX_MEMO - len(tag) - 1)
+        return (f"{text} {tag}" if text else tag), True
+
+    # create --------------------------------------------------------------------------
+
+    def _create_op(
+        self,
+        to_agent_id: str,
+        amount: object,
+        memo: object,
+        auto_release_hours: object,
+        idempotency_key: object,
+    ) -> Op[Escrow]:
+        _check_id(to_agent_id, "to_agent_id")
+        micro = parse_amount(amount, "amount")
+        if micro < self._dialect.min_escrow_micro:
+            raise InvalidInput(
+                "amount", f"must be at least {format_usdc(self._dialect.min_escrow_micro)}"
+            )
+        hours = _check_hours(auto_release_hours)
+        key, given = _check_idempotency_key(idempotency_key)
+        wire_memo, tagged = self._tagged(memo, key)
+        spec = self._dialect.create_escrow(
+            to_agent_id=to_agent_id,
+            amount_micro=micro,
+            memo=wire_memo,
+            auto_release_hours=hours,
+            idempotency_key=key,
+        )
+        return self._create_gen(
+            spec,
+            key=key,
+            to_agent_id=to_agent_id,
+            micro=micro,
+            tagged=tagged,
+            reconcile_first=given and tagged,
+        )
+
+    def _find_created(
+        self, escrows: list[Escrow], key: str, to_agent_id: str, micro: int
+    ) -> Escrow | None:
+        tag = memo_tag(key)
+        for escrow in escrows:
+            if (
+                escrow.memo.endswith(tag)
+                and escrow.amount == micro_to_decimal(micro)
+                and escrow.to_agent_id in (None, to_agent_id)
+            ):
+                return escrow
+        return None
+
+    def _create_gen(
+        self,
+        spec: RequestSpec,
+        *,
+        key: str,
+        to_agent_id: str,
+        micro: int,
+        tagged: bool,
+        reconcile_first: bool,
+    ) -> Op[Escrow]:
+        budget = _Budget(self._max_retries)
+        if reconcile_first:
+            found = self._find_created((yield from self._list_gen()), key, to_agent_id, micro)
+            if found is not None:
+                return found
+        while True:
+            try:
+                answer = yield from self._exchange(spec, budget)
+            except _Lost as lost:
+                may_retry = not lost.final and budget.take()
+                if not tagged:
+                    raise self._ambiguous_create(lost, key, "retries exhausted") from None
+                yield self._pause(budget)
+                try:
+                    escrows = yield from self._list_gen()
+                except PFMeteredError as exc:
+                    raise self._ambiguous_create(
+                        lost, key, f"listing escrows failed ({type(exc).__name__})"
+                    ) from None
+                found = self._find_created(escrows, key, to_agent_id, micro)
+                if found is not None:
+                    log.info("create reconciled: escrow %s had been created", found.escrow_id)
+                    return found
+                if not may_retry:
+                    raise self._ambiguous_create(lost, key, "retries exhausted") from None
+                continue
+            escrow = self._parse(answer, self._dialect.parse_escrow)
+            if escrow.amount != micro_to_decimal(micro) or escrow.to_agent_id not in (
+                None,
+                to_agent_id,
+            ):
+                raise InvalidResponse(
+                    "the created escrow does not match the amount or provider asked for",
+                    status=answer.status,
+                    request_id=_request_id(answer.headers),
+                )
+            return escrow
+
+    def _ambiguous_create(self, lost: _Lost, key: str, why: str) -> AmbiguousCreate:
+        return AmbiguousCreate(
+            f"an escrow may have been created: the answer was lost ({type(lost.error).__name__})"
+            f" and {why}; reconcile with list_escrows() or retry with the same idempotency_key",
+            idempotency_key=key,
+        )
+
+    # release -------------------------------------------------------------------------
+
+    def _release_op(
+        self, escrow_id: str, amount: object, memo: object, idempotency_key: object
+    ) -> Op[Escrow]:
+        _check_id(escrow_id, "escrow_id")
+        micro = parse_amount(amount, "amount")
+        key, given = _check_idempotency_key(idempotency_key)
+        wire_memo, tagged = self._tagged(memo, key)
+        spec = self._dialect.release_partial(
+            escrow_id=escrow_id, amount_micro=micro, memo=wire_memo, idempotency_key=key
+        )
+        return self._release_gen(spec, escrow_id, key, tagged, given and tagged)
+
+    @staticmethod
+    def _release_state(escrow: Escrow, key: str) -> _Found:
+        tag = memo_tag(key)
+        if any(r.memo.endswith(tag) for r in escrow.releases):
+            return _Found.FOUND
+        if escrow.releases or escrow.released_micro == 0:
+            return _Found.ABSENT
+        return _Found.UNKNOWN  # money was released but the server shows no history
+
+    def _release_gen(
+        self, spec: RequestSpec, escrow_id: str, key: str, tagged: bool, reconcile_first: bool
+    ) -> Op[Escrow]:
+        budget = _Budget(self._max_retries)
+        if reconcile_first:
+            escrow = yield from self._get_gen(escrow_id)
+            if self._release_state(escrow, key) is _Found.FOUND:
+                return escrow
+        while True:
+            try:
+                answer = yield from self._exchange(spec, budget)
+            except _Lost as lost:
+                may_retry = not lost.final and budget.take()
+                if not tagged:
+                    raise self._ambiguous_release(
+                        lost, key, escrow_id, "retries exhausted", None
+                    ) from None
+                yield self._pause(budget)
+                try:
+                    escrow = yield from self._get_gen(escrow_id)
+                except PFMeteredError as exc:
+                    raise self._ambiguous_release(
+                        lost, key, escrow_id, f"reading it back failed ({type(exc).__name__})", None
+                    ) from None
+                state = self._release_state(escrow, key)
+                if state is _Found.FOUND:
+                    log.info("release reconciled: it had been applied to escrow %s", escrow_id)
+                    return escrow
+                if state is _Found.UNKNOWN:
+                    raise self._ambiguous_release(
+                        lost, key, escrow_id, "the escrow shows no release history", escrow
+                    ) from None
+                if not may_retry:
+                    raise self._ambiguous_release(
+                        lost, key, escrow_id, "retries exhausted", escrow
+                    ) from None
+                log.info("release absent from escrow %s after a lost answer: re-sending", escrow_id)
+                continue
+            return self._escrow_answer(answer, escrow_id)
+
+    def _ambiguous_release(
+        self, lost: _Lost, key: str, escrow_id: str, why: str, escrow: Escrow | None
+    ) -> AmbiguousRelease:
+        known: dict[str, Any] = {"escrow_id": escrow_id}
+        if escrow is not None:
+            known["released"] = escrow.released
+        return AmbiguousRelease(
+            f"a release on escrow {escrow_id} may have been applied: its answer was lost "
+            f"({type(lost.error).__name__}) and {why}; retry only with the same "
+            f"idempotency_key, or reconcile against the escrow's released figure",
+            idempotency_key=key,
+            **known,
+        )
+
+    # refund --------------------------------------------------------------------------
+
+    def _refund_op(self, escrow_id: str, idempotency_key: object) -> Op[Escrow]:
+        _check_id(escrow_id, "escrow_id")
+        key, _given = _check_idempotency_key(idempotency_key)
+        spec = self._dialect.refund(escrow_id=escrow_id, idempotency_key=key)
+        return self._refund_gen(spec, escrow_id, key)
+
+    def _refund_gen(self, spec: RequestSpec, escrow_id: str, key: str) -> Op[Escrow]:
+        budget = _Budget(self._max_retries)
+        while True:
+            try:
+                answer = yield from self._exchange(spec, budget)
+            except _Lost as lost:
+                may_retry = not lost.final and budget.take()
+                yield self._pause(budget)
+                try:
+                    escrow = yield from self._get_gen(escrow_id)
+                except PFMeteredError as exc:
+                    raise AmbiguousOutcome(
+                        f"the refund of escrow {escrow_id} may have been applied: its answer was "
+                        f"lost and reading it back failed ({type(exc).__name__})",
+                        idempotency_key=key,
+                        escrow_id=escrow_id,
+                    ) from None
+                if escrow.status == "refunded":
+                    return escrow
+                if not may_retry:
+                    raise AmbiguousOutcome(
+                        f"the refund of escrow {escrow_id} could not be completed: its answer "
+                        f"was lost and retries are exhausted (status {escrow.status})",
+                        idempotency_key=key,
+                        escrow_id=escrow_id,
+                    ) from None
+                continue
+            return self._escrow_answer(answer, escrow_id)
+
+    # faucet --------------------------------------------------------------------------
+
+    def _faucet_op(self) -> Op[FaucetClaim]:
+        key, _given = _check_idempotency_key(None)
+        return self._faucet_gen(self._dialect.claim_faucet(idempotency_key=key), key)
+
+    def _faucet_gen(self, spec: RequestSpec, key: str) -> Op[FaucetClaim]:
+        budget = _Budget(self._max_retries)
+        lost_before = False
+        while True:
+            try:
+                answer = yield from self._exchange(spec, budget)
+            except _Lost as lost:
+                if lost.final or not budget.take():
+                    raise AmbiguousOutcome(
+                        "the faucet claim may have been credited: its answer was lost",
+                        idempotency_key=key,
+                    ) from None
+                lost_before = True  # a claim is at most once per agent: re-sending is safe
+                yield self._pause(budget)
+                continue
+            except Conflict:
+                if lost_before:
+                    raise AmbiguousOutcome(
+                        "the faucet claim may have been credited by the attempt whose answer "
+                        "was lost (the retry was refused as already claimed)",
+                        idempotency_key=key,
+                    ) from None
+                raise
+            return self._parse(answer, self._dialect.parse_faucet_claim)

@@ -1,0 +1,125 @@
+"""The API key as a secret, and the logging filter that keeps it out of every log record.
+
+What this module is for: holding the key so that nothing but the request builder can read it,
+and redacting anything key-shaped (``Authorization`` headers, bearer tokens, ``pf_live_…`` /
+``pf_test_…`` / ``pf_sbx_…`` tokens, and the exact text of every key a client holds) from log
+records of this library and of httpx and httpcore, at every level including DEBUG.
+
+What it must never do: draw more of a key than its last four characters — not in ``repr``,
+not in ``str``, not in an error message, not in a log record. It keeps no key after the
+:class:`Secret` holding it is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import weakref
+from typing import Final, NoReturn
+
+from pf_metered.errors import ConfigError, redact
+
+__all__ = ["LOGGERS", "RedactingFilter", "Secret", "install_log_redaction", "redact_text"]
+
+_KEY_RE: Final = re.compile(r"^[\x21-\x7e]{8,512}$")
+_HEADERISH: Final = re.compile(
+    r"((?:proxy-)?authorization|x-api-key|api[-_]key|cookie)(['\"]?\s*[:=,]\s*b?['\"]?)"
+    r"[^\r\n'\"]*",
+    re.IGNORECASE,
+)
+_BEARER: Final = re.compile(r"(bearer\s+)[^\s'\",)]+", re.IGNORECASE)
+
+LOGGERS: Final = (
+    "pf_metered",
+    "httpx",
+    "httpcore",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "httpcore.socks",
+)
+"""Loggers the redaction filter sits on. A filter on a logger sees only records logged to that
+logger itself (not its children's), so httpcore's children are named one by one."""
+
+_live: weakref.WeakSet[Secret] = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+class Secret:
+    """An API key that shows only its last four characters anywhere it could be printed."""
+
+    __slots__ = ("__value", "__weakref__")
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str) or not _KEY_RE.match(value):
+            # Never echo the value: it may be a real key with a stray newline.
+            raise ConfigError(
+                "api_key must be 8..512 printable ASCII characters without spaces "
+                "(the value is not shown)"
+            )
+        self.__value = value
+        with _lock:
+            _live.add(self)
+
+    def reveal(self) -> str:
+        """The key itself: for the ``Authorization`` header and nothing else."""
+        return self.__value
+
+    @property
+    def hint(self) -> str:
+        """``'***' + last four characters``: enough to tell two keys apart, no more."""
+        return "***" + self.__value[-4:]
+
+    def __repr__(self) -> str:
+        return f"Secret('{self.hint}')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Secret cannot be pickled")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every header-, bearer-, key-shaped token and every live key masked."""
+    with _lock:
+        keys = [s.reveal() for s in _live]
+    for key in keys:
+        if key in text:
+            text = text.replace(key, "***" + key[-4:])
+    text = _HEADERISH.sub(lambda m: m.group(1) + m.group(2) + "[redacted]", text)
+    text = _BEARER.sub(lambda m: m.group(1) + "***", text)
+    return redact(text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrite each record's message with :func:`redact_text`; never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record whose args do not format: drop its args, keep the text
+            message = str(record.msg)
+        record.msg = redact_text(message)
+        record.args = None
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        return True
+
+
+_FILTER: Final = RedactingFilter(name="")
+_installed = False
+
+
+def install_log_redaction() -> None:
+    """Put the redaction filter on this library's, httpx's and httpcore's loggers (once)."""
+    global _installed  # noqa: PLW0603 - a process-wide, idempotent installation
+    with _lock:
+        if _installed:
+            return
+        for name in LOGGERS:
+            logger = logging.getLogger(name)
+            if _FILTER not in logger.filters:
+                logger.addFilter(_FILTER)
+        _installed = True

@@ -1,0 +1,160 @@
+"""``EscrowClient``: the blocking driver of the shared operations in ``_base``.
+
+What this module is for: the I/O and nothing else — send a request with httpx, read at most
+1 MiB of the answer, sleep when told to. Every decision (what to send, whether to retry, how
+long to wait, what to believe) is made in ``_base``; ``_async.py`` is this file with ``await``.
+
+What it must never do: decide anything about retries or answers itself, follow redirects, or
+hold the API key anywhere but the base's :class:`~pf_metered.client._secrets.Secret`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from types import TracebackType
+from typing import TypeVar
+
+import httpx
+
+from pf_metered.errors import ConfigError
+from pf_metered.models import Escrow, FaucetClaim
+
+from ._base import Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
+from ._dialect import RequestSpec
+from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+
+__all__ = ["EscrowClient"]
+
+T = TypeVar("T")
+
+
+class EscrowClient(BaseEscrowClient):
+    """A blocking client of the Purple Flea escrow API (v1). Thread-safe; use as ``with``.
+
+    >>> with EscrowClient() as client:                     # doctest: +SKIP
+    ...     escrow = client.create_escrow("agent_b", "10.00")
+    ...     client.release_partial(escrow.escrow_id, "0.25")
+    ...     client.refund(escrow.escrow_id)
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        server_honours_idempotency: bool | None = None,
+        _sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        super().__init__(
+            api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            server_honours_idempotency=server_honours_idempotency,
+        )
+        if transport is not None and not isinstance(transport, httpx.BaseTransport):
+            raise ConfigError("EscrowClient needs a sync httpx transport (httpx.BaseTransport)")
+        self._sleep: Callable[[float], None] = _sleep or time.sleep
+        self._http = httpx.Client(
+            transport=transport,
+            timeout=self._timeout,
+            follow_redirects=False,
+            headers=self._default_headers(),
+        )
+
+    # -- the driver ----------------------------------------------------------------------
+
+    def _run(self, op: Op[T]) -> T:
+        outcome: Outcome = None
+        try:
+            while True:
+                action = op.send(outcome)
+                if isinstance(action, Sleep):
+                    self._sleep(action.seconds)
+                    outcome = None
+                else:
+                    outcome = self._send(action.spec)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    def _send(self, spec: RequestSpec) -> Answer | Exception:
+        request = self._http.build_request(
+            spec.method, self._url(spec), headers=self._headers(spec), content=spec.body
+        )
+        try:
+            response = self._http.send(request, stream=True)
+            try:
+                body = BodyCollector(response.headers)
+                if not body.too_large:
+                    for chunk in response.iter_bytes():
+                        if not body.add(chunk):
+                            break
+            finally:
+                response.close()
+        except httpx.RequestError as exc:
+            return exc
+        return body.answer(response)
+
+    # -- the API -------------------------------------------------------------------------
+
+    def create_escrow(
+        self,
+        to_agent_id: str,
+        amount: str | int | Decimal,
+        memo: str = "",
+        auto_release_hours: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Escrow:
+        """Lock ``amount`` USDC for ``to_agent_id``; the escrow as created."""
+        return self._run(
+            self._create_op(to_agent_id, amount, memo, auto_release_hours, idempotency_key)
+        )
+
+    def release_partial(
+        self,
+        escrow_id: str,
+        amount: str | int | Decimal,
+        memo: str = "",
+        idempotency_key: str | None = None,
+    ) -> Escrow:
+        """Release ``amount`` USDC of the escrow to its provider; the escrow afterwards."""
+        return self._run(self._release_op(escrow_id, amount, memo, idempotency_key))
+
+    def get_escrow(self, escrow_id: str) -> Escrow:
+        """The escrow with its release history."""
+        return self._run(self._get_op(escrow_id))
+
+    def list_escrows(self) -> list[Escrow]:
+        """The caller's escrows, as payer or provider."""
+        return self._run(self._list_op())
+
+    def refund(self, escrow_id: str, idempotency_key: str | None = None) -> Escrow:
+        """Return the unreleased rest to the payer and close the escrow."""
+        return self._run(self._refund_op(escrow_id, idempotency_key))
+
+    def claim_faucet(self) -> FaucetClaim:
+        """Claim the faucet's one-time credit for a new agent."""
+        return self._run(self._faucet_op())
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pool. The client cannot be used afterwards."""
+        self._http.close()
+
+    def __enter__(self) -> EscrowClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
