@@ -31,6 +31,7 @@ from pf_metered.errors import (
 )
 from pf_metered.models import Escrow, EscrowList, FaucetClaim, Release
 from pf_metered.money import Rate, format_usdc, parse_amount, parse_rate
+from pf_metered.sandbox import Sandbox
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ __all__ = [
     "Rate",
     "RateLimited",
     "Release",
+    "Sandbox",
     "ServerError",
     "StreamClosed",
     "UnsupportedByDialect",
