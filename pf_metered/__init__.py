@@ -5,6 +5,7 @@ partial payments are released in batches in the background; closing pays the las
 batch and refunds the rest.
 """
 
+from pf_metered.client import AsyncEscrowClient, EscrowClient
 from pf_metered.errors import (
     AmbiguousCreate,
     AmbiguousOutcome,
@@ -42,11 +43,13 @@ __all__ = [
     "AmbiguousCreate",
     "AmbiguousOutcome",
     "AmbiguousRelease",
+    "AsyncEscrowClient",
     "AuthError",
     "BudgetExhausted",
     "ConfigError",
     "Conflict",
     "Escrow",
+    "EscrowClient",
     "EscrowList",
     "FaucetClaim",
     "IdempotencyConflict",
