@@ -18,12 +18,20 @@ checks the budget and counts in one step (no overspend however many threads or p
 
 What a store must never do: perform HTTP, compute money with floats, hand out a second intent
 for units already claimed, or forget an intent it handed out before it is settled.
+
+Optional extension (backward compatible; the meter works without it): a store MAY offer
+``counter(stream_id) -> UnitCounter``, a handle bound to one stream whose ``add`` /
+``reserve`` / ``commit`` / ``cancel`` are the hot path. ``reserve(n)`` holds budget for a
+call that has not finished yet (so a metered call is refused *before* it runs, and a call that
+raises gives its reservation back); reserved units count against ``max_units`` in ``add_units``
+and ``reserve`` but are never claimed. A store without ``counter`` gets a generic adapter in
+:mod:`pf_metered.meter.core` that reserves locally (per process) and counts with ``add_units``.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
@@ -36,6 +44,7 @@ __all__ = [
     "StreamConfig",
     "StreamState",
     "StreamStatus",
+    "UnitCounter",
     "intent_amount_micro",
     "intent_key",
 ]
@@ -142,94 +151,180 @@ class Store(Protocol):
         """Record the refund and move the stream to ``closed``; idempotent."""
 
 
+@runtime_checkable
+class UnitCounter(Protocol):
+    """The hot path of one stream (optional store extension, see the module docstring).
+
+    Every method is atomic with the store's other operations on the same stream.
+    """
+
+    def add(self, units: int) -> int:
+        """Exactly ``Store.add_units`` for the bound stream: count, return the new total."""
+
+    def reserve(self, units: int) -> None:
+        """Hold ``units`` of budget (``BudgetExhausted``/``StreamClosed`` as ``add``)."""
+
+    def commit(self, units: int) -> int:
+        """Turn ``units`` held by ``reserve`` into counted units; return the new total."""
+
+    def cancel(self, units: int) -> None:
+        """Give back ``units`` held by ``reserve`` (the metered call failed)."""
+
+
+class _Record:
+    """One stream's mutable state in a :class:`MemoryStore`, guarded by its own lock.
+
+    Why mutable: the frozen ``StreamState`` + ``dataclasses.replace`` on every unit cost
+    microseconds; the hot path here is a lock, two integer compares and an add.
+    """
+
+    __slots__ = (
+        "claimed_units", "config", "escrow_id", "lock", "max_units", "next_seq", "paid_micro",
+        "pending", "refunded_micro", "releases", "reserved", "settled", "status", "stream_id",
+        "units",
+    )
+
+    def __init__(self, config: StreamConfig) -> None:
+        self.config = config
+        self.stream_id = config.stream_id
+        self.max_units = config.max_units
+        self.lock = threading.Lock()
+        self.status: StreamStatus = "new"
+        self.escrow_id: str | None = None
+        self.units = 0
+        self.reserved = 0
+        self.claimed_units = 0
+        self.paid_micro = 0
+        self.releases = 0
+        self.pending: Intent | None = None
+        self.refunded_micro: int | None = None
+        self.next_seq = 1
+        self.settled: list[tuple[Intent, int]] = []
+
+    def _refuse(self, units: int) -> BudgetExhausted | StreamClosed:
+        if self.status != "open":
+            return StreamClosed(f"stream {self.stream_id} is {self.status}; it takes no units")
+        left = self.max_units - self.units - self.reserved
+        return BudgetExhausted(
+            f"{units} more units would exceed the budget; {max(left, 0)} left",
+            remaining_units=max(left, 0),
+        )
+
+    # The hot path: UnitCounter.
+    def add(self, units: int) -> int:
+        with self.lock:
+            total = self.units + units
+            if self.status != "open" or total + self.reserved > self.max_units:
+                raise self._refuse(units)
+            self.units = total
+            return total
+
+    def reserve(self, units: int) -> None:
+        with self.lock:
+            held = self.reserved + units
+            if self.status != "open" or self.units + held > self.max_units:
+                raise self._refuse(units)
+            self.reserved = held
+
+    def commit(self, units: int) -> int:
+        with self.lock:
+            self.reserved -= units
+            total = self.units + units
+            self.units = total
+            return total
+
+    def cancel(self, units: int) -> None:
+        with self.lock:
+            self.reserved -= units
+
+    def snapshot(self) -> StreamState:
+        return StreamState(
+            config=self.config, status=self.status, escrow_id=self.escrow_id,
+            units=self.units, claimed_units=self.claimed_units, paid_micro=self.paid_micro,
+            releases=self.releases, pending=(self.pending,) if self.pending else (),
+            refunded_micro=self.refunded_micro, next_seq=self.next_seq,
+            settled=tuple(self.settled),
+        )
+
+
 class MemoryStore:
-    """The default store: a dict and a lock. Fast, and gone when the process is."""
+    """The default store: one locked record per stream. Fast, and gone when the process is.
+
+    Offers the ``counter`` extension: the meter counts straight into the stream's record.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._streams: dict[str, StreamState] = {}
+        self._streams: dict[str, _Record] = {}
 
-    def _get(self, stream_id: str) -> StreamState:
-        state = self._streams.get(stream_id)
-        if state is None:
+    def _get(self, stream_id: str) -> _Record:
+        rec = self._streams.get(stream_id)
+        if rec is None:
             raise InvalidInput("stream_id", f"is not a known stream: {stream_id!r}")
-        return state
+        return rec
 
     def create(self, config: StreamConfig) -> None:
         with self._lock:
             if config.stream_id in self._streams:
                 raise InvalidInput("stream_id", f"already exists: {config.stream_id!r}")
-            self._streams[config.stream_id] = StreamState(
-                config=config, status="new", escrow_id=None, units=0, claimed_units=0,
-                paid_micro=0, releases=0,
-            )
+            self._streams[config.stream_id] = _Record(config)
 
     def load(self, stream_id: str) -> StreamState | None:
-        with self._lock:
-            return self._streams.get(stream_id)
+        rec = self._streams.get(stream_id)
+        if rec is None:
+            return None
+        with rec.lock:
+            return rec.snapshot()
+
+    def counter(self, stream_id: str) -> UnitCounter:
+        """The stream's hot-path handle (see :class:`UnitCounter`)."""
+        return self._get(stream_id)
 
     def set_escrow(self, stream_id: str, escrow_id: str) -> None:
-        with self._lock:
-            state = self._get(stream_id)
-            if state.escrow_id not in (None, escrow_id):
+        rec = self._get(stream_id)
+        with rec.lock:
+            if rec.escrow_id not in (None, escrow_id):
                 raise InvalidInput("escrow_id", "the stream is already bound to another escrow")
-            status: StreamStatus = "open" if state.status == "new" else state.status
-            self._streams[stream_id] = replace(state, escrow_id=escrow_id, status=status)
+            rec.escrow_id = escrow_id
+            if rec.status == "new":
+                rec.status = "open"
 
     def add_units(self, stream_id: str, units: int) -> int:
-        with self._lock:
-            state = self._get(stream_id)
-            if state.status != "open":
-                raise StreamClosed(f"stream {stream_id} is {state.status}; it takes no units")
-            total = state.units + units
-            if total > state.config.max_units:
-                left = state.config.max_units - state.units
-                raise BudgetExhausted(
-                    f"{units} more units would exceed the budget; {left} left",
-                    remaining_units=left,
-                )
-            self._streams[stream_id] = replace(state, units=total)
-            return total
+        return self._get(stream_id).add(units)
 
     def claim(self, stream_id: str, *, min_units: int, final: bool = False) -> Intent | None:
-        with self._lock:
-            state = self._get(stream_id)
-            if state.pending or state.status in ("new", "closed"):
+        rec = self._get(stream_id)
+        with rec.lock:
+            if rec.pending is not None or rec.status in ("new", "closed"):
                 return None
-            if state.status == "closing" and not final:
+            if rec.status == "closing" and not final:
                 return None
-            new_units = state.units - state.claimed_units
-            if not final and (new_units < max(min_units, 1)):
+            new_units = rec.units - rec.claimed_units
+            if not final and new_units < max(min_units, 1):
                 return None
-            intent = Intent(stream_id, state.next_seq, state.claimed_units, state.units, final)
-            self._streams[stream_id] = replace(
-                state,
-                status="closing" if final else state.status,
-                claimed_units=state.units,
-                pending=(intent,),
-                next_seq=state.next_seq + 1,
-            )
+            intent = Intent(stream_id, rec.next_seq, rec.claimed_units, rec.units, final)
+            if final:
+                rec.status = "closing"
+            rec.claimed_units = rec.units
+            rec.pending = intent
+            rec.next_seq += 1
             return intent
 
     def settle(self, stream_id: str, seq: int, amount_micro: int) -> None:
-        with self._lock:
-            state = self._get(stream_id)
-            match = [i for i in state.pending if i.seq == seq]
-            if not match:
+        rec = self._get(stream_id)
+        with rec.lock:
+            intent = rec.pending
+            if intent is None or intent.seq != seq:
                 return
-            self._streams[stream_id] = replace(
-                state,
-                pending=tuple(i for i in state.pending if i.seq != seq),
-                paid_micro=state.paid_micro + amount_micro,
-                releases=state.releases + (1 if amount_micro else 0),
-                settled=(*state.settled, (match[0], amount_micro)),
-            )
+            rec.pending = None
+            rec.paid_micro += amount_micro
+            rec.releases += 1 if amount_micro else 0
+            rec.settled.append((intent, amount_micro))
 
     def mark_closed(self, stream_id: str, refunded_micro: int) -> None:
-        with self._lock:
-            state = self._get(stream_id)
-            if state.status == "closed":
+        rec = self._get(stream_id)
+        with rec.lock:
+            if rec.status == "closed":
                 return
-            self._streams[stream_id] = replace(
-                state, status="closed", refunded_micro=refunded_micro
-            )
+            rec.status = "closed"
+            rec.refunded_micro = refunded_micro

@@ -1,0 +1,465 @@
+"""The meter: a sans-I/O state machine that decides what a payment stream must do next.
+
+Like tenacity's ``BaseRetrying.iter()``, the meter never performs a request. It answers with
+*actions* (:class:`OpenEscrow`, :class:`ReleaseDue`, :class:`RefundRest`) and is told what
+happened (``opened``, ``settled``, ``finished``); the sync and async streams are the drivers
+that do the HTTP. So one body of logic decides batching, pricing and budget for both.
+
+Exactness: each release pays the amount its intent's unit range derives
+(:func:`~pf_metered.meter.store.intent_amount_micro`), so batches pay
+``floor(rate × units so far) − paid so far`` and the close settles ``half_up(rate × units)``.
+The budget is enforced by the store before a unit is counted.
+
+What the meter must never do: I/O, sleep, hold its lock while a driver sends, or hand out a
+release for units another release already covers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Final, Literal
+
+from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
+from pf_metered.meter.policy import BatchPolicy, every, parse_seconds
+from pf_metered.meter.receipt import Receipt, ReleaseRecord, StatusReport
+from pf_metered.meter.store import (
+    Intent,
+    MemoryStore,
+    Store,
+    StreamConfig,
+    UnitCounter,
+    intent_amount_micro,
+)
+from pf_metered.money import (
+    MAX_UNITS,
+    AmountLike,
+    Rate,
+    format_usdc,
+    parse_amount,
+    parse_count,
+    parse_rate,
+)
+
+__all__ = [
+    "PER_QUANTA",
+    "Meter",
+    "OpenEscrow",
+    "Per",
+    "RefundRest",
+    "ReleaseDue",
+    "plan_stream",
+]
+
+Per = Literal["unit", "second", "minute", "hour"]
+
+PER_QUANTA: Final[dict[str, tuple[int, int]]] = {
+    "unit": (0, 0),
+    "second": (3, 1_000_000),  # 1 unit = 1 ms; rate per unit = rate per second × 10⁻³
+    "minute": (4, 6_000_000),  # 1 unit = 6 ms; rate × 10⁻⁴
+    "hour": (6, 3_600_000),  # 1 unit = 3.6 ms ("micro-hour"); rate × 10⁻⁶
+}
+"""Time billing in exact money: ``per -> (decimal places the rate shifts, ns per unit)``.
+
+A rate per hour divided by 3600 is rarely a finite decimal ($0.50/h is 0.000138…/s), so time
+is counted in quanta whose price *is* a finite decimal: milliseconds for a rate per second,
+micro-hours (3.6 ms) for a rate per hour."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenEscrow:
+    """Lock the stream's budget: ``client.create_escrow(...)`` with this key."""
+
+    to_agent_id: str
+    amount_micro: int
+    memo: str
+    auto_release_hours: int | None
+    idempotency_key: str
+
+    @property
+    def amount(self) -> str:
+        return format_usdc(self.amount_micro)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseDue:
+    """Release ``amount_micro`` from the escrow for ``intent``'s units, with its stable key."""
+
+    intent: Intent
+    amount_micro: int
+    memo: str
+
+    @property
+    def amount(self) -> str:
+        return format_usdc(self.amount_micro)
+
+    @property
+    def idempotency_key(self) -> str:
+        return self.intent.idempotency_key
+
+
+@dataclass(frozen=True, slots=True)
+class RefundRest:
+    """Give the unreleased rest back to the payer."""
+
+    escrow_id: str
+    idempotency_key: str
+
+
+def _memo(intent: Intent) -> str:
+    kind = "final" if intent.final else "batch"
+    if intent.units_to == intent.units_from:
+        return f"{kind}:rounding"
+    return f"{kind}:units {intent.units_from + 1}-{intent.units_to}"
+
+
+def plan_stream(
+    to_agent_id: str,
+    rate: AmountLike | Rate,
+    *,
+    batch: int | BatchPolicy | None = None,
+    every_: float | int | str | Decimal | BatchPolicy | None = None,
+    budget: AmountLike | None = None,
+    max_units: int | None = None,
+    auto_release_hours: int | None = None,
+    memo: str | None = None,
+    per: str = "unit",
+    stream_id: str | None = None,
+) -> tuple[StreamConfig, BatchPolicy]:
+    """Validate a stream's arguments (naming the bad field) and build its config and policy.
+
+    Why here: every argument is checked before anything is locked, so nothing is half-done.
+    """
+    if not isinstance(to_agent_id, str) or not to_agent_id.strip():
+        raise InvalidInput("to_agent_id", "must be a non-empty agent id")
+    if per not in PER_QUANTA:
+        raise InvalidInput("per", f"must be one of {sorted(PER_QUANTA)}, got {per!r}")
+    shift = PER_QUANTA[per][0]
+    if isinstance(rate, Rate):
+        if shift:
+            raise InvalidInput("rate", "a Rate object cannot be combined with per=")
+        parsed = rate
+    else:
+        parsed = parse_rate(rate, "rate")
+        if shift:
+            parsed = parse_rate(format(parsed.decimal.scaleb(-shift).normalize(), "f"), "rate")
+    policy = BatchPolicy()
+    if isinstance(batch, BatchPolicy):
+        policy = policy | batch
+    elif batch is not None:
+        policy = policy | every(units=parse_count(batch, "batch", allow_zero=False))
+    if isinstance(every_, BatchPolicy):
+        policy = policy | every_
+    elif every_ is not None:
+        policy = policy | BatchPolicy(seconds=parse_seconds(every_, "every"))
+    if budget is None and max_units is None:
+        raise InvalidInput("budget", "or max_units is required (the escrow must be funded)")
+    cap = parse_count(max_units, "max_units", allow_zero=False) if max_units is not None else None
+    if budget is not None:
+        budget_micro = parse_amount(budget, "budget")
+        affordable = parsed.units_affordable(budget_micro)
+        units_cap = affordable if cap is None else min(cap, affordable)
+        if units_cap < 1:
+            raise InvalidInput("budget", f"{budget} does not pay for one unit at rate {parsed}")
+    else:
+        assert cap is not None
+        budget_micro = parsed.micro_half_up(cap)
+        if budget_micro < 1:
+            raise InvalidInput("max_units", "buys less than one micro-USDC at this rate")
+        units_cap = cap
+    if auto_release_hours is not None and (
+        isinstance(auto_release_hours, bool)
+        or not isinstance(auto_release_hours, int)
+        or not 1 <= auto_release_hours <= 8760
+    ):
+        raise InvalidInput("auto_release_hours", "must be a whole number of hours, 1..8760")
+    if memo is not None and (not isinstance(memo, str) or len(memo) > 500):
+        raise InvalidInput("memo", "must be a str of at most 500 characters")
+    sid = stream_id or uuid.uuid4().hex
+    config = StreamConfig(
+        stream_id=sid,
+        to_agent_id=to_agent_id,
+        rate=str(parsed),
+        budget_micro=budget_micro,
+        max_units=min(units_cap, MAX_UNITS),
+        memo=memo if memo is not None else f"pf_metered:stream {sid[:12]}:rate={parsed}/{per}",
+        auto_release_hours=auto_release_hours,
+        batch_units=policy.units,
+        every_seconds=str(policy.seconds) if policy.seconds is not None else None,
+    )
+    return config, policy
+
+
+class _LocalCounter:
+    """The hot path over a store without the ``counter`` extension.
+
+    Reservations are held here, per process, and checked against the last total the store
+    reported; ``add_units`` remains the authority on the budget.
+    """
+
+    __slots__ = ("_known", "_lock", "_max", "_reserved", "_sid", "_store")
+
+    def __init__(self, store: Store, config: StreamConfig) -> None:
+        self._store = store
+        self._sid = config.stream_id
+        self._max = config.max_units
+        self._lock = threading.Lock()
+        self._reserved = 0
+        state = store.load(config.stream_id)
+        self._known = state.units if state else 0
+
+    def _check(self, units: int) -> None:
+        left = self._max - self._known - self._reserved
+        if units > left:
+            raise BudgetExhausted(
+                f"{units} more units would exceed the budget; {max(left, 0)} left",
+                remaining_units=max(left, 0),
+            )
+
+    def add(self, units: int) -> int:
+        with self._lock:
+            self._check(units)
+        total = self._store.add_units(self._sid, units)
+        self._known = max(self._known, total)
+        return total
+
+    def reserve(self, units: int) -> None:
+        with self._lock:
+            self._check(units)
+            self._reserved += units
+
+    def commit(self, units: int) -> int:
+        try:
+            total = self._store.add_units(self._sid, units)
+        finally:
+            with self._lock:
+                self._reserved -= units
+        self._known = max(self._known, total)
+        return total
+
+    def cancel(self, units: int) -> None:
+        with self._lock:
+            self._reserved -= units
+
+
+def _not_open(units: int = 1) -> int:
+    raise StreamClosed("the stream is not open: call open() (or use `with`) first")
+
+
+def _not_open_none(units: int = 1) -> None:
+    raise StreamClosed("the stream is not open: call open() (or use `with`) first")
+
+
+_NEVER: Final = MAX_UNITS * 2
+
+
+class Meter:
+    """One stream's decisions: what to lock, when a batch is due, what it pays, what is left.
+
+    Hot path for drivers: ``meter.add`` / ``reserve`` / ``commit`` / ``cancel`` (bound to the
+    store's counter at ``opened``) and the ``due_at`` threshold: when a returned total reaches
+    it, a batch is due and the driver wakes its sender.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: StreamConfig,
+        policy: BatchPolicy,
+        *,
+        per: str = "unit",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.policy = policy
+        self.per = per
+        self.stream_id = config.stream_id
+        self.rate = config.parsed_rate
+        self.escrow_id: str | None = None
+        self._clock = clock
+        self._batch = policy.units
+        self._period = float(policy.seconds) if policy.seconds is not None else None
+        self._lock = threading.Lock()
+        self._inflight: ReleaseDue | None = None
+        self._last_release_at = clock()
+        self._memos: dict[int, str] = {}
+        self.due_at: int = _NEVER
+        self.add: Callable[[int], int] = _not_open
+        self.reserve: Callable[[int], None] = _not_open_none
+        self.commit: Callable[[int], int] = _not_open
+        self.cancel: Callable[[int], None] = _not_open_none
+        self.receipt: Receipt | None = None
+
+    # ----------------------------------------------------------------- open
+    def begin_open(self) -> OpenEscrow | None:
+        """Register the stream in the store (or find it there) and say what to lock.
+
+        ``None`` when the stream is already open (resumed from its store).
+        """
+        state = self.store.load(self.stream_id)
+        if state is None:
+            self.store.create(self.config)
+        elif state.escrow_id is not None:
+            self._bind(state.escrow_id)
+            return None
+        cfg = self.config
+        return OpenEscrow(
+            to_agent_id=cfg.to_agent_id,
+            amount_micro=cfg.budget_micro,
+            memo=cfg.memo,
+            auto_release_hours=cfg.auto_release_hours,
+            idempotency_key=f"pfm-{self.stream_id}-open",
+        )
+
+    def opened(self, escrow_id: str) -> None:
+        """The escrow is locked: bind it and start counting."""
+        self.store.set_escrow(self.stream_id, escrow_id)
+        self._bind(escrow_id)
+
+    def _bind(self, escrow_id: str) -> None:
+        self.escrow_id = escrow_id
+        make = getattr(self.store, "counter", None)
+        counter: UnitCounter = make(self.stream_id) if make else _LocalCounter(
+            self.store, self.config
+        )
+        state = self.store.load(self.stream_id)
+        claimed = state.claimed_units if state else 0
+        if state is not None and state.pending:  # claimed before a crash: send it first
+            intent = state.pending[0]
+            amount = intent_amount_micro(self.rate, intent)
+            self._inflight = ReleaseDue(intent, amount, _memo(intent))
+        self.due_at = claimed + self._batch if self._batch else _NEVER
+        self._last_release_at = self._clock()
+        self.add, self.reserve = counter.add, counter.reserve
+        self.commit, self.cancel = counter.commit, counter.cancel
+
+    # ------------------------------------------------------------- batching
+    def seconds_until_due(self) -> float | None:
+        """How long a sender may sleep before the time policy makes a batch due."""
+        if self._period is None:
+            return None
+        return max(0.0, self._last_release_at + self._period - self._clock())
+
+    def time_due(self) -> bool:
+        return self._period is not None and self._clock() - self._last_release_at >= self._period
+
+    def next_release(self, *, flush: bool = False, final: bool = False) -> ReleaseDue | None:
+        """The release to send now, or ``None`` when nothing is due.
+
+        A release handed out and not yet settled is handed out again (same intent, same
+        idempotency key) until it is: a failed send is retried, never re-claimed. Releases
+        that would pay nothing (sub-micro remainders still carrying) are settled here
+        without any request.
+        """
+        with self._lock:
+            while True:
+                if self._inflight is not None:
+                    return self._inflight
+                if self.escrow_id is None:
+                    return None
+                intent: Intent | None
+                if final:
+                    state = self.store.load(self.stream_id)
+                    if state is None or state.status != "open":
+                        return None  # the final intent was already claimed and settled
+                    intent = self.store.claim(self.stream_id, min_units=0, final=True)
+                else:
+                    timed = self.time_due()
+                    if timed:
+                        self._last_release_at = self._clock()
+                    min_units = 1 if (flush or timed) else (self._batch or _NEVER)
+                    intent = self.store.claim(self.stream_id, min_units=min_units)
+                if intent is None:
+                    return None
+                if self._batch:
+                    self.due_at = intent.units_to + self._batch
+                amount = intent_amount_micro(self.rate, intent)
+                action = ReleaseDue(intent, amount, _memo(intent))
+                if amount == 0:
+                    self.store.settle(self.stream_id, intent.seq, 0)
+                    self._memos[intent.seq] = action.memo
+                    if intent.final:
+                        return None
+                    continue
+                self._inflight = action
+                return action
+
+    def settled(self, action: ReleaseDue) -> None:
+        """The release reached the escrow (answered, or found there when reconciling)."""
+        with self._lock:
+            self.store.settle(self.stream_id, action.intent.seq, action.amount_micro)
+            self._memos[action.intent.seq] = action.memo
+            if self._inflight is not None and self._inflight.intent.seq == action.intent.seq:
+                self._inflight = None
+            self._last_release_at = self._clock()
+
+    # ---------------------------------------------------------------- close
+    def refund_action(self) -> RefundRest | None:
+        """After the final release: give back what is left, if anything is."""
+        state = self.store.load(self.stream_id)
+        if state is None or state.escrow_id is None or state.status == "closed":
+            return None
+        if self.config.budget_micro - state.paid_micro <= 0:
+            return None
+        return RefundRest(state.escrow_id, f"pfm-{self.stream_id}-refund")
+
+    def finished(self, refunded_micro: int) -> Receipt:
+        """The stream is settled: record the refund and build the receipt."""
+        if self.store.load(self.stream_id) is not None:
+            self.store.mark_closed(self.stream_id, refunded_micro)
+        self.receipt = self.build_receipt()
+        self.add, self.commit = _not_open, _not_open
+        self.reserve, self.cancel = _not_open_none, _not_open_none
+        return self.receipt
+
+    def build_receipt(self) -> Receipt:
+        state = self.store.load(self.stream_id)
+        cfg = self.config
+        return Receipt(
+            stream_id=self.stream_id,
+            escrow_id=state.escrow_id if state else None,
+            to_agent_id=cfg.to_agent_id,
+            rate=self.rate.decimal,
+            units=state.units if state else 0,
+            releases=state.releases if state else 0,
+            paid_micro=state.paid_micro if state else 0,
+            refunded_micro=(state.refunded_micro or 0) if state else 0,
+            budget_micro=cfg.budget_micro,
+            per=self.per,
+        )
+
+    def status(self) -> StatusReport:
+        state = self.store.load(self.stream_id)
+        if state is None:
+            return StatusReport(
+                self.stream_id, "new", None, self.rate.decimal, 0, 0, 0,
+                self.config.budget_micro, (),
+            )
+        history = tuple(
+            ReleaseRecord(
+                i.seq, i.units_from, i.units_to, amt, i.final,
+                self._memos.get(i.seq) or _memo(i),
+            )
+            for i, amt in state.settled
+        )
+        return StatusReport(
+            stream_id=self.stream_id,
+            state=state.status,
+            escrow_id=state.escrow_id,
+            rate=self.rate.decimal,
+            units=state.units,
+            released_micro=state.paid_micro,
+            pending_units=state.units - sum(i.units_to - i.units_from for i, _ in state.settled),
+            budget_micro=self.config.budget_micro,
+            history=history,
+        )
+
+
+def default_store() -> Store:
+    """A fresh in-memory store (each stream gets its own unless one is shared on purpose)."""
+    return MemoryStore()

@@ -1,0 +1,224 @@
+"""What the sync and async payment streams share: arguments, the hot path, status, failures.
+
+Like httpx's ``BaseClient``, everything that is not I/O lives here once; ``PaymentStream`` and
+``AsyncPaymentStream`` repeat only the methods that send requests (open, the background
+sender, flush, close). The decisions themselves are the meter's (sans-I/O actions).
+
+What this module must never do: perform a request, sleep, or take a lock that a sender holds
+while it waits on the network. ``record`` touches only the store's counter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Protocol
+
+from pf_metered.errors import (
+    AmbiguousOutcome,
+    APIConnectionError,
+    RateLimited,
+    ServerError,
+)
+from pf_metered.meter.core import Meter, plan_stream
+from pf_metered.meter.policy import BatchPolicy
+from pf_metered.meter.receipt import Receipt, StatusReport
+from pf_metered.meter.store import MemoryStore, Store
+from pf_metered.models import Escrow
+from pf_metered.money import MAX_UNITS, AmountLike, Rate, parse_count
+
+__all__ = ["AsyncEscrowAPI", "EscrowAPI", "StreamBase", "is_transient"]
+
+_TRANSIENT = (APIConnectionError, RateLimited, ServerError, AmbiguousOutcome)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed send may succeed if tried again later with the same key."""
+    return isinstance(exc, _TRANSIENT)
+
+
+class EscrowAPI(Protocol):
+    """The four calls a stream needs from ``EscrowClient`` (structural, for typing)."""
+
+    def create_escrow(
+        self, to_agent_id: str, amount: AmountLike, memo: str = ...,
+        auto_release_hours: int | None = ..., idempotency_key: str | None = ...,
+    ) -> Escrow: ...
+
+    def release_partial(
+        self, escrow_id: str, amount: AmountLike, memo: str = ...,
+        idempotency_key: str | None = ...,
+    ) -> Escrow: ...
+
+    def get_escrow(self, escrow_id: str) -> Escrow: ...
+
+    def refund(self, escrow_id: str, idempotency_key: str | None = ...) -> Escrow: ...
+
+
+class AsyncEscrowAPI(Protocol):
+    """The same four calls on ``AsyncEscrowClient``."""
+
+    async def create_escrow(
+        self, to_agent_id: str, amount: AmountLike, memo: str = ...,
+        auto_release_hours: int | None = ..., idempotency_key: str | None = ...,
+    ) -> Escrow: ...
+
+    async def release_partial(
+        self, escrow_id: str, amount: AmountLike, memo: str = ...,
+        idempotency_key: str | None = ...,
+    ) -> Escrow: ...
+
+    async def get_escrow(self, escrow_id: str) -> Escrow: ...
+
+    async def refund(self, escrow_id: str, idempotency_key: str | None = ...) -> Escrow: ...
+
+
+def release_found(escrow: Escrow, memo: str) -> bool:
+    """Whether an escrow's release history shows the release with this memo.
+
+    Memos name the units they pay for (``batch:units 101-200``), so they are unique within a
+    stream: reading one back settles a release whose answer was lost.
+    """
+    return any(r.memo == memo for r in escrow.releases)
+
+
+class StreamBase:
+    """Shared state and the hot path of a payment stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        to_agent_id: str,
+        rate: AmountLike | Rate,
+        *,
+        batch: int | BatchPolicy | None = None,
+        every: float | int | str | Decimal | BatchPolicy | None = None,
+        budget: AmountLike | None = None,
+        max_units: int | None = None,
+        auto_release_hours: int | None = None,
+        memo: str | None = None,
+        store: Store | None = None,
+        per: str = "unit",
+        background: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        stream_id: str | None = None,
+    ) -> None:
+        config, policy = plan_stream(
+            to_agent_id, rate, batch=batch, every_=every, budget=budget, max_units=max_units,
+            auto_release_hours=auto_release_hours, memo=memo, per=per, stream_id=stream_id,
+        )
+        self._store: Store = store if store is not None else MemoryStore()
+        self._meter = Meter(self._store, config, policy, per=per, clock=clock)
+        self._background = background
+        self._opened = False
+        self._receipt: Receipt | None = None
+        self._failure: BaseException | None = None
+        self._last_error: BaseException | None = None
+        self._woken = False
+
+    # ------------------------------------------------------------ identity
+    @property
+    def stream_id(self) -> str:
+        return self._meter.stream_id
+
+    @property
+    def escrow_id(self) -> str | None:
+        return self._meter.escrow_id
+
+    @property
+    def rate(self) -> Decimal:
+        """The price of one unit (for ``per="second"``: of one millisecond)."""
+        return self._meter.rate.decimal
+
+    @property
+    def per(self) -> str:
+        return self._meter.per
+
+    @property
+    def policy(self) -> BatchPolicy:
+        return self._meter.policy
+
+    @property
+    def budget(self) -> Decimal:
+        return Decimal(self._meter.config.budget_micro).scaleb(-6)
+
+    @property
+    def max_units(self) -> int:
+        return self._meter.config.max_units
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def meter(self) -> Meter:
+        return self._meter
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened and self._receipt is None
+
+    @property
+    def closed(self) -> bool:
+        return self._receipt is not None
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The most recent background send failure (transient ones are retried)."""
+        return self._last_error
+
+    # ------------------------------------------------------------ hot path
+    def record(self, units: int = 1) -> int:
+        """Count ``units`` (no I/O, never waits on a request); return the stream's total.
+
+        Raises ``BudgetExhausted`` (counting nothing) past the budget, ``StreamClosed`` when
+        the stream is not open, and the background sender's permanent failure, if any.
+        """
+        if self._failure is not None:
+            self._raise_failure()
+        if units.__class__ is not int or units < 0 or units > MAX_UNITS:
+            units = parse_count(units, "units")
+        meter = self._meter
+        total = meter.add(units)
+        if total >= meter.due_at and not self._woken:
+            self._woken = True
+            self._wake()
+        return total
+
+    def _committed(self, total: int) -> None:
+        """After a reservation was committed (decorator path): wake the sender if due."""
+        if total >= self._meter.due_at and not self._woken:
+            self._woken = True
+            self._wake()
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _raise_failure(self) -> None:
+        failure = self._failure
+        assert failure is not None
+        raise failure.with_traceback(None)
+
+    def _background_failed(self, exc: BaseException) -> None:
+        self._last_error = exc
+        if not is_transient(exc):
+            self._failure = exc
+
+    # --------------------------------------------------------------- views
+    def status(self) -> StatusReport:
+        """Units, released, pending, remaining and the release history, right now."""
+        return self._meter.status()
+
+    @property
+    def receipt(self) -> Receipt | None:
+        return self._receipt
+
+    def _empty_receipt(self) -> Receipt:
+        return self._meter.build_receipt()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("open" if self._opened else "new")
+        return (
+            f"<{type(self).__name__} {self.stream_id[:12]} to={self._meter.config.to_agent_id} "
+            f"rate={self._meter.rate} {state}>"
+        )

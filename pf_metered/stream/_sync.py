@@ -1,0 +1,249 @@
+"""``PaymentStream``: the thread-based driver of the meter (an ``EscrowClient`` does the HTTP).
+
+Counting happens on the caller's thread with no I/O. A daemon worker thread sends releases
+when the meter says a batch is due: woken by an ``Event`` when a unit total crosses the batch
+threshold, and by its own wait timeout for ``every`` seconds. One sender lock makes sure at
+most one thread (worker, ``flush`` or ``close``) talks to the escrow at a time; ``record``
+never takes it.
+
+What this module must never do: hold the sender lock or any meter lock in ``record``, send a
+release the meter did not hand out, or swallow a permanent failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from pf_metered.errors import APIError, PFMeteredError, StreamClosed
+from pf_metered.meter.core import ReleaseDue
+from pf_metered.meter.policy import BatchPolicy
+from pf_metered.meter.receipt import Receipt
+from pf_metered.meter.store import Store
+from pf_metered.money import AmountLike, Rate
+from pf_metered.stream._base import EscrowAPI, StreamBase, is_transient, release_found
+
+if TYPE_CHECKING:
+    from pf_metered.stream.clock import Clock
+
+__all__ = ["PaymentStream"]
+
+_BACKOFF_MAX = 30.0
+
+
+class PaymentStream(StreamBase):
+    """Pay ``to_agent_id`` ``rate`` USDC per unit from an escrowed budget, in batches.
+
+    ``with PaymentStream(client, "ag_B", "0.001", batch=100, budget="10") as s: s.record()``
+    locks the budget on enter, releases every 100 units in the background, and on exit pays
+    the last partial batch, refunds the rest and keeps the :class:`Receipt` (``s.receipt``).
+    """
+
+    def __init__(
+        self,
+        client: EscrowAPI,
+        to_agent_id: str,
+        rate: AmountLike | Rate,
+        *,
+        batch: int | BatchPolicy | None = None,
+        every: float | int | str | Decimal | BatchPolicy | None = None,
+        budget: AmountLike | None = None,
+        max_units: int | None = None,
+        auto_release_hours: int | None = None,
+        memo: str | None = None,
+        store: Store | None = None,
+        per: str = "unit",
+        background: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        stream_id: str | None = None,
+    ) -> None:
+        super().__init__(
+            to_agent_id, rate, batch=batch, every=every, budget=budget, max_units=max_units,
+            auto_release_hours=auto_release_hours, memo=memo, store=store, per=per,
+            background=background, clock=clock, stream_id=stream_id,
+        )
+        self._client = client
+        self._send_lock = threading.RLock()
+        self._close_lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    @property
+    def client(self) -> EscrowAPI:
+        return self._client
+
+    # ------------------------------------------------------------------ open
+    def open(self) -> PaymentStream:
+        """Lock the budget in escrow (idempotent: the key is derived from the stream id)."""
+        with self._send_lock:
+            if self._receipt is not None:
+                raise StreamClosed(f"stream {self.stream_id} is closed; open a new one")
+            if self._opened:
+                return self
+            action = self._meter.begin_open()
+            if action is not None:
+                escrow = self._client.create_escrow(
+                    to_agent_id=action.to_agent_id,
+                    amount=action.amount,
+                    memo=action.memo,
+                    auto_release_hours=action.auto_release_hours,
+                    idempotency_key=action.idempotency_key,
+                )
+                self._meter.opened(escrow.escrow_id)
+            self._opened = True
+            if self._background and (self.policy.units or self.policy.seconds):
+                self._worker = threading.Thread(
+                    target=self._run, name=f"pf-metered-{self.stream_id[:8]}", daemon=True
+                )
+                self._worker.start()
+        return self
+
+    def __enter__(self) -> PaymentStream:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- sender
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        """The background sender: wait for a due batch (or the timer), send, repeat."""
+        delay = 0.0
+        while not self._stop.is_set():
+            if delay:
+                if self._stop.wait(delay):
+                    return
+            else:
+                self._wakeup.wait(self._meter.seconds_until_due())
+            if self._stop.is_set():
+                return
+            self._wakeup.clear()
+            self._woken = False
+            try:
+                with self._send_lock:
+                    if self._stop.is_set():
+                        return
+                    self._drain()
+                delay = 0.0
+            except BaseException as exc:  # surfaced via record/flush/close
+                self._background_failed(exc)
+                if self._failure is not None:
+                    return
+                delay = min(_BACKOFF_MAX, max(0.05, delay * 2))
+
+    def _drain(self, *, flush: bool = False, final: bool = False) -> None:
+        while True:
+            action = self._meter.next_release(flush=flush, final=final)
+            if action is None:
+                return
+            self._send(action)
+            if action.intent.final:
+                return
+
+    def _send(self, action: ReleaseDue) -> None:
+        escrow_id = self._meter.escrow_id
+        assert escrow_id is not None
+        try:
+            self._client.release_partial(
+                escrow_id=escrow_id,
+                amount=action.amount,
+                memo=action.memo,
+                idempotency_key=action.idempotency_key,
+            )
+        except PFMeteredError as exc:
+            if not (is_transient(exc) or isinstance(exc, APIError)):
+                raise
+            # The answer was lost or refused: did the release land anyway?
+            try:
+                seen = release_found(self._client.get_escrow(escrow_id), action.memo)
+            except PFMeteredError:
+                seen = False
+            if not seen:
+                raise
+        self._meter.settled(action)
+
+    def pump(self) -> None:
+        """Send whatever is due now, on this thread (for ``background=False`` drivers)."""
+        with self._send_lock:
+            self._drain()
+
+    def flush(self) -> None:
+        """Release every counted unit now and wait until it is settled.
+
+        Raises the failure if a release cannot be made (the stream stays usable: the same
+        release, with the same idempotency key, is tried again next time).
+        """
+        if not self._opened:
+            return
+        with self._send_lock:
+            self._failure = None
+            self._drain(flush=True)
+
+    # ----------------------------------------------------------------- close
+    def close(self) -> Receipt:
+        """Pay the last partial batch (half-up), refund the rest, return the receipt.
+
+        Closing twice returns the same receipt. If a request fails, the error propagates and
+        ``close()`` may be called again: it resumes with the same idempotency keys.
+        """
+        if self._receipt is not None:
+            return self._receipt
+        with self._close_lock:
+            if self._receipt is not None:
+                return self._receipt
+            self._stop.set()
+            self._wakeup.set()
+            worker = self._worker
+            if worker is not None and worker is not threading.current_thread():
+                worker.join()
+            with self._send_lock:
+                if not self._opened:
+                    self._receipt = self._empty_receipt()
+                    return self._receipt
+                self._failure = None
+                self._drain(final=True)
+                refunded = self._refund()
+                self._receipt = self._meter.finished(refunded)
+            return self._receipt
+
+    def _refund(self) -> int:
+        action = self._meter.refund_action()
+        if action is None:
+            return 0
+        try:
+            escrow = self._client.refund(action.escrow_id, idempotency_key=action.idempotency_key)
+        except PFMeteredError:
+            escrow = self._client.get_escrow(action.escrow_id)
+            if escrow.is_open:
+                raise
+        return escrow.refunded_micro
+
+    # ----------------------------------------------------------------- clock
+    def clock(
+        self,
+        *,
+        heartbeat: Callable[[], object] | None = None,
+        every: float = 1.0,
+        source: Callable[[], int] = time.monotonic_ns,
+        background: bool = True,
+    ) -> Clock:
+        """Bill wall time while the returned clock runs (``with stream.clock(...):``).
+
+        Needs a stream made with ``per="second"``/``"minute"``/``"hour"``. A heartbeat that
+        returns falsy or raises stops billing and closes the stream.
+        """
+        from pf_metered.stream.clock import Clock
+
+        return Clock(self, heartbeat=heartbeat, every=every, source=source, background=background)
