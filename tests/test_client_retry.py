@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import Recorder, escrow_json
+
 from pf_metered import errors
 from pf_metered.client import BACKOFF_BASE, BACKOFF_CAP, RETRY_AFTER_CAP
 from pf_metered.client._retry import (
@@ -70,7 +70,9 @@ def test_status_table_for_a_read(make_client, status: int) -> None:
         (418, errors.APIError),
     ],
 )
-def test_one_exception_class_per_status_with_request_id(make_client, status: int, cls: type) -> None:
+def test_one_exception_class_per_status_with_request_id(
+    make_client, status: int, cls: type
+) -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         return httpx.Response(
             status,
@@ -100,7 +102,9 @@ def test_409_is_retried_only_when_in_progress(make_client) -> None:
     assert client.release_partial("esc_1", "1.00").released_micro == 1_000_000
     assert len(seen) == 3
 
-    rec = Recorder(lambda req: httpx.Response(409, json={"error": "invalid_status", "message": "x"}))
+    rec = Recorder(
+        lambda req: httpx.Response(409, json={"error": "invalid_status", "message": "x"})
+    )
     client = make_client(transport=rec.transport, server_honours_idempotency=True)
     with pytest.raises(errors.Conflict):
         client.release_partial("esc_1", "1.00")
@@ -239,7 +243,13 @@ def test_every_post_carries_a_key_and_gets_none(make_client) -> None:
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [("2", 2.0), ("0", 0.0), ("0.5", 0.5), ("3600", RETRY_AFTER_CAP), (str(10**9), RETRY_AFTER_CAP)],
+    [
+        ("2", 2.0),
+        ("0", 0.0),
+        ("0.5", 0.5),
+        ("3600", RETRY_AFTER_CAP),
+        (str(10**9), RETRY_AFTER_CAP),
+    ],
 )
 def test_retry_after_is_honoured_up_to_the_cap(make_client, header: str, expected: float) -> None:
     seen: list[int] = []
@@ -248,7 +258,9 @@ def test_retry_after_is_honoured_up_to_the_cap(make_client, header: str, expecte
         seen.append(1)
         if len(seen) == 1:
             return httpx.Response(
-                429, json={"error": "rate_limited", "message": "slow"}, headers={"Retry-After": header}
+                429,
+                json={"error": "rate_limited", "message": "slow"},
+                headers={"Retry-After": header},
             )
         return httpx.Response(200, json=escrow_json())
 
@@ -281,7 +293,9 @@ def test_rate_limited_carries_retry_after_when_retries_run_out(make_client) -> N
 
 
 def test_backoff_is_exponential_capped_and_jittered(make_client) -> None:
-    rec = Recorder(lambda req: httpx.Response(503, json={"error": "internal_error", "message": "x"}))
+    rec = Recorder(
+        lambda req: httpx.Response(503, json={"error": "internal_error", "message": "x"})
+    )
     client = make_client(transport=rec.transport, max_retries=8)
     client.client._rand = lambda: 0.0
     with pytest.raises(errors.ServerError):
