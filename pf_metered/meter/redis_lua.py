@@ -220,7 +220,7 @@ return n
 
 # KEYS: st, sess, op, pending, leases. ARGV[5] = min units, [6] = '1' final, [7] = owner,
 # [8] = most whole batches per intent (0 = no cap).
-# Reply: none | intent|seq|from|to|final
+# Reply: none | pending (another intent is unsettled) | intent|seq|from|to|final
 CLAIM: Final = PRELUDE + DEDUP + SWEEP + r"""
 local r = replayed(); if r then return r end
 local st = redis.call('HMGET', KEYS[1], 'status', 'units', 'claimed', 'seq', 'reserved',
@@ -228,7 +228,7 @@ local st = redis.call('HMGET', KEYS[1], 'status', 'units', 'claimed', 'seq', 're
 if not st[1] then return 'unknown' end
 local status = st[1]
 local final = ARGV[6] == '1'
-if redis.call('HLEN', KEYS[4]) > 0 then return remember('none') end
+if redis.call('HLEN', KEYS[4]) > 0 then return remember('pending') end
 if status == 'new' or status == 'closed' then return remember('none') end
 if status == 'closing' and not final then return remember('none') end
 local units, claimed, seq = num(st[2]), num(st[3]), num(st[4])

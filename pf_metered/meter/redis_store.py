@@ -109,6 +109,8 @@ class _Local:
     """This process's lease on one stream. Guarded by ``RedisStore._mu``; never held over I/O."""
 
     remaining: int = 0
+    held: int = 0
+    """Reserved by ``counter().reserve`` for calls still running: neither free nor counted."""
     consumed: int = 0
     expiry: float = 0.0
     total: int = 0
@@ -140,6 +142,7 @@ class RedisStore:
 
     ``url`` or ``client`` (a ``redis.Redis``); ``prefix`` namespaces every key. See the module
     docstring for ``chunk``/``lease_ttl``/``push_interval`` (client-side batching),
+    ``intent_lease`` (seconds after which another worker may take over an unsettled intent),
     ``claim_batches`` (a non-final claim with ``min_units > 1`` covers at most this many whole
     batches, so each release pays for exactly one batch and memos stay aligned; ``0`` claims
     every unclaimed unit, as ``MemoryStore`` does) and ``op_ttl``.
@@ -161,6 +164,7 @@ class RedisStore:
         op_ttl: int = 600,
         retries: int = 5,
         worker: str | None = None,
+        intent_lease: float = 30.0,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", prefix):
             raise InvalidInput("prefix", f"must be 1-64 of [A-Za-z0-9_.:-], got {prefix!r}")
@@ -183,6 +187,7 @@ class RedisStore:
         self._claim_batches = claim_batches
         self._op_ttl = op_ttl
         self._retries = retries
+        self._intent_lease = intent_lease
         self._worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._shas: dict[str, str] = {}
         self._mu = threading.Lock()
@@ -370,18 +375,30 @@ class RedisStore:
             self._push_if_dirty(stream_id, release=final)
         if final:
             self._drain(stream_id)
-        dedup = self._dedup_args(op_id)
-        opkey = k["op"] + (op_id if op_id is not None else "-")
-        reply = _s(
-            self._eval(
-                lua.CLAIM,
-                [k["st"], k["sess"], opkey, k["pending"], k["leases"]],
-                [*dedup, min_units, "1" if final else "0", self._worker, self._claim_batches],
+        while True:
+            dedup = self._dedup_args(op_id)
+            opkey = k["op"] + (op_id if op_id is not None else "-")
+            reply = _s(
+                self._eval(
+                    lua.CLAIM,
+                    [k["st"], k["sess"], opkey, k["pending"], k["leases"]],
+                    [*dedup, min_units, "1" if final else "0", self._worker, self._claim_batches],
+                )
             )
-        )
-        if reply == "unknown":
-            raise self._unknown(stream_id)
-        return _intent(stream_id, reply)
+            if reply == "unknown":
+                raise self._unknown(stream_id)
+            if reply != "pending":
+                return _intent(stream_id, reply)
+            if not final:
+                return None
+            # Another worker's release is in flight. Wait for it; if its owner has not settled
+            # it within the intent lease, take it over: the caller sends it (same key) and
+            # claims the final intent after.
+            taken = self.take_over(stream_id, lease_seconds=self._intent_lease)
+            if taken is not None:
+                return taken
+            op_id = None
+            time.sleep(0.02)
 
     def settle(self, stream_id: str, seq: int, amount_micro: int) -> None:
         self._check_id(stream_id)
@@ -404,6 +421,17 @@ class RedisStore:
             loc = self._locals.get(stream_id)
             if loc is not None:
                 loc.closed = "closed"
+
+    def counter(self, stream_id: str) -> _RedisCounter:
+        """The stream's hot-path handle (the ``UnitCounter`` store extension).
+
+        ``reserve`` holds budget for a call still running: in leased mode out of this worker's
+        lease (no I/O), else by leasing exactly what is held (one round trip; ``commit`` pushes
+        at once, a second). A reservation a crashed worker never committed expires with its
+        lease.
+        """
+        self._check_id(stream_id)
+        return _RedisCounter(self, stream_id)
 
     # ------------------------------------------------------------------ fleet extensions
 
@@ -555,17 +583,19 @@ class RedisStore:
             self._start_pusher()
         return loc
 
-    def _add_leased(self, stream_id: str, units: int) -> int:
+    def _add_leased(self, stream_id: str, units: int, *, hold: bool = False) -> int:
+        """Consume (or, with ``hold``, reserve) ``units`` out of this worker's lease."""
         for _ in range(8):
             with self._mu:
                 loc = self._local(stream_id)
                 if loc.closed is not None:
-                    raise StreamClosed(
-                        f"stream {stream_id} is {_public_status(loc.closed)}; it takes no units"
-                    )
+                    raise StreamClosed(f"stream {stream_id} is closing; it takes no units")
                 if loc.remaining >= units and time.monotonic() < loc.expiry:
                     loc.remaining -= units
-                    loc.consumed += units
+                    if hold:
+                        loc.held += units
+                    else:
+                        loc.consumed += units
                     loc.active = True
                     return loc.total + loc.consumed
             avail = self._sync(stream_id, need=units, release=False)
@@ -580,6 +610,26 @@ class RedisStore:
             f"could not reserve {units} units: other workers hold the rest of the budget",
             remaining_units=0,
         )
+
+    def _commit_held(self, stream_id: str, units: int) -> int:
+        with self._mu:
+            loc = self._local(stream_id)
+            loc.held -= units
+            loc.consumed += units
+            loc.active = True
+            total = loc.total + loc.consumed
+        if not self._chunk:
+            self._sync(stream_id, need=0, release=False)
+            with self._mu:
+                total = max(total, loc.total)
+        return total
+
+    def _cancel_held(self, stream_id: str, units: int) -> None:
+        with self._mu:
+            loc = self._local(stream_id)
+            loc.held -= units
+            if loc.closed is None:
+                loc.remaining += units
 
     def _push_if_dirty(self, stream_id: str, *, release: bool = False) -> None:
         with self._mu:
@@ -619,8 +669,14 @@ class RedisStore:
                         ):
                             return 1 << 62  # another thread refilled while we waited
                         loc.seq += 1
-                        seq, used, rel, need_ = loc.seq, loc.consumed, int(release), need
-                        want = 0 if release or loc.closed is not None else max(self._chunk, need)
+                        # the lease must cover what is held for running calls, plus a chunk
+                        seq, used, rel = loc.seq, loc.consumed, int(release)
+                        need_ = loc.held + need
+                        want = (
+                            0
+                            if release or loc.closed is not None
+                            else loc.held + max(self._chunk, need)
+                        )
                         loc.consumed = 0
                         loc.unacked = (seq, used, want, rel, need_)
                         resend = False
@@ -660,7 +716,7 @@ class RedisStore:
                         loc.closed = status
                     server_rem = int(rem)
                     # units consumed while the push was in flight came out of the old lease
-                    loc.remaining = max(0, server_rem - loc.consumed)
+                    loc.remaining = max(0, server_rem - loc.consumed - loc.held)
                     if server_rem > 0:
                         # our clock starts before the server's: we stop consuming first
                         margin = min(0.25 * int(ttl_ms) / 1000, 0.5)
@@ -709,9 +765,9 @@ class RedisStore:
             for sid, loc in self._locals.items():
                 if loc.consumed or loc.unacked is not None:
                     work.append((sid, False))
-                elif loc.remaining and not loc.active:
+                elif loc.remaining and not loc.active and not loc.held:
                     work.append((sid, True))
-                elif loc.remaining and loc.expiry - now < self._lease_ttl / 2:
+                elif (loc.remaining or loc.held) and loc.expiry - now < self._lease_ttl / 2:
                     work.append((sid, False))
                 loc.active = False
         for sid, release in work:
@@ -719,6 +775,28 @@ class RedisStore:
                 self._sync(sid, need=0, release=release)
             except Exception as exc:  # keep pushing other streams; retry next tick
                 log.warning("redis push for stream %s failed: %s", sid, exc)
+
+
+class _RedisCounter:
+    """``UnitCounter`` over a :class:`RedisStore` for one stream (see ``RedisStore.counter``)."""
+
+    __slots__ = ("_sid", "_store")
+
+    def __init__(self, store: RedisStore, stream_id: str) -> None:
+        self._store = store
+        self._sid = stream_id
+
+    def add(self, units: int) -> int:
+        return self._store.add_units(self._sid, units)
+
+    def reserve(self, units: int) -> None:
+        self._store._add_leased(self._sid, units, hold=True)
+
+    def commit(self, units: int) -> int:
+        return self._store._commit_held(self._sid, units)
+
+    def cancel(self, units: int) -> None:
+        self._store._cancel_held(self._sid, units)
 
 
 _LIVE: weakref.WeakSet[RedisStore] = weakref.WeakSet()
@@ -756,14 +834,19 @@ def _close_all() -> None:
 _STATUSES: dict[str, StreamStatus] = {
     "new": "new",
     "open": "open",
-    "draining": "closing",
+    "draining": "open",
     "closing": "closing",
     "closed": "closed",
 }
 
 
 def _public_status(status: str) -> StreamStatus:
-    """Map the server's status to the contract's (``draining`` takes no new units: closing)."""
+    """Map the server's status to the contract's.
+
+    ``draining`` (a final claim is waiting for the fleet's leases and in-flight releases) reads
+    as ``open``: the final intent is not claimed yet, and a closer that resumes must claim it.
+    ``add_units`` already refuses new units then.
+    """
     return _STATUSES.get(status, "closing")
 
 
