@@ -215,20 +215,15 @@ def _list_answer(escrows: list[Escrow] | tuple[Escrow, ...], args: EscrowListArg
     }
 
 
-def _escrows(found: object) -> list[Escrow]:
-    escrows = getattr(found, "escrows", found)
-    return list(escrows)  # type: ignore[call-overload]
-
-
 def _list(ctx: ToolContext, args: EscrowListArgs) -> Answer:
-    return _list_answer(_escrows(_sync(ctx).list_escrows()), args)
+    return _list_answer(_sync(ctx).list_escrows(), args)
 
 
 async def _alist(ctx: ToolContext, args: EscrowListArgs) -> Answer:
     client = _async(ctx)
     if client is None:
         return await asyncio.to_thread(_list, ctx, args)
-    return _list_answer(_escrows(await client.list_escrows()), args)
+    return _list_answer(await client.list_escrows(), args)
 
 
 ESCROW_LIST: ToolDefinition[EscrowListArgs] = ToolDefinition(

@@ -18,6 +18,7 @@ from typing import Any
 
 from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_rate
+from pf_metered.stream import AsyncPaymentStream, PaymentStream
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import StreamEntry, ToolContext
 from pf_metered.tools.errors import ToolError
@@ -139,8 +140,6 @@ def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     if ctx.client is None:
         raise ToolError("This tool set is configured for async use; call it asynchronously.",
                         kind="config")
-    from pf_metered.stream import PaymentStream
-
     rate, budget_micro = _open_prepare(ctx, args)
     try:
         stream = PaymentStream(
@@ -156,8 +155,6 @@ def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
 async def _aopen(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     if ctx.async_client is None:
         return await asyncio.to_thread(_open, ctx, args)
-    from pf_metered.stream import AsyncPaymentStream
-
     rate, budget_micro = _open_prepare(ctx, args)
     try:
         stream = AsyncPaymentStream(
@@ -275,14 +272,16 @@ def _close(ctx: ToolContext, args: StreamCloseArgs) -> Answer:
     entry, mine = _begin_close(ctx, args)
     if not mine:
         return _figures(entry)
-    if entry.is_async:
+    if not isinstance(entry.stream, PaymentStream):
         entry.closing = False
         raise ToolError(
             f"Stream {entry.handle} was opened asynchronously; close it from async code.",
             kind="config",
         )
+    stream = entry.stream
+    assert isinstance(stream, PaymentStream)
     try:
-        receipt = entry.stream.close()  # type: ignore[union-attr]
+        receipt = stream.close()
     except BaseException:
         entry.closing = False
         raise
@@ -293,11 +292,12 @@ async def _aclose(ctx: ToolContext, args: StreamCloseArgs) -> Answer:
     entry, mine = _begin_close(ctx, args)
     if not mine:
         return _figures(entry)
+    stream = entry.stream
     try:
-        if entry.is_async:
-            receipt = await entry.stream.close()  # type: ignore[misc]
+        if isinstance(stream, AsyncPaymentStream):
+            receipt = await stream.close()
         else:
-            receipt = await asyncio.to_thread(entry.stream.close)  # type: ignore[arg-type]
+            receipt = await asyncio.to_thread(stream.close)
     except BaseException:
         entry.closing = False
         raise
