@@ -118,3 +118,52 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., Client
     yield factory
     for facade in made:
         facade.close()
+
+
+# -- redis (tests/test_redis_*.py) -------------------------------------------------------
+
+REDIS_URL_DEFAULT = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis server the fleet tests use (``PFM_REDIS_URL``, else 127.0.0.1:6379).
+
+    Unreachable: the test FAILS when ``CI`` is set (these tests must run in CI), otherwise it
+    is skipped with the reason printed.
+    """
+    import os
+    import sys
+
+    url = os.environ.get("PFM_REDIS_URL", REDIS_URL_DEFAULT)
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        client.ping()
+        client.close()
+    except Exception as exc:
+        reason = f"Redis unreachable at {url}: {type(exc).__name__}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set, so the Redis tests must run)")
+        print(f"\nSKIP redis tests: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix unique to this test; every key under it is deleted afterwards."""
+    import uuid
+
+    import redis
+
+    from pf_metered.meter.redis_store import purge_prefix
+
+    prefix = f"pfmtest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        purge_prefix(client, prefix)
+    finally:
+        client.close()
