@@ -294,6 +294,7 @@ class Meter:
         self.commit: Callable[[int], int] = _not_open
         self.cancel: Callable[[int], None] = _not_open_none
         self.receipt: Receipt | None = None
+        self.counter: UnitCounter | None = None
 
     # ----------------------------------------------------------------- open
     def begin_open(self) -> OpenEscrow | None:
@@ -335,6 +336,7 @@ class Meter:
             self._inflight = ReleaseDue(intent, amount, _memo(intent))
         self.due_at = claimed + self._batch if self._batch else _NEVER
         self._last_release_at = self._clock()
+        self.counter = counter
         self.add, self.reserve = counter.add, counter.reserve
         self.commit, self.cancel = counter.commit, counter.cancel
 

@@ -174,6 +174,9 @@ class UnitCounter(Protocol):
 class _Record:
     """One stream's mutable state in a :class:`MemoryStore`, guarded by its own lock.
 
+    It is also the stream's ``UnitCounter``; ``pf_metered.decorators`` inlines ``reserve`` /
+    ``commit`` on it for plain functions (same lock, same checks) to save two calls per call.
+
     Why mutable: the frozen ``StreamState`` + ``dataclasses.replace`` on every unit cost
     microseconds; the hot path here is a lock, two integer compares and an add.
     """
@@ -210,32 +213,45 @@ class _Record:
             remaining_units=max(left, 0),
         )
 
-    # The hot path: UnitCounter.
+    # The hot path: UnitCounter. acquire()/release() rather than ``with``: the context
+    # manager protocol costs ~70 ns a call, and nothing between them can raise.
     def add(self, units: int) -> int:
-        with self.lock:
-            total = self.units + units
-            if self.status != "open" or total + self.reserved > self.max_units:
-                raise self._refuse(units)
-            self.units = total
-            return total
+        lock = self.lock
+        lock.acquire()
+        total = self.units + units
+        if self.status != "open" or total + self.reserved > self.max_units:
+            refusal = self._refuse(units)
+            lock.release()
+            raise refusal
+        self.units = total
+        lock.release()
+        return total
 
     def reserve(self, units: int) -> None:
-        with self.lock:
-            held = self.reserved + units
-            if self.status != "open" or self.units + held > self.max_units:
-                raise self._refuse(units)
-            self.reserved = held
+        lock = self.lock
+        lock.acquire()
+        held = self.reserved + units
+        if self.status != "open" or self.units + held > self.max_units:
+            refusal = self._refuse(units)
+            lock.release()
+            raise refusal
+        self.reserved = held
+        lock.release()
 
     def commit(self, units: int) -> int:
-        with self.lock:
-            self.reserved -= units
-            total = self.units + units
-            self.units = total
-            return total
+        lock = self.lock
+        lock.acquire()
+        self.reserved -= units
+        total = self.units + units
+        self.units = total
+        lock.release()
+        return total
 
     def cancel(self, units: int) -> None:
-        with self.lock:
-            self.reserved -= units
+        lock = self.lock
+        lock.acquire()
+        self.reserved -= units
+        lock.release()
 
     def snapshot(self) -> StreamState:
         return StreamState(
