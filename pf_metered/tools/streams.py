@@ -99,13 +99,15 @@ def _open_prepare(ctx: ToolContext, args: StreamOpenArgs) -> tuple[Rate, int]:
         budget_micro = rate.micro_half_up(args.max_units)
         if budget_micro == 0:
             raise ToolError(
-                "Invalid arguments: rate x max_units is less than 0.000001 USDC; give a "
-                "larger max_units or a budget.", kind="invalid_argument",
+                "Invalid arguments for stream_open: rate x max_units is less than 0.000001 "
+                "USDC; give a larger max_units or a budget and call it again.",
+                kind="invalid_argument",
             )
     else:
         raise ToolError(
             "Invalid arguments for stream_open: give budget (USDC to lock, e.g. \"2.00\") or "
-            "max_units (the most units to pay for).", kind="invalid_argument",
+            "max_units (the most units to pay for), and call stream_open again.",
+            kind="invalid_argument",
         )
     ctx.reserve(budget_micro, what="stream budget", provider=args.provider, stream=True)
     return rate, budget_micro

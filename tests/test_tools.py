@@ -1,0 +1,332 @@
+"""The framework-neutral tool layer: definitions, caps, answers and errors, on the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from pf_metered.errors import InvalidInput
+from pf_metered.tools import (
+    ALL_TOOL_NAMES,
+    TOOLS,
+    Caps,
+    ToolContext,
+    ToolError,
+    get_definition,
+)
+
+
+def call(ctx, name, **args):
+    return json.loads(get_definition(name).call(ctx, args))
+
+
+async def acall(ctx, name, **args):
+    return json.loads(await get_definition(name).acall(ctx, args))
+
+
+def error_of(ctx, name, **args) -> ToolError:
+    with pytest.raises(ToolError) as info:
+        get_definition(name).call(ctx, args)
+    return info.value
+
+
+# -- definitions ---------------------------------------------------------------------------
+
+
+def test_every_tool_is_defined_once_in_order():
+    assert tuple(t.name for t in TOOLS) == ALL_TOOL_NAMES
+    assert len(set(ALL_TOOL_NAMES)) == 10
+    with pytest.raises(KeyError, match="known"):
+        get_definition("escrow_refund")
+
+
+@pytest.mark.parametrize("definition", TOOLS, ids=lambda d: d.name)
+def test_schemas_describe_every_field_and_forbid_extras(definition):
+    schema = definition.input_schema()
+    assert schema["type"] == "object"
+    assert schema.get("additionalProperties") is False
+    for name, prop in schema.get("properties", {}).items():
+        assert prop.get("description"), f"{definition.name}.{name} has no description"
+    assert len(definition.description) > 40
+    assert issubclass(definition.args_schema, BaseModel)
+
+
+def test_amounts_accept_numbers_but_never_floats_in_arithmetic():
+    args = get_definition("stream_open").parse({"provider": "a", "rate": 0.00001, "budget": 2})
+    assert args.rate == "0.00001" and args.budget == "2"
+
+
+# -- caps ----------------------------------------------------------------------------------
+
+
+def test_caps_parse_at_construction():
+    with pytest.raises(InvalidInput, match="max_budget"):
+        Caps(max_budget=1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="allowed_tools"):
+        Caps(allowed_tools=["escrow_create", "steal_money"])
+    assert Caps().describe() == "no caps"
+    assert "max budget 5.00" in Caps(max_budget="5").describe()
+
+
+def test_stream_caps(pf_world):
+    ctx = ToolContext(pf_world.client, caps=Caps(max_budget="5", max_rate="0.01",
+                                                  max_total="6", max_open_streams=2))
+    p = pf_world.provider.agent_id
+    assert error_of(ctx, "stream_open", provider=p, rate="0.02", budget="1").kind == "cap_exceeded"
+    err = error_of(ctx, "stream_open", provider=p, rate="0.01", budget="5.000001")
+    assert err.kind == "cap_exceeded" and "5.00" in str(err)
+    # max_units implies a budget: 0.01 x 501 = 5.01 > 5
+    assert error_of(ctx, "stream_open", provider=p, rate="0.01", max_units=501).kind == "cap_exceeded"
+    call(ctx, "stream_open", provider=p, rate="0.01", budget="4")
+    err = error_of(ctx, "stream_open", provider=p, rate="0.01", budget="3")
+    assert err.kind == "cap_exceeded" and "2.00 USDC left" in str(err)
+    call(ctx, "stream_open", provider=p, rate="0.01", budget="1")
+    assert error_of(ctx, "stream_open", provider=p, rate="0.01", budget="1").kind == "cap_exceeded"
+    # closing refunds the unused budget, which makes room again
+    call(ctx, "stream_record", stream_id="s1", units=10)
+    receipt = call(ctx, "stream_close", stream_id="s1")
+    assert receipt["refunded"] == "3.90"
+    assert ctx.locked_micro == 1_100_000
+    call(ctx, "stream_open", provider=p, rate="0.01", budget="4.9")
+    assert pf_world.balance() == Decimal("100") - Decimal("0.10") - Decimal("1") - Decimal("4.9")
+
+
+def test_escrow_caps_and_allowed_providers(pf_world):
+    p = pf_world.provider.agent_id
+    ctx = ToolContext(pf_world.client, caps=Caps(max_budget="2", allowed_providers=[p]))
+    assert error_of(ctx, "escrow_create", to_agent_id=p, amount="2.01").kind == "cap_exceeded"
+    err = error_of(ctx, "escrow_create", to_agent_id="agent_evil", amount="1")
+    assert err.kind == "cap_exceeded" and "agent_evil" in str(err)
+    assert error_of(ctx, "stream_open", provider="agent_evil", rate="1", budget="1").kind == "cap_exceeded"
+    assert call(ctx, "escrow_create", to_agent_id=p, amount="2")["amount"] == "2.00"
+    assert pf_world.balance() == Decimal("98")
+
+
+def test_allowed_tools_refused_at_call_time(pf_world):
+    ctx = ToolContext(pf_world.client, caps=Caps(allowed_tools=["escrow_list"]))
+    err = error_of(ctx, "faucet_claim")
+    assert err.kind == "not_allowed" and "faucet_claim" in str(err)
+    assert call(ctx, "escrow_list")["count"] == 0
+
+
+_invented = st.fixed_dictionaries(
+    {"provider": st.sampled_from(["P", "agent_x"])},
+    optional={
+        "rate": st.one_of(st.decimals(min_value=0, max_value=10, places=6).map(str),
+                          st.floats(min_value=0, max_value=10), st.integers(-5, 10),
+                          st.text(max_size=6)),
+        "budget": st.one_of(st.decimals(min_value=0, max_value=100, places=7).map(str),
+                            st.integers(-5, 1000), st.floats(allow_nan=True), st.none()),
+        "max_units": st.one_of(st.integers(-5, 10**7), st.none()),
+        "batch": st.one_of(st.integers(-1, 50), st.none()),
+        "budget_override": st.just("1000"),
+    },
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(invented=st.lists(_invented, min_size=1, max_size=6))
+def test_no_invented_arguments_exceed_the_caps(pf_world, invented):
+    ctx = ToolContext(pf_world.client, caps=Caps(max_budget="3", max_rate="0.5", max_total="5"))
+    before = pf_world.balance()
+    for args in invented:
+        args = {**args, "provider": pf_world.provider.agent_id if args["provider"] == "P"
+                else args["provider"]}
+        try:
+            answer = call(ctx, "stream_open", **args)
+        except ToolError as exc:
+            assert exc.kind in {"cap_exceeded", "invalid_argument", "insufficient_funds"}, exc
+            assert str(exc)
+            continue
+        assert Decimal(answer["budget"]) <= 3
+        assert Decimal(answer["rate"]) <= Decimal("0.5")
+    locked = before - pf_world.balance()
+    assert locked <= 5
+    assert Decimal(ctx.locked_micro) / 10**6 == locked
+    for entry in ctx.entries():
+        call(ctx, "stream_close", stream_id=entry.handle)
+    assert pf_world.balance() == before
+
+
+# -- answers and errors an agent can act on ---------------------------------------------
+
+
+def test_stream_life_cycle_figures_are_exact(pf_world):
+    ctx = ToolContext(pf_world.client)
+    p = pf_world.provider.agent_id
+    opened = call(ctx, "stream_open", provider=p, rate="0.0015", budget="1", batch=4)
+    assert opened["stream_id"] == "s1" and opened["units_left"] == 666
+    for _ in range(7):
+        call(ctx, "stream_record", stream_id="s1", units=3)
+    status = call(ctx, "stream_status", stream_id="s1")
+    assert status["units"] == 21 and status["units_left"] == 645
+    receipt = call(ctx, "stream_close", stream_id="s1")
+    assert receipt == {
+        "stream_id": "s1", "provider": p, "status": "closed", "units": 21,
+        "releases": receipt["releases"], "budget": "1.00", "paid": "0.0315",
+        "fee": "0.000315", "provider_net": "0.031185", "refunded": "0.9685",
+        "escrow_id": opened["escrow_id"],
+    }
+    assert receipt["releases"] >= 1  # batching itself is the stream's business
+    assert call(ctx, "stream_close", stream_id="s1") == receipt  # idempotent
+    assert pf_world.balance("provider") == Decimal("0.031185")
+    assert pf_world.balance() == Decimal("100") - Decimal("0.0315")
+    listed = call(ctx, "stream_list")
+    assert listed["open_streams"] == 0 and listed["streams"][0]["paid"] == "0.0315"
+    assert call(ctx, "stream_list", include_closed=False)["streams"] == []
+    pf_world.sandbox.audit()
+
+
+def test_budget_exhausted_and_closed_streams_say_what_to_do(pf_world):
+    ctx = ToolContext(pf_world.client)
+    call(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.5", max_units=3)
+    call(ctx, "stream_record", stream_id="s1", units=2)
+    err = error_of(ctx, "stream_record", stream_id="s1", units=2)
+    assert err.kind == "budget_exhausted" and "1 units left" in str(err)
+    assert "stream_close" in str(err)
+    assert call(ctx, "stream_status", stream_id="s1")["units"] == 2  # nothing was counted
+    call(ctx, "stream_close", stream_id="s1")
+    err = error_of(ctx, "stream_record", stream_id="s1")
+    assert err.kind == "stream_closed" and "stream_open" in str(err)
+
+
+def test_unknown_stream_lists_known_ones(pf_world):
+    ctx = ToolContext(pf_world.client)
+    err = error_of(ctx, "stream_status", stream_id="s7")
+    assert err.kind == "unknown_stream" and "stream_open" in str(err)
+    call(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.01", budget="1")
+    assert "s1" in str(error_of(ctx, "stream_close", stream_id="s2"))
+    call(ctx, "stream_close", stream_id="s1")
+
+
+@pytest.mark.parametrize(("name", "args", "field"), [
+    ("stream_open", {"provider": "a", "rate": "cheap", "budget": "1"}, "rate"),
+    ("stream_open", {"provider": "a", "rate": "0.1", "budget": "-1"}, "budget"),
+    ("stream_open", {"provider": "a", "rate": "0.1"}, "or max_units"),
+    ("stream_open", {"rate": "0.1", "budget": "1"}, "provider: required"),
+    ("stream_open", {"provider": "a", "rate": "0.1", "budget": "1", "cap": "9"}, "cap: not an"),
+    ("stream_open", {"provider": "a", "rate": "0.1", "budget": "1.0000001"}, "6 decimal"),
+    ("stream_record", {"stream_id": "s1", "units": 0}, "units"),
+    ("stream_record", {"stream_id": "s1", "units": "many"}, "units"),
+    ("escrow_create", {"to_agent_id": "a b", "amount": "1"}, "to_agent_id"),
+    ("escrow_release", {"escrow_id": "esc_1", "amount": True}, "amount"),
+    ("escrow_list", {"limit": 1000}, "limit"),
+])
+def test_invalid_arguments_name_the_field(pf_world, name, args, field):
+    ctx = ToolContext(pf_world.client)
+    err = error_of(ctx, name, **args)
+    assert err.kind == "invalid_argument"
+    assert field in str(err), str(err)
+    assert "again" in str(err)
+
+
+def test_insufficient_funds_and_faucet(pf_world):
+    poor = pf_world.sandbox.add_agent(balance="0.50")
+    ctx = ToolContext(pf_world.sandbox.client(poor.api_key))
+    err = error_of(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.1", budget="1")
+    assert err.kind == "insufficient_funds" and "faucet_claim" in str(err)
+    assert ctx.locked_micro == 0 and ctx.entries() == []
+    assert call(ctx, "faucet_claim")["credited"] == "1.00"
+    assert error_of(ctx, "faucet_claim").kind == "already_claimed"
+    call(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.1", budget="1")
+    call(ctx, "stream_close", stream_id="s1")
+
+
+def test_escrow_tools(pf_world):
+    ctx = ToolContext(pf_world.client)
+    p = pf_world.provider.agent_id
+    created = call(ctx, "escrow_create", to_agent_id=p, amount="5", memo="job 7")
+    eid = created["escrow_id"]
+    released = call(ctx, "escrow_release", escrow_id=eid, amount="1.25", memo="half")
+    assert released["released_now"] == "1.25" and released["remaining"] == "3.75"
+    status = call(ctx, "escrow_status", escrow_id=eid)
+    assert status["releases"] == 1 and status["last_releases"][0]["amount"] == "1.25"
+    assert call(ctx, "escrow_list", status="locked")["count"] == 1
+    assert call(ctx, "escrow_list", status="refunded")["count"] == 0
+    assert error_of(ctx, "escrow_status", escrow_id="esc_nope").kind == "not_found"
+    err = error_of(ctx, "escrow_release", escrow_id=eid, amount="10")
+    assert err.kind == "invalid_argument", err
+    assert pf_world.balance("provider") == Decimal("1.2375")
+
+
+def test_a_streams_escrow_cannot_be_released_behind_its_back(pf_world):
+    ctx = ToolContext(pf_world.client)
+    opened = call(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.1", budget="2")
+    err = error_of(ctx, "escrow_release", escrow_id=opened["escrow_id"], amount="2")
+    assert err.kind == "owned_by_stream" and "s1" in str(err)
+    call(ctx, "stream_close", stream_id="s1")
+    assert pf_world.balance() == Decimal("100")
+
+
+def test_key_never_reaches_answers_errors_or_repr(pf_world):
+    key = pf_world.payer.api_key
+    ctx = ToolContext(pf_world.client, caps=Caps(max_budget="1"))
+    texts = [repr(ctx), get_definition("stream_open").describe(ctx)]
+    texts.append(get_definition("stream_open").call(
+        ctx, {"provider": pf_world.provider.agent_id, "rate": "0.1", "budget": "1"}))
+    for name, args in [("stream_open", {"provider": key, "rate": "1", "budget": "9"}),
+                       ("escrow_status", {"escrow_id": key}),
+                       ("stream_status", {"stream_id": key[:60]})]:
+        try:
+            get_definition(name).call(ctx, args)
+        except ToolError as exc:
+            texts.append(str(exc))
+    texts.append(get_definition("stream_close").call(ctx, {"stream_id": "s1"}))
+    for text in texts:
+        assert key not in text
+        assert key[8:] not in text
+
+
+# -- async twins ---------------------------------------------------------------------------
+
+
+async def test_async_tools_on_async_client(pf_world):
+    ctx = ToolContext(async_client=pf_world.aclient, caps=Caps(max_budget="3"))
+    p = pf_world.provider.agent_id
+    opened = await acall(ctx, "stream_open", provider=p, rate="0.001", budget="2", batch=50)
+    assert ctx.entries()[0].is_async
+
+    async def work():
+        for _ in range(20):
+            await acall(ctx, "stream_record", stream_id="s1", units=2)
+    await asyncio.gather(*(work() for _ in range(5)))
+    receipt = await acall(ctx, "stream_close", stream_id="s1")
+    assert receipt["units"] == 200 and receipt["paid"] == "0.20" and receipt["refunded"] == "1.80"
+    # a sync call cannot close an async stream, and says so
+    await acall(ctx, "stream_open", provider=p, rate="0.001", budget="1")
+    sync_ctx_err = None
+    try:
+        get_definition("stream_close").call(ctx, {"stream_id": "s2"})
+    except ToolError as exc:
+        sync_ctx_err = exc
+    assert sync_ctx_err is not None and "async" in str(sync_ctx_err)
+    await acall(ctx, "stream_close", stream_id="s2")
+    e = await acall(ctx, "escrow_create", to_agent_id=p, amount="1")
+    assert (await acall(ctx, "escrow_status", escrow_id=e["escrow_id"]))["amount"] == "1.00"
+    assert (await acall(ctx, "escrow_list"))["count"] == 3
+    assert (await acall(ctx, "escrow_release", escrow_id=e["escrow_id"], amount="1"))[
+        "status"] == "released"
+    assert opened["escrow_id"]
+    await pf_world.aclient.aclose()
+
+
+async def test_async_calls_on_a_sync_only_context_run_in_threads(pf_world):
+    ctx = ToolContext(pf_world.client)
+    p = pf_world.provider.agent_id
+    await acall(ctx, "stream_open", provider=p, rate="0.01", budget="1")
+    await acall(ctx, "stream_record", stream_id="s1", units=5)
+    receipt = await acall(ctx, "stream_close", stream_id="s1")
+    assert receipt["paid"] == "0.05"
+    assert (await acall(ctx, "faucet_claim"))["credited"] == "1.00"
+
+
+def test_context_needs_a_client():
+    from pf_metered.errors import ConfigError
+    with pytest.raises(ConfigError):
+        ToolContext()
