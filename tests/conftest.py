@@ -167,3 +167,66 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         purge_prefix(client, prefix)
     finally:
         client.close()
+
+
+# -- meter, stream, decorators (tests/test_meter*.py, test_stream*.py, test_decorators*.py) --
+
+
+class Agents:
+    """A sandbox with a funded payer and an empty provider, and clients for the payer."""
+
+    def __init__(self, balance: str = "1000") -> None:
+        from pf_metered.sandbox import Sandbox
+
+        self.sandbox = Sandbox()
+        self.payer = self.sandbox.add_agent(balance=balance)
+        self.provider = self.sandbox.add_agent()
+        self.client = self.sandbox.client(self.payer.api_key)
+        self._aclient: Any = None
+
+    @property
+    def aclient(self) -> Any:
+        if self._aclient is None:
+            self._aclient = self.sandbox.async_client(self.payer.api_key)
+        return self._aclient
+
+    def escrow(self, escrow_id: str) -> Any:
+        return self.sandbox.escrow(escrow_id)
+
+
+@pytest.fixture
+def agents() -> Iterator[Agents]:
+    a = Agents()
+    yield a
+    a.sandbox.close()
+
+
+# -- tools and langchain (tests/test_tools*.py, tests/test_langchain*.py) ----------------
+
+
+class PFWorld:
+    """A sandbox with a funded payer, a provider and the payer's clients."""
+
+    def __init__(self, balance: str = "100.00") -> None:
+        from pf_metered.sandbox import Sandbox
+
+        self.sandbox = Sandbox()
+        self.payer = self.sandbox.add_agent(balance=balance)
+        self.provider = self.sandbox.add_agent()
+        self.client = self.sandbox.client(self.payer.api_key)
+        self.aclient = self.sandbox.async_client(self.payer.api_key)
+
+    def balance(self, who: str = "payer") -> Any:
+        agent = self.payer if who == "payer" else self.provider
+        return self.sandbox.balance(agent.agent_id)
+
+    def close(self) -> None:
+        self.client.close()
+        self.sandbox.close()
+
+
+@pytest.fixture
+def pf_world() -> Iterator[PFWorld]:
+    world = PFWorld()
+    yield world
+    world.close()
