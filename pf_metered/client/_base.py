@@ -69,6 +69,7 @@ from ._retry import (
     parse_retry_after,
 )
 from ._secrets import Secret, install_log_redaction, redact_text
+from .deployed import configure_dialect, pace_after, pace_before, release_whole_op, simple_post_op
 from .v1 import V1
 
 __all__ = [
@@ -233,10 +234,13 @@ def check_base_url(raw: object) -> str:
     or fragment. Errors name the scheme and host only, never the whole URL."""
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError("base_url must be a non-empty string")
+    url: httpx.URL | None
     try:
         url = httpx.URL(raw.strip())
     except (httpx.InvalidURL, TypeError, ValueError):
-        raise ConfigError("base_url is not a valid URL") from None
+        url = None  # raised below, outside the handler: httpx's error may quote the URL
+    if url is None:
+        raise ConfigError("base_url is not a valid URL")
     if url.scheme not in ("http", "https"):
         raise ConfigError("base_url must start with https:// (or http:// for loopback)")
     host = (url.host or "").lower()
@@ -257,7 +261,7 @@ def check_base_url(raw: object) -> str:
 
 
 def _check_id(value: object, field: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value) or not _HAS_ALNUM.search(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value) or not _HAS_ALNUM.search(value):
         raise InvalidInput(field, "must be 1..128 characters of letters, digits and _ . : -")
     return value
 
@@ -295,7 +299,7 @@ def _check_idempotency_key(value: object) -> tuple[str, bool]:
     """The key to use and whether the caller gave it."""
     if value is None:
         return f"pfm_{uuid.uuid4().hex}", False
-    if not isinstance(value, str) or not _IDEM_RE.match(value) or value != value.strip():
+    if not isinstance(value, str) or not _IDEM_RE.fullmatch(value) or value != value.strip():
         raise InvalidInput(
             "idempotency_key", "must be 1..255 printable ASCII characters, no outer spaces"
         )
@@ -330,12 +334,15 @@ def decode_json(body: bytes) -> Any:
             object_pairs_hook=_no_duplicates,
         )
     except (ValueError, RecursionError) as exc:
-        raise InvalidResponse(f"answer is not valid JSON ({type(exc).__name__})") from None
+        problem = type(exc).__name__
+    # Raised outside the handler so the decoder's error (which holds the whole body, and a
+    # hostile body may quote the key) is not chained as __context__.
+    raise InvalidResponse(f"answer is not valid JSON ({problem})")
 
 
 def _request_id(headers: httpx.Headers) -> str | None:
     value = headers.get("x-request-id")
-    if value is None or not _REQUEST_ID_RE.match(value):
+    if value is None or not _REQUEST_ID_RE.fullmatch(value):
         return None
     return redact(value)
 
@@ -354,7 +361,8 @@ class BaseEscrowClient:
         timeout: float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         server_honours_idempotency: bool | None = None,
-        dialect: Dialect = V1,
+        dialect: Dialect | str | None = None,
+        rate_limits: Any = None,
     ) -> None:
         install_log_redaction()
         key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
@@ -382,9 +390,13 @@ class BaseEscrowClient:
             raise ConfigError("server_honours_idempotency must be True, False or None")
         self._timeout = httpx.Timeout(float(timeout))
         self._max_retries = max_retries
+        # dialect chosen by name or base URL, client-side pacing per path (deployed.py)
+        self._dialect: Dialect
+        self._dialect, self._limiter, server_honours_idempotency = configure_dialect(
+            dialect, self._base_url, rate_limits, server_honours_idempotency
+        )
         self._honours_declared = server_honours_idempotency
         self._honours_seen = False
-        self._dialect = dialect
         self._rand: Callable[[], float] = random.random
 
     # -- public, I/O-free ----------------------------------------------------------------
@@ -481,10 +493,10 @@ class BaseEscrowClient:
                 data = None
             if isinstance(data, dict):
                 raw_code, raw_message = data.get("error"), data.get("message")
-                if isinstance(raw_code, str) and _CODE_RE.match(raw_code):
+                if isinstance(raw_code, str) and _CODE_RE.fullmatch(raw_code):
                     code = raw_code
                 if isinstance(raw_message, str) and raw_message.strip():
-                    message = raw_message
+                    message = redact_text(raw_message[:1000])
         cls = self._dialect.error_class(status, code)
         if issubclass(cls, RateLimited):
             return cls(
@@ -500,12 +512,14 @@ class BaseEscrowClient:
 
     def _parse(self, answer: Answer, parse: Callable[[Any], T]) -> T:
         rid = _request_id(answer.headers)
-        try:
-            if answer.too_large:
-                raise InvalidResponse(f"answer larger than {MAX_ANSWER_BYTES} bytes refused")
-            return parse(decode_json(answer.body))
-        except InvalidResponse as exc:
-            raise InvalidResponse(exc.message, status=answer.status, request_id=rid) from None
+        if answer.too_large:
+            message = f"answer larger than {MAX_ANSWER_BYTES} bytes refused"
+        else:
+            try:
+                return parse(decode_json(answer.body))
+            except InvalidResponse as exc:
+                message = exc.message
+        raise InvalidResponse(redact_text(message), status=answer.status, request_id=rid)
 
     def _escrow_answer(self, answer: Answer, expected_id: str) -> Escrow:
         escrow = self._parse(answer, self._dialect.parse_escrow)
@@ -523,7 +537,11 @@ class BaseEscrowClient:
         """Send ``spec`` until it succeeds, fails for good, or (a POST) its answer is lost on a
         server not known to honour idempotency keys — then raise :class:`_Lost`."""
         while True:
+            wait = pace_before(self._limiter, spec.path)
+            if wait > 0:
+                yield Sleep(wait)
             judged = self._judge(spec, (yield Send(spec)))
+            pace_after(self._limiter, spec.path, getattr(judged, "error", None))
             if isinstance(judged, Answer):
                 return judged
             if judged.verdict is Verdict.FAIL:
@@ -792,6 +810,20 @@ class BaseEscrowClient:
                     ) from None
                 continue
             return self._escrow_answer(answer, escrow_id)
+
+    # whole release, complete, dispute (deployed.py) ---------------------------------
+
+    def _release_whole_op(self, escrow_id: str, memo: object, idempotency_key: object
+                          ) -> Op[Escrow]:
+        _check_id(escrow_id, "escrow_id")
+        _check_memo(memo, MAX_MEMO)
+        key, _given = _check_idempotency_key(idempotency_key)
+        return release_whole_op(self, escrow_id, str(memo), key)  # type: ignore[no-any-return]
+
+    def _deployed_op(self, escrow_id: str, action: str, reason: object = "") -> Op[Escrow]:
+        _check_id(escrow_id, "escrow_id")
+        _check_memo(reason, MAX_MEMO)
+        return simple_post_op(self, escrow_id, action, str(reason))  # type: ignore[arg-type,no-any-return]
 
     # faucet --------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ class Secret:
     __slots__ = ("__value", "__weakref__")
 
     def __init__(self, value: str) -> None:
-        if not isinstance(value, str) or not _KEY_RE.match(value):
+        if not isinstance(value, str) or not _KEY_RE.fullmatch(value):
             # Never echo the value: it may be a real key with a stray newline.
             raise ConfigError(
                 "api_key must be 8..512 printable ASCII characters without spaces "

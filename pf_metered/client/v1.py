@@ -143,7 +143,9 @@ class V1Dialect:
         try:
             return Escrow.model_validate(data)
         except ValidationError as exc:
-            raise InvalidResponse(f"malformed escrow: {validation_summary(exc)}") from None
+            summary = validation_summary(exc)
+        # Outside the handler: pydantic's error quotes the input, which may be hostile.
+        raise InvalidResponse(f"malformed escrow: {summary}")
 
     def parse_escrow_list(self, data: Any) -> list[Escrow]:
         if not isinstance(data, dict) or not isinstance(data.get("escrows"), list):
@@ -155,7 +157,8 @@ class V1Dialect:
         try:
             return FaucetClaim.model_validate(data)
         except ValidationError as exc:
-            raise InvalidResponse(f"malformed faucet claim: {validation_summary(exc)}") from None
+            summary = validation_summary(exc)
+        raise InvalidResponse(f"malformed faucet claim: {summary}")
 
     # -- errors --------------------------------------------------------------------------
 
