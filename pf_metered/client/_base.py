@@ -70,7 +70,6 @@ from ._retry import (
 )
 from ._secrets import Secret, install_log_redaction, redact_text
 from .deployed import configure_dialect, pace_after, pace_before, release_whole_op, simple_post_op
-from .v1 import V1
 
 __all__ = [
     "DEFAULT_BASE_URL",

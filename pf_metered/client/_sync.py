@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -22,7 +22,7 @@ from pf_metered.errors import ConfigError
 from pf_metered.models import Escrow, FaucetClaim
 
 from ._base import Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
-from ._dialect import RequestSpec
+from ._dialect import Dialect, RequestSpec
 from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 
 __all__ = ["EscrowClient"]
@@ -48,6 +48,8 @@ class EscrowClient(BaseEscrowClient):
         timeout: float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         server_honours_idempotency: bool | None = None,
+        dialect: Dialect | str | None = None,
+        rate_limits: Any = None,
         _sleep: Callable[[float], None] | None = None,
     ) -> None:
         super().__init__(
@@ -56,6 +58,8 @@ class EscrowClient(BaseEscrowClient):
             timeout=timeout,
             max_retries=max_retries,
             server_honours_idempotency=server_honours_idempotency,
+            dialect=dialect,
+            rate_limits=rate_limits,
         )
         if transport is not None and not isinstance(transport, httpx.BaseTransport):
             raise ConfigError("EscrowClient needs a sync httpx transport (httpx.BaseTransport)")
@@ -137,6 +141,21 @@ class EscrowClient(BaseEscrowClient):
     def refund(self, escrow_id: str, idempotency_key: str | None = None) -> Escrow:
         """Return the unreleased rest to the payer and close the escrow."""
         return self._run(self._refund_op(escrow_id, idempotency_key))
+
+    def release(
+        self, escrow_id: str, memo: str = "", idempotency_key: str | None = None
+    ) -> Escrow:
+        """Release *all* that remains of the escrow to its provider (either dialect; on the
+        deployed one this is its only kind of release)."""
+        return self._run(self._release_whole_op(escrow_id, memo, idempotency_key))
+
+    def complete(self, escrow_id: str) -> Escrow:
+        """Deployed dialect: the counterparty marks the work done."""
+        return self._run(self._deployed_op(escrow_id, "complete"))
+
+    def dispute(self, escrow_id: str, reason: str = "") -> Escrow:
+        """Deployed dialect: either party disputes; the money stays locked."""
+        return self._run(self._deployed_op(escrow_id, "dispute", reason))
 
     def claim_faucet(self) -> FaucetClaim:
         """Claim the faucet's one-time credit for a new agent."""

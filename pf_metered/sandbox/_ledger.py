@@ -106,6 +106,12 @@ CREATE TABLE IF NOT EXISTS releases (
     created_at  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS releases_escrow ON releases(escrow_id, seq);
+-- deployed dialect: the 1% the service keeps when an escrow expires back to its creator
+CREATE TABLE IF NOT EXISTS refund_fees (
+    escrow_id   TEXT PRIMARY KEY REFERENCES escrows(escrow_id),
+    fee         INTEGER NOT NULL CHECK (fee >= 0),
+    created_at  INTEGER NOT NULL
+);
 """
 
 _ESCROW_COLUMNS = (
@@ -374,6 +380,31 @@ class Ledger:
             self._credit(conn, esc.from_agent_id, rest)
         return self.read(conn, escrow_id)
 
+    def refund_less_fee(
+        self, conn: sqlite3.Connection, escrow_id: str, now_us: int
+    ) -> EscrowRecord:
+        """Deployed dialect's expiry: close an open escrow, what remains back to the payer
+        *less* the 1% fee (kept in ``refund_fees``, so the audit can account for it)."""
+        esc = self.read(conn, escrow_id)
+        if not esc.is_open:
+            raise LedgerError("invalid_status", f"the escrow is {esc.status}, not open")
+        rest = esc.remaining
+        fee = fee_micro(rest)
+        conn.execute(
+            "UPDATE escrows SET refunded = refunded + ?, status = 'refunded', closed_at = ? "
+            "WHERE escrow_id = ?",
+            (rest, now_us, escrow_id),
+        )
+        conn.execute(
+            "INSERT INTO refund_fees (escrow_id, fee, created_at) VALUES (?, ?, ?)",
+            (escrow_id, fee, now_us),
+        )
+        if rest - fee:
+            self._credit(conn, esc.from_agent_id, rest - fee)
+        if fee:
+            self._credit(conn, FEE_ACCOUNT_ID, fee)
+        return self.read(conn, escrow_id)
+
     def apply_due(self, conn: sqlite3.Connection, now_us: int) -> int:
         """Auto-release every open escrow whose deadline has passed; returns how many.
 
@@ -479,6 +510,9 @@ class Ledger:
                 )
             if esc.status == "released" and esc.refunded:
                 problems.append(f"{esc.escrow_id}: released escrow has a refund")
+        fee_total += int(  # deployed dialect: fees kept on expiry refunds
+            conn.execute("SELECT COALESCE(SUM(fee), 0) FROM refund_fees").fetchone()[0]
+        )
         if fee_total != fees:
             problems.append(f"fee account holds {fees}, escrows charged {fee_total}")
         if balances + fees + escrowed != minted:
