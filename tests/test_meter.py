@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -93,7 +94,7 @@ def test_releases_sum_to_rate_times_units_half_up(rate, batch):
     settled = store.load(meter.stream_id).settled
     ranges = [(i.units_from, i.units_to) for i, _ in settled]
     assert ranges[0][0] == 0 and ranges[-1][1] == total
-    assert all(b[0] == a[1] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(ranges))
     assert all(a.amount_micro > 0 for a in sent)  # nothing-to-pay releases never go out
 
 
@@ -156,7 +157,7 @@ def test_final_claim_closes_counting_and_is_never_repeated():
 
 
 def test_threads_count_exactly_and_claims_never_overlap():
-    store, meter = make("0.001", batch=50, budget="1000")
+    _store, meter = make("0.001", batch=50, budget="1000")
     sent = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -182,5 +183,5 @@ def test_threads_count_exactly_and_claims_never_overlap():
     sent += drain(meter, final=True)
     covered = sorted((a.intent.units_from, a.intent.units_to) for a in sent)
     assert covered[0][0] == 0 and covered[-1][1] == 64_000
-    assert all(b[0] == a[1] for a, b in zip(covered, covered[1:], strict=False))
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(covered))
     assert sum(a.amount_micro for a in sent) == 64_000_000

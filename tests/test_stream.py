@@ -1,0 +1,248 @@
+"""PaymentStream and AsyncPaymentStream against the real sandbox ledger, twins side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from decimal import ROUND_HALF_UP, Decimal
+
+import pytest
+
+from pf_metered.errors import BudgetExhausted, Conflict, InvalidInput, StreamClosed
+from pf_metered.stream import AsyncPaymentStream, DataFeedPayments, PaymentStream
+
+RATES = ["0.0000001", "0.333333333", "1.5"]
+
+
+def exact(rate: str, units: int) -> Decimal:
+    return (Decimal(rate) * units).quantize(Decimal("0.000001"), ROUND_HALF_UP)
+
+
+def check_ledger(agents, receipt, rate: str, units: int) -> None:
+    esc = agents.escrow(receipt.escrow_id)
+    assert receipt.units == units
+    assert receipt.paid == exact(rate, units) == esc.released
+    assert receipt.refunded == esc.refunded == receipt.budget - receipt.paid
+    assert esc.status == ("refunded" if receipt.refunded else esc.status)
+    assert receipt.fee + receipt.provider_net == receipt.paid
+    assert agents.sandbox.balance(agents.provider.agent_id) == receipt.provider_net
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_exact_totals_sync(agents, rate):
+    with PaymentStream(agents.client, agents.provider.agent_id, rate, batch=7,
+                       budget="100") as s:
+        n = 0
+        for k in (1, 2, 3, 6, 10):
+            if Decimal(rate) * (n + k) > 100:
+                break
+            s.record(k)
+            n += k
+        s.flush()
+    check_ledger(agents, s.receipt, rate, n)
+
+
+@pytest.mark.parametrize("rate", RATES)
+async def test_exact_totals_async(agents, rate):
+    async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, rate, batch=7,
+                                  budget="100") as s:
+        n = 0
+        for k in (1, 2, 3, 6, 10):
+            if Decimal(rate) * (n + k) > 100:
+                break
+            s.record(k)
+            n += k
+        await s.flush()
+    check_ledger(agents, s.receipt, rate, n)
+
+
+def test_budget_enforced_sync(agents):
+    with PaymentStream(agents.client, agents.provider.agent_id, "1.5", budget="10") as s:
+        s.record(6)
+        with pytest.raises(BudgetExhausted):
+            s.record()
+        assert s.status().units == 6
+    assert s.receipt.paid == Decimal("9.0") and s.receipt.refunded == Decimal("1.0")
+
+
+async def test_budget_enforced_async(agents):
+    async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "1.5",
+                                  budget="10") as s:
+        s.record(6)
+        with pytest.raises(BudgetExhausted):
+            s.record()
+    assert s.receipt.paid == Decimal("9.0")
+
+
+def test_32_threads_exact_and_no_double_release(agents):
+    with PaymentStream(agents.client, agents.provider.agent_id, "0.0001", batch=100,
+                       budget="100") as s:
+        def work():
+            for _ in range(1000):
+                s.record()
+
+        threads = [threading.Thread(target=work) for _ in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    r = s.receipt
+    check_ledger(agents, r, "0.0001", 32_000)
+    hist = s.status().history
+    spans = sorted((h.units_from, h.units_to) for h in hist)
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(spans))
+    memos = [rel.memo for rel in agents.escrow(r.escrow_id).releases]
+    assert len(memos) == len(set(memos)) == r.releases
+
+
+async def test_thousands_of_tasks_exact(agents):
+    async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.0001",
+                                  batch=50, budget="100") as s:
+        async def work():
+            for _ in range(5):
+                s.record()
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(work() for _ in range(3000)))
+    check_ledger(agents, s.receipt, "0.0001", 15_000)
+    memos = [rel.memo for rel in agents.escrow(s.receipt.escrow_id).releases]
+    assert len(memos) == len(set(memos))
+
+
+def test_context_manager_closes_on_exception_sync(agents):
+    with pytest.raises(RuntimeError), PaymentStream(
+        agents.client, agents.provider.agent_id, "0.01", budget="5"
+    ) as s:
+        s.record(10)
+        raise RuntimeError("boom")
+    assert s.closed and s.receipt.paid == Decimal("0.10") and s.receipt.refunded == Decimal("4.9")
+    with pytest.raises(StreamClosed):
+        s.record()
+
+
+async def test_context_manager_closes_on_exception_async(agents):
+    with pytest.raises(RuntimeError):
+        async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.01",
+                                      budget="5") as s:
+            s.record(10)
+            raise RuntimeError("boom")
+    assert s.closed and s.receipt.paid == Decimal("0.10")
+
+
+def test_close_twice_same_receipt_and_memos(agents):
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=100, budget="1",
+                      background=False).open()
+    s.record(150)
+    s.pump()
+    s.record(60)
+    r1 = s.close()
+    assert s.close() is r1
+    memos = [rel.memo for rel in agents.escrow(r1.escrow_id).releases]
+    assert memos == ["batch:units 1-150", "final:units 151-210"]
+    assert len(s.stream_id) == 32 and r1.stream_id == s.stream_id
+
+
+def test_status_and_receipt_table(agents):
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=100,
+                      budget="10", background=False).open()
+    s.record(250)
+    s.pump()
+    st = s.status()
+    assert (st.units, st.released, st.pending_units) == (250, Decimal("0.25"), 0)
+    s.record(5)
+    assert s.status().pending_units == 5 and s.status().remaining == Decimal("9.75")
+    r = s.close()
+    text = str(r)
+    for label, value in [("units", "255"), ("paid", "0.255 USDC"), ("fee (1%)", "0.00255"),
+                         ("provider net", "0.25245"), ("refunded", "9.745")]:
+        assert any(label in line and value in line for line in text.splitlines()), label
+
+
+def test_time_policy_with_fake_clock(agents):
+    now = [0.0]
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", every=60,
+                      budget="10", background=False, clock=lambda: now[0]).open()
+    s.record(3)
+    s.pump()
+    assert s.status().releases == 0
+    now[0] = 60.0
+    s.pump()
+    assert s.status().releases == 1
+    s.close()
+
+
+def test_permanent_background_failure_surfaces(agents):
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.01", batch=1, budget="2")
+    s.open()
+    agents.client.refund(s.escrow_id)  # the escrow is closed under the stream
+    s.record(3)
+    s._worker.join(timeout=10)  # a permanent failure ends the worker; it does not spin
+    assert isinstance(s.last_error, Conflict)
+    with pytest.raises(Conflict):
+        s.record()
+    with pytest.raises(Conflict):
+        s.flush()
+
+
+def test_open_is_idempotent_and_validates(agents):
+    with pytest.raises(InvalidInput):
+        PaymentStream(agents.client, agents.provider.agent_id, 0.5, budget="1")  # type: ignore[arg-type]
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.5", budget="2")
+    assert s.open() is s.open()
+    assert s.close().paid == 0
+    esc = agents.escrow(s.escrow_id)
+    assert esc.status == "refunded" and esc.refunded == Decimal("2")
+
+
+def test_clock_bills_time_and_stops_on_heartbeat(agents):
+    t = [0]
+    alive = [True]
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.50", per="hour",
+                      budget="4", every=3600).open()
+    c = s.clock(heartbeat=lambda: alive[0], every=60, source=lambda: t[0], background=False)
+    c.start()
+    t[0] = 3600 * 10**9  # one hour
+    assert c.tick()
+    t[0] = 5400 * 10**9
+    alive[0] = False
+    assert not c.tick()  # provider gone: the half hour after the last beat is not billed
+    assert c.stopped_reason == "heartbeat" and s.closed
+    assert s.receipt.paid == Decimal("0.50") and s.receipt.refunded == Decimal("3.50")
+    assert "0.5 USDC / hour" in str(s.receipt)
+
+
+async def test_async_clock_bills_until_stopped(agents):
+    t = [0]
+    s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.002", per="second",
+                           budget="1")
+    async with s, s.clock(every=1, source=lambda: t[0], background=False) as c:
+        t[0] = 1_500_000_000 + 123  # 1.5 s
+        assert await c.tick()
+        t[0] = 2_250_000_000
+    assert c.billed_units == 2250 and s.receipt.paid == Decimal("0.0045")
+
+
+def test_clock_stops_at_budget(agents):
+    t = [0]
+    with PaymentStream(agents.client, agents.provider.agent_id, "1", per="second",
+                       budget="2") as s:
+        c = s.clock(source=lambda: t[0], background=False).start()
+        t[0] = 5 * 10**9
+        assert not c.tick()
+        assert c.stopped_reason == "budget"
+    assert s.receipt.paid == Decimal("2") and s.receipt.refunded == 0
+
+
+def test_keyed_data_feeds(agents):
+    with DataFeedPayments(agents.client, batch=1000) as feeds:
+        feeds.subscribe(agents.provider.agent_id, "price_feed", budget="1")
+        feeds.subscribe(agents.provider.agent_id, "news_event", budget="1")
+        for _ in range(2500):
+            feeds.record(agents.provider.agent_id, "price_feed")
+        feeds.record(agents.provider.agent_id, "news_event", n=3)
+        with pytest.raises(InvalidInput):
+            feeds.record(agents.provider.agent_id, "sensor_reading")
+    receipts = feeds.close()
+    assert receipts[(agents.provider.agent_id, "price_feed")].paid == Decimal("0.25")
+    assert receipts[(agents.provider.agent_id, "news_event")].paid == Decimal("0.03")
