@@ -372,7 +372,7 @@ class DeployedDialect:
     ) -> RequestSpec:
         raise UnsupportedByDialect(
             "the deployed escrow service releases only whole escrows (POST /escrow/release/"
-            "{id}); use release_whole(), or a PaymentStream, which pays in tranches there"
+            "{id}); use release(escrow_id), or a PaymentStream, which pays in tranches there"
         )
 
     def release_whole(self, *, escrow_id: str, idempotency_key: str | None = None) -> RequestSpec:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from pf_metered.errors import InvalidInput, PFMeteredError
 from pf_metered.models import Escrow
 from pf_metered.money import AmountLike, micro_to_decimal, parse_amount
+from pf_metered.sandbox._app_deployed import DEFAULT_DEPLOYED_RATE_LIMITS, deployed_mounts
 from pf_metered.sandbox._clock import Clock, ManualClock, SandboxClock
 from pf_metered.sandbox._db import Database
 from pf_metered.sandbox._http import AppRequest, AppResponse, Dispatcher
@@ -66,6 +67,10 @@ __all__ = [
 ]
 
 IN_PROCESS_BASE_URL = "http://localhost/api/v1"
+# the deployed services, mounted beside v1 over the same ledger (_app_deployed.py)
+DEPLOYED_BASE_URL = "http://localhost/deployed"
+CASINO_BASE_URL = "http://localhost/casino"
+FAUCET_BASE_URL = "http://localhost/faucet"
 _AGENT_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
 
@@ -111,6 +116,9 @@ class Sandbox:
         clock: Clock | None = None,
         honour_idempotency: bool = True,
         rate_limits: RateLimits | Mapping[str, int] | None = None,
+        dialect: str = "v1",
+        deployed_rate_limits: RateLimits | Mapping[str, int] | None = DEFAULT_DEPLOYED_RATE_LIMITS,
+        deployed_list_path: str | None = None,
     ) -> None:
         if not isinstance(path, str) or not path:
             raise InvalidInput("path", "must be ':memory:' or a file path")
@@ -131,6 +139,18 @@ class Sandbox:
             rate_limiter=RateLimiter(rate_limits) if rate_limits is not None else None,
         )
         self._dispatcher = Dispatcher({"/api/v1": self._v1})
+        # deployed dialect: ``dialect`` picks what sandbox.client() speaks by default;
+        # both are always served (/deployed, /casino, /faucet), see _app_deployed.py
+        if dialect not in ("v1", "deployed"):
+            raise InvalidInput("dialect", f"must be 'v1' or 'deployed', got {dialect!r}")
+        self.dialect = dialect
+        self._deployed, casino, faucet = deployed_mounts(
+            db=self._db, ledger=self._ledger, clock=self.clock,
+            rate_limits=deployed_rate_limits, list_path=deployed_list_path,
+        )
+        self._dispatcher.mount("/deployed", self._deployed)
+        self._dispatcher.mount("/casino", casino)
+        self._dispatcher.mount("/faucet", faucet)
         self._transport = SandboxTransport(self._dispatcher)
         self._servers: list[SandboxServer] = []
         self._servers_lock = threading.Lock()
@@ -170,6 +190,7 @@ class Sandbox:
         """An agent's balance (or the fee account's, ``FEE_ACCOUNT_ID``), after due releases."""
         with self._db.transaction() as conn:
             self._ledger.apply_due(conn, self.clock.now_us())
+            self._deployed.apply_due(conn, self.clock.now_us())
             try:
                 return micro_to_decimal(self._ledger.balance(conn, agent_id))
             except LedgerError:
@@ -188,6 +209,7 @@ class Sandbox:
         """An escrow as the v1 API would answer it (validated model), after due releases."""
         with self._db.transaction() as conn:
             self._ledger.apply_due(conn, self.clock.now_us())
+            self._deployed.apply_due(conn, self.clock.now_us())
             try:
                 esc = self._ledger.read(conn, escrow_id)
             except LedgerError:
@@ -198,7 +220,8 @@ class Sandbox:
     def tick(self) -> int:
         """Apply every auto-release that is due by the sandbox clock; returns how many."""
         with self._db.transaction() as conn:
-            return self._ledger.apply_due(conn, self.clock.now_us())
+            due = self._ledger.apply_due(conn, self.clock.now_us())
+            return due + self._deployed.apply_due(conn, self.clock.now_us())
 
     def audit(self, *, raise_on_error: bool = True) -> AuditReport:
         """Check the books: Σ balances + fees + open escrows == Σ minted, and every escrow adds up.
@@ -235,7 +258,7 @@ class Sandbox:
         """A sync ``EscrowClient`` wired to this sandbox in-process."""
         from pf_metered.client import EscrowClient
 
-        kw.setdefault("base_url", IN_PROCESS_BASE_URL)
+        self._dialect_defaults(kw)
         kw.setdefault("transport", self._transport)
         kw.setdefault("server_honours_idempotency", self.honour_idempotency)
         return EscrowClient(api_key, **kw)
@@ -244,10 +267,16 @@ class Sandbox:
         """An ``AsyncEscrowClient`` wired to this sandbox in-process."""
         from pf_metered.client import AsyncEscrowClient
 
-        kw.setdefault("base_url", IN_PROCESS_BASE_URL)
+        self._dialect_defaults(kw)
         kw.setdefault("transport", self._transport)
         kw.setdefault("server_honours_idempotency", self.honour_idempotency)
         return AsyncEscrowClient(api_key, **kw)
+
+    def _dialect_defaults(self, kw: dict[str, Any]) -> None:
+        """Base URL (and dialect) for ``client()`` / ``async_client()``: v1 or deployed."""
+        dialect = kw.setdefault("dialect", self.dialect)
+        deployed = dialect == "deployed" or getattr(dialect, "name", None) == "deployed"
+        kw.setdefault("base_url", DEPLOYED_BASE_URL if deployed else IN_PROCESS_BASE_URL)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> SandboxServer:
         """Serve over loopback in a background thread; ``port=0`` picks a free port."""
