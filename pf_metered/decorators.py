@@ -106,6 +106,7 @@ class Metered:
         auto_release_hours: int | None = None,
         memo: str | None = None,
         store: Store | None = None,
+        timer: Callable[[], int] = time.perf_counter_ns,
     ) -> None:
         if per not in ("call", "item", *_TIME_PERS):
             raise InvalidInput("per", f"must be 'call', 'second', 'minute' or 'hour', got {per!r}")
@@ -114,6 +115,7 @@ class Metered:
         self.units: UnitsSpec = units
         self.per = per
         self.charge_errors = bool(charge_errors)
+        self._timer = timer
         self._own = stream is None
         self._lock = threading.Lock()
         self._cm: contextvars.ContextVar[tuple[tuple[int, int], ...]] = contextvars.ContextVar(
@@ -325,7 +327,7 @@ class Metered:
                       ) -> Callable[..., Any]:
         ensure = self._ensure_open_sync
         settle = self._settle
-        perf = time.perf_counter_ns
+        perf = self._timer
 
         def metered_call_general(*args: Any, **kwargs: Any) -> Any:
             s = ensure()
@@ -351,7 +353,7 @@ class Metered:
         reserve_n = self._reserve_count()
         charge = self.charge_errors
         settle = self._settle
-        perf = time.perf_counter_ns
+        perf = self._timer
         plain = self._carry is None and isinstance(self.units, int)
 
         async def metered_async(*args: Any, **kwargs: Any) -> Any:
@@ -385,7 +387,7 @@ class Metered:
         ensure = self._ensure_open_sync
         reserve_n = self._reserve_count()
         settle = self._settle
-        perf = time.perf_counter_ns
+        perf = self._timer
 
         def metered_gen(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
             s = ensure()
@@ -421,7 +423,7 @@ class Metered:
         ensure = self._ensure_open_async
         reserve_n = self._reserve_count()
         settle = self._settle
-        perf = time.perf_counter_ns
+        perf = self._timer
 
         async def metered_agen(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
             s = await ensure()
@@ -459,7 +461,7 @@ class Metered:
             s._raise_failure()
         n = self._reserve_count()
         s._meter.reserve(n)
-        self._cm.set((*self._cm.get(), (n, time.perf_counter_ns())))
+        self._cm.set((*self._cm.get(), (n, self._timer())))
 
     def _exit(self, s: StreamBase, failed: bool) -> None:
         stack = self._cm.get()
@@ -468,7 +470,7 @@ class Metered:
         if failed and not self.charge_errors:
             s._meter.cancel(n)
         else:
-            self._settle(s, n, None, time.perf_counter_ns() - t0)
+            self._settle(s, n, None, self._timer() - t0)
 
     def __enter__(self) -> Metered:
         self._enter(self._ensure_open_sync())
@@ -588,6 +590,7 @@ def metered(
     auto_release_hours: int | None = None,
     memo: str | None = None,
     store: Store | None = None,
+    timer: Callable[[], int] = time.perf_counter_ns,
 ) -> Any:
     """Meter a callable (``@metered(...)``) or a block (``with metered(...):``).
 
@@ -598,7 +601,7 @@ def metered(
     m = Metered(
         stream=stream, rate=rate, batch=batch, every=every, to=to, budget=budget,
         max_units=max_units, client=client, units=units, per=per, charge_errors=charge_errors,
-        auto_release_hours=auto_release_hours, memo=memo, store=store,
+        auto_release_hours=auto_release_hours, memo=memo, store=store, timer=timer,
     )
     if func is not None:
         return m(func)
