@@ -135,9 +135,9 @@ _invented = st.fixed_dictionaries(
 def test_no_invented_arguments_exceed_the_caps(pf_world, invented):
     ctx = ToolContext(pf_world.client, caps=Caps(max_budget="3", max_rate="0.5", max_total="5"))
     before = pf_world.balance()
-    for args in invented:
-        args = {**args, "provider": pf_world.provider.agent_id if args["provider"] == "P"
-                else args["provider"]}
+    for raw in invented:
+        args = {**raw, "provider": pf_world.provider.agent_id if raw["provider"] == "P"
+                else raw["provider"]}
         try:
             answer = call(ctx, "stream_open", **args)
         except ToolError as exc:

@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError
 
 from pf_metered.tools import ToolContext, ToolDefinition, ToolError, format_validation_error
 
-__all__ = ["PurpleFleaTool", "context_from_env"]
+__all__ = ["PurpleFleaTool", "ValidationMessage", "context_from_env"]
 
 
 def context_from_env() -> ToolContext:
@@ -29,6 +29,26 @@ def context_from_env() -> ToolContext:
     from pf_metered.client import EscrowClient
 
     return ToolContext(EscrowClient())
+
+
+class ValidationMessage:
+    """``handle_validation_error`` for a tool: one line per bad field, naming it.
+
+    A small named callable rather than a bound method, so a tool's ``repr`` stays finite.
+    """
+
+    __slots__ = ("tool_name",)
+
+    def __init__(self, tool_name: str) -> None:
+        self.tool_name = tool_name
+
+    def __call__(self, exc: Any) -> str:
+        if isinstance(exc, ValidationError):
+            return format_validation_error(self.tool_name, exc)
+        return f"Invalid arguments for {self.tool_name}: {exc}. Fix them and call the tool again."
+
+    def __repr__(self) -> str:
+        return f"ValidationMessage({self.tool_name!r})"
 
 
 class PurpleFleaTool(BaseTool):
@@ -54,12 +74,7 @@ class PurpleFleaTool(BaseTool):
         if self.description == type(self).model_fields["description"].default:
             self.description = self.definition.describe(self.context)
         if not self.handle_validation_error:
-            self.handle_validation_error = self._validation_message
-
-    def _validation_message(self, exc: Any) -> str:
-        if isinstance(exc, ValidationError):
-            return format_validation_error(self.name, exc)
-        return f"Invalid arguments for {self.name}: {exc}. Fix them and call the tool again."
+            self.handle_validation_error = ValidationMessage(self.name)
 
     def _run(self, **kwargs: Any) -> str:
         """Run the shared definition; a ``ToolError`` becomes a ``ToolException``."""
