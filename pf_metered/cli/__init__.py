@@ -1,8 +1,105 @@
-"""The ``pf-metered`` command line (filled in by the CLI issue)."""
+"""The ``pf-metered`` command line: escrows, the faucet, a live stream view, a sandbox, MCP.
+
+``main(argv)`` parses, runs one command, and turns whatever happened into an exit code (see
+:mod:`pf_metered.cli._exit`): 0 success, 1 unexpected, 2 usage, 3 API, 4 configuration,
+130 interrupted. Each command lives in a small module:
+
+* :mod:`._args` the argument tree and every help text;
+* :mod:`._commands` escrow list/status/create/release/refund, faucet claim, register;
+* :mod:`._watch` ``stream watch``; :mod:`._sandbox` ``sandbox serve``; :mod:`._mcp` ``mcp``;
+* :mod:`._format` tables and ``--json``; :mod:`._secrets` the key and the output scrubber.
+
+What this package must never do: accept an API key as an argument, print one (every line goes
+through the scrubber), or show a traceback for a failure the user can fix.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from typing import Any
+
+from pf_metered.cli._exit import (
+    EXIT_INTERRUPTED,
+    EXIT_UNEXPECTED,
+    EXIT_USAGE,
+    CLIError,
+    exit_code_for,
+)
+from pf_metered.cli._format import Output
+from pf_metered.cli._secrets import forbid_key_arguments
+
+__all__ = ["main"]
+
+def _run(args: argparse.Namespace, out: Output) -> int:
+    command: str | None = args.command
+    action: str | None = getattr(args, "action", None)
+    if command == "stream":
+        from pf_metered.cli._watch import run_stream_watch
+
+        return run_stream_watch(args, out)
+    if command == "sandbox":
+        from pf_metered.cli._sandbox import run_sandbox_serve
+
+        return run_sandbox_serve(args, out)
+    if command == "mcp":
+        from pf_metered.cli._mcp import run_mcp
+
+        return run_mcp(args, out)
+    from pf_metered.cli._commands import COMMANDS
+
+    return COMMANDS[(command or "", action)](args, out)
+
+
+def _details(exc: BaseException) -> dict[str, Any]:
+    """Machine-readable facts about an error for ``--json`` (never the key)."""
+    return {
+        "type": type(exc).__name__,
+        "http_status": getattr(exc, "status", None),
+        "api_code": getattr(exc, "code", None),
+        "request_id": getattr(exc, "request_id", None),
+        "field": getattr(exc, "field", None),
+    }
+
+
+def _kind(exc: BaseException, code: int) -> str:
+    if isinstance(exc, CLIError):
+        return exc.kind
+    return {2: "usage", 3: "api", 4: "config"}.get(code, "unexpected")
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``pf-metered``."""
-    raise SystemExit("pf-metered: no commands yet")
+    """Entry point of ``pf-metered``; returns the exit status (the console script exits with it)."""
+    from pf_metered.cli._args import build_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = Output(json="--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv)
+    try:
+        forbid_key_arguments(argv)
+    except CLIError as exc:
+        out.error(exc.message, kind=exc.kind, code=exc.code)
+        return exc.code
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    out.json = bool(args.json)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run(args, out)
+    except KeyboardInterrupt:
+        out.note("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `pf-metered escrow list | head`
+        return 0
+    except Exception as exc:
+        code = exit_code_for(exc)
+        message = exc.message if isinstance(exc, CLIError) else str(exc)
+        if code == EXIT_UNEXPECTED:
+            message = (f"unexpected {type(exc).__name__}: {message} "
+                       "(a bug in pf-metered; please report it with the command you ran)")
+        out.error(message, kind=_kind(exc, code), code=code, **_details(exc))
+        return code
