@@ -7,12 +7,12 @@ import json
 from typing import Any
 
 import pytest
+from conftest import PFWorld
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
 from langchain_tests.integration_tests import ToolsIntegrationTests
 from langchain_tests.unit_tests import ToolsUnitTests
 
-from conftest import PFWorld
 from pf_metered.errors import InvalidInput
 from pf_metered.langchain import (
     TOOL_CLASSES,
@@ -25,17 +25,17 @@ from pf_metered.tools import ALL_TOOL_NAMES, TOOLS
 
 # -- the standard suites, one pair of classes per tool -------------------------------------
 
-_WORLD: PFWorld | None = None
+_SHARED: dict[str, PFWorld] = {}
 _CONTEXTS: list[ToolContext] = []
 
 
 def _world() -> PFWorld:
-    global _WORLD
-    if _WORLD is None:
-        _WORLD = PFWorld(balance="10000.00")
-        _WORLD.escrow_id = _WORLD.client.create_escrow(  # type: ignore[attr-defined]
-            _WORLD.provider.agent_id, "500.00").escrow_id
-    return _WORLD
+    if "world" not in _SHARED:
+        world = PFWorld(balance="10000.00")
+        world.escrow_id = world.client.create_escrow(  # type: ignore[attr-defined]
+            world.provider.agent_id, "500.00").escrow_id
+        _SHARED["world"] = world
+    return _SHARED["world"]
 
 
 def _fresh_context() -> ToolContext:
@@ -54,9 +54,9 @@ def _close_everything():
         for entry in ctx.entries():
             if entry.receipt is None:
                 TOOLS[8].call(ctx, {"stream_id": entry.handle})
-    if _WORLD is not None:
-        _WORLD.sandbox.audit()
-        _WORLD.close()
+    if "world" in _SHARED:
+        _SHARED["world"].sandbox.audit()
+        _SHARED.pop("world").close()
 
 
 def _example(name: str) -> dict[str, Any]:
@@ -246,8 +246,8 @@ def test_import_pf_metered_does_not_import_langchain_or_langgraph():
     code = ("import sys, pf_metered, pf_metered.tools; "
             "bad = [m for m in sys.modules if m.startswith(('langchain', 'langgraph'))]; "
             "print(bad); sys.exit(1 if bad else 0)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     code = ("import sys, pf_metered.langchain; "
             "sys.exit(1 if any(m.startswith('langgraph') for m in sys.modules) else 0)")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

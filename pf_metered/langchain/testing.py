@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -97,10 +97,11 @@ class ScriptedChatModel(BaseChatModel):
         if self.usage and message.usage_metadata is None:
             tokens_in = count_words(messages)
             tokens_out = len(str(message.content).split()) + 10 * len(message.tool_calls)
-            message = message.model_copy(update={"usage_metadata": UsageMetadata(
-                input_tokens=tokens_in, output_tokens=tokens_out,
-                total_tokens=tokens_in + tokens_out,
-            )})
+            usage = cast("UsageMetadata", {
+                "input_tokens": tokens_in, "output_tokens": tokens_out,
+                "total_tokens": tokens_in + tokens_out,
+            })
+            message = message.model_copy(update={"usage_metadata": usage})
         return message
 
     def _generate(
