@@ -6,6 +6,7 @@ batch and refunds the rest.
 """
 
 from pf_metered.client import AsyncEscrowClient, EscrowClient
+from pf_metered.decorators import Metered, metered
 from pf_metered.errors import (
     AmbiguousCreate,
     AmbiguousOutcome,
@@ -30,9 +31,20 @@ from pf_metered.errors import (
     StreamClosed,
     UnsupportedByDialect,
 )
+from pf_metered.meter import BatchPolicy, MemoryStore, Store, every
 from pf_metered.models import Escrow, EscrowList, FaucetClaim, Release
 from pf_metered.money import Rate, format_usdc, parse_amount, parse_rate
 from pf_metered.sandbox import Sandbox
+from pf_metered.stream import (
+    AsyncClock,
+    AsyncPaymentStream,
+    Clock,
+    DataFeedPayments,
+    KeyedStreams,
+    PaymentStream,
+    Receipt,
+    StatusReport,
+)
 
 __version__ = "0.1.0"
 
@@ -43,11 +55,16 @@ __all__ = [
     "AmbiguousCreate",
     "AmbiguousOutcome",
     "AmbiguousRelease",
+    "AsyncClock",
     "AsyncEscrowClient",
+    "AsyncPaymentStream",
     "AuthError",
+    "BatchPolicy",
     "BudgetExhausted",
+    "Clock",
     "ConfigError",
     "Conflict",
+    "DataFeedPayments",
     "Escrow",
     "EscrowClient",
     "EscrowList",
@@ -57,18 +74,27 @@ __all__ = [
     "InvalidInput",
     "InvalidRequest",
     "InvalidResponse",
+    "KeyedStreams",
+    "MemoryStore",
+    "Metered",
     "NotFound",
     "PFMeteredError",
+    "PaymentStream",
     "PermissionDenied",
     "Rate",
     "RateLimited",
+    "Receipt",
     "Release",
     "Sandbox",
     "ServerError",
+    "StatusReport",
+    "Store",
     "StreamClosed",
     "UnsupportedByDialect",
     "__version__",
+    "every",
     "format_usdc",
+    "metered",
     "parse_amount",
     "parse_rate",
 ]
