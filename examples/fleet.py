@@ -49,16 +49,24 @@ def worker(conn: dict[str, Any], units: int, chans: tuple[Any, Any, Any]) -> Non
     batch = spec["batch"]
     ready.put(1)
     start.wait()
-    done = 0
-    try:
-        for _ in range(units):
-            stream.record()
-            done += 1
-            if done % batch == 0:
-                stream.pump()  # claims a due batch if nobody else has; one Redis round trip
-    except (BudgetExhausted, StreamClosed):
-        pass
     store = stream.store
+    done = 0
+    while done < units:
+        try:
+            stream.record()
+        except StreamClosed:
+            break
+        except BudgetExhausted:
+            # Out of headroom here; other workers may still hold leases they will give back.
+            # Stop only when the fleet's budget is spent for good.
+            fleet = store.fleet_status(stream.stream_id)
+            if fleet.remaining_units <= 0 and not fleet.leases:
+                break
+            time.sleep(0.005)
+            continue
+        done += 1
+        if done % batch == 0:
+            stream.pump()  # claims a due batch if nobody else has; one Redis round trip
     store.flush(stream.stream_id)  # push what this worker counted locally
     stream.pump()
     store.close()  # give the unused lease back

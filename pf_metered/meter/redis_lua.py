@@ -83,23 +83,10 @@ if st[1] == 'new' then redis.call('HSET', KEYS[1], 'status', 'open') end
 return 'ok'
 """
 
-# KEYS: st, sess, op. ARGV[5] = units to add.
-ADD: Final = PRELUDE + DEDUP + r"""
-local r = replayed(); if r then return r end
-local st = redis.call('HMGET', KEYS[1], 'status', 'units', 'reserved', 'max')
-if not st[1] then return 'unknown' end
-if st[1] ~= 'open' then return remember('closed|' .. st[1]) end
-local n = tonumber(ARGV[5])
-local left = num(st[4]) - num(st[2]) - num(st[3])
-if n > left then return remember('budget|' .. fmt(left)) end
-local total = redis.call('HINCRBY', KEYS[1], 'units', ARGV[5])
-return remember('ok|' .. fmt(total))
-"""
-
 # Sweep leases whose server-side expiry has passed: their unused units go back to the pool
 # and are reported as ``revoked`` (the worker is dead or cut off; what it consumed and never
 # pushed is unknown to everyone but it).
-SWEEP: Final = r"""
+SWEEP_DEF: Final = r"""
 local function sweep(leases_key, now, everything)
   local freed = 0
   local all = redis.call('HGETALL', leases_key)
@@ -113,6 +100,31 @@ local function sweep(leases_key, now, everything)
   return freed
 end
 """
+
+SWEEP: Final = SWEEP_DEF
+
+# KEYS: st, sess, op, leases. ARGV[5] = units to add.
+ADD: Final = PRELUDE + DEDUP + SWEEP_DEF + r"""
+local r = replayed(); if r then return r end
+local st = redis.call('HMGET', KEYS[1], 'status', 'units', 'reserved', 'max', 'revoked')
+if not st[1] then return 'unknown' end
+if st[1] ~= 'open' then return remember('closed|' .. st[1]) end
+local n = tonumber(ARGV[5])
+local left = num(st[4]) - num(st[2]) - num(st[3])
+if n > left then
+  -- short of budget: first take back the headroom of leases that expired (dead workers)
+  local freed = sweep(KEYS[4], now_ms(), false)
+  if freed > 0 then
+    redis.call('HSET', KEYS[1], 'reserved', fmt(num(st[3]) - freed),
+      'revoked', fmt(num(st[5]) + freed))
+    left = left + freed
+  end
+end
+if n > left then return remember('budget|' .. fmt(left)) end
+local total = redis.call('HINCRBY', KEYS[1], 'units', ARGV[5])
+return remember('ok|' .. fmt(total))
+"""
+
 
 # KEYS: st, sess, op, leases. ARGV[5] = worker, [6] = used (consumed since the last push),
 # [7] = want (lease size to top up to), [8] = lease TTL ms, [9] = '1' to give the lease back,

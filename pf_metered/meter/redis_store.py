@@ -341,7 +341,9 @@ class RedisStore:
         k = self._keys(stream_id)
         dedup = self._dedup_args(op_id)
         opkey = k["op"] + (op_id if op_id is not None else "-")
-        reply = _s(self._eval(lua.ADD, [k["st"], k["sess"], opkey], [*dedup, units]))
+        reply = _s(
+            self._eval(lua.ADD, [k["st"], k["sess"], opkey, k["leases"]], [*dedup, units])
+        )
         kind, _, rest = reply.partition("|")
         if kind == "ok":
             return int(rest)
