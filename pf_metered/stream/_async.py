@@ -18,14 +18,15 @@ import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pf_metered.errors import APIError, PFMeteredError, StreamClosed
 from pf_metered.meter.core import ReleaseDue
+from pf_metered.meter.open import StoreSpec
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt
-from pf_metered.meter.store import Store
 from pf_metered.money import AmountLike, Rate
+from pf_metered.stream import _recovery
 from pf_metered.stream._base import AsyncEscrowAPI, StreamBase, is_transient, release_found
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class AsyncPaymentStream(StreamBase):
         max_units: int | None = None,
         auto_release_hours: int | None = None,
         memo: str | None = None,
-        store: Store | None = None,
+        store: StoreSpec = None,
         per: str = "unit",
         background: bool = True,
         clock: Callable[[], float] = time.monotonic,
@@ -75,6 +76,13 @@ class AsyncPaymentStream(StreamBase):
     @property
     def client(self) -> AsyncEscrowAPI:
         return self._client
+
+    @classmethod
+    async def resume(
+        cls, store: StoreSpec, stream_id: str, client: AsyncEscrowAPI, **kw: Any
+    ) -> AsyncPaymentStream:
+        """The async twin of ``PaymentStream.resume`` (see :mod:`pf_metered.stream._recovery`)."""
+        return await _recovery.resume_async(cls, store, stream_id, client, **kw)
 
     def _bind_loop(self) -> asyncio.Lock:
         if self._send_lock is None:

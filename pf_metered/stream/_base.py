@@ -22,9 +22,10 @@ from pf_metered.errors import (
     ServerError,
 )
 from pf_metered.meter.core import Meter, plan_stream
+from pf_metered.meter.open import StoreSpec, open_store
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt, StatusReport
-from pf_metered.meter.store import MemoryStore, Store
+from pf_metered.meter.store import Store
 from pf_metered.models import Escrow
 from pf_metered.money import MAX_UNITS, AmountLike, Rate, parse_count
 
@@ -97,7 +98,7 @@ class StreamBase:
         max_units: int | None = None,
         auto_release_hours: int | None = None,
         memo: str | None = None,
-        store: Store | None = None,
+        store: StoreSpec = None,
         per: str = "unit",
         background: bool = True,
         clock: Callable[[], float] = time.monotonic,
@@ -107,7 +108,7 @@ class StreamBase:
             to_agent_id, rate, batch=batch, every_=every, budget=budget, max_units=max_units,
             auto_release_hours=auto_release_hours, memo=memo, per=per, stream_id=stream_id,
         )
-        self._store: Store = store if store is not None else MemoryStore()
+        self._store: Store = open_store(store)  # None, a path, a redis:// URL or a Store
         self._meter = Meter(self._store, config, policy, per=per, clock=clock)
         self._background = background
         self._opened = False

@@ -17,14 +17,15 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pf_metered.errors import APIError, PFMeteredError, StreamClosed
 from pf_metered.meter.core import ReleaseDue
+from pf_metered.meter.open import StoreSpec
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt
-from pf_metered.meter.store import Store
 from pf_metered.money import AmountLike, Rate
+from pf_metered.stream import _recovery
 from pf_metered.stream._base import EscrowAPI, StreamBase, is_transient, release_found
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class PaymentStream(StreamBase):
         max_units: int | None = None,
         auto_release_hours: int | None = None,
         memo: str | None = None,
-        store: Store | None = None,
+        store: StoreSpec = None,
         per: str = "unit",
         background: bool = True,
         clock: Callable[[], float] = time.monotonic,
@@ -77,6 +78,18 @@ class PaymentStream(StreamBase):
     def client(self) -> EscrowAPI:
         return self._client
 
+    @classmethod
+    def resume(
+        cls, store: StoreSpec, stream_id: str, client: EscrowAPI, **kw: Any
+    ) -> PaymentStream:
+        """Rebuild a stream from its durable store after a crash and finish what was started.
+
+        Pending releases are settled with their SAME idempotency keys (or from the escrow's
+        ``released`` figure), counted units are released, a closing stream is closed; never
+        twice. See :mod:`pf_metered.stream._recovery`.
+        """
+        return _recovery.resume_sync(cls, store, stream_id, client, **kw)
+
     # ------------------------------------------------------------------ open
     def open(self) -> PaymentStream:
         """Lock the budget in escrow (idempotent: the key is derived from the stream id)."""
@@ -96,6 +109,7 @@ class PaymentStream(StreamBase):
                 )
                 self._meter.opened(escrow.escrow_id)
             self._opened = True
+            _recovery.track(self)  # exit / SIGTERM flush due releases (bounded)
             if self._background and (self.policy.units or self.policy.seconds):
                 self._worker = threading.Thread(
                     target=self._run, name=f"pf-metered-{self.stream_id[:8]}", daemon=True
