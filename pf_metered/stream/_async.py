@@ -28,6 +28,7 @@ from pf_metered.meter.receipt import Receipt
 from pf_metered.money import AmountLike, Rate
 from pf_metered.stream import _recovery
 from pf_metered.stream._base import AsyncEscrowAPI, StreamBase, is_transient, release_found
+from pf_metered.stream._tranches import adapt_client, adjust_receipt
 
 if TYPE_CHECKING:
     from pf_metered.stream.clock import AsyncClock
@@ -63,7 +64,8 @@ class AsyncPaymentStream(StreamBase):
             auto_release_hours=auto_release_hours, memo=memo, store=store, per=per,
             background=background, clock=clock, stream_id=stream_id,
         )
-        self._client = client
+        # full-release dialect: a chain of tranches behind the same face (_tranches.py)
+        self._client: AsyncEscrowAPI = adapt_client(client, self._meter, is_async=True)
         self._send_lock: asyncio.Lock | None = None
         self._close_lock: asyncio.Lock | None = None
         self._wakeup: asyncio.Event | None = None
@@ -236,10 +238,13 @@ class AsyncPaymentStream(StreamBase):
                 self._failure = None
                 await self._drain(final=True)
                 refunded = await self._refund()
-                self._receipt = self._meter.finished(refunded)
+                self._receipt = adjust_receipt(self._client, self._meter.finished(refunded))
             return self._receipt
 
     async def _refund(self) -> int:
+        finish = getattr(self._client, "finish", None)  # tranche chain: settle at close
+        if finish is not None:
+            return await finish()  # type: ignore[no-any-return]
         action = self._meter.refund_action()
         if action is None:
             return 0

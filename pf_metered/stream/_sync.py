@@ -27,6 +27,7 @@ from pf_metered.meter.receipt import Receipt
 from pf_metered.money import AmountLike, Rate
 from pf_metered.stream import _recovery
 from pf_metered.stream._base import EscrowAPI, StreamBase, is_transient, release_found
+from pf_metered.stream._tranches import adapt_client, adjust_receipt
 
 if TYPE_CHECKING:
     from pf_metered.stream.clock import Clock
@@ -67,7 +68,8 @@ class PaymentStream(StreamBase):
             auto_release_hours=auto_release_hours, memo=memo, store=store, per=per,
             background=background, clock=clock, stream_id=stream_id,
         )
-        self._client = client
+        # full-release dialect: a chain of tranches behind the same face (_tranches.py)
+        self._client: EscrowAPI = adapt_client(client, self._meter, is_async=False)
         self._send_lock = threading.RLock()
         self._close_lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -229,10 +231,13 @@ class PaymentStream(StreamBase):
                 self._failure = None
                 self._drain(final=True)
                 refunded = self._refund()
-                self._receipt = self._meter.finished(refunded)
+                self._receipt = adjust_receipt(self._client, self._meter.finished(refunded))
             return self._receipt
 
     def _refund(self) -> int:
+        finish = getattr(self._client, "finish", None)  # tranche chain: settle at close
+        if finish is not None:
+            return finish()  # type: ignore[no-any-return]
         action = self._meter.refund_action()
         if action is None:
             return 0

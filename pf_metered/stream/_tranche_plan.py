@@ -247,7 +247,11 @@ def next_lock_micro(
     size = plan.tranche_micro
     if behind > size:
         size = behind - behind % GRANULE_MICRO
-    return min(size, room)
+    if size < room:
+        return size
+    # the last room of the budget: keep it on the granule unless that falls under the minimum
+    granular = room - room % GRANULE_MICRO
+    return granular if granular >= plan.minimum_micro else room
 
 
 @dataclass(frozen=True, slots=True)
