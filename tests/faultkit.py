@@ -15,6 +15,7 @@ methods asked), so a failing seed replays exactly. Counters say what was injecte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -117,3 +118,68 @@ class FaultyTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         """The sandbox owns the inner transport."""
+
+
+# ------------------------------------------------------------------------ lost responses
+def _client(sandbox: object, key: str, transport: FaultyTransport) -> object:
+    return sandbox.client(key, transport=transport, _sleep=lambda s: None)  # type: ignore[attr-defined]
+
+
+def run_lost_responses(seed: int, sandbox: object, *, p: float = 0.35) -> dict[str, int]:
+    """One seeded schedule: a stream records, flushes and closes while answers are lost.
+
+    Returns the figures the suite and ``scripts/reliability.py`` check: ``lost`` (units counted
+    but not paid for, or paid for but not counted — in micro-USDC), ``doubled`` (releases
+    applied more than once), ``budget_gap`` (released + refunded − budget).
+    """
+    from pf_metered.errors import PFMeteredError
+    from pf_metered.money import parse_rate
+    from pf_metered.stream import PaymentStream
+
+    rng = random.Random(seed)
+    payer = sandbox.add_agent(balance="50")  # type: ignore[attr-defined]
+    provider = sandbox.add_agent()  # type: ignore[attr-defined]
+    schedule = SeededSchedule(seed, p)
+    transport = FaultyTransport(sandbox.transport(), schedule)  # type: ignore[attr-defined]
+    client = _client(sandbox, payer.api_key, transport)
+    rate = rng.choice(["0.0000013", "0.001", "0.0000001", "0.37", "0.0123457"])
+    budget = "20"
+    stream = PaymentStream(
+        client, provider.agent_id, rate, batch=rng.randint(1, 40), budget=budget,  # type: ignore[arg-type]
+        background=False,
+    )
+    for _ in range(100):
+        try:
+            stream.open()
+            break
+        except PFMeteredError:
+            continue
+    units = 0
+    for _ in range(rng.randint(1, 30)):
+        n = rng.randint(0, 25)
+        try:
+            stream.record(n)
+            units += n
+        except PFMeteredError:
+            pass
+        with contextlib.suppress(PFMeteredError):
+            stream.flush() if rng.random() < 0.3 else stream.pump()
+    receipt = None
+    for _ in range(200):
+        try:
+            receipt = stream.close()
+            break
+        except PFMeteredError:
+            continue
+    assert receipt is not None, f"seed {seed}: close never succeeded"
+    escrow = sandbox.escrow(stream.escrow_id)  # type: ignore[attr-defined]
+    expected = parse_rate(rate).micro_half_up(units)
+    memos = [r.memo for r in escrow.releases]
+    return {
+        "units": units,
+        "injected": sum(transport.injected.values()),
+        "lost": abs(escrow.released_micro - expected) + abs(receipt.units - units),
+        "doubled": len(memos) - len(set(memos)),
+        "budget_gap": escrow.released_micro + escrow.refunded_micro - escrow.amount_micro,
+        "receipt_gap": abs(receipt.paid_micro - escrow.released_micro),
+    }
