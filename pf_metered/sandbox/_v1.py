@@ -13,6 +13,7 @@ other than the contract's (``{error, message}`` for errors).
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from collections.abc import Callable
@@ -80,7 +81,13 @@ def _iso(us: int | None) -> str | None:
     return None if us is None else isoformat_us(us)
 
 
+@functools.lru_cache(maxsize=65_536)
 def release_json(rel: ReleaseRecord) -> dict[str, Any]:
+    """A release in v1's shape; cached because every answer repeats the whole history.
+
+    Releases are immutable once written, so the rendering of one never changes. Callers must
+    not mutate the returned dict.
+    """
     return {
         "release_id": rel.release_id,
         "amount": format_usdc(rel.amount),
