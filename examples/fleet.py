@@ -36,7 +36,10 @@ def _stream(conn: dict[str, Any], chunk: int) -> Any:
     from pf_metered.stream import PaymentStream
 
     store = RedisStore(conn["redis_url"], prefix=conn["prefix"], chunk=chunk)
-    client = EscrowClient(conn["api_key"], base_url=conn["base_url"])
+    # Every worker's client must send the same body for the same key (a take-over resends
+    # another worker's release), so none of them should guess whether the server honours keys.
+    client = EscrowClient(conn["api_key"], base_url=conn["base_url"],
+                          server_honours_idempotency=True)
     return PaymentStream(client, store=store, background=False, **conn["spec"])
 
 

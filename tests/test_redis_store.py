@@ -8,6 +8,7 @@ answer - the exact situation in which redis-py (or our retry) re-sends the comma
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -231,10 +232,8 @@ class DroppingProxy:
         except OSError:
             pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def close(self) -> None:
