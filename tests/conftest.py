@@ -230,3 +230,114 @@ def pf_world() -> Iterator[PFWorld]:
     world = PFWorld()
     yield world
     world.close()
+
+
+# -- deployed dialect (tests/test_deployed*.py, test_tranches*.py, test_ratelimit*.py) ---
+
+
+class LoseAnswers(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Let chosen requests reach the sandbox, then lose their answers (a read timeout).
+
+    ``rules`` maps ``(method, path fragment)`` to how many answers to lose; ``lost`` lists the
+    requests whose answers were lost, ``seen`` every request.
+    """
+
+    def __init__(self, inner: Any, rules: dict[tuple[str, str], int] | None = None) -> None:
+        self.inner = inner
+        self.rules = dict(rules or {})
+        self.lost: list[tuple[str, str]] = []
+        self.seen: list[tuple[str, str]] = []
+
+    def _should_lose(self, request: httpx.Request) -> bool:
+        key = (request.method, request.url.path)
+        self.seen.append(key)
+        for (method, fragment), left in self.rules.items():
+            if left > 0 and method == request.method and fragment in request.url.path:
+                self.rules[(method, fragment)] = left - 1
+                self.lost.append(key)
+                return True
+        return False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        lose = self._should_lose(request)
+        response = self.inner.handle_request(request)
+        if lose:
+            raise httpx.ReadTimeout("answer lost (test)", request=request)
+        return response
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        lose = self._should_lose(request)
+        response = await self.inner.handle_async_request(request)
+        if lose:
+            raise httpx.ReadTimeout("answer lost (test)", request=request)
+        return response
+
+
+class DeployedWorld:
+    """A sandbox on a frozen clock serving the deployed dialect, a funded payer and a provider.
+
+    Clients made here pace themselves by the *sandbox* clock and sleep by moving it, so rate
+    windows and backoffs of minutes pass in microseconds of real time.
+    """
+
+    def __init__(self, balance: str = "1000", **sandbox_kw: Any) -> None:
+        from pf_metered.sandbox import ManualClock, Sandbox
+
+        self.clock = ManualClock()
+        self.sandbox = Sandbox(clock=self.clock, dialect="deployed", **sandbox_kw)
+        self.payer = self.sandbox.add_agent(balance=balance)
+        self.provider = self.sandbox.add_agent()
+        self.sleeps: list[float] = []
+        self._clients: list[Any] = []
+
+    def now(self) -> float:
+        return self.clock.now_us() / 1_000_000
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.clock.advance(max(0.0, seconds))
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleep(seconds)
+
+    def limiter(self, limits: Any = None) -> Any:
+        from pf_metered.client._ratelimit import PathRateLimiter
+
+        return PathRateLimiter(limits, clock=self.now, rng=lambda: 0.5)
+
+    def client(self, *, transport: Any = None, rate_limits: Any = None, **kw: Any) -> Any:
+        c = self.sandbox.client(
+            self.payer.api_key,
+            transport=transport or self.sandbox.transport(),
+            rate_limits=self.limiter() if rate_limits is None else rate_limits,
+            _sleep=self.sleep,
+            **kw,
+        )
+        self._clients.append(c)
+        return c
+
+    def aclient(self, *, transport: Any = None, rate_limits: Any = None, **kw: Any) -> Any:
+        c = self.sandbox.async_client(
+            self.payer.api_key,
+            transport=transport or self.sandbox.transport(),
+            rate_limits=self.limiter() if rate_limits is None else rate_limits,
+            _sleep=self.asleep,
+            **kw,
+        )
+        return c
+
+    def balance(self, who: str = "payer") -> Any:
+        agent = self.payer if who == "payer" else self.provider
+        return self.sandbox.balance(agent.agent_id)
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        self.sandbox.close()
+
+
+@pytest.fixture
+def deployed() -> Iterator[DeployedWorld]:
+    world = DeployedWorld()
+    yield world
+    world.close()

@@ -68,15 +68,15 @@ class RateLimit:
             raise InvalidInput("per_minute", "must be a whole number of requests")
         if self.per_minute < 1:
             raise InvalidInput("per_minute", f"must be at least 1, got {self.per_minute}")
-        if self.margin < 0 or self.margin >= self.per_minute:
-            raise InvalidInput("margin", f"must be in 0..{self.per_minute - 1}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
+            raise InvalidInput("margin", "must be a whole number ≥ 0")
         if self.burst is not None and not 1 <= self.burst <= self.usable:
             raise InvalidInput("burst", f"must be in 1..{self.usable}")
 
     @property
     def usable(self) -> int:
-        """Requests a minute this client allows itself."""
-        return self.per_minute - self.margin
+        """Requests a minute this client allows itself (the margin never takes the last one)."""
+        return max(1, self.per_minute - self.margin)
 
     @property
     def capacity(self) -> int:

@@ -1,0 +1,136 @@
+"""Client-side token buckets per path: never more than the limit in any 60 s, and a 429 slows
+the path down (empty bucket, pause with backoff, halved rate)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pf_metered.client._ratelimit import (
+    BACKOFF_CAP,
+    DEFAULT_DEPLOYED_LIMITS,
+    PathRateLimiter,
+    RateLimit,
+)
+from pf_metered.errors import InvalidInput
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def send_times(limiter: PathRateLimiter, clock: FakeTime, path: str, n: int) -> list[float]:
+    """Send ``n`` requests as fast as the limiter allows; the moments they go out."""
+    out = []
+    for _ in range(n):
+        clock.t += limiter.acquire(path)
+        out.append(clock.t)
+    return out
+
+
+def max_in_window(times: list[float], window: float = 60.0) -> int:
+    best = 0
+    j = 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+@pytest.mark.parametrize("per_minute", [1, 2, 10, 30, 100])
+def test_never_more_than_the_limit_in_any_minute(per_minute):
+    clock = FakeTime()
+    lim = PathRateLimiter({".*": RateLimit(per_minute)}, clock=clock)
+    times = send_times(lim, clock, "/escrow/create", 5 * per_minute + 3)
+    assert max_in_window(times) <= max(1, per_minute - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    per_minute=st.integers(2, 60),
+    gaps=st.lists(st.floats(0, 40, allow_nan=False), min_size=1, max_size=80),
+)
+def test_any_arrival_pattern_stays_under_the_limit(per_minute, gaps):
+    clock = FakeTime()
+    lim = PathRateLimiter({".*": RateLimit(per_minute)}, clock=clock)
+    times = []
+    for gap in gaps:
+        clock.t += gap
+        clock.t += lim.acquire("/p")
+        times.append(clock.t)
+    assert max_in_window(times) <= per_minute - 1
+
+
+def test_burst_then_trickle():
+    clock = FakeTime()
+    lim = PathRateLimiter({".*": RateLimit(10)}, clock=clock)
+    waits = [lim.acquire("/escrow/create") for _ in range(4)]
+    assert waits[:2] == [0.0, 0.0]  # burst of max(1, 9 // 4) = 2
+    assert waits[2] == pytest.approx(60 / 7)  # then (9 - 2) per minute
+    assert waits[3] == pytest.approx(2 * 60 / 7)
+
+
+def test_paths_are_separate_and_unmatched_paths_unlimited():
+    clock = FakeTime()
+    lim = PathRateLimiter({r"^/escrow/create$": RateLimit(2, margin=0)}, clock=clock)
+    assert lim.acquire("/escrow/create") == 0.0
+    assert lim.acquire("/escrow/create") > 0.0
+    assert all(lim.acquire("/escrow/release/esc_1") == 0.0 for _ in range(100))
+
+
+def test_release_paths_are_per_escrow_with_defaults():
+    clock = FakeTime()
+    lim = PathRateLimiter(clock=clock)
+    assert lim.limit_for("/escrow/create") == RateLimit(10)
+    assert lim.limit_for("/escrow/release/esc_1") == RateLimit(30)
+    assert [lim.acquire(f"/escrow/release/esc_{i}") for i in range(50)] == [0.0] * 50
+    assert set(DEFAULT_DEPLOYED_LIMITS) >= {r"^/escrow/create$", r".*"}
+
+
+def test_429_empties_pauses_backs_off_and_recovers():
+    clock = FakeTime()
+    lim = PathRateLimiter({".*": RateLimit(30)}, clock=clock, rng=lambda: 0.0)
+    nominal = lim._bucket("/x", clock.t).rate  # type: ignore[union-attr]
+    pauses = [lim.rate_limited("/x") for _ in range(8)]
+    assert pauses[:4] == [1.0, 2.0, 4.0, 8.0]
+    assert max(pauses) == BACKOFF_CAP
+    assert lim.drawn_429 == 8
+    assert lim.acquire("/x") >= BACKOFF_CAP  # paused, and the bucket was emptied
+    bucket = lim._bucket("/x", clock.t)
+    assert bucket is not None and bucket.rate < nominal
+    for _ in range(20):
+        lim.succeeded("/x")
+    assert bucket.rate == nominal
+
+
+def test_idle_buckets_are_forgotten():
+    clock = FakeTime()
+    lim = PathRateLimiter(clock=clock)
+    for i in range(100):
+        lim.acquire(f"/escrow/release/esc_{i}")
+    assert lim.tracked_paths() == 100
+    clock.t += 10_000
+    lim.acquire("/escrow/create")
+    assert lim.tracked_paths() == 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [({"per_minute": 0}, "per_minute"), ({"per_minute": 5, "margin": -1}, "margin"),
+     ({"per_minute": 5, "burst": 9}, "burst"), ({"per_minute": True}, "per_minute")],
+)
+def test_bad_limits_name_the_field(kw, field):
+    with pytest.raises(InvalidInput) as info:
+        RateLimit(**kw)
+    assert info.value.field == field
+
+
+def test_limits_must_be_ratelimit_objects():
+    with pytest.raises(InvalidInput):
+        PathRateLimiter({".*": 10})  # type: ignore[dict-item]
