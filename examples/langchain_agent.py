@@ -180,6 +180,7 @@ def run(*, verbose: bool = True) -> dict[str, Any]:
             config={"callbacks": callbacks, "recursion_limit": 60},
         )
     finally:
+        toolkit.tool_context.close_all()  # refund whatever the agent left open
         llm_receipt = llm_stream.close() if llm_stream is not None else None
 
     messages: list[BaseMessage] = result["messages"]

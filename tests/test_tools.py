@@ -330,3 +330,33 @@ def test_context_needs_a_client():
     from pf_metered.errors import ConfigError
     with pytest.raises(ConfigError):
         ToolContext()
+
+
+def test_a_budget_under_the_escrow_minimum_is_explained_as_a_budget(pf_world):
+    ctx = ToolContext(pf_world.client)
+    err = error_of(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.001",
+                   max_units=10)
+    assert err.kind == "invalid_argument" and "budget" in str(err) and "1.00" in str(err)
+    assert ctx.locked_micro == 0
+
+
+def test_close_all_refunds_what_the_agent_left_open(pf_world):
+    ctx = ToolContext(pf_world.client)
+    p = pf_world.provider.agent_id
+    call(ctx, "stream_open", provider=p, rate="0.01", budget="1")
+    call(ctx, "stream_open", provider=p, rate="0.02", budget="2")
+    call(ctx, "stream_record", stream_id="s2", units=5)
+    call(ctx, "stream_close", stream_id="s1")
+    receipts = ctx.close_all()
+    assert [r.units for r in receipts] == [0, 5]
+    assert ctx.locked_micro == 100_000
+    assert pf_world.balance() == Decimal("99.90")
+
+
+async def test_aclose_all(pf_world):
+    ctx = ToolContext(pf_world.client, pf_world.aclient)
+    await acall(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.01", budget="1")
+    call(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.01", budget="1")
+    assert len(await ctx.aclose_all()) == 2
+    assert pf_world.balance() == Decimal("100")
+    await pf_world.aclient.aclose()

@@ -215,6 +215,34 @@ class ToolContext:
                 entry.receipt = receipt
                 self._locked_micro -= refunded_micro
 
+    def close_all(self) -> list[Receipt]:
+        """Close every stream the agent left open (pay what it used, refund the rest).
+
+        Call it when the agent's session ends: an escrow left locked would otherwise go to the
+        provider whole at auto-release. Streams opened asynchronously need :meth:`aclose_all`.
+        """
+        from pf_metered.tools.streams import STREAM_CLOSE
+
+        receipts = []
+        for entry in self.entries():
+            if entry.receipt is None:
+                STREAM_CLOSE.call(self, {"stream_id": entry.handle})
+            if entry.receipt is not None:
+                receipts.append(entry.receipt)
+        return receipts
+
+    async def aclose_all(self) -> list[Receipt]:
+        """:meth:`close_all` for async code (closes sync and async streams alike)."""
+        from pf_metered.tools.streams import STREAM_CLOSE
+
+        receipts = []
+        for entry in self.entries():
+            if entry.receipt is None:
+                await STREAM_CLOSE.acall(self, {"stream_id": entry.handle})
+            if entry.receipt is not None:
+                receipts.append(entry.receipt)
+        return receipts
+
     def streams_summary(self) -> dict[str, Any]:
         """How many streams are open and how much is locked (for stream_list)."""
         with self._lock:

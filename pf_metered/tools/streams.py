@@ -16,6 +16,7 @@ import asyncio
 import inspect
 from typing import Any
 
+from pf_metered.errors import InvalidInput
 from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_rate
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
@@ -113,6 +114,17 @@ def _open_prepare(ctx: ToolContext, args: StreamOpenArgs) -> tuple[Rate, int]:
     return rate, budget_micro
 
 
+def _budget_problem(exc: InvalidInput) -> Exception:
+    """The escrow's ``amount`` is the stream's budget: say so in the model's terms."""
+    if exc.field == "amount":
+        return ToolError(
+            f"Invalid argument budget: the escrow amount {exc.problem} (the service's minimum "
+            "escrow). Give a larger budget (or max_units) and call stream_open again.",
+            kind="invalid_argument",
+        )
+    return exc
+
+
 def _stream_kwargs(ctx: ToolContext, args: StreamOpenArgs, budget_micro: int) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "batch": args.batch,
@@ -148,6 +160,9 @@ def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
             ctx.client, args.provider, str(rate), **_stream_kwargs(ctx, args, budget_micro)
         )
         stream.open()
+    except InvalidInput as exc:
+        ctx.unreserve(budget_micro, stream=True)
+        raise _budget_problem(exc) from None
     except BaseException:
         ctx.unreserve(budget_micro, stream=True)
         raise
@@ -164,6 +179,9 @@ async def _aopen(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
             **_stream_kwargs(ctx, args, budget_micro),
         )
         await stream.open()
+    except InvalidInput as exc:
+        ctx.unreserve(budget_micro, stream=True)
+        raise _budget_problem(exc) from None
     except BaseException:
         ctx.unreserve(budget_micro, stream=True)
         raise
