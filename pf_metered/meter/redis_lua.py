@@ -128,7 +128,7 @@ return remember('ok|' .. fmt(total))
 
 # KEYS: st, sess, op, leases. ARGV[5] = worker, [6] = used (consumed since the last push),
 # [7] = want (lease size to top up to), [8] = lease TTL ms, [9] = '1' to give the lease back,
-# [10] = need (units the caller needs right now).
+# [10] = need (units the caller needs right now), [11] = '1' to shrink the lease to ``want``.
 # Reply: ok|status|units|lease remaining|granted|ttl ms|available in the pool
 LEASE: Final = PRELUDE + DEDUP + SWEEP + r"""
 local r = replayed(); if r then return r end
@@ -186,9 +186,16 @@ if status == 'open' and ARGV[9] ~= '1' then
     end
     if g > avail then g = avail end
     if g < 0 then g = 0 end
+    -- all or nothing for what the caller needs now: a grant it cannot use would only
+    -- take headroom from the others
+    if rem + g < need then g = 0 end
     rem = rem + g
     reserved = reserved + g
     granted = g
+  elseif ARGV[11] == '1' and rem > want then
+    -- no spare headroom wanted (no client-side batching): give back what is not held
+    reserved = reserved - (rem - want)
+    rem = want
   end
   if rem > 0 then
     redis.call('HSET', KEYS[4], ARGV[5], fmt(rem) .. '|' .. fmt(now + ttl))

@@ -393,6 +393,9 @@ class RedisStore:
                 return _intent(stream_id, reply)
             if not final:
                 return None
+            status = self.fleet_status(stream_id)
+            if status is None or any(owner == self._worker for _, owner, _ in status.owners):
+                return None  # our own release is in flight: the contract's answer
             # Another worker's release is in flight. Wait for it; if its owner has not settled
             # it within the intent lease, take it over: the caller sends it (same key) and
             # claims the final intent after.
@@ -632,6 +635,8 @@ class RedisStore:
             loc.held -= units
             if loc.closed is None:
                 loc.remaining += units
+        if not self._chunk:
+            self._sync(stream_id, need=0, release=False)  # give the headroom back now
 
     def _push_if_dirty(self, stream_id: str, *, release: bool = False) -> None:
         with self._mu:
@@ -698,6 +703,7 @@ class RedisStore:
                             int(self._lease_ttl * 1000),
                             rel,
                             need_,
+                            "0" if self._chunk else "1",
                         ],
                     )
                 )
