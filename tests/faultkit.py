@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import threading
 from collections import Counter
@@ -183,3 +184,101 @@ def run_lost_responses(seed: int, sandbox: object, *, p: float = 0.35) -> dict[s
         "budget_gap": escrow.released_micro + escrow.refunded_micro - escrow.amount_micro,
         "receipt_gap": abs(receipt.paid_micro - escrow.released_micro),
     }
+
+
+# ------------------------------------------------------------------------ crash recovery
+CRASH_POINTS = (
+    "after_open", "after_journal", "before_http", "after_http", "after_settle", "after_record",
+    "after_refund", "sigkill",
+)
+
+
+def run_crash(
+    seed: int, sandbox: object, base_url: str, workdir: str, *, durability: str = "per_record"
+) -> dict[str, object]:
+    """Run ``crash_child.py``, kill it at a seeded point, resume in this process, close.
+
+    Figures: ``lost`` (units the child saw counted that the journal lacks, per_record only),
+    ``pay_gap`` (|released − rate × journaled units|), ``budget_gap``, ``doubled``.
+    """
+    import signal
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    from pf_metered.client import EscrowClient
+    from pf_metered.meter.sqlite_store import SQLiteStore
+    from pf_metered.money import parse_rate
+    from pf_metered.stream import PaymentStream
+
+    rng = random.Random(seed)
+    payer = sandbox.add_agent(balance="10")  # type: ignore[attr-defined]
+    provider = sandbox.add_agent()  # type: ignore[attr-defined]
+    point = rng.choice(CRASH_POINTS)
+    rate = rng.choice(["0.0000013", "0.00037", "0.0123457"])
+    units = rng.randint(5, 60)
+    journal = str(Path(workdir) / f"journal-{seed}.db")
+    sid = f"crash{seed}-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "PFM_KEY": payer.api_key, "PFM_BASE_URL": base_url, "PFM_JOURNAL": journal,
+        "PFM_STREAM_ID": sid, "PFM_PROVIDER": provider.agent_id, "PFM_RATE": rate,
+        "PFM_BATCH": str(rng.randint(1, 12)), "PFM_BUDGET": "3", "PFM_UNITS": str(units),
+        "PFM_DURABILITY": durability, "PF_METERED_SIGTERM": "0",
+        "PFM_CRASH_AT": "" if point == "sigkill" else point,
+        "PFM_CRASH_N": str(1 if point in ("after_open", "after_refund") else rng.randint(1, 3)),
+    }
+    child = Path(__file__).with_name("crash_child.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(child)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    kill_after = rng.randint(1, units) if point == "sigkill" else -1
+    seen_units = 0
+    lines = 0
+    for line in proc.stdout:
+        if line.startswith("U "):
+            seen_units = int(line.split()[1])
+            lines += 1
+            if lines == kill_after:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.stdout.close()
+    code = proc.wait(timeout=60)
+    if code not in (0, 137, -signal.SIGKILL):
+        raise AssertionError(f"seed {seed}: child failed with exit code {code}")
+    client = EscrowClient(payer.api_key, base_url=base_url)
+    store = SQLiteStore(journal)
+    state = store.load(sid)
+    if state is None:  # died before the stream was journaled: nothing may be locked
+        assert not client.list_escrows(), f"seed {seed}: an escrow exists with no journal"
+        return {"point": point, "code": code, "lost": 0, "pay_gap": 0, "budget_gap": 0,
+                "doubled": 0, "units": 0}
+    stream = PaymentStream.resume(store, sid, client)
+    receipt = stream.close()
+    receipt2 = PaymentStream.resume(journal, sid, client).close()  # closing twice: no-op
+    assert receipt2.paid_micro == receipt.paid_micro
+    final = store.load(sid)
+    assert final is not None and final.status == "closed"
+    escrow = sandbox.escrow(final.escrow_id)  # type: ignore[attr-defined]
+    memos = [r.memo for r in escrow.releases]
+    client.close()
+    store.close()
+    return {
+        "point": point,
+        "code": code,
+        "units": final.units,
+        "lost": max(0, seen_units - final.units) if durability == "per_record" else 0,
+        "pay_gap": abs(escrow.released_micro - parse_rate(rate).micro_half_up(final.units)),
+        "budget_gap": escrow.released_micro + escrow.refunded_micro - escrow.amount_micro,
+        "doubled": len(memos) - len(set(memos)),
+        "escrows": len(client_escrows(sandbox, payer.api_key, base_url)),
+    }
+
+
+def client_escrows(sandbox: object, key: str, base_url: str) -> list[object]:
+    from pf_metered.client import EscrowClient
+
+    with EscrowClient(key, base_url=base_url) as c:
+        return list(c.list_escrows())
