@@ -229,6 +229,7 @@ def _add_faucet(commands: Any, common: argparse.ArgumentParser) -> None:
         actions, "claim", common, help="claim the faucet for the agent of PF_API_KEY",
         description="Claim the one-time 1.00 USDC credit for the agent whose key is in "
                     f"{ENV_KEY}. A second claim fails with already_claimed (exit 3).",
+        epilog="examples:\n  pf-metered faucet claim\n  pf-metered faucet claim --json\n",
     )
 
 
@@ -363,6 +364,7 @@ def _add_register(commands: Any, common: argparse.ArgumentParser) -> None:
             "written to a file you choose, never printed. Available once the client supports "
             "account bootstrap; until then this command explains what to do instead."
         ),
+        epilog="example:\n  pf-metered register --keys-file agent.env && source agent.env\n",
     ).add_argument("--keys-file", metavar="FILE", default=None,
                    help="where to write the new agent's 'export PF_API_KEY=...' line")
 

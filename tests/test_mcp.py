@@ -1,0 +1,167 @@
+"""``pf-metered mcp`` driven by the official MCP client over stdio.
+
+The server must list exactly the shared tool definitions (names, descriptions, schemas), run
+each of them, and answer every failure as a tool error (``isError``), never by crashing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("mcp")
+
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from pf_metered.tools import ALL_TOOL_NAMES, TOOLS, Caps, get_definition
+
+BIN = Path(sys.executable).with_name("pf-metered")
+pytestmark = pytest.mark.skipif(not BIN.exists(), reason="pf-metered is not installed in the venv")
+
+
+@asynccontextmanager
+async def session(*args: str) -> AsyncIterator[tuple[ClientSession, str]]:
+    """An initialised client session with ``pf-metered mcp --sandbox ARGS``, and its instructions."""
+    params = StdioServerParameters(command=str(BIN), args=["mcp", "--sandbox", *args])
+    with open(os.devnull, "w") as errlog:
+        async with (
+            stdio_client(params, errlog=errlog) as (read, write),
+            ClientSession(read, write) as s,
+        ):
+            init = await s.initialize()
+            yield s, init.instructions or ""
+
+
+async def call(s: ClientSession, name: str, **arguments: Any) -> tuple[bool, Any, str]:
+    """(is_error, structured answer, text) of one tool call."""
+    result = await s.call_tool(name, arguments)
+    text = result.content[0].text  # type: ignore[union-attr]
+    if not result.is_error:
+        assert json.loads(text) == result.structured_content  # the text is the same figures
+    return result.is_error, result.structured_content, text
+
+
+async def test_lists_exactly_the_shared_definitions_and_runs_each() -> None:
+    async with session() as (s, instructions):
+        listed = (await s.list_tools()).tools
+        assert [t.name for t in listed] == list(ALL_TOOL_NAMES)
+        for tool in listed:
+            definition = get_definition(tool.name)
+            assert tool.description == definition.description
+            assert tool.input_schema == definition.input_schema()
+            assert tool.annotations is not None
+            assert tool.annotations.read_only_hint is definition.read_only
+
+        provider = re.search(r"agent (\S+) is a provider", instructions).group(1)
+
+        err, claim, _ = await call(s, "faucet_claim")
+        assert not err and claim["credited"] == "1.00"
+
+        err, created, _ = await call(s, "escrow_create", to_agent_id=provider, amount="5.00",
+                                     memo="job")
+        assert not err and (created["amount"], created["remaining"]) == ("5.00", "5.00")
+        escrow_id = created["escrow_id"]
+
+        err, released, _ = await call(s, "escrow_release", escrow_id=escrow_id, amount="1.25")
+        assert not err and (released["released"], released["remaining"]) == ("1.25", "3.75")
+
+        err, status, _ = await call(s, "escrow_status", escrow_id=escrow_id)
+        assert not err and status["releases"] == 1
+
+        err, listing, _ = await call(s, "escrow_list")
+        assert not err and listing["count"] == 1
+
+        err, opened, _ = await call(s, "stream_open", provider=provider, rate="0.01",
+                                    budget="2.00", batch=5)
+        assert not err, opened
+        stream_id = opened["stream_id"]
+
+        err, recorded, _ = await call(s, "stream_record", stream_id=stream_id, units=12)
+        assert not err, recorded
+
+        err, st, _ = await call(s, "stream_status", stream_id=stream_id)
+        assert not err and st["units"] == 12
+
+        err, streams, _ = await call(s, "stream_list")
+        assert not err and stream_id in json.dumps(streams)
+
+        err, receipt, _ = await call(s, "stream_close", stream_id=stream_id)
+        assert not err, receipt
+        assert (receipt["units"], receipt["paid"], receipt["refunded"]) == (12, "0.12", "1.88")
+
+        called = {"faucet_claim", "escrow_create", "escrow_release", "escrow_status",
+                  "escrow_list", "stream_open", "stream_record", "stream_status", "stream_list",
+                  "stream_close"}
+        assert called == set(ALL_TOOL_NAMES)
+
+
+async def test_failures_are_tool_errors_and_the_server_lives_on() -> None:
+    async with session("--max-budget", "3.00") as (s, instructions):
+        provider = re.search(r"agent (\S+) is a provider", instructions).group(1)
+        listed = {t.name: t for t in (await s.list_tools()).tools}
+        ctx_caps = Caps(max_budget="3.00")
+        assert "max budget 3.00 USDC" in listed["stream_open"].description
+        assert ctx_caps.describe() in listed["escrow_create"].description
+
+        cases = [
+            ("escrow_create", {"to_agent_id": provider, "amount": "abc"}, "amount"),
+            ("escrow_create", {"to_agent_id": provider, "amount": "1.00", "bogus": 1}, "bogus"),
+            ("escrow_create", {"to_agent_id": provider, "amount": "10.00"}, "Cap exceeded"),
+            ("escrow_status", {"escrow_id": "esc_missing"}, "ot found"),
+            ("escrow_release", {"escrow_id": "esc_missing", "amount": "1.00"}, "ot found"),
+            ("stream_status", {"stream_id": "s99"}, "Unknown stream"),
+            ("stream_open", {"provider": provider, "rate": "0.01"}, "budget"),
+            ("no_such_tool", {}, "Unknown tool"),
+        ]
+        for name, arguments, needle in cases:
+            result = await s.call_tool(name, arguments)
+            assert result.is_error, (name, arguments)
+            text = result.content[0].text  # type: ignore[union-attr]
+            assert needle in text, (name, text)
+            assert "Traceback" not in text and "pf_test_" not in text
+
+        err, claim, _ = await call(s, "faucet_claim")  # still serving after all of that
+        assert not err and claim["credited"] == "1.00"
+        err, _, text = await call(s, "faucet_claim")
+        assert err and "already" in text
+
+
+async def test_tools_narrowed_by_the_operator() -> None:
+    async with session("--tools", "escrow_status,escrow_list,stream_open") as (s, _):
+        names = [t.name for t in (await s.list_tools()).tools]
+        assert names == ["escrow_status", "escrow_list", "stream_open"]
+        result = await s.call_tool("faucet_claim", {})
+        assert result.is_error
+
+
+def test_without_key_or_sandbox_exits_4_before_serving() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
+    proc = subprocess.run([str(BIN), "mcp"], env=env, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 4
+    assert proc.stdout == ""  # stdout belongs to the protocol
+    assert "PF_API_KEY" in proc.stderr and "--sandbox" in proc.stderr
+
+
+def test_shared_definitions_are_the_only_source() -> None:
+    from pf_metered.mcp import offered_tools
+    from pf_metered.sandbox import Sandbox
+    from pf_metered.tools import ToolContext
+
+    with Sandbox() as sb:
+        agent = sb.add_agent(balance="1.00")
+        with sb.client(agent.api_key) as client:
+            ctx = ToolContext(client, caps=Caps(allowed_tools=["escrow_list"]))
+            assert offered_tools(ctx) == [get_definition("escrow_list")]
+            ctx_all = ToolContext(client)
+            assert offered_tools(ctx_all) == list(TOOLS)
