@@ -662,20 +662,25 @@ class BaseEscrowClient:
             except _Lost as lost:
                 may_retry = not lost.final and budget.take()
                 if not tagged:
-                    raise self._ambiguous_create(lost, key, "retries exhausted") from None
+                    raise self._ambiguous_create(
+                        lost, key, "retries exhausted", to_agent_id, micro
+                    ) from None
                 yield self._pause(budget)
                 try:
                     escrows = yield from self._list_gen()
                 except PFMeteredError as exc:
                     raise self._ambiguous_create(
-                        lost, key, f"listing escrows failed ({type(exc).__name__})"
+                        lost, key, f"listing escrows failed ({type(exc).__name__})",
+                        to_agent_id, micro,
                     ) from None
                 found = self._find_created(escrows, key, to_agent_id, micro)
                 if found is not None:
                     log.info("create reconciled: escrow %s had been created", found.escrow_id)
                     return found
                 if not may_retry:
-                    raise self._ambiguous_create(lost, key, "retries exhausted") from None
+                    raise self._ambiguous_create(
+                        lost, key, "retries exhausted", to_agent_id, micro
+                    ) from None
                 continue
             escrow = self._parse(answer, self._dialect.parse_escrow)
             if escrow.amount != micro_to_decimal(micro) or escrow.to_agent_id not in (
@@ -689,11 +694,18 @@ class BaseEscrowClient:
                 )
             return escrow
 
-    def _ambiguous_create(self, lost: _Lost, key: str, why: str) -> AmbiguousCreate:
+    def _ambiguous_create(
+        self, lost: _Lost, key: str, why: str, to_agent_id: str, micro: int
+    ) -> AmbiguousCreate:
+        # what is known travels with the error: amount, provider and the memo tag (the nonce
+        # that identifies the escrow if it exists, e.g. in the deployed service's descriptions)
         return AmbiguousCreate(
             f"an escrow may have been created: the answer was lost ({type(lost.error).__name__})"
             f" and {why}; reconcile with list_escrows() or retry with the same idempotency_key",
             idempotency_key=key,
+            to_agent_id=to_agent_id,
+            amount=micro_to_decimal(micro),
+            memo_tag=memo_tag(key).strip(),
         )
 
     # release -------------------------------------------------------------------------

@@ -235,7 +235,7 @@ def default_dialect_for(base_url: str) -> Literal["v1", "deployed"]:
     path = urlsplit(base_url).path.rstrip("/")
     if path.endswith("/api/v1"):
         return "v1"
-    if path == "":
+    if path == "" or path.endswith("/deployed"):  # the sandbox mounts it at /deployed
         return "deployed"
     return "v1"
 

@@ -1,0 +1,454 @@
+"""The deployed dialect: wire parsing (float money as Decimal), the sandbox serving it, account
+bootstrap, lost answers settled by reading back, and 429 storms met by client-side pacing."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import pytest
+from conftest import DeployedWorld, LoseAnswers
+
+from pf_metered.client import AsyncEscrowClient, EscrowClient
+from pf_metered.client import deployed as D
+from pf_metered.errors import (
+    AmbiguousCreate,
+    AuthError,
+    Conflict,
+    InsufficientFunds,
+    InvalidInput,
+    InvalidRequest,
+    InvalidResponse,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    UnsupportedByDialect,
+)
+from pf_metered.sandbox import Sandbox
+
+# -- wire -----------------------------------------------------------------------------------
+
+
+def wire(**over):
+    base = {
+        "escrow_id": "esc_1", "status": "funded", "amount_usd": 43.4310,
+        "commission_usd": 0.43431000000000003, "net_to_counterparty": 42.99668999999999,
+        "counterparty_agent_id": "agent_b", "creator_agent_id": "agent_a",
+        "description": "work [idem:pfm_abc]", "timeout_hours": 24,
+    }
+    base.update(over)
+    return base
+
+
+def parse(obj) -> D.DeployedEscrow:
+    import json
+
+    return D.DEPLOYED.parse_escrow(D.decode_json(json.dumps(obj)))
+
+
+def test_float_money_parsed_from_the_text_and_rounded_to_the_micro():
+    esc = parse(wire())
+    assert esc.net_to_counterparty == Decimal("42.996690")
+    assert esc.amount == Decimal("43.431") and esc.commission == Decimal("0.43431")
+    assert esc.status == "locked" and esc.deployed_status == "funded"
+    assert esc.released == 0 and esc.remaining == esc.amount
+    assert esc.nonce == "pfm_abc" and esc.to_agent_id == "agent_b"
+    assert "99999" not in repr(esc)
+
+
+def test_decode_keeps_json_numbers_exact():
+    data = D.decode_json(b'{"a": 42.99669999999999, "b": 2, "c": "2.5"}')
+    assert data["a"] == Decimal("42.99669999999999") and data["b"] == 2
+    assert D.wire_money_micro(data["a"]) == 42_996_700
+    assert D.wire_money_micro(data["b"]) == 2_000_000
+    assert D.wire_money_micro(data["c"]) == 2_500_000
+    for bad in (b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1, "a": 2}', b"not json"):
+        with pytest.raises(InvalidResponse):
+            D.decode_json(bad)
+
+
+@pytest.mark.parametrize("bad", [0.5, True, None, "abc", -1, "1e400", [1]])
+def test_wire_money_refuses_floats_and_junk(bad):
+    with pytest.raises(InvalidResponse):
+        D.wire_money_micro(bad)
+
+
+@pytest.mark.parametrize(
+    ("status", "neutral", "released", "refunded"),
+    [("funded", "locked", 0, 0), ("completed", "completed", 0, 0),
+     ("disputed", "disputed", 0, 0), ("released", "released", 1, 0),
+     ("refunded", "refunded", 0, 1)],
+)
+def test_status_mapping(status, neutral, released, refunded):
+    esc = parse(wire(status=status, amount_usd=2, commission_usd=0.02,
+                     net_to_counterparty=1.98))
+    assert esc.status == neutral
+    assert esc.released == 2 * released and esc.refunded == 2 * refunded
+    assert esc.released + esc.remaining + esc.refunded == esc.amount
+    if status == "refunded":
+        assert esc.returned_to_creator_micro == 1_980_000
+
+
+@pytest.mark.parametrize(
+    "over",
+    [{"status": "locked"}, {"amount_usd": "x"}, {"commission_usd": 0.5},
+     {"net_to_counterparty": 40}, {"amount_usd": 43.431, "escrow_id": "bad id!"}],
+)
+def test_inconsistent_or_unknown_answers_refused(over):
+    with pytest.raises(InvalidResponse):
+        parse(wire(**over))
+
+
+def test_requests_carry_exact_number_literals():
+    spec = D.DEPLOYED.create_escrow(to_agent_id="agent_b", amount_micro=43_431_000,
+                                    memo="m [idem:k]", auto_release_hours=None,
+                                    idempotency_key="k")
+    assert spec.path == "/escrow/create"
+    assert b'"amount_usd":43.431' in spec.body and b'"timeout_hours":24' in spec.body
+    assert b'"description":"m [idem:k]"' in spec.body
+    with pytest.raises(InvalidInput):
+        D.DEPLOYED.create_escrow(to_agent_id="b", amount_micro=99_999, memo="",
+                                 auto_release_hours=None, idempotency_key="k")
+    with pytest.raises(UnsupportedByDialect):
+        D.DEPLOYED.release_partial(escrow_id="e", amount_micro=1, memo="", idempotency_key="k")
+    with pytest.raises(UnsupportedByDialect):
+        D.DEPLOYED.refund(escrow_id="e", idempotency_key="k")
+    with pytest.raises(UnsupportedByDialect):
+        D.DEPLOYED.list_escrows()
+
+
+@pytest.mark.parametrize(
+    ("url", "dialect"),
+    [("https://escrow.purpleflea.com", "deployed"), ("https://escrow.purpleflea.com/", "deployed"),
+     ("https://escrow.purpleflea.com/api/v1", "v1"), ("http://127.0.0.1:8765/api/v1", "v1"),
+     ("http://localhost/deployed", "deployed"), ("https://example.com/x", "v1")],
+)
+def test_default_dialect_per_base_url(url, dialect):
+    assert D.default_dialect_for(url) == dialect
+    with EscrowClient("pf_test_x", base_url=url) as c:
+        assert c.capabilities.dialect == dialect
+        assert c.capabilities.supports_partial_release is (dialect == "v1")
+        if dialect == "deployed":
+            assert c.capabilities.honours_idempotency is False
+
+
+def test_dialect_must_be_known():
+    with pytest.raises(InvalidInput):
+        EscrowClient("pf_test_x", base_url="https://x.example", dialect="v2")
+
+
+# -- the sandbox serving it ---------------------------------------------------------------
+
+
+def test_lifecycle_on_the_sandbox(deployed: DeployedWorld):
+    c = deployed.client()
+    esc = c.create_escrow(deployed.provider.agent_id, "43.431", memo="job")
+    assert esc.status == "locked" and esc.commission == Decimal("0.43431")
+    assert esc.memo.startswith("job [idem:")
+    with pytest.raises(UnsupportedByDialect):
+        c.release_partial(esc.escrow_id, "1.00")
+    done = c.release(esc.escrow_id)
+    assert done.status == "released" and done.released == Decimal("43.431")
+    assert deployed.balance("provider") == Decimal("42.99669")
+    with pytest.raises(Conflict) as info:
+        c.release(esc.escrow_id)
+    assert info.value.code == "invalid_status"
+    deployed.sandbox.audit()
+
+
+def test_raw_answers_are_float_numbers_without_retry_after(deployed: DeployedWorld):
+    c = deployed.client()
+    esc = c.create_escrow(deployed.provider.agent_id, "10.03")
+    assert esc.net_to_counterparty == Decimal("9.9297")
+    http = httpx.Client(transport=deployed.sandbox.transport())
+    r = http.get(f"http://localhost/deployed/escrow/{esc.escrow_id}",
+                 headers={"Authorization": f"Bearer {deployed.payer.api_key}"})
+    assert r.status_code == 200
+    assert '"net_to_counterparty":9.929699999999999' in r.text
+    assert '"amount_usd":10.03' in r.text and '"status":"funded"' in r.text
+    created = http.post("http://localhost/deployed/escrow/create",
+                        headers={"Authorization": f"Bearer {deployed.payer.api_key}",
+                                 "Idempotency-Key": "same"},
+                        json={"amount_usd": "2.5",
+                              "counterparty_agent_id": deployed.provider.agent_id})
+    again = http.post("http://localhost/deployed/escrow/create",
+                      headers={"Authorization": f"Bearer {deployed.payer.api_key}",
+                               "Idempotency-Key": "same"},
+                      json={"amount_usd": "2.5",
+                            "counterparty_agent_id": deployed.provider.agent_id})
+    assert created.status_code == again.status_code == 201
+    assert created.json()["escrow_id"] != again.json()["escrow_id"]  # key ignored
+    assert created.json()["amount_usd"] == 2.5
+    assert "idempotent-replayed" not in again.headers
+    for _ in range(40):
+        r = http.get(f"http://localhost/deployed/escrow/{esc.escrow_id}")
+    assert r.status_code == 429 and r.json()["error"] == "rate_limited"
+    assert "retry-after" not in r.headers
+    http.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [({"amount_usd": 0.09}, 400, "invalid_amount"), ({"amount_usd": 1.0000001}, 400,
+     "invalid_amount"), ({"amount_usd": 5000}, 402, "insufficient_balance"),
+     ({"amount_usd": 1, "counterparty_agent_id": "nobody"}, 404, "not_found")],
+)
+def test_refusals_use_the_services_codes(body, status, code):
+    world = DeployedWorld(balance="10")
+    try:
+        body = {"counterparty_agent_id": world.provider.agent_id, **body}
+        http = httpx.Client(transport=world.sandbox.transport())
+        r = http.post("http://localhost/deployed/escrow/create", json=body,
+                      headers={"Authorization": f"Bearer {world.payer.api_key}"})
+        assert (r.status_code, r.json()["error"]) == (status, code)
+        assert set(r.json()) == {"error", "message"}
+        http.close()
+    finally:
+        world.close()
+
+
+def test_complete_dispute_and_permissions(deployed: DeployedWorld):
+    payer = deployed.client()
+    provider = deployed.sandbox.client(deployed.provider.api_key, transport=deployed.sandbox
+                                       .transport(), rate_limits=False)
+    esc = payer.create_escrow(deployed.provider.agent_id, "1.00")
+    with pytest.raises(PermissionDenied):
+        payer.complete(esc.escrow_id)
+    with pytest.raises(PermissionDenied):
+        provider.release(esc.escrow_id)
+    assert provider.complete(esc.escrow_id).status == "completed"
+    assert payer.release(esc.escrow_id).status == "released"  # creator releases a completed one
+    other = payer.create_escrow(deployed.provider.agent_id, "1.00")
+    assert provider.dispute(other.escrow_id, "late").status == "disputed"
+    with pytest.raises(Conflict):
+        payer.release(other.escrow_id)
+    deployed.clock.advance(48 * 3600)
+    assert payer.get_escrow(other.escrow_id).status == "disputed"  # stays locked
+    with pytest.raises(NotFound):
+        payer.get_escrow("esc_nope")
+    with pytest.raises(UnsupportedByDialect):
+        payer.refund(other.escrow_id)
+    provider.close()
+    deployed.sandbox.audit()
+
+
+def test_timeout_hands_back_less_one_percent(deployed: DeployedWorld):
+    c = deployed.client()
+    before = deployed.balance()
+    esc = c.create_escrow(deployed.provider.agent_id, "2.00", auto_release_hours=1)
+    deployed.clock.advance(3599)
+    assert c.get_escrow(esc.escrow_id).status == "locked"
+    deployed.clock.advance(1)
+    back = c.get_escrow(esc.escrow_id)
+    assert back.status == "refunded" and back.returned_to_creator_micro == 1_980_000
+    assert deployed.balance() == before - Decimal("0.02")
+    assert deployed.sandbox.fees() == Decimal("0.02")
+    deployed.sandbox.audit()
+
+
+def test_auth_and_insufficient_funds(deployed: DeployedWorld):
+    bad = deployed.sandbox.client("pf_test_wrongwrongwrong", transport=deployed.sandbox
+                                  .transport(), rate_limits=False)
+    with pytest.raises(AuthError):
+        bad.get_escrow("esc_1")
+    bad.close()
+    with pytest.raises(InsufficientFunds):
+        deployed.client().create_escrow(deployed.provider.agent_id, "5000")
+    with pytest.raises(InvalidInput):
+        deployed.client().create_escrow(deployed.provider.agent_id, "0.05")
+
+
+def test_one_sandbox_serves_both_dialects():
+    with Sandbox() as sb:
+        a, b = sb.add_agent(balance="10"), sb.add_agent()
+        v1 = sb.client(a.api_key)
+        dep = sb.client(a.api_key, dialect="deployed")
+        e1 = v1.create_escrow(b.agent_id, "1.00")
+        e2 = dep.create_escrow(b.agent_id, "1.00")
+        assert v1.capabilities.dialect == "v1" and dep.capabilities.dialect == "deployed"
+        assert v1.release(e1.escrow_id).status == "released"  # whole release on v1 too
+        assert dep.release(e2.escrow_id).status == "released"
+        assert sb.balance(b.agent_id) == Decimal("1.98")
+        sb.audit()
+        v1.close()
+        dep.close()
+
+
+# -- account bootstrap ----------------------------------------------------------------------
+
+
+def test_register_then_faucet(deployed: DeployedWorld):
+    t = deployed.sandbox.transport()
+    reg = D.register(base_url="http://localhost/casino", transport=t)
+    assert reg.agent_id and "pf_test_" not in repr(reg)
+    key = reg.api_key.get_secret_value()
+    claim = D.claim_faucet(reg.agent_id, base_url="http://localhost/faucet", transport=t)
+    assert claim.credited == Decimal("1") and claim.agent_id == reg.agent_id
+    with pytest.raises(Conflict) as info:
+        D.claim_faucet(reg.agent_id, base_url="http://localhost/faucet", transport=t)
+    assert info.value.code == "already_claimed"
+    assert deployed.sandbox.balance(reg.agent_id) == Decimal("1")
+    with deployed.sandbox.client(key, rate_limits=False) as c:
+        esc = c.create_escrow(deployed.provider.agent_id, "0.10")
+        assert esc.amount == Decimal("0.1")
+    with pytest.raises(InvalidInput):
+        D.claim_faucet("bad id!", base_url="http://localhost/faucet", transport=t)
+
+
+async def test_async_bootstrap(deployed: DeployedWorld):
+    t = deployed.sandbox.transport()
+    reg = await D.aregister(base_url="http://localhost/casino", transport=t)
+    claim = await D.aclaim_faucet(reg.agent_id, base_url="http://localhost/faucet",
+                                  transport=t)
+    assert claim.credited == 1
+
+
+def test_lost_faucet_answer_then_already_claimed_is_ambiguous_not_double(deployed):
+    from pf_metered.errors import AmbiguousOutcome
+
+    t = LoseAnswers(deployed.sandbox.transport(), {("POST", "/faucet/claim"): 1})
+    reg = D.register(base_url="http://localhost/casino", transport=t)
+    with pytest.raises(AmbiguousOutcome):
+        D.claim_faucet(reg.agent_id, base_url="http://localhost/faucet", transport=t,
+                       _sleep=lambda s: None)
+    assert deployed.sandbox.balance(reg.agent_id) == Decimal("1")
+
+
+def test_lost_registration_answer_is_not_resent(deployed: DeployedWorld):
+    from pf_metered.errors import AmbiguousOutcome
+
+    t = LoseAnswers(deployed.sandbox.transport(), {("POST", "/auth/register"): 1})
+    before = len(deployed.sandbox.agent_ids())
+    with pytest.raises(AmbiguousOutcome):
+        D.register(base_url="http://localhost/casino", transport=t)
+    assert len(deployed.sandbox.agent_ids()) == before + 1
+    assert t.seen.count(("POST", "/casino/api/v1/auth/register")) == 1
+
+
+# -- lost answers ---------------------------------------------------------------------------
+
+
+def escrow_count(world: DeployedWorld) -> int:
+    with world.sandbox._db.transaction() as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM deployed_escrows").fetchone()[0])
+
+
+def test_lost_create_without_listing_is_ambiguous_and_never_resent(deployed):
+    t = LoseAnswers(deployed.sandbox.transport(), {("POST", "/escrow/create"): 1})
+    c = deployed.client(transport=t)
+    with pytest.raises(AmbiguousCreate) as info:
+        c.create_escrow(deployed.provider.agent_id, "3.00", memo="job")
+    assert info.value.idempotency_key
+    assert info.value.known.get("amount") == Decimal("3.00")
+    assert info.value.known.get("to_agent_id") == deployed.provider.agent_id
+    assert escrow_count(deployed) == 1
+    assert t.seen.count(("POST", "/deployed/escrow/create")) == 1
+
+
+def test_lost_create_with_listing_is_reconciled_by_its_nonce():
+    world = DeployedWorld(deployed_list_path="/escrows")
+    try:
+        t = LoseAnswers(world.sandbox.transport(), {("POST", "/escrow/create"): 1})
+        c = world.client(transport=t, dialect=D.DeployedDialect(list_path="/escrows"))
+        esc = c.create_escrow(world.provider.agent_id, "3.00", memo="job")
+        assert esc.amount == 3 and escrow_count(world) == 1
+        assert esc.nonce and esc.memo.endswith(f"[idem:{esc.nonce}]")
+        # lost before reaching the server? then it is sent again, once
+        t2 = LoseAnswers(world.sandbox.transport())
+        c2 = world.client(transport=t2, dialect=D.DeployedDialect(list_path="/escrows"))
+        assert len(c2.list_escrows()) == 1
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_lost_release_is_read_back_not_resent(deployed, times):
+    t = LoseAnswers(deployed.sandbox.transport(), {("POST", "/escrow/release/"): times})
+    c = deployed.client(transport=t)
+    esc = c.create_escrow(deployed.provider.agent_id, "2.00")
+    done = c.release(esc.escrow_id)
+    assert done.status == "released"
+    assert t.seen.count(("POST", f"/deployed/escrow/release/{esc.escrow_id}")) == 1
+    assert deployed.balance("provider") == Decimal("1.98")
+
+
+def test_release_lost_before_reaching_the_server_is_resent(deployed):
+    class DropFirst(LoseAnswers):
+        def handle_request(self, request):
+            if request.method == "POST" and "/release/" in request.url.path and not self.lost:
+                self.lost.append(("POST", request.url.path))
+                raise httpx.ReadTimeout("lost on the way (test)", request=request)
+            return self.inner.handle_request(request)
+
+    t = DropFirst(deployed.sandbox.transport())
+    c = deployed.client(transport=t)
+    esc = c.create_escrow(deployed.provider.agent_id, "2.00")
+    assert c.release(esc.escrow_id).status == "released"
+    assert deployed.balance("provider") == Decimal("1.98")
+
+
+# -- 429 storms -----------------------------------------------------------------------------
+
+
+def test_the_bucket_draws_no_429_under_the_servers_limit(deployed):
+    c = deployed.client()
+    made = [c.create_escrow(deployed.provider.agent_id, "0.10") for _ in range(40)]
+    assert len(made) == 40
+    assert c._limiter.drawn_429 == 0
+    assert deployed.now() - 1_767_225_600 > 3 * 60  # it slowed down: 40 creates, ≥ 4 windows
+
+
+def test_without_the_bucket_a_storm_draws_429s_and_backs_off(deployed):
+    c = deployed.client(rate_limits=False, max_retries=0)
+    got = []
+    for _ in range(12):
+        try:
+            c.create_escrow(deployed.provider.agent_id, "0.10")
+            got.append("ok")
+        except RateLimited as exc:
+            assert exc.retry_after is None and exc.code == "rate_limited"
+            got.append("429")
+    assert got.count("ok") == 10 and got.count("429") == 2
+
+
+def test_a_429_drawn_anyway_slows_the_path_and_succeeds(deployed):
+    # Another process shares the address: the server's window is already nearly full.
+    http = httpx.Client(transport=deployed.sandbox.transport())
+    for _ in range(10):
+        http.post("http://localhost/deployed/escrow/create", json={})
+    http.close()
+    c = deployed.client(max_retries=5)
+    esc = c.create_escrow(deployed.provider.agent_id, "0.10")
+    assert esc.amount == Decimal("0.1")
+    assert c._limiter.drawn_429 >= 1
+    assert sum(deployed.sleeps) >= 1.0  # it waited for the window instead of hammering
+    assert escrow_count(deployed) == 1
+
+
+async def test_async_client_on_the_deployed_sandbox(deployed):
+    t = LoseAnswers(deployed.sandbox.transport(), {("POST", "/escrow/release/"): 1})
+    c = deployed.aclient(transport=t)
+    assert isinstance(c, AsyncEscrowClient)
+    esc = await c.create_escrow(deployed.provider.agent_id, "2.00")
+    done = await c.release(esc.escrow_id)
+    assert done.status == "released"
+    results = [await c.create_escrow(deployed.provider.agent_id, "0.10") for _ in range(15)]
+    assert len({r.escrow_id for r in results}) == 15 and c._limiter.drawn_429 == 0
+    with pytest.raises(UnsupportedByDialect):
+        await c.release_partial(esc.escrow_id, "1.00")
+    await c.aclose()
+
+
+def test_bad_request_fields():
+    world = DeployedWorld()
+    try:
+        http = httpx.Client(transport=world.sandbox.transport())
+        r = http.post("http://localhost/deployed/escrow/create",
+                      headers={"Authorization": f"Bearer {world.payer.api_key}"},
+                      json={"amount_usd": 1, "counterparty_agent_id": world.provider.agent_id,
+                            "timeout_hours": 0})
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+        http.close()
+    finally:
+        world.close()
+    assert InvalidRequest
