@@ -98,3 +98,13 @@ __all__ = [
     "parse_amount",
     "parse_rate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``pf_metered.RedisStore`` on first use: redis is an optional extra (``pf_metered[redis]``)
+    and must not be imported with the package."""
+    if name == "RedisStore":
+        from pf_metered.meter.redis_store import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module 'pf_metered' has no attribute {name!r}")
