@@ -193,3 +193,27 @@ def test_scrub_hides_known_and_key_shaped_secrets() -> None:
     with pytest.raises(Exception, match="not shown"):
         forbid_key_arguments(["--api-key", "whatever"])
     forbid_key_arguments(["escrow", "list", "--", "--api-key"])  # after -- nothing is an option
+
+
+def test_stream_watch_redraws_in_place_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class TTY(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    with Sandbox() as sandbox:
+        payer, provider = sandbox.add_agent(balance="5.00"), sandbox.add_agent()
+        server = sandbox.serve(port=0)
+        with sandbox.client(payer.api_key) as client:
+            escrow_id = client.create_escrow(provider.agent_id, "4.00").escrow_id
+            client.release_partial(escrow_id, "1.00")
+            client.refund(escrow_id)
+        monkeypatch.setenv("PF_BASE_URL", server.base_url)
+        monkeypatch.setenv("PF_API_KEY", payer.api_key)
+        screen, err = TTY(), io.StringIO()
+        monkeypatch.setattr("sys.stdout", screen)
+        monkeypatch.setattr("sys.stderr", err)
+        assert main(["stream", "watch", escrow_id]) == 0
+    text = screen.getvalue()
+    assert text.startswith("\r\x1b[2K" + escrow_id) and text.endswith("\n")
+    assert "[#######~~~~~~~~~~~~~~~~~~~~~~~]" in text and "25.0%" in text
+    assert "is refunded" in err.getvalue()
