@@ -16,6 +16,7 @@ through the scrubber), or show a traceback for a failure the user can fix.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -68,6 +69,15 @@ def _kind(exc: BaseException, code: int) -> str:
     return {2: "usage", 3: "api", 4: "config"}.get(code, "unexpected")
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``pf-metered``; returns the exit status (the console script exits with it)."""
     from pf_metered.cli._args import build_parser
@@ -93,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out.note("interrupted")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `pf-metered escrow list | head`
+    except BrokenPipeError:  # `pf-metered escrow list | head`: the reader has gone
+        _silence_stdout()
         return 0
     except Exception as exc:
         code = exit_code_for(exc)
