@@ -226,8 +226,10 @@ class Sandbox:
     def audit(self, *, raise_on_error: bool = True) -> AuditReport:
         """Check the books: Σ balances + fees + open escrows == Σ minted, and every escrow adds up.
 
-        Raises :class:`LedgerInvariantError` when something is broken (unless
-        ``raise_on_error=False``); returns the report either way it does not raise.
+        Raises :class:`LedgerInvariantError` (typed, not a bare ``AssertionError``) when
+        something is broken; with ``raise_on_error=False`` returns the report whatever it
+        found (``report.ok``, ``report.problems``). Does not apply due auto-releases: it
+        observes the books as they are (call :meth:`tick` first to settle them).
         """
         with self._db.transaction() as conn:
             report = self._ledger.audit(conn)
