@@ -77,6 +77,11 @@ log = logging.getLogger("pf_metered.stream.tranches")
 MAX_AMBIGUOUS: Final = 2
 """Creates whose outcome stayed unknown before the stream stops locking tranches."""
 
+LOCK_AHEAD_TRANCHES: Final = 1
+"""Whole tranches kept locked beyond the one being used, so the next batch's units are covered
+before they are counted (the chain only hears of units a batch at a time). Each costs at most
+1% of a tranche at close, when it is let go."""
+
 DEFAULT_TRANCHE_TIMEOUT_HOURS: Final = 24
 """``timeout_hours`` of each tranche when the stream sets no ``auto_release_hours``."""
 
@@ -125,7 +130,13 @@ class TrancheReport:
 
     @property
     def expiry_commission_micro(self) -> int:
-        return sum(fee_micro(t.amount_micro) for t in self.tranches if t.state == "let_go")
+        """The 1% the service keeps on tranches it hands back by expiry: let go at close,
+        expired under the stream, and an ambiguous one (if its create did happen)."""
+        return sum(
+            fee_micro(t.amount_micro)
+            for t in self.tranches
+            if t.state in ("let_go", "expired", "ambiguous")
+        )
 
     @property
     def provider_net_micro(self) -> int:
@@ -205,8 +216,8 @@ class TrancheBook:
                 if releasable(self.owed_micro, self.paid_micro, t.amount_micro, self.plan):
                     return _Release(t)
                 break  # oldest first: a younger tranche never overtakes
-            ahead = self.live_micro - due
-            if ahead * 2 < self.plan.tranche_micro or not self.live():
+            ahead = self.live_micro - due  # locked for units not counted yet
+            if ahead < (1 + LOCK_AHEAD_TRANCHES) * self.plan.tranche_micro:
                 size = next_lock_micro(
                     self.plan,
                     owed_micro=self.owed_micro,
@@ -512,6 +523,7 @@ class TrancheChain(_ChainBase):
         auto_release_hours: int | None = None, idempotency_key: str | None = None,
     ) -> Escrow:
         self._run(self._open_plan(self._budget))
+        self.pump()  # the next tranche, ahead of need (a transient failure waits)
         return self._view()
 
     def release_partial(
@@ -581,6 +593,7 @@ class AsyncTrancheChain(_ChainBase):
         auto_release_hours: int | None = None, idempotency_key: str | None = None,
     ) -> Escrow:
         await self._run(self._open_plan(self._budget))
+        await self.pump()
         return self._view()
 
     async def release_partial(
