@@ -49,6 +49,7 @@ from pf_metered.errors import (
     APITimeout,
     ConfigError,
     Conflict,
+    IdempotencyConflict,
     InvalidInput,
     InvalidResponse,
     PFMeteredError,
@@ -586,8 +587,13 @@ class BaseEscrowClient:
         return self._parse(answer, self._dialect.parse_escrow_list)
 
     def _tagged(self, memo: object, key: str) -> tuple[str, bool]:
-        """The memo to send, and whether it carries the idempotency tag."""
-        if self._honours_now():
+        """The memo to send, and whether it carries the idempotency tag.
+
+        Decided by configuration alone, never by what this client has learned since: two
+        clients (or one before and after a restart) sending the same logical call under the
+        same key must send the same body, or an honouring server rightly answers 422.
+        """
+        if self._honours_declared is True:
             return _check_memo(memo, MAX_MEMO), False
         tag = memo_tag(key)
         text = _check_memo(memo, MAX_MEMO - len(tag) - 1)
@@ -720,7 +726,9 @@ class BaseEscrowClient:
         spec = self._dialect.release_partial(
             escrow_id=escrow_id, amount_micro=micro, memo=wire_memo, idempotency_key=key
         )
-        return self._release_gen(spec, escrow_id, key, tagged, given and tagged)
+        return self._release_gen(
+            spec, escrow_id, key, tagged, reconcile_first=given and tagged, micro=micro
+        )
 
     @staticmethod
     def _release_state(escrow: Escrow, key: str) -> _Found:
@@ -732,12 +740,28 @@ class BaseEscrowClient:
         return _Found.UNKNOWN  # money was released but the server shows no history
 
     def _release_gen(
-        self, spec: RequestSpec, escrow_id: str, key: str, tagged: bool, reconcile_first: bool
+        self,
+        spec: RequestSpec,
+        escrow_id: str,
+        key: str,
+        tagged: bool,
+        *,
+        reconcile_first: bool,
+        micro: int,
     ) -> Op[Escrow]:
         budget = _Budget(self._max_retries)
         if reconcile_first:
             escrow = yield from self._get_gen(escrow_id)
             if self._release_state(escrow, key) is _Found.FOUND:
+                tag = memo_tag(key)
+                if any(r.memo.endswith(tag) and r.amount_micro != micro for r in escrow.releases):
+                    # The key already paid another amount: the same refusal an honouring
+                    # server gives (422), decided here because this one cannot be trusted to.
+                    raise IdempotencyConflict(
+                        "this idempotency key was already used for a release of another amount",
+                        status=422,
+                        code="idempotency_key_reused",
+                    )
                 return escrow
         while True:
             try:
