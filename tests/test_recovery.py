@@ -225,3 +225,40 @@ def test_stream_accepts_a_path(world: World, tmp_path: Path) -> None:
         s.record(25)
     assert isinstance(s.store, SQLiteStore)
     world.check(s.escrow_id, 25, 1_000_000)
+
+
+_SIGTERM_CHILD = """
+import os, sys
+from pf_metered.client import EscrowClient
+from pf_metered.stream import PaymentStream
+client = EscrowClient(os.environ["PFM_KEY"], base_url=os.environ["PFM_BASE_URL"])
+s = PaymentStream(client, os.environ["PFM_PROVIDER"], "0.001", batch=1000, budget="2",
+                  store=os.environ.get("PFM_JOURNAL") or None)
+s.open()
+s.record(321)
+print(s.escrow_id, flush=True)
+sys.stdin.read()  # blocks until killed
+"""
+
+
+@pytest.mark.parametrize("journal", [False])
+def test_sigterm_flushes_due_releases(tmp_path: Path, journal: bool) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with Sandbox() as sb:
+        payer, provider = sb.add_agent(balance="10"), sb.add_agent()
+        server = sb.serve()
+        env = {**os.environ, "PFM_KEY": payer.api_key, "PFM_BASE_URL": server.base_url,
+               "PFM_PROVIDER": provider.agent_id,
+               "PFM_JOURNAL": str(tmp_path / "j.db") if journal else ""}
+        proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        escrow_id = proc.stdout.readline().strip()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        assert code == -signal.SIGTERM  # still dies of SIGTERM, after flushing
+        assert sb.escrow(escrow_id).released_micro == 321_000
