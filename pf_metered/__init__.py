@@ -32,6 +32,8 @@ from pf_metered.errors import (
     UnsupportedByDialect,
 )
 from pf_metered.meter import BatchPolicy, MemoryStore, Store, every
+from pf_metered.meter.open import open_store
+from pf_metered.meter.sqlite_store import SQLiteStore
 from pf_metered.models import Escrow, EscrowList, FaucetClaim, Release
 from pf_metered.money import Rate, format_usdc, parse_amount, parse_rate
 from pf_metered.sandbox import Sandbox
@@ -85,6 +87,7 @@ __all__ = [
     "RateLimited",
     "Receipt",
     "Release",
+    "SQLiteStore",
     "Sandbox",
     "ServerError",
     "StatusReport",
@@ -95,6 +98,7 @@ __all__ = [
     "every",
     "format_usdc",
     "metered",
+    "open_store",
     "parse_amount",
     "parse_rate",
 ]
