@@ -6,6 +6,8 @@ batch and refunds the rest.
 """
 
 from pf_metered.client import AsyncEscrowClient, EscrowClient
+from pf_metered.client._ratelimit import RateLimit
+from pf_metered.client.deployed import aclaim_faucet, aregister, claim_faucet, register
 from pf_metered.decorators import Metered, metered
 from pf_metered.errors import (
     AmbiguousCreate,
@@ -84,6 +86,7 @@ __all__ = [
     "PaymentStream",
     "PermissionDenied",
     "Rate",
+    "RateLimit",
     "RateLimited",
     "Receipt",
     "Release",
@@ -95,12 +98,16 @@ __all__ = [
     "StreamClosed",
     "UnsupportedByDialect",
     "__version__",
+    "aclaim_faucet",
+    "aregister",
+    "claim_faucet",
     "every",
     "format_usdc",
     "metered",
     "open_store",
     "parse_amount",
     "parse_rate",
+    "register",
 ]
 
 
