@@ -356,13 +356,49 @@ class Metered:
         perf = self._timer
         plain = self._carry is None and isinstance(self.units, int)
 
-        async def metered_async(*args: Any, **kwargs: Any) -> Any:
-            s = self._stream
-            if s is None or not s._opened:
-                s = await ensure()
+        fast: tuple[StreamBase, Any, Callable[[], Any], Callable[[], None], Any] | None = None
+
+        async def prepare() -> tuple[StreamBase, Any, Callable[[], Any], Callable[[], None], Any]:
+            nonlocal fast
+            s = await ensure()
             if s._failure is not None:
                 s._raise_failure()
-            meter = s._meter
+            counter = s._meter.counter
+            if plain and isinstance(counter, _Record):
+                fast = (s, counter, counter.lock.acquire, counter.lock.release, s._meter)
+                return fast
+            return (s, None, _noop, _noop, s._meter)
+
+        async def metered_async(*args: Any, **kwargs: Any) -> Any:
+            fp = fast
+            if fp is None or fp[0]._failure is not None:
+                fp = await prepare()
+            s, rec, acq, rel, meter = fp
+            if rec is not None:  # plain units with the in-memory fast lane (inlined)
+                acq()
+                held = rec.reserved + reserve_n
+                if rec.status != "open" or rec.units + held > rec.max_units:
+                    refusal = rec._refuse(reserve_n)
+                    rel()
+                    raise refusal
+                rec.reserved = held
+                rel()
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException:
+                    if charge:
+                        s._committed(meter.commit(reserve_n))
+                    else:
+                        meter.cancel(reserve_n)
+                    raise
+                acq()
+                rec.reserved -= reserve_n
+                total = rec.units + reserve_n
+                rec.units = total
+                rel()
+                if total >= meter.due_at:
+                    s._committed(total)
+                return result
             meter.reserve(reserve_n)
             t0 = perf()
             try:
@@ -373,12 +409,7 @@ class Metered:
                 else:
                     meter.cancel(reserve_n)
                 raise
-            if plain:
-                total = meter.commit(reserve_n)
-                if total >= meter.due_at:
-                    s._committed(total)
-            else:
-                settle(s, reserve_n, result, perf() - t0)
+            settle(s, reserve_n, result, perf() - t0)
             return result
 
         return metered_async
