@@ -75,6 +75,9 @@ def _to_decimal(value: object, field: str) -> Decimal:
         text = value.strip()
         if not text or len(text) > 64:
             raise InvalidInput(field, f"is not a decimal number: {value[:40]!r}")
+        if "e" in text or "E" in text:
+            # "1e3" is a thousand USDC to Decimal and a typo to a human: money is written out.
+            raise InvalidInput(field, f"must be written as a plain decimal, not {value[:40]!r}")
         try:
             dec = Decimal(text)
         except InvalidOperation:
