@@ -200,7 +200,8 @@ class SQLiteStore:
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._flushed = threading.Condition(threading.Lock())
-        self._generation = 0  # bumped when buffered units are counted
+        self._generation = 0  # bumped (under _gen_lock) after buffered units are counted
+        self._gen_lock = threading.Lock()
         self._durable_generation = 0  # the generation the last flush made durable
         self._closed = False
         self.refused_units = 0
@@ -505,8 +506,7 @@ class SQLiteStore:
                 buf.lease -= units
                 buf.pending += units
                 total = buf.known + buf.pending
-                self._generation += 1
-                gen = self._generation
+                gen = self._next_generation()
             else:
                 gen = -1
         if gen < 0:
@@ -530,8 +530,7 @@ class SQLiteStore:
                     )
                 buf.lease -= units
                 buf.pending += units
-                self._generation += 1
-                return buf.known + buf.pending, self._generation
+                return buf.known + buf.pending, self._next_generation()
 
     def _take_lease(
         self, db: sqlite3.Connection, buf: _Buffer, need: int, *, exact: bool = False
@@ -583,16 +582,30 @@ class SQLiteStore:
             buf.known = int(row["units"]) + pending
         del final
 
+    def _next_generation(self) -> int:
+        """Number the units just counted (called under their buffer's lock, after counting).
+
+        Why a lock: a flush that has read generation ``g`` must find every unit numbered
+        ``≤ g`` already in its buffer, or a ``group_wait`` caller could return before its unit
+        is on disk. Serialising the numbering after the count gives exactly that.
+        """
+        with self._gen_lock:
+            self._generation += 1
+            return self._generation
+
     def _flush_all(self) -> None:
-        with self._flushed:
+        with self._gen_lock:
             gen = self._generation
         buffers = list(self._buffers.values())
-        if any(b.pending for b in buffers):
-            with self._tx() as db:
-                for buf in buffers:
-                    self._flush_one(db, buf)
-                    if buf.open and buf.lease < self.lease_units // 2:
-                        self._take_lease(db, buf, 0)
+        # Under the store lock: a flush that finds nothing pending must not report `gen`
+        # durable while another flush that took those units has not committed yet.
+        with self._lock:
+            if any(b.pending for b in buffers):
+                with self._tx() as db:
+                    for buf in buffers:
+                        self._flush_one(db, buf)
+                        if buf.open and buf.lease < self.lease_units // 2:
+                            self._take_lease(db, buf, 0)
         with self._flushed:
             self._durable_generation = max(self._durable_generation, gen)
             self._flushed.notify_all()
@@ -723,8 +736,7 @@ class _Counter:
             with buf.lock:
                 buf.reserved -= units
                 buf.pending += units
-                store._generation += 1
-                gen = store._generation
+                gen = store._next_generation()
                 total = buf.known + buf.pending
             if store.group_wait:
                 store._wait_durable(gen)
