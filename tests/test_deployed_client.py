@@ -3,6 +3,7 @@ bootstrap, lost answers settled by reading back, and 429 storms met by client-si
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 import httpx
@@ -452,3 +453,19 @@ def test_bad_request_fields():
     finally:
         world.close()
     assert InvalidRequest
+
+
+def test_cli_register_writes_the_key_to_a_file_never_the_terminal(tmp_path, monkeypatch, capsys):
+    from pf_metered.cli import main
+
+    with Sandbox() as sb:
+        server = sb.serve()
+        monkeypatch.setenv("PF_CASINO_URL", server.base_url.replace("/api/v1", "") + "/casino")
+        keys = tmp_path / "agent.env"
+        assert main(["register", "--keys-file", str(keys)]) == 0
+        out = capsys.readouterr()
+        text = keys.read_text()
+        assert "PF_API_KEY=" in text and "pf_test_" in text
+        key = re.search(r"pf_test_[A-Za-z0-9_\-]+", text).group(0)
+        assert key not in out.out and key not in out.err
+        assert len(sb.agent_ids()) == 1

@@ -17,6 +17,8 @@ from ._retry import (
     RETRY_AFTER_CAP,
 )
 from ._sync import EscrowClient
+from .deployed import claim_faucet as claim_faucet_for
+from .deployed import register as register_agent
 
 __all__ = [
     "BACKOFF_BASE",
@@ -33,4 +35,6 @@ __all__ = [
     "Dialect",
     "EscrowClient",
     "RequestSpec",
+    "claim_faucet_for",
+    "register_agent",
 ]
