@@ -287,3 +287,32 @@ def test_expired_tranche_is_replaced(dep):
     assert "expired" in states
     assert r.paid == Decimal("0.3")
     check(dep, s, "0.001", 300)
+
+
+def test_time_policy_on_tranches(dep):
+    now = [0.0]
+    s = PaymentStream(dep.client(), dep.provider.agent_id, "0.01", every=60, budget="10",
+                      background=False, clock=lambda: now[0]).open()
+    for minute in range(5):
+        s.record(25)  # 0.25 a minute
+        now[0] += 61
+        s.pump()
+        assert s.client.report().paid_micro <= 250_000 * (minute + 1)
+    assert s.client.report().paid_micro >= 500_000  # released while running, not only at close
+    s.close()
+    check(dep, s, "0.01", 125)
+
+
+def test_a_chain_not_opened_here_says_so(dep):
+    from pf_metered.errors import UnsupportedByDialect
+    from pf_metered.meter.core import Meter, plan_stream
+    from pf_metered.meter.store import MemoryStore
+
+    config, policy = plan_stream(dep.provider.agent_id, "0.01", budget="1")
+    chain = TrancheChain(dep.client(), Meter(MemoryStore(), config, policy))
+    with pytest.raises(UnsupportedByDialect, match="not supported yet"):
+        chain.release_partial("chain:esc_x", "0.10", "batch:units 1-10", "k")
+    with pytest.raises(UnsupportedByDialect):
+        chain.get_escrow("chain:esc_x")
+    with pytest.raises(UnsupportedByDialect):
+        chain.finish()

@@ -46,6 +46,7 @@ from pf_metered.errors import (
     PFMeteredError,
     RateLimited,
     ServerError,
+    UnsupportedByDialect,
 )
 from pf_metered.meter.receipt import Receipt
 from pf_metered.models import Escrow, Release
@@ -489,6 +490,14 @@ class _ChainBase:
         return max(0, self._budget - self.book.paid_micro)
 
 
+def _no_book(what: str) -> UnsupportedByDialect:
+    return UnsupportedByDialect(
+        f"{what}: this tranche chain was not opened by this process. Resuming a stream on the "
+        "full-release dialect after a crash is not supported yet (its tranches are kept in "
+        "memory); its live tranches go back to the payer, less 1%, after timeout_hours"
+    )
+
+
 def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT)
 
@@ -529,7 +538,8 @@ class TrancheChain(_ChainBase):
     def release_partial(
         self, escrow_id: str, amount: Any, memo: str = "", idempotency_key: str | None = None,
     ) -> Escrow:
-        assert self.book is not None
+        if self.book is None:
+            raise _no_book("release")
         key = idempotency_key or memo
         self.book.accrue(key, _micro(amount), memo)
         self.pump()
@@ -547,13 +557,16 @@ class TrancheChain(_ChainBase):
             log.info("tranche chain: %s; retrying at the next batch", type(exc).__name__)
 
     def get_escrow(self, escrow_id: str) -> Escrow:
+        if self.chain_id is None and escrow_id.startswith("chain:"):
+            raise _no_book("read")
         if self.chain_id is not None and escrow_id == self.chain_id:
             return self._view(closed=bool(self.book and self.book.finished))
         return self._client.get_escrow(escrow_id)  # type: ignore[no-any-return]
 
     def finish(self) -> int:
         """Settle the chain at close; returns what the receipt reports as refunded."""
-        assert self.book is not None
+        if self.book is None:
+            raise _no_book("close")
         self._run(self._finish_plan())
         return self._refunded_micro()
 
@@ -599,7 +612,8 @@ class AsyncTrancheChain(_ChainBase):
     async def release_partial(
         self, escrow_id: str, amount: Any, memo: str = "", idempotency_key: str | None = None,
     ) -> Escrow:
-        assert self.book is not None
+        if self.book is None:
+            raise _no_book("release")
         self.book.accrue(idempotency_key or memo, _micro(amount), memo)
         await self.pump()
         return self._view()
@@ -615,12 +629,15 @@ class AsyncTrancheChain(_ChainBase):
             log.info("tranche chain: %s; retrying at the next batch", type(exc).__name__)
 
     async def get_escrow(self, escrow_id: str) -> Escrow:
+        if self.chain_id is None and escrow_id.startswith("chain:"):
+            raise _no_book("read")
         if self.chain_id is not None and escrow_id == self.chain_id:
             return self._view(closed=bool(self.book and self.book.finished))
         return await self._client.get_escrow(escrow_id)  # type: ignore[no-any-return]
 
     async def finish(self) -> int:
-        assert self.book is not None
+        if self.book is None:
+            raise _no_book("close")
         await self._run(self._finish_plan())
         return self._refunded_micro()
 
