@@ -7,24 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+
+from _connect import connect
 
 from pf_metered import AsyncPaymentStream, metered
-
-
-def connect() -> tuple[object, str, object | None]:
-    if os.environ.get("PF_API_KEY"):
-        from pf_metered import AsyncEscrowClient
-
-        provider = os.environ.get("PF_PROVIDER_ID")
-        if not provider:
-            raise SystemExit("set PF_PROVIDER_ID to the agent you are paying")
-        return AsyncEscrowClient(), provider, None
-    from pf_metered.sandbox import Sandbox
-
-    sb = Sandbox()
-    payer = sb.add_agent(balance="100")
-    return sb.async_client(payer.api_key), sb.add_agent().agent_id, sb
 
 
 async def main() -> None:
@@ -32,7 +18,8 @@ async def main() -> None:
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--concurrency", type=int, default=50)
     args = ap.parse_args()
-    client, provider, _sandbox = connect()
+    world = connect(asynchronous=True)
+    client, provider = world.client, world.provider
     gate = asyncio.Semaphore(args.concurrency)
 
     async with AsyncPaymentStream(client, provider, "0.002", batch=50, budget="5.00") as s:

@@ -11,26 +11,13 @@ which stops billing and closes the stream (the rest of the budget is refunded).
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
+from decimal import Decimal
+
+from _connect import connect
 
 from pf_metered import PaymentStream
-
-
-def connect() -> tuple[object, str, object | None]:
-    if os.environ.get("PF_API_KEY"):
-        from pf_metered import EscrowClient
-
-        provider = os.environ.get("PF_PROVIDER_ID")
-        if not provider:
-            raise SystemExit("set PF_PROVIDER_ID to the agent you are paying")
-        return EscrowClient(), provider, None
-    from pf_metered.sandbox import Sandbox
-
-    sb = Sandbox()
-    payer = sb.add_agent(balance="100")
-    return sb.client(payer.api_key), sb.add_agent().agent_id, sb
 
 
 def main() -> None:
@@ -41,7 +28,8 @@ def main() -> None:
     ap.add_argument("--fail-after", type=float, default=3.0,
                     help="simulated hours after which the heartbeat fails")
     args = ap.parse_args()
-    client, provider, _sandbox = connect()
+    world = connect()
+    client, provider = world.client, world.provider
 
     start = time.monotonic_ns()
 
@@ -52,7 +40,7 @@ def main() -> None:
         return sim_ns() < args.fail_after * 3600 * 10**9
 
     stopped = threading.Event()
-    s = PaymentStream(client, provider, "0.50", per="hour", budget=f"{0.5 * args.max_hours:.2f}",
+    s = PaymentStream(client, provider, "0.50", per="hour", budget=Decimal("0.50") * args.max_hours,
                       batch=1_000_000, auto_release_hours=args.max_hours + 1,
                       memo="compute_time:rate=0.50/hr")
     print(f"Streaming $0.50/hr to {provider}, max {args.max_hours}h (x{args.speedup:g} speed)")
@@ -64,7 +52,7 @@ def main() -> None:
             if time.monotonic_ns() - start > deadline * 1e9:
                 break
         clock.stop()
-    hours = clock.billed_units / 1_000_000
+    hours = Decimal(clock.billed_units) / 1_000_000
     print(f"clock stopped ({clock.stopped_reason}) after {hours:.4f} billed hours")
     print(s.receipt)
 

@@ -9,32 +9,19 @@ One escrow per (provider, feed type), each with its own per-point price, releasi
 from __future__ import annotations
 
 import argparse
-import os
 import random
 
+from _connect import connect
+
 from pf_metered import DataFeedPayments
-
-
-def connect() -> tuple[object, str, object | None]:
-    if os.environ.get("PF_API_KEY"):
-        from pf_metered import EscrowClient
-
-        provider = os.environ.get("PF_PROVIDER_ID")
-        if not provider:
-            raise SystemExit("set PF_PROVIDER_ID to the agent you are paying")
-        return EscrowClient(), provider, None
-    from pf_metered.sandbox import Sandbox
-
-    sb = Sandbox()
-    payer = sb.add_agent(balance="100")
-    return sb.client(payer.api_key), sb.add_agent().agent_id, sb
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ticks", type=int, default=5000)
     args = ap.parse_args()
-    client, provider, _sandbox = connect()
+    world = connect()
+    client, provider = world.client, world.provider
     rng = random.Random(7)
     counts = dict.fromkeys(("price_feed", "market_depth", "news_event", "sensor_reading"), 0)
     with DataFeedPayments(client, batch=1000) as feeds:

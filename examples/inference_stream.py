@@ -9,28 +9,20 @@ Runs against the embedded sandbox by default (no key, no network). With ``PF_API
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import time
 
-from pf_metered import PaymentStream, metered
+from _connect import connect
+
+from pf_metered import PaymentStream, format_usdc, metered
 
 
-def connect() -> tuple[object, str, object | None]:
-    """(client, provider id, sandbox or None)."""
-    if os.environ.get("PF_API_KEY"):
-        from pf_metered import EscrowClient
-
-        provider = os.environ.get("PF_PROVIDER_ID")
-        if not provider:
-            raise SystemExit("set PF_PROVIDER_ID to the agent you are paying")
-        return EscrowClient(), provider, None
-    from pf_metered.sandbox import Sandbox
-
-    sb = Sandbox()
-    payer = sb.add_agent(balance="100")
-    provider = sb.add_agent()
-    return sb.client(payer.api_key), provider.agent_id, sb
+def report(stream: PaymentStream, done: int, total: int) -> None:
+    """One progress line: what has been used, paid and is still owed."""
+    st = stream.status()
+    bar = "#" * (20 * done // total)
+    print(f"[{bar:<20}] {done:>6}/{total} calls  released {format_usdc(st.released_micro)} USDC in "
+          f"{len(st.history)} batches  {st.pending_units} units not yet paid", flush=True)
 
 
 def main() -> None:
@@ -40,7 +32,8 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=0.5,
                     help="simulated inference time per call (0 for as fast as possible)")
     args = ap.parse_args()
-    client, provider, sandbox = connect()
+    world = connect()
+    client, provider, sandbox = world.client, world.provider, world.sandbox
 
     with PaymentStream(client, provider, "0.001", batch=100, budget=args.budget,
                        auto_release_hours=24, memo="stream:inference:rate=0.001/call") as s:
@@ -50,8 +43,11 @@ def main() -> None:
             time.sleep(args.latency_ms / 1000)  # your inference call here
             return f"answer to {prompt!r} ({random.random():.3f})"
 
+        step = max(1, args.calls // 5)
         for i in range(args.calls):
             call_inference_provider(f"question {i}")
+            if (i + 1) % step == 0 or i + 1 == args.calls:
+                report(s, i + 1, args.calls)
     print(s.receipt)
     if sandbox is not None:
         print(f"provider balance: {sandbox.balance(provider)} USDC")
