@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workers        {args.workers} × {args.units} units, batch {args.batch}, "
           f"chunk {args.chunk}")
     print(f"units          {receipt.units} counted, {recorded} recorded by the workers")
-    print(f"releases       {receipt.releases} (escrow history: {len(escrow.releases)})")
+    print(f"releases       {receipt.releases} (escrow history: {escrow.total_releases})")
     print(f"released       {format_usdc(released_micro)} USDC "
           f"(rate × units = {format_usdc(rate.micro_half_up(receipt.units))})")
     print(f"refunded       {format_usdc(refunded_micro)} USDC of {budget}")
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "released = rate × units": released_micro == rate.micro_half_up(receipt.units),
         "receipt paid = escrow released": receipt.paid_micro == released_micro,
         "released + refunded = budget": released_micro + refunded_micro == budget_micro,
-        "escrow releases = receipt releases": len(escrow.releases) == receipt.releases,
+        "escrow releases = receipt releases": escrow.total_releases == receipt.releases,
         "releases = ceil(units / batch)": want_releases is None
         or receipt.releases == want_releases,
         "ledger audit": audit.ok,

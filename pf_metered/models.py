@@ -36,6 +36,7 @@ __all__ = [
     "FaucetClaim",
     "Registration",
     "Release",
+    "ReleasePage",
 ]
 
 EscrowStatus = Literal["locked", "completed", "released", "refunded", "disputed"]
@@ -98,6 +99,12 @@ class Escrow(_Model):
     memo: str = Field(default="", max_length=1000)
     auto_release_at: str | None = Field(default=None, max_length=64)
     releases: tuple[Release, ...] = ()
+    """The release history, oldest first: all of it when :attr:`history_complete`, otherwise
+    only the most recent ones (a v1 read carries the last 100; a release answer only the
+    release just made; create, refund and list answers none)."""
+    release_count: int | None = Field(default=None, ge=0, strict=True)
+    """How many releases the escrow has had in all (``None``: the server did not say, and
+    ``releases`` is then taken as the whole history)."""
 
     @model_validator(mode="after")
     def _figures_add_up(self) -> Escrow:
@@ -106,9 +113,35 @@ class Escrow(_Model):
                 f"released {self.released} + remaining {self.remaining} + refunded "
                 f"{self.refunded} != amount {self.amount}"
             )
-        if self.releases and sum((r.amount for r in self.releases), Decimal(0)) != self.released:
+        if self.release_count is not None:
+            if len(self.releases) > self.release_count:
+                raise ValueError(
+                    f"{len(self.releases)} releases listed but release_count is "
+                    f"{self.release_count}"
+                )
+            if self.release_count == 0 and self.released:
+                raise ValueError("release_count is 0 but money was released")
+        if (
+            self.releases
+            and self.history_complete
+            and sum((r.amount for r in self.releases), Decimal(0)) != self.released
+        ):
             raise ValueError("release history does not sum to released")
+        if not self.history_complete and (
+            sum((r.amount for r in self.releases), Decimal(0)) > self.released
+        ):
+            raise ValueError("recent releases sum to more than released")
         return self
+
+    @property
+    def history_complete(self) -> bool:
+        """Whether :attr:`releases` is the escrow's whole release history."""
+        return self.release_count is None or self.release_count == len(self.releases)
+
+    @property
+    def total_releases(self) -> int:
+        """How many releases the escrow has had (``release_count``, else the listed ones)."""
+        return len(self.releases) if self.release_count is None else self.release_count
 
     @property
     def is_open(self) -> bool:
@@ -129,6 +162,25 @@ class Escrow(_Model):
     @property
     def refunded_micro(self) -> int:
         return int(self.refunded * MICRO)
+
+
+class ReleasePage(_Model):
+    """One page of an escrow's release history (``GET /escrow/{id}/releases``), oldest first:
+    ``releases`` are entries ``offset .. offset + len(releases) - 1`` of ``release_count``."""
+
+    escrow_id: _ID
+    release_count: int = Field(ge=0, strict=True)
+    offset: int = Field(ge=0, strict=True)
+    releases: tuple[Release, ...] = ()
+
+    @model_validator(mode="after")
+    def _fits(self) -> ReleasePage:
+        if self.releases and self.offset + len(self.releases) > self.release_count:
+            raise ValueError(
+                f"page {self.offset}+{len(self.releases)} runs past release_count "
+                f"{self.release_count}"
+            )
+        return self
 
 
 class EscrowList(_Model):

@@ -20,6 +20,7 @@ CLIENT_CALLS = (
     "release_partial",
     "get_escrow",
     "list_escrows",
+    "list_releases",
     "refund",
     "claim_faucet",
 )

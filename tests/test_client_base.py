@@ -436,6 +436,111 @@ def test_caller_key_pre_read_failure_sends_nothing(make_client) -> None:
     assert ledger.releases == []
 
 
+class WindowLedger(Ledger):
+    """The scripted server speaking the bounded wire: a read carries the last ``window``
+    releases and ``release_count``, a release answer only the release just made; the paged
+    history (``GET /escrow/{id}/releases``) is served when ``pages`` is true."""
+
+    def __init__(self, faults: list[str], *, prior: int, window: int = 100, pages: bool) -> None:
+        super().__init__(faults)
+        self.window = window
+        self.pages = pages
+        self.releases = [{"amount": "0.01", "memo": f"old {i}"} for i in range(prior)]
+
+    def escrow(self, recent: int | None = None) -> dict[str, Any]:
+        released = sum(Decimal(r["amount"]) for r in self.releases)
+        full = escrow_json(
+            amount="1000.00", released=f"{released:.2f}", remaining=f"{1000 - released:.2f}"
+        )
+        n = self.window if recent is None else recent
+        full["releases"] = self.releases[-n:] if n else []
+        full["release_count"] = len(self.releases)
+        return full
+
+    def __call__(self, req: httpx.Request) -> httpx.Response:
+        if req.method == "GET" and req.url.path.endswith("/releases"):
+            if not self.pages:
+                return httpx.Response(404, json={"error": "not_found", "message": "no"})
+            offset = int(req.url.params["offset"])
+            limit = int(req.url.params["limit"])
+            return httpx.Response(200, json={
+                "escrow_id": "esc_1", "release_count": len(self.releases), "offset": offset,
+                "releases": self.releases[offset:offset + limit],
+            })
+        answer = super().__call__(req)
+        if req.method == "POST" and answer.status_code == 200:
+            return httpx.Response(200, json=self.escrow(recent=1))
+        return answer
+
+
+def test_lost_release_is_found_in_the_recent_window(make_client) -> None:
+    ledger = WindowLedger(["timeout-after"], prior=5000, pages=False)
+    rec = Recorder(ledger)
+    escrow = make_client(transport=rec.transport).release_partial("esc_1", "1.25", memo="b")
+    assert len(ledger.releases) == 5001
+    assert [r.method for r in rec.requests] == ["POST", "GET"]  # no history paging needed
+    assert escrow.release_count == 5001 and len(escrow.releases) == 100
+
+
+def test_lost_release_absent_from_a_truncated_window_is_searched_then_resent(make_client) -> None:
+    ledger = WindowLedger([], prior=2500, pages=True)
+    rec = Recorder(ledger)
+
+    posts = {"n": 0}
+    inner = rec.handler
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.method == "POST":
+            posts["n"] += 1
+            if posts["n"] == 1:
+                return httpx.Response(502)  # lost before it was applied
+        return inner(req)
+
+    rec.handler = handler
+    escrow = make_client(transport=rec.transport).release_partial("esc_1", "1.00", memo="b")
+    assert len(ledger.releases) == 2501 and escrow.released == Decimal("26.00")
+    paths = [(r.method, r.url.path.rsplit("/", 1)[-1]) for r in rec.requests]
+    # read back, the 2,400 older releases searched in pages of 1,000, then sent again once
+    assert paths == [("POST", "release-partial"), ("GET", "esc_1"), ("GET", "releases"),
+                     ("GET", "releases"), ("GET", "releases"), ("POST", "release-partial")]
+
+
+def test_lost_release_with_truncated_unsearchable_history_is_ambiguous(make_client) -> None:
+    ledger = WindowLedger([], prior=150, pages=False)
+    rec = Recorder(ledger)
+    inner = rec.handler
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.method == "POST":
+            return httpx.Response(502)  # never applied, but the client cannot know
+        return inner(req)
+
+    rec.handler = handler
+    with pytest.raises(errors.AmbiguousRelease) as info:
+        make_client(transport=rec.transport).release_partial("esc_1", "1.00", memo="b")
+    assert info.value.known["released"] == Decimal("1.50")
+    assert [r.method for r in rec.requests].count("POST") == 1  # never a re-send
+
+
+@pytest.mark.parametrize("pages", [True, False])
+def test_caller_key_release_older_than_the_window(make_client, pages: bool) -> None:
+    ledger = WindowLedger([], prior=10, pages=pages)
+    rec = Recorder(ledger)
+    client = make_client(transport=rec.transport)
+    client.release_partial("esc_1", "0.50", memo="b1", idempotency_key="key-b1")
+    ledger.releases += [{"amount": "0.01", "memo": f"other {i}"} for i in range(150)]
+    before = len(ledger.releases)
+    if pages:  # found in the older history: not sent again
+        escrow = client.release_partial("esc_1", "0.50", memo="b1", idempotency_key="key-b1")
+        assert escrow.release_count == before
+        with pytest.raises(errors.IdempotencyConflict):
+            client.release_partial("esc_1", "0.40", memo="b1", idempotency_key="key-b1")
+    else:  # beyond the window and unsearchable: ambiguous, nothing sent
+        with pytest.raises(errors.AmbiguousRelease):
+            client.release_partial("esc_1", "0.50", memo="b1", idempotency_key="key-b1")
+    assert len(ledger.releases) == before
+
+
 @pytest.mark.parametrize("fault", ["timeout-after", "500-after"])
 def test_lost_create_is_reconciled_through_the_list(make_client, fault) -> None:
     ledger = Ledger([fault])

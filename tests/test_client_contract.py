@@ -71,8 +71,12 @@ def test_partial_releases_pay_the_provider_less_the_fee(world: World) -> None:
     after = world.client.release_partial(escrow.escrow_id, "1.25", memo="batch 1")
     after = world.client.release_partial(escrow.escrow_id, "0.75", memo="batch 2")
     assert after.released == Decimal("2") and after.remaining == Decimal("8")
-    assert [r.amount for r in after.releases] == [Decimal("1.25"), Decimal("0.75")]
-    assert after.releases[0].memo.startswith("batch 1")
+    # a release answer carries only the release just made, and the count
+    assert [r.amount for r in after.releases] == [Decimal("0.75")]
+    assert after.release_count == 2 and not after.history_complete
+    got = world.client.get_escrow(escrow.escrow_id)
+    assert [r.amount for r in got.releases] == [Decimal("1.25"), Decimal("0.75")]
+    assert got.releases[0].memo.startswith("batch 1") and got.history_complete
     assert world.sb.balance(world.provider.agent_id) == Decimal("1.98")
     assert world.sb.fees() == Decimal("0.02")
 
@@ -86,6 +90,33 @@ def test_get_and_list_agree_with_the_ledger(world: World) -> None:
     provider = world.connect(world.provider.api_key)
     assert [e.escrow_id for e in provider.list_escrows()] == [escrow.escrow_id]
     assert provider.get_escrow(escrow.escrow_id).released == Decimal("1")
+
+
+def test_release_history_is_paged_and_reads_carry_the_last_100(world: World) -> None:
+    escrow = world.client.create_escrow(world.provider.agent_id, "10.00")
+    eid = escrow.escrow_id
+    assert (escrow.releases, escrow.release_count) == ((), 0)
+    for i in range(130):
+        world.client.release_partial(eid, "0.01", memo=f"b{i}")
+    got = world.client.get_escrow(eid)
+    assert got.release_count == 130 and len(got.releases) == 100 and not got.history_complete
+    assert got.releases[0].memo.startswith("b30") and got.releases[-1].memo.startswith("b129")
+    assert got.released == Decimal("1.30")
+    page = world.client.list_releases(eid, offset=120, limit=50)
+    assert (page.offset, page.release_count, len(page.releases)) == (120, 130, 10)
+    listed = world.client.list_escrows()
+    assert [(e.release_count, e.releases) for e in listed] == [(130, ())]
+    if world.client.mode == "sync":
+        every = list(world.client.iter_releases(eid, page_size=40))
+    else:
+        async def collect() -> list[Any]:
+            return [r async for r in world.client.client.iter_releases(eid, page_size=40)]
+        every = world.client._loop.run_until_complete(collect())
+    assert [r.memo.split()[0] for r in every] == [f"b{i}" for i in range(130)]
+    with pytest.raises(errors.InvalidInput):
+        world.client.list_releases(eid, offset=-1)
+    with pytest.raises(errors.InvalidInput):
+        world.client.list_releases(eid, limit=1001)
 
 
 def test_refund_returns_the_rest_and_closes(world: World) -> None:

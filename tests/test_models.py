@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from pf_metered.models import Escrow, EscrowList, FaucetClaim, Registration, Release
+from pf_metered.models import (
+    Escrow,
+    EscrowList,
+    FaucetClaim,
+    Registration,
+    Release,
+    ReleasePage,
+)
 
 
 def escrow(**over: Any) -> dict[str, Any]:
@@ -45,6 +52,14 @@ def test_a_sound_escrow_parses_to_exact_decimals() -> None:
         escrow(released="11.00", remaining="-1.00"),
         escrow(remaining="9.00"),  # 1.50 + 9.00 != 10.00
         escrow(releases=[{"amount": "1.00"}]),  # history does not sum to released
+        escrow(releases=[{"amount": "1.00"}], release_count=1),  # complete, and does not sum
+        escrow(releases=[{"amount": "1.00"}, {"amount": "0.50"}], release_count=1),  # more listed
+        escrow(release_count=-1),
+        escrow(release_count=0),  # no releases at all, yet 1.50 released
+        escrow(release_count="3"),
+        escrow(release_count=3.0),
+        escrow(release_count=True),
+        escrow(releases=[{"amount": "1.00"}, {"amount": "0.60"}], release_count=5),  # > released
         escrow(escrow_id="../../etc/passwd"),
         escrow(escrow_id=""),
         escrow(amount=True),
@@ -54,6 +69,34 @@ def test_a_sound_escrow_parses_to_exact_decimals() -> None:
 def test_hostile_or_malformed_escrows_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         Escrow.model_validate(bad)
+
+
+def test_a_truncated_history_is_the_most_recent_releases_and_a_count() -> None:
+    e = Escrow.model_validate(escrow(releases=[{"amount": "0.50"}], release_count=3))
+    assert not e.history_complete and e.total_releases == 3
+    # the recent window need not sum to released; a complete one must
+    whole = Escrow.model_validate(
+        escrow(releases=[{"amount": "1.00"}, {"amount": "0.50"}], release_count=2)
+    )
+    assert whole.history_complete and whole.total_releases == 2
+    legacy = Escrow.model_validate(escrow(releases=[{"amount": "1.50"}]))  # no count: complete
+    assert legacy.history_complete and legacy.release_count is None
+    fresh = Escrow.model_validate(escrow(released="0.00", remaining="10.00", release_count=0))
+    assert fresh.history_complete and fresh.total_releases == 0
+
+
+def test_release_pages_must_fit_their_count() -> None:
+    page = ReleasePage.model_validate(
+        {"escrow_id": "esc_1", "release_count": 3, "offset": 1, "releases": [{"amount": "1.00"}]}
+    )
+    assert page.offset == 1 and len(page.releases) == 1
+    for bad in (
+        {"escrow_id": "esc_1", "release_count": 1, "offset": 1, "releases": [{"amount": "1.00"}]},
+        {"escrow_id": "esc_1", "release_count": -1, "offset": 0, "releases": []},
+        {"escrow_id": "esc_1", "release_count": 1, "offset": -1, "releases": []},
+    ):
+        with pytest.raises(ValidationError):
+            ReleasePage.model_validate(bad)
 
 
 def test_refunded_escrow_adds_up_with_the_refund() -> None:

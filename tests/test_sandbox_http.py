@@ -61,8 +61,9 @@ def test_escrow_answers_have_exactly_the_contract_fields(sb: Sandbox, trio) -> N
         esc = r.json()
         assert set(esc) == {
             "escrow_id", "status", "amount", "released", "remaining", "refunded", "to_agent_id",
-            "from_agent_id", "memo", "created_at", "auto_release_at", "releases",
+            "from_agent_id", "memo", "created_at", "auto_release_at", "releases", "release_count",
         }
+        assert (esc["releases"], esc["release_count"]) == ([], 0)
         assert (esc["status"], esc["amount"], esc["released"], esc["remaining"]) == (
             "locked", "10.00", "0.00", "10.00")
         assert esc["created_at"].endswith("Z") and esc["auto_release_at"] == "2026-01-02T00:00:00.000Z"
@@ -71,6 +72,7 @@ def test_escrow_answers_have_exactly_the_contract_fields(sb: Sandbox, trio) -> N
         assert set(rel) == {"release_id", "amount", "fee", "memo", "created_at"}
         assert (rel["amount"], rel["fee"], rel["memo"]) == ("0.0015", "0.000015", "b1")
         assert r.json()["remaining"] == "9.9985"
+        assert r.json()["release_count"] == 1
         listed = c.get("/escrow").json()
         assert [e["escrow_id"] for e in listed["escrows"]] == [esc["escrow_id"]]
     with api(sb, provider) as c:  # the provider sees it too, and may read it

@@ -92,8 +92,11 @@ def _escrow_status(args: argparse.Namespace, out: Output) -> int:
     detail = escrow_detail(escrow)
     text = escrow_block(escrow)
     if detail["releases"]:
-        rows = [{"n": i, **r} for i, r in enumerate(detail["releases"], 1)]
-        text += f"\n\nreleases ({len(rows)}):\n" + render_table(RELEASE_COLUMNS, rows)
+        total = detail["release_count"]
+        first = total - len(detail["releases"]) + 1
+        rows = [{"n": i, **r} for i, r in enumerate(detail["releases"], first)]
+        shown = f"{total}" if first == 1 else f"{total}, the last {len(rows)} shown"
+        text += f"\n\nreleases ({shown}):\n" + render_table(RELEASE_COLUMNS, rows)
     else:
         text += "\n\nno releases yet"
     out.data(detail, text)

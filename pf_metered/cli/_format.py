@@ -140,6 +140,7 @@ def escrow_detail(escrow: Escrow) -> dict[str, Any]:
         }
         for r in escrow.releases
     ]
+    data["release_count"] = escrow.total_releases  # v1 reads carry the most recent only
     return data
 
 

@@ -47,7 +47,7 @@ def status_line(escrow: Escrow, speed_micro_per_min: int | None = None) -> str:
     ]
     if escrow.refunded_micro:
         parts.append(f"refunded {format_usdc(escrow.refunded_micro)}")
-    parts.append(f"releases {len(escrow.releases)}")
+    parts.append(f"releases {escrow.total_releases}")
     if speed_micro_per_min is not None and escrow.is_open:
         parts.append(f"+{format_usdc(speed_micro_per_min)}/min")
     return "  ".join(parts)
@@ -56,14 +56,14 @@ def status_line(escrow: Escrow, speed_micro_per_min: int | None = None) -> str:
 def _snapshot(escrow: Escrow) -> dict[str, Any]:
     data = escrow_row(escrow)
     data["released_share"] = share_text(escrow.released_micro, escrow.amount_micro)
-    data["releases"] = len(escrow.releases)
+    data["releases"] = escrow.total_releases
     data["open"] = escrow.is_open
     return data
 
 
 def _figures(escrow: Escrow) -> tuple[Any, ...]:
     return (escrow.status, escrow.released_micro, escrow.remaining_micro,
-            escrow.refunded_micro, len(escrow.releases))
+            escrow.refunded_micro, escrow.total_releases)
 
 
 class _Speed:

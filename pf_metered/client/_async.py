@@ -11,7 +11,7 @@ hold the API key anywhere but the base's :class:`~pf_metered.client._secrets.Sec
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, TypeVar
@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import httpx
 
 from pf_metered.errors import ConfigError
-from pf_metered.models import Escrow, FaucetClaim
+from pf_metered.models import Escrow, FaucetClaim, Release, ReleasePage
 
-from ._base import Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
+from ._base import HISTORY_PAGE, Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
 from ._dialect import Dialect, RequestSpec
 from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 
@@ -133,8 +133,28 @@ class AsyncEscrowClient(BaseEscrowClient):
         return await self._run(self._release_op(escrow_id, amount, memo, idempotency_key))
 
     async def get_escrow(self, escrow_id: str) -> Escrow:
-        """The escrow with its release history."""
+        """The escrow with its most recent releases (``releases``, oldest first) and the
+        total count (``release_count``); the whole history is :meth:`iter_releases`."""
         return await self._run(self._get_op(escrow_id))
+
+    async def list_releases(
+        self, escrow_id: str, offset: int = 0, limit: int = HISTORY_PAGE
+    ) -> ReleasePage:
+        """One page of the escrow's release history, oldest first."""
+        return await self._run(self._releases_op(escrow_id, offset, limit))
+
+    async def iter_releases(
+        self, escrow_id: str, page_size: int = HISTORY_PAGE
+    ) -> AsyncIterator[Release]:
+        """Every release of the escrow, oldest first, read one page at a time."""
+        offset = 0
+        while True:
+            page = await self.list_releases(escrow_id, offset, page_size)
+            for release in page.releases:
+                yield release
+            offset += len(page.releases)
+            if not page.releases or offset >= page.release_count:
+                return
 
     async def list_escrows(self) -> list[Escrow]:
         """The caller's escrows, as payer or provider."""

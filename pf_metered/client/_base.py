@@ -15,6 +15,9 @@ The rules it keeps:
 * a POST whose answer was lost is re-sent only if the server honours idempotency keys
   (declared, or advertised with ``Idempotency-Supported: true``); otherwise the escrow is read
   back first, and the key — carried in the memo as `` [idem:KEY]`` — says whether it landed;
+* a read-back looks for the tag in the escrow's most recent releases (the window a v1 read
+  carries); a release older than the window is looked for in the paged history, and when that
+  cannot be read the outcome is ambiguous, never a re-send;
 * an answer is believed only after it has been decoded (≤ 1 MiB, JSON without NaN/Infinity or
   duplicate keys, floats as Decimal) and validated into a model about the escrow asked for.
 
@@ -54,12 +57,13 @@ from pf_metered.errors import (
     InvalidResponse,
     PFMeteredError,
     RateLimited,
+    UnsupportedByDialect,
     redact,
 )
-from pf_metered.models import Escrow, FaucetClaim
+from pf_metered.models import Escrow, FaucetClaim, Release, ReleasePage
 from pf_metered.money import format_usdc, micro_to_decimal, parse_amount
 
-from ._dialect import Dialect, RequestSpec
+from ._dialect import Dialect, HistoryDialect, RequestSpec
 from ._retry import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
@@ -98,6 +102,10 @@ ENV_BASE_URL: Final = "PF_BASE_URL"
 MAX_ANSWER_BYTES: Final = 1 << 20
 """Answers larger than this (1 MiB) are refused unread."""
 MAX_MEMO: Final = 1000
+HISTORY_PAGE: Final = 100
+"""The default page size of :meth:`list_releases` / ``iter_releases``."""
+MAX_HISTORY_PAGE: Final = 1000
+"""The largest page v1 serves (docs/WIRE.md); the read-back's history search uses it."""
 MAX_RETRIES_LIMIT: Final = 20
 MIN_AUTO_RELEASE_HOURS: Final = 1
 MAX_AUTO_RELEASE_HOURS: Final = 8760
@@ -579,6 +587,53 @@ class BaseEscrowClient:
         answer = yield from self._exchange(spec, _Budget(self._max_retries))
         return self._escrow_answer(answer, escrow_id)
 
+    def _releases_op(self, escrow_id: str, offset: object, limit: object) -> Op[ReleasePage]:
+        _check_id(escrow_id, "escrow_id")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidInput("offset", "must be an int >= 0")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not (
+            1 <= limit <= MAX_HISTORY_PAGE
+        ):
+            raise InvalidInput("limit", f"must be an int between 1 and {MAX_HISTORY_PAGE}")
+        if not isinstance(self._dialect, HistoryDialect):
+            raise UnsupportedByDialect(
+                f"the {self._dialect.name} dialect keeps no release history to page through"
+            )
+        return self._releases_gen(self._dialect, escrow_id, offset, limit)
+
+    def _releases_gen(
+        self, dialect: HistoryDialect, escrow_id: str, offset: int, limit: int
+    ) -> Op[ReleasePage]:
+        spec = dialect.list_releases(escrow_id, offset=offset, limit=limit)
+        answer = yield from self._exchange(spec, _Budget(self._max_retries))
+        page = self._parse(answer, dialect.parse_release_page)
+        if page.escrow_id != escrow_id or page.offset != offset or len(page.releases) > limit:
+            raise InvalidResponse(
+                f"asked for releases {offset}.. (at most {limit}) of escrow {escrow_id}; the "
+                "answer is another page",
+                status=answer.status,
+                request_id=_request_id(answer.headers),
+            )
+        return page
+
+    def _search_history(self, escrow: Escrow, tag: str) -> Op[tuple[Release, ...]]:
+        """The releases tagged ``tag`` among those older than ``escrow``'s recent window,
+        read page by page, newest first; raises if the history cannot be read in full."""
+        if not isinstance(self._dialect, HistoryDialect):
+            raise UnsupportedByDialect(f"the {self._dialect.name} dialect has no history")
+        end = escrow.total_releases - len(escrow.releases)
+        hits: list[Release] = []
+        while end > 0:
+            offset = max(0, end - MAX_HISTORY_PAGE)
+            page = yield from self._releases_gen(
+                self._dialect, escrow.escrow_id, offset, end - offset
+            )
+            if len(page.releases) != end - offset or page.release_count < escrow.total_releases:
+                raise InvalidResponse("the release history shrank while it was read")
+            hits.extend(r for r in page.releases if r.memo.endswith(tag))
+            end = offset
+        return tuple(hits)
+
     def _list_op(self) -> Op[list[Escrow]]:
         return self._list_gen()
 
@@ -730,14 +785,30 @@ class BaseEscrowClient:
             spec, escrow_id, key, tagged, reconcile_first=given and tagged, micro=micro
         )
 
-    @staticmethod
-    def _release_state(escrow: Escrow, key: str) -> _Found:
+    def _release_state(self, escrow: Escrow, key: str) -> Op[tuple[_Found, tuple[Release, ...]]]:
+        """Whether the release tagged with ``key`` is in ``escrow``'s history, and its entries.
+
+        A v1 read carries only the most recent releases; a release just sent is the newest
+        one, so the window settles it. When the tag is not in a truncated window, the older
+        history is searched page by page; if that cannot be done the answer is UNKNOWN.
+        """
         tag = memo_tag(key)
-        if any(r.memo.endswith(tag) for r in escrow.releases):
-            return _Found.FOUND
-        if escrow.releases or escrow.released_micro == 0:
-            return _Found.ABSENT
-        return _Found.UNKNOWN  # money was released but the server shows no history
+        hits = tuple(r for r in escrow.releases if r.memo.endswith(tag))
+        if hits:
+            return _Found.FOUND, hits
+        if escrow.history_complete:
+            if escrow.releases or escrow.released_micro == 0:
+                return _Found.ABSENT, ()
+            return _Found.UNKNOWN, ()  # money was released but the server shows no history
+        try:
+            hits = yield from self._search_history(escrow, tag)
+        except PFMeteredError as exc:
+            log.info(
+                "release history of escrow %s could not be searched (%s)",
+                escrow.escrow_id, type(exc).__name__,
+            )
+            return _Found.UNKNOWN, ()
+        return (_Found.FOUND, hits) if hits else (_Found.ABSENT, ())
 
     def _release_gen(
         self,
@@ -752,9 +823,19 @@ class BaseEscrowClient:
         budget = _Budget(self._max_retries)
         if reconcile_first:
             escrow = yield from self._get_gen(escrow_id)
-            if self._release_state(escrow, key) is _Found.FOUND:
-                tag = memo_tag(key)
-                if any(r.memo.endswith(tag) and r.amount_micro != micro for r in escrow.releases):
+            state, hits = yield from self._release_state(escrow, key)
+            if state is _Found.UNKNOWN and not escrow.history_complete:
+                # an older release with this key may exist beyond the window: never re-send
+                raise AmbiguousRelease(
+                    f"a release on escrow {escrow_id} with this idempotency_key may have been "
+                    "applied: it is not among the recent releases and the older history could "
+                    "not be read; reconcile against the escrow's released figure",
+                    idempotency_key=key,
+                    escrow_id=escrow_id,
+                    released=escrow.released,
+                )
+            if state is _Found.FOUND:
+                if any(r.amount_micro != micro for r in hits):
                     # The key already paid another amount: the same refusal an honouring
                     # server gives (422), decided here because this one cannot be trusted to.
                     raise IdempotencyConflict(
@@ -779,13 +860,13 @@ class BaseEscrowClient:
                     raise self._ambiguous_release(
                         lost, key, escrow_id, f"reading it back failed ({type(exc).__name__})", None
                     ) from None
-                state = self._release_state(escrow, key)
+                state, _hits = yield from self._release_state(escrow, key)
                 if state is _Found.FOUND:
                     log.info("release reconciled: it had been applied to escrow %s", escrow_id)
                     return escrow
                 if state is _Found.UNKNOWN:
                     raise self._ambiguous_release(
-                        lost, key, escrow_id, "the escrow shows no release history", escrow
+                        lost, key, escrow_id, "its release history could not be searched", escrow
                     ) from None
                 if not may_retry:
                     raise self._ambiguous_release(

@@ -11,12 +11,12 @@ What it must never do: perform I/O, see the API key, or let a raw JSON value pas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pf_metered.errors import APIError
-from pf_metered.models import Escrow, FaucetClaim
+from pf_metered.models import Escrow, FaucetClaim, ReleasePage
 
-__all__ = ["Dialect", "RequestSpec"]
+__all__ = ["Dialect", "HistoryDialect", "RequestSpec"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,13 @@ class Dialect(Protocol):
     def error_class(self, status: int, code: str | None) -> type[APIError]: ...
 
     def is_in_progress(self, status: int, code: str | None) -> bool: ...
+
+
+@runtime_checkable
+class HistoryDialect(Protocol):
+    """A dialect whose escrows keep a release history that can be read page by page (v1's
+    ``GET /escrow/{id}/releases``); the deployed dialect has none."""
+
+    def list_releases(self, escrow_id: str, *, offset: int, limit: int) -> RequestSpec: ...
+
+    def parse_release_page(self, data: Any) -> ReleasePage: ...

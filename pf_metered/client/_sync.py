@@ -11,7 +11,7 @@ hold the API key anywhere but the base's :class:`~pf_metered.client._secrets.Sec
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, TypeVar
@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import httpx
 
 from pf_metered.errors import ConfigError
-from pf_metered.models import Escrow, FaucetClaim
+from pf_metered.models import Escrow, FaucetClaim, Release, ReleasePage
 
-from ._base import Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
+from ._base import HISTORY_PAGE, Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
 from ._dialect import Dialect, RequestSpec
 from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 
@@ -131,8 +131,25 @@ class EscrowClient(BaseEscrowClient):
         return self._run(self._release_op(escrow_id, amount, memo, idempotency_key))
 
     def get_escrow(self, escrow_id: str) -> Escrow:
-        """The escrow with its release history."""
+        """The escrow with its most recent releases (``releases``, oldest first) and the
+        total count (``release_count``); the whole history is :meth:`iter_releases`."""
         return self._run(self._get_op(escrow_id))
+
+    def list_releases(
+        self, escrow_id: str, offset: int = 0, limit: int = HISTORY_PAGE
+    ) -> ReleasePage:
+        """One page of the escrow's release history, oldest first."""
+        return self._run(self._releases_op(escrow_id, offset, limit))
+
+    def iter_releases(self, escrow_id: str, page_size: int = HISTORY_PAGE) -> Iterator[Release]:
+        """Every release of the escrow, oldest first, read one page at a time."""
+        offset = 0
+        while True:
+            page = self.list_releases(escrow_id, offset, page_size)
+            yield from page.releases
+            offset += len(page.releases)
+            if not page.releases or offset >= page.release_count:
+                return
 
     def list_escrows(self) -> list[Escrow]:
         """The caller's escrows, as payer or provider."""

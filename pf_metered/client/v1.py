@@ -29,7 +29,7 @@ from pf_metered.errors import (
     RateLimited,
     ServerError,
 )
-from pf_metered.models import Escrow, FaucetClaim
+from pf_metered.models import Escrow, FaucetClaim, ReleasePage
 from pf_metered.money import format_usdc
 
 from ._dialect import RequestSpec
@@ -124,6 +124,11 @@ class V1Dialect:
     def list_escrows(self) -> RequestSpec:
         return RequestSpec("GET", ESCROWS)
 
+    def list_releases(self, escrow_id: str, *, offset: int, limit: int) -> RequestSpec:
+        return RequestSpec(
+            "GET", _escrow_path(escrow_id, f"/releases?offset={offset:d}&limit={limit:d}")
+        )
+
     def refund(self, *, escrow_id: str, idempotency_key: str) -> RequestSpec:
         return RequestSpec("POST", _escrow_path(escrow_id, "/refund"), _body({}), idempotency_key)
 
@@ -146,6 +151,17 @@ class V1Dialect:
             summary = validation_summary(exc)
         # Outside the handler: pydantic's error quotes the input, which may be hostile.
         raise InvalidResponse(f"malformed escrow: {summary}")
+
+    def parse_release_page(self, data: Any) -> ReleasePage:
+        if not isinstance(data, dict) or not isinstance(data.get("releases"), list):
+            raise InvalidResponse('release page is not {"releases": [...], ...}')
+        for i, rel in enumerate(data["releases"]):
+            _require_money_strings(rel, _RELEASE_MONEY, f"page.releases[{i}]")
+        try:
+            return ReleasePage.model_validate(data)
+        except ValidationError as exc:
+            summary = validation_summary(exc)
+        raise InvalidResponse(f"malformed release page: {summary}")
 
     def parse_escrow_list(self, data: Any) -> list[Escrow]:
         if not isinstance(data, dict) or not isinstance(data.get("escrows"), list):

@@ -206,7 +206,8 @@ class Sandbox:
             return self._ledger.agent_ids(conn)
 
     def escrow(self, escrow_id: str) -> Escrow:
-        """An escrow as the v1 API would answer it (validated model), after due releases."""
+        """An escrow as the v1 API would answer it (validated model), after due releases, but
+        with its *whole* release history (a v1 read carries only the most recent releases)."""
         with self._db.transaction() as conn:
             self._ledger.apply_due(conn, self.clock.now_us())
             self._deployed.apply_due(conn, self.clock.now_us())

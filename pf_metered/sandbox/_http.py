@@ -49,6 +49,8 @@ class AppRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     client: str = "in-process"
+    query: str = ""
+    """The raw query string (after ``?``), empty when there is none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,9 @@ class Dispatcher:
             if request.path == prefix or request.path.startswith(prefix + "/"):
                 sub = request.path[len(prefix):] or "/"
                 return app.handle(
-                    AppRequest(request.method, sub, request.headers, request.body, request.client)
+                    AppRequest(
+                        request.method, sub, request.headers, request.body, request.client,
+                        request.query,
+                    )
                 )
         return error_response(404, "not_found", "no such endpoint")

@@ -15,7 +15,9 @@ Invariants kept here, checked by :meth:`Ledger.audit`:
 * money is integer micro-USDC everywhere; no balance is ever negative (a ``CHECK`` as well);
 * Σ balances (fee account included) + Σ remaining of open escrows == Σ minted;
 * per escrow: released + refunded + remaining == amount, Σ release amounts == released,
-  Σ release fees == fee == ``fee_micro(released)`` (the 1% on the *cumulative* release).
+  Σ release fees == fee == ``fee_micro(released)`` (the 1% on the *cumulative* release), and
+  the escrow's ``release_count`` counter == its number of release rows (answers report the
+  count without scanning the history).
 
 What this module must never do: parse wire formats, know an HTTP status, accept a float, or
 write outside a transaction.
@@ -90,6 +92,7 @@ CREATE TABLE IF NOT EXISTS escrows (
     created_at      INTEGER NOT NULL,
     auto_release_at INTEGER,
     closed_at       INTEGER,
+    release_count   INTEGER NOT NULL DEFAULT 0 CHECK (release_count >= 0),
     CHECK (released + refunded <= amount)
 );
 CREATE INDEX IF NOT EXISTS escrows_due ON escrows(status, auto_release_at);
@@ -226,6 +229,16 @@ class Ledger:
         """Create the schema (idempotent) and the fee account if this database is new."""
         db.executescript(_SCHEMA)
         with db.transaction() as conn:
+            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(escrows)").fetchall()}
+            if "release_count" not in columns:  # a sandbox file from before the counter
+                conn.execute(
+                    "ALTER TABLE escrows ADD COLUMN release_count INTEGER NOT NULL DEFAULT 0 "
+                    "CHECK (release_count >= 0)"
+                )
+                conn.execute(
+                    "UPDATE escrows SET release_count = (SELECT COUNT(*) FROM releases "
+                    "WHERE releases.escrow_id = escrows.escrow_id)"
+                )
             conn.execute(
                 "INSERT OR IGNORE INTO accounts (account_id, kind, key_hash, balance, created_at) "
                 "VALUES (?, 'fee', NULL, 0, ?)",
@@ -455,6 +468,35 @@ class Ledger:
         ).fetchall()
         return [ReleaseRecord(*r) for r in rows]
 
+    def release_count(self, conn: sqlite3.Connection, escrow_id: str) -> int:
+        """How many releases an escrow has had (a counter kept with the escrow: O(1))."""
+        row = conn.execute(
+            "SELECT release_count FROM escrows WHERE escrow_id = ?", (escrow_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def recent_releases(
+        self, conn: sqlite3.Connection, escrow_id: str, limit: int
+    ) -> list[ReleaseRecord]:
+        """An escrow's ``limit`` most recent releases, oldest first (an index range, O(limit))."""
+        rows = conn.execute(
+            "SELECT release_id, escrow_id, kind, amount, fee, memo, created_at FROM releases "
+            "WHERE escrow_id = ? ORDER BY seq DESC LIMIT ?",
+            (escrow_id, limit),
+        ).fetchall()
+        return [ReleaseRecord(*r) for r in reversed(rows)]
+
+    def releases_page(
+        self, conn: sqlite3.Connection, escrow_id: str, offset: int, limit: int
+    ) -> list[ReleaseRecord]:
+        """Releases ``offset .. offset + limit - 1`` of an escrow's history, oldest first."""
+        rows = conn.execute(
+            "SELECT release_id, escrow_id, kind, amount, fee, memo, created_at FROM releases "
+            "WHERE escrow_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+            (escrow_id, limit, offset),
+        ).fetchall()
+        return [ReleaseRecord(*r) for r in rows]
+
     def list_for(self, conn: sqlite3.Connection, agent_id: str) -> list[EscrowRecord]:
         """Every escrow the agent pays or is paid by, oldest first."""
         rows = conn.execute(
@@ -484,10 +526,15 @@ class Ledger:
         fee_total = 0
         escrows = conn.execute(f"SELECT {_ESCROW_COLUMNS} FROM escrows").fetchall()  # noqa: S608
         sums = {
-            str(r[0]): (int(r[1]), int(r[2]))
+            str(r[0]): (int(r[1]), int(r[2]), int(r[3]))
             for r in conn.execute(
-                "SELECT escrow_id, SUM(amount), SUM(fee) FROM releases GROUP BY escrow_id"
+                "SELECT escrow_id, SUM(amount), SUM(fee), COUNT(*) FROM releases "
+                "GROUP BY escrow_id"
             ).fetchall()
+        }
+        counts = {
+            str(r[0]): int(r[1])
+            for r in conn.execute("SELECT escrow_id, release_count FROM escrows").fetchall()
         }
         for row in escrows:
             esc = _escrow(row)
@@ -499,7 +546,12 @@ class Ledger:
                 escrowed += esc.remaining
             elif esc.remaining:
                 problems.append(f"{esc.escrow_id}: closed ({esc.status}) with money left in it")
-            rel_sum, rel_fees = sums.get(esc.escrow_id, (0, 0))
+            rel_sum, rel_fees, rel_count = sums.get(esc.escrow_id, (0, 0, 0))
+            if rel_count != counts.get(esc.escrow_id, 0):
+                problems.append(
+                    f"{esc.escrow_id}: {rel_count} releases, counter says "
+                    f"{counts.get(esc.escrow_id, 0)}"
+                )
             if rel_sum != esc.released:
                 problems.append(f"{esc.escrow_id}: releases sum to {rel_sum}, not {esc.released}")
             if rel_fees != esc.fee:
@@ -566,7 +618,8 @@ class Ledger:
         fee = fee_micro(released) - esc.fee
         closes = released + esc.refunded == esc.amount
         cur = conn.execute(
-            "UPDATE escrows SET released = ?, fee = fee + ?, status = ?, closed_at = ? "
+            "UPDATE escrows SET released = ?, fee = fee + ?, status = ?, closed_at = ?, "
+            "release_count = release_count + 1 "
             "WHERE escrow_id = ? AND status = 'locked' AND released = ?",
             (
                 released,

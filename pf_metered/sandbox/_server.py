@@ -116,9 +116,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         headers = {k.lower(): v for k, v in self.headers.items()}
-        request = AppRequest(self.command, path, headers, body, self.client_address[0])
+        request = AppRequest(self.command, path, headers, body, self.client_address[0], query)
         self._send(self.server.dispatcher.handle(request))
 
     def _send(self, answer: AppResponse) -> None:

@@ -29,7 +29,10 @@ class SandboxTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     @staticmethod
     def _app_request(request: httpx.Request, body: bytes) -> AppRequest:
         headers = {k.lower(): v for k, v in request.headers.items()}
-        return AppRequest(request.method, request.url.path, headers, body, "in-process")
+        return AppRequest(
+            request.method, request.url.path, headers, body, "in-process",
+            request.url.query.decode("ascii", "replace"),
+        )
 
     @staticmethod
     def _response(answer: AppResponse, request: httpx.Request) -> httpx.Response:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -44,10 +45,16 @@ from pf_metered.sandbox._ledger import (
 )
 from pf_metered.sandbox._ratelimit import RateLimiter
 
-__all__ = ["MIN_ESCROW_MICRO", "V1App", "escrow_json"]
+__all__ = ["MAX_PAGE", "MIN_ESCROW_MICRO", "RECENT_RELEASES", "V1App", "escrow_json"]
 
 MIN_ESCROW_MICRO: Final = 1_000_000
 """v1's smallest escrow: 1.00 USDC."""
+
+RECENT_RELEASES: Final = 100
+"""How many of the most recent releases ``GET /escrow/{id}`` carries (with ``release_count``)."""
+
+MAX_PAGE: Final = 1000
+"""The largest ``limit`` of ``GET /escrow/{id}/releases`` (the default is 100)."""
 
 MAX_MEMO: Final = 1000
 MAX_AUTO_RELEASE_HOURS: Final = 8760
@@ -81,9 +88,9 @@ def _iso(us: int | None) -> str | None:
     return None if us is None else isoformat_us(us)
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=4096)
 def release_json(rel: ReleaseRecord) -> dict[str, Any]:
-    """A release in v1's shape; cached because every answer repeats the whole history.
+    """A release in v1's shape; cached because successive reads repeat the recent window.
 
     Releases are immutable once written, so the rendering of one never changes. Callers must
     not mutate the returned dict.
@@ -97,8 +104,14 @@ def release_json(rel: ReleaseRecord) -> dict[str, Any]:
     }
 
 
-def escrow_json(esc: EscrowRecord, releases: list[ReleaseRecord]) -> dict[str, Any]:
-    """An escrow in v1's shape: every amount a decimal string, every time RFC 3339 UTC."""
+def escrow_json(
+    esc: EscrowRecord, releases: list[ReleaseRecord], release_count: int | None = None
+) -> dict[str, Any]:
+    """An escrow in v1's shape: every amount a decimal string, every time RFC 3339 UTC.
+
+    ``releases`` is the history carried (the whole of it, or the most recent ones, oldest
+    first); ``release_count`` the total number of releases (default: ``len(releases)``).
+    """
     return {
         "escrow_id": esc.escrow_id,
         "status": esc.status,
@@ -112,6 +125,7 @@ def escrow_json(esc: EscrowRecord, releases: list[ReleaseRecord]) -> dict[str, A
         "created_at": isoformat_us(esc.created_at),
         "auto_release_at": _iso(esc.auto_release_at),
         "releases": [release_json(r) for r in releases],
+        "release_count": len(releases) if release_count is None else release_count,
     }
 
 
@@ -139,6 +153,26 @@ def _amount(body: dict[str, Any]) -> int:
         return parse_amount(value, "amount")
     except InvalidInput as exc:
         raise _Refusal(400, "invalid_amount", f"amount {exc.problem}") from None
+
+
+def _page(query: str) -> tuple[int, int]:
+    """``offset`` (default 0) and ``limit`` (default 100, at most :data:`MAX_PAGE`)."""
+    try:
+        params = urllib.parse.parse_qs(query, strict_parsing=bool(query), max_num_fields=10)
+    except ValueError:
+        raise _Refusal(400, "invalid_request", "malformed query string") from None
+    unknown = sorted(set(params) - {"offset", "limit"})
+    if unknown:
+        raise _Refusal(400, "invalid_request", f"unknown parameter(s): {', '.join(unknown)[:200]}")
+    out = {"offset": 0, "limit": RECENT_RELEASES}
+    for name, values in params.items():
+        raw = values[-1]
+        if len(values) != 1 or not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+            raise _Refusal(400, "invalid_request", f"{name} must be one whole number")
+        out[name] = int(raw)
+    if not 1 <= out["limit"] <= MAX_PAGE:
+        raise _Refusal(400, "invalid_request", f"limit must be between 1 and {MAX_PAGE}")
+    return out["offset"], out["limit"]
 
 
 def _memo(body: dict[str, Any]) -> str:
@@ -188,6 +222,8 @@ class V1App:
         elif len(parts) == 3 and parts[0] == "escrow" and parts[2] in ("release-partial", "refund"):
             allowed = ("POST",)
             name, escrow_id = f"POST /escrow/{{id}}/{parts[2]}", parts[1]
+        elif len(parts) == 3 and parts[0] == "escrow" and parts[2] == "releases":
+            allowed, name, escrow_id = ("GET",), "GET /escrow/{id}/releases", parts[1]
         elif parts == ["faucet", "claim"]:
             allowed, name = ("POST",), "POST /faucet/claim"
         if name is None:
@@ -323,11 +359,29 @@ class V1App:
         if name == "GET /escrow":
             escrows = ledger.list_for(conn, agent)
             return 200, {
-                "escrows": [escrow_json(e, ledger.releases(conn, e.escrow_id)) for e in escrows]
+                "escrows": [
+                    escrow_json(e, [], ledger.release_count(conn, e.escrow_id)) for e in escrows
+                ]
             }
         if name == "GET /escrow/{id}":
             assert route.escrow_id is not None
-            return 200, self._escrow(conn, ledger.read(conn, route.escrow_id, agent))
+            return 200, self._escrow(
+                conn, ledger.read(conn, route.escrow_id, agent), recent=RECENT_RELEASES
+            )
+        if name == "GET /escrow/{id}/releases":
+            assert route.escrow_id is not None
+            offset, limit = _page(request.query)
+            esc = ledger.read(conn, route.escrow_id, agent)
+            return 200, {
+                "escrow_id": esc.escrow_id,
+                "release_count": ledger.release_count(conn, esc.escrow_id),
+                "offset": offset,
+                "limit": limit,
+                "releases": [
+                    release_json(r)
+                    for r in ledger.releases_page(conn, esc.escrow_id, offset, limit)
+                ],
+            }
         body = self._body(request, empty_ok=name != "POST /escrow")
         if name == "POST /escrow":
             return 201, self._create(conn, body, agent, now)
@@ -340,12 +394,12 @@ class V1App:
             esc = ledger.release(
                 conn, route.escrow_id, caller=agent, amount=amount, memo=memo, now_us=now
             )
-            return 200, self._escrow(conn, esc)
+            return 200, self._escrow(conn, esc, recent=1)  # the release just made
         if name == "POST /escrow/{id}/refund":
             assert route.escrow_id is not None
             _only(body, frozenset())
             esc = ledger.refund(conn, route.escrow_id, caller=agent, now_us=now)
-            return 200, self._escrow(conn, esc)
+            return 200, self._escrow(conn, esc, recent=0)
         if name == "POST /faucet/claim":
             _only(body, frozenset())
             claim_id = ledger.claim_faucet(conn, agent, now)
@@ -382,7 +436,7 @@ class V1App:
             conn, payer=agent, payee=to_agent, amount=amount, memo=memo,
             auto_release_at=due, now_us=now,
         )
-        return self._escrow(conn, esc)
+        return escrow_json(esc, [], 0)
 
     def _body(self, request: AppRequest, *, empty_ok: bool) -> dict[str, Any]:
         try:
@@ -390,5 +444,10 @@ class V1App:
         except InvalidJSON as exc:
             raise _Refusal(400, "invalid_request", str(exc)) from None
 
-    def _escrow(self, conn: sqlite3.Connection, esc: EscrowRecord) -> dict[str, Any]:
-        return escrow_json(esc, self._ledger.releases(conn, esc.escrow_id))
+    def _escrow(
+        self, conn: sqlite3.Connection, esc: EscrowRecord, *, recent: int
+    ) -> dict[str, Any]:
+        """The escrow with its ``recent`` latest releases and the total count: answers stay
+        the same small size however long the history grows."""
+        releases = self._ledger.recent_releases(conn, esc.escrow_id, recent) if recent else []
+        return escrow_json(esc, releases, self._ledger.release_count(conn, esc.escrow_id))

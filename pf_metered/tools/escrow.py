@@ -57,7 +57,7 @@ def escrow_figures(escrow: Escrow, *, history: bool = False) -> Answer:
     if escrow.memo:
         answer["memo"] = escrow.memo
     if history:
-        answer["releases"] = len(escrow.releases)
+        answer["releases"] = escrow.total_releases
         answer["last_releases"] = [
             {"amount": format_usdc(r.amount_micro), "memo": r.memo}
             for r in escrow.releases[-_HISTORY:]
