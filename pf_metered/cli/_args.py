@@ -381,7 +381,7 @@ def _hours(text: str) -> int:
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text)  # a duration, not money
+        value = float(text)  # ok: a duration, not money
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0.2 <= value <= 86_400:

@@ -385,7 +385,7 @@ class BaseEscrowClient:
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, int | float)
-            or not 0 < timeout < float("inf")
+            or not 0 < timeout < float("inf")  # ok: seconds, not money
         ):
             raise ConfigError("timeout must be a positive number of seconds")
         if (
@@ -396,7 +396,7 @@ class BaseEscrowClient:
             raise ConfigError(f"max_retries must be an int between 0 and {MAX_RETRIES_LIMIT}")
         if server_honours_idempotency not in (None, True, False):
             raise ConfigError("server_honours_idempotency must be True, False or None")
-        self._timeout = httpx.Timeout(float(timeout))
+        self._timeout = httpx.Timeout(float(timeout))  # ok: seconds, not money
         self._max_retries = max_retries
         # dialect chosen by name or base URL, client-side pacing per path (deployed.py)
         self._dialect: Dialect

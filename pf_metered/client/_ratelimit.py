@@ -119,7 +119,7 @@ class TokenBucket:
     __slots__ = ("_pause_until", "_streak", "capacity", "nominal_rate", "rate", "tokens", "updated")
 
     def __init__(self, limit: RateLimit, now: float) -> None:
-        self.capacity = float(limit.capacity)
+        self.capacity = float(limit.capacity)  # ok: seconds, not money
         self.nominal_rate = limit.refill_per_second
         self.rate = self.nominal_rate
         self.tokens = self.capacity

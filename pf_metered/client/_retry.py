@@ -103,7 +103,7 @@ def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time
     if not text or len(text) > 64:
         return None
     try:
-        seconds = float(text)
+        seconds = float(text)  # ok: seconds, not money
     except ValueError:
         try:
             when = parsedate_to_datetime(text)
@@ -132,5 +132,5 @@ def backoff_delay(
     if retry_after is not None:
         return min(retry_after, RETRY_AFTER_CAP)
     exp = max(0, min(retry_number - 1, 32))
-    delay = min(BACKOFF_CAP, BACKOFF_BASE * float(1 << exp))
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * float(1 << exp))  # ok: seconds, not money
     return delay * (1.0 - JITTER * rand())

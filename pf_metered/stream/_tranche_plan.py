@@ -192,7 +192,7 @@ def plan_tranches(
     )
     if creates_per_minute is not None:
         if every_seconds is not None:
-            wanted = 60 / float(every_seconds)
+            wanted = 60 / float(every_seconds)  # ok: releases a minute, not money
             if wanted > creates_per_minute:
                 notes.append(
                     f"every={every_seconds}s asks for {wanted:.1f} releases a minute, but the "

@@ -48,7 +48,7 @@ class _ClockCore:
         self._stream = stream
         self._quantum_ns = PER_QUANTA[stream.per][1]
         self._source = source
-        self.every = float(every)
+        self.every = float(every)  # ok: seconds, not money
         self._lock = threading.Lock()
         self._last_ns: int | None = None
         self._carry_ns = 0
