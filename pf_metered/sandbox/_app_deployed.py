@@ -137,8 +137,8 @@ def _float_figures(amount_micro: int) -> tuple[float | int, float, float]:
     """``(amount_usd, commission_usd, net_to_counterparty)`` computed as the service does, in
     binary floating point (so the float tails it sends appear here too)."""
     amount = float_money(amount_micro)
-    commission = float(amount) * 0.01  # ok: the deployed service computes in floats; imitated on purpose
-    net = float(amount) - commission  # ok: (as above)
+    commission = float(amount) * 0.01  # ok: imitating the service
+    net = float(amount) - commission  # ok: imitating the service
     return amount, commission, net
 
 
