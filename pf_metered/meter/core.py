@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -92,6 +93,9 @@ class ReleaseDue:
     intent: Intent
     amount_micro: int
     memo: str
+    adopted: bool = False
+    """Taken over from another holder (stale, or left by an earlier meter in this process):
+    it may already have landed, so the driver reads the escrow back before sending it."""
 
     @property
     def amount(self) -> str:
@@ -256,6 +260,42 @@ def _not_open_none(units: int = 1) -> None:
 
 _NEVER: Final = MAX_UNITS * 2
 
+_ADOPT_EVERY: Final = 1.0
+"""Seconds between attempts of a meter whose claims come back empty to take over a stale
+intent (a dead worker's) — one store round trip each."""
+
+
+class _Peers:
+    """The meters of one stream bound to one store object in this process.
+
+    They share one lock, so "is this pending intent being sent by a live meter here?" and
+    "claim an intent and mark it in flight" are one step: a meter joining the stream never
+    re-sends what a peer in the same process is sending (the store's owner is the same for
+    both, so the store cannot tell them apart).
+    """
+
+    __slots__ = ("__weakref__", "lock", "meters")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.meters: weakref.WeakSet[Meter] = weakref.WeakSet()
+
+
+_PEERS: weakref.WeakKeyDictionary[object, dict[str, _Peers]] = weakref.WeakKeyDictionary()
+_PEERS_LOCK = threading.Lock()
+
+
+def _peers_of(store: Store, stream_id: str) -> _Peers:
+    with _PEERS_LOCK:
+        try:
+            by_stream = _PEERS.setdefault(store, {})
+        except TypeError:  # a store that takes no weak reference: no peers to coordinate
+            return _Peers()
+        peers = by_stream.get(stream_id)
+        if peers is None:
+            peers = by_stream[stream_id] = _Peers()
+        return peers
+
 
 class Meter:
     """One stream's decisions: what to lock, when a batch is due, what it pays, what is left.
@@ -284,8 +324,15 @@ class Meter:
         self._clock = clock
         self._batch = policy.units
         self._period = float(policy.seconds) if policy.seconds is not None else None
-        self._lock = threading.Lock()
+        self._peers = _peers_of(store, config.stream_id)
+        self._peers.meters.add(self)
+        self._lock = self._peers.lock
         self._inflight: ReleaseDue | None = None
+        self._handed = False  # the in-flight release was handed out at least once
+        self._closer = False  # this meter holds (or held) the stream's final intent
+        self.takeover = False
+        """Set by ``resume``: finish a close another (dead) holder started, without waiting."""
+        self._next_adopt_at = 0.0
         self._last_release_at = clock()
         self._memos: dict[int, str] = {}
         self.due_at: int = _NEVER
@@ -330,10 +377,15 @@ class Meter:
         )
         state = self.store.load(self.stream_id)
         claimed = state.claimed_units if state else 0
-        if state is not None and state.pending:  # claimed before a crash: send it first
-            intent = state.pending[0]
-            amount = intent_amount_micro(self.rate, intent)
-            self._inflight = ReleaseDue(intent, amount, _memo(intent))
+        if state is not None and state.pending:
+            # Claimed before: send it first, but only if it is ours to send (its holder is
+            # gone, or it is this process's and no live meter here is sending it). Another
+            # live worker's intent is left to that worker: re-sending it could pay twice.
+            with self._lock:
+                if self._inflight is None:
+                    intent = self._adoptable(legacy=state.pending[0])
+                    if intent is not None:
+                        self._hold(intent, adopted=True)
         self.due_at = claimed + self._batch if self._batch else _NEVER
         self._last_release_at = self._clock()
         self.counter = counter
@@ -350,45 +402,135 @@ class Meter:
     def time_due(self) -> bool:
         return self._period is not None and self._clock() - self._last_release_at >= self._period
 
+    def _held_by_peer(self, seq: int) -> bool:
+        """Whether another live meter in this process has intent ``seq`` in flight (call
+        under the shared lock)."""
+        for peer in list(self._peers.meters):
+            if peer is not self and peer._inflight is not None and (
+                peer._inflight.intent.seq == seq
+            ):
+                return True
+        return False
+
+    def _adoptable(self, *, legacy: Intent | None = None) -> Intent | None:
+        """A pending intent this meter may (re)send, or ``None`` (call under the lock).
+
+        The store's ``take_over`` says which: one whose owner has not settled it within the
+        store's intent lease (presumed dead), or one this process owns. A store without
+        ``take_over`` has no owners: the pending intent found at bind (``legacy``) is taken,
+        as before.
+        """
+        take_over = getattr(self.store, "take_over", None)
+        if take_over is None:
+            return legacy
+        intent: Intent | None = take_over(self.stream_id)
+        if intent is None or self._held_by_peer(intent.seq):
+            return None
+        if legacy is None or legacy.seq != intent.seq:
+            # still pending? (a peer may have settled it before we looked at the peers)
+            state = self.store.load(self.stream_id)
+            if state is None or all(p.seq != intent.seq for p in state.pending):
+                return None
+        return intent
+
+    def _hold(self, intent: Intent, *, adopted: bool = False) -> ReleaseDue:
+        action = ReleaseDue(intent, intent_amount_micro(self.rate, intent), _memo(intent),
+                            adopted)
+        self._inflight = action
+        self._handed = False
+        if intent.final:
+            self._closer = True
+        return action
+
+    def _still_ours(self, action: ReleaseDue) -> bool:
+        """Renew the claim on a release being retried; ``False`` if another worker took it
+        over meanwhile (our lease ran out), so it must not be sent from here any more."""
+        take_over = getattr(self.store, "take_over", None)
+        if take_over is None:
+            return True
+        intent: Intent | None = take_over(self.stream_id)
+        return intent is not None and intent.seq == action.intent.seq
+
+    @property
+    def is_closer(self) -> bool:
+        """Whether this meter claimed (or took over) the stream's final release: it, and no
+        other worker, refunds the rest and closes the stream."""
+        return self._closer
+
     def next_release(self, *, flush: bool = False, final: bool = False) -> ReleaseDue | None:
         """The release to send now, or ``None`` when nothing is due.
 
         A release handed out and not yet settled is handed out again (same intent, same
         idempotency key) until it is: a failed send is retried, never re-claimed. Releases
         that would pay nothing (sub-micro remainders still carrying) are settled here
-        without any request.
+        without any request. Another worker's release in flight is never handed out: only
+        one its holder left unsettled past the store's intent lease (see ``take_over``).
+
+        ``final``: ``None`` also when another worker is closing the stream (see
+        :attr:`is_closer`).
         """
         with self._lock:
             while True:
-                if self._inflight is not None:
-                    return self._inflight
+                action = self._inflight
+                if action is not None:
+                    if self._handed and not self._still_ours(action):
+                        self._inflight = None  # its new holder settles it
+                        continue
+                    self._handed = True
+                    return action
                 if self.escrow_id is None:
                     return None
                 intent: Intent | None
                 if final:
                     state = self.store.load(self.stream_id)
-                    if state is None or state.status != "open":
-                        return None  # the final intent was already claimed and settled
-                    intent = self.store.claim(self.stream_id, min_units=0, final=True)
+                    if state is None or state.status == "closed":
+                        return None
+                    if state.status == "closing":
+                        if self._closer or self.takeover:
+                            self._closer = True
+                            return None  # our final intent was claimed and settled
+                        intent = self._adoptable()  # another closer's, if it is stale
+                    else:
+                        intent = self.store.claim(self.stream_id, min_units=0, final=True)
+                        if intent is None:  # another worker's release is in flight
+                            intent = self._adoptable()
+                        elif not intent.final:
+                            self._hold(intent, adopted=True)  # taken over by the store
+                            continue
                 else:
                     timed = self.time_due()
                     if timed:
                         self._last_release_at = self._clock()
                     min_units = 1 if (flush or timed) else (self._batch or _NEVER)
                     intent = self.store.claim(self.stream_id, min_units=min_units)
+                    if intent is None:
+                        if self._batch and not (flush or timed):
+                            # Nothing to claim (another worker claimed it, or its release
+                            # is in flight): look again a batch later, not on every unit.
+                            self.due_at += self._batch
+                        now = self._clock()
+                        if now >= self._next_adopt_at:
+                            self._next_adopt_at = now + _ADOPT_EVERY
+                            adopted = self._adoptable()
+                            if adopted is not None:
+                                action = self._hold(adopted, adopted=True)
+                                self._handed = True
+                                return action
+                        return None
                 if intent is None:
                     return None
                 if self._batch:
                     self.due_at = intent.units_to + self._batch
                 amount = intent_amount_micro(self.rate, intent)
-                action = ReleaseDue(intent, amount, _memo(intent))
                 if amount == 0:
                     self.store.settle(self.stream_id, intent.seq, 0)
-                    self._memos[intent.seq] = action.memo
+                    self._memos[intent.seq] = _memo(intent)
                     if intent.final:
+                        self._closer = True
                         return None
                     continue
-                self._inflight = action
+                action = self._hold(intent)
+                self._handed = True
                 return action
 
     def settled(self, action: ReleaseDue) -> None:
@@ -409,6 +551,25 @@ class Meter:
         if self.config.budget_micro - state.paid_micro <= 0:
             return None
         return RefundRest(state.escrow_id, f"pfm-{self.stream_id}-refund")
+
+    def finished_elsewhere(self) -> Receipt:
+        """Another worker closed the stream: the receipt from the store, nothing sent."""
+        self.receipt = self.build_receipt()
+        self.add, self.commit = _not_open, _not_open
+        self.reserve, self.cancel = _not_open_none, _not_open_none
+        return self.receipt
+
+    def close_state(self) -> Literal["mine", "closed", "closing", "open"]:
+        """For a driver whose ``next_release(final=True)`` gave nothing more: ``mine`` (this
+        meter is the closer: refund the rest), ``closed`` (another worker finished the
+        close), else the stream's state while another worker's release or close is under
+        way (wait, then ask ``next_release(final=True)`` again)."""
+        if self._closer:
+            return "mine"
+        state = self.store.load(self.stream_id)
+        if state is None or state.status == "closed":
+            return "closed"
+        return "closing" if state.status == "closing" else "open"
 
     def finished(self, refunded_micro: int) -> Receipt:
         """The stream is settled: record the refund and build the receipt."""

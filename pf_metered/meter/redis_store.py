@@ -440,8 +440,16 @@ class RedisStore:
 
     # ------------------------------------------------------------------ fleet extensions
 
-    def take_over(self, stream_id: str, *, lease_seconds: float = 30.0) -> Intent | None:
-        """Take a pending intent whose owner has not settled it within ``lease_seconds``.
+    @property
+    def intent_lease(self) -> float:
+        """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
+        return self._intent_lease
+
+    def take_over(
+        self, stream_id: str, *, lease_seconds: float | None = None
+    ) -> Intent | None:
+        """Take a pending intent whose owner has not settled it within ``lease_seconds``
+        (default: the store's ``intent_lease``).
 
         The intent keeps its sequence, hence its idempotency key. Settle it by resending that
         key or by reconciling against the escrow's ``released`` figure (the stream's resume
@@ -454,7 +462,11 @@ class RedisStore:
             self._eval(
                 lua.TAKE_OVER,
                 [k["st"], k["pending"]],
-                [self._worker, max(0, int(lease_seconds * 1000))],
+                [
+                    self._worker,
+                    max(0, int((self._intent_lease if lease_seconds is None else lease_seconds)
+                               * 1000)),
+                ],
             )
         )
         if reply == "unknown":

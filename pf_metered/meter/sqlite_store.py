@@ -47,6 +47,7 @@ claimed for units that are not committed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sqlite3
@@ -104,6 +105,8 @@ CREATE TABLE IF NOT EXISTS intents (
     final INTEGER NOT NULL,
     settled INTEGER NOT NULL DEFAULT 0,
     amount_micro INTEGER,
+    owner TEXT,
+    claimed_at REAL,
     PRIMARY KEY (stream_id, seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_pending_intent ON intents(stream_id) WHERE settled = 0;
@@ -173,6 +176,7 @@ class SQLiteStore:
         group_wait: bool = False,
         lease_units: int = 65_536,
         busy_timeout: float = 30.0,
+        intent_lease: float = 30.0,
     ) -> None:
         if durability not in ("per_record", "group"):
             raise InvalidInput("durability", f"must be 'per_record' or 'group', not {durability!r}")
@@ -189,6 +193,12 @@ class SQLiteStore:
         self.group_interval = float(group_interval)
         self.group_wait = bool(group_wait)
         self.lease_units = lease_units
+        if isinstance(intent_lease, bool) or not isinstance(intent_lease, int | float) or not (
+            0 <= intent_lease <= 86_400
+        ):
+            raise InvalidInput("intent_lease", "must be a number of seconds in [0, 86400]")
+        self.intent_lease = float(intent_lease)
+        """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
         self._busy_ms = int(busy_timeout * 1000)
         self._owner = uuid.uuid4().hex
         self._lock = threading.RLock()
@@ -208,7 +218,13 @@ class SQLiteStore:
         """Units counted in group mode that could not be committed (the stream was closed
         by another process first). Always 0 in a single process."""
         with self._lock:
-            self._db().executescript(_SCHEMA)
+            db = self._db()
+            db.executescript(_SCHEMA)
+            cols = {row[1] for row in db.execute("PRAGMA table_info(intents)")}
+            for col, kind in (("owner", "TEXT"), ("claimed_at", "REAL")):  # older files
+                if col not in cols:
+                    with contextlib.suppress(sqlite3.OperationalError):  # another process
+                        db.execute(f"ALTER TABLE intents ADD COLUMN {col} {kind}")
         _LIVE.add(self)
 
     # ------------------------------------------------------------ plumbing
@@ -399,9 +415,10 @@ class SQLiteStore:
                 return None
             intent = Intent(stream_id, next_seq, claimed, units, final)
             db.execute(
-                "INSERT INTO intents (stream_id, seq, units_from, units_to, final) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (stream_id, intent.seq, intent.units_from, intent.units_to, int(final)),
+                "INSERT INTO intents (stream_id, seq, units_from, units_to, final, owner, "
+                "claimed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (stream_id, intent.seq, intent.units_from, intent.units_to, int(final),
+                 self._owner, time.time()),
             )
             db.execute(
                 "UPDATE streams SET claimed_units = ?, next_seq = ?, status = ? "
@@ -458,6 +475,34 @@ class SQLiteStore:
         if self.load(stream_id) is None:
             raise InvalidInput("stream_id", f"is not a known stream: {stream_id!r}")
         return _Counter(self, stream_id)
+
+    def take_over(self, stream_id: str, *, lease_seconds: float | None = None) -> Intent | None:
+        """The pending intent, if this store object claimed it or its owner has not settled it
+        within ``lease_seconds`` (default :attr:`intent_lease`; the owner is presumed gone);
+        it becomes ours with a fresh claim time. Else ``None``: another live process is
+        sending it. The intent keeps its sequence, hence its idempotency key.
+        """
+        lease = self.intent_lease if lease_seconds is None else float(lease_seconds)
+        with self._tx() as db:
+            self._row(db, stream_id)
+            row = db.execute(
+                "SELECT seq, units_from, units_to, final, owner, claimed_at FROM intents "
+                "WHERE stream_id = ? AND settled = 0",
+                (stream_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            seq, u_from, u_to, final, owner, claimed_at = tuple(row)
+            now = time.time()
+            # No owner: written by an older version, which had no notion of one.
+            stale = owner is None or claimed_at is None or now - float(claimed_at) >= lease
+            if owner != self._owner and not stale:
+                return None
+            db.execute(
+                "UPDATE intents SET owner = ?, claimed_at = ? WHERE stream_id = ? AND seq = ?",
+                (self._owner, now, stream_id, seq),
+            )
+            return Intent(stream_id, int(seq), int(u_from), int(u_to), bool(final))
 
     def reclaim(self, stream_id: str) -> None:
         """Give back every lease on the stream (the processes that held them are gone).

@@ -26,6 +26,15 @@ call that has not finished yet (so a metered call is refused *before* it runs, a
 raises gives its reservation back); reserved units count against ``max_units`` in ``add_units``
 and ``reserve`` but are never claimed. A store without ``counter`` gets a generic adapter in
 :mod:`pf_metered.meter.core` that reserves locally (per process) and counts with ``add_units``.
+
+Optional extension (owners): a store shared by processes MAY offer ``take_over(stream_id, *,
+lease_seconds=None) -> Intent | None`` and ``intent_lease`` (seconds). ``claim`` records the
+claiming process as the intent's owner; ``take_over`` returns the pending intent if this
+process owns it or its owner has not settled it within ``lease_seconds`` (default: the store's
+``intent_lease``), making this process its owner with a fresh claim time (so an owner that
+calls it before each retry renews its lease); else ``None``. The meter (re)sends a pending
+intent only when ``take_over`` hands it over: never one another live worker is sending.
+``MemoryStore`` lives in one process, so it owns every intent it holds.
 """
 
 from __future__ import annotations
@@ -266,8 +275,11 @@ class _Record:
 class MemoryStore:
     """The default store: one locked record per stream. Fast, and gone when the process is.
 
-    Offers the ``counter`` extension: the meter counts straight into the stream's record.
+    Offers the ``counter`` extension: the meter counts straight into the stream's record, and
+    the owners extension (``take_over``): this process owns every intent held here.
     """
+
+    intent_lease: float = 30.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -325,6 +337,12 @@ class MemoryStore:
             rec.pending = intent
             rec.next_seq += 1
             return intent
+
+    def take_over(self, stream_id: str, *, lease_seconds: float | None = None) -> Intent | None:
+        """The pending intent, if any: every intent of an in-memory store is this process's."""
+        rec = self._get(stream_id)
+        with rec.lock:
+            return rec.pending
 
     def settle(self, stream_id: str, seq: int, amount_micro: int) -> None:
         rec = self._get(stream_id)

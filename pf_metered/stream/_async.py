@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncPaymentStream"]
 
 _BACKOFF_MAX = 30.0
+_WAIT_MAX = 0.25
 
 
 class AsyncPaymentStream(StreamBase):
@@ -182,6 +183,11 @@ class AsyncPaymentStream(StreamBase):
     async def _send(self, action: ReleaseDue) -> None:
         escrow_id = self._meter.escrow_id
         assert escrow_id is not None
+        if action.adopted and release_found(
+            await self._client.get_escrow(escrow_id), action.memo
+        ):
+            self._meter.settled(action)  # its first holder's send had landed
+            return
         try:
             await self._client.release_partial(
                 escrow_id=escrow_id,
@@ -237,9 +243,28 @@ class AsyncPaymentStream(StreamBase):
                     return self._receipt
                 self._failure = None
                 await self._drain(final=True)
+                if not await self._await_closer():
+                    self._receipt = adjust_receipt(
+                        self._client, self._meter.finished_elsewhere()
+                    )
+                    return self._receipt
                 refunded = await self._refund()
                 self._receipt = adjust_receipt(self._client, self._meter.finished(refunded))
             return self._receipt
+
+    async def _await_closer(self) -> bool:
+        """The twin of ``PaymentStream._await_closer``: ``True`` when this stream closes."""
+        meter = self._meter
+        delay = 0.002
+        while True:
+            state = meter.close_state()
+            if state == "mine":
+                return True
+            if state == "closed":
+                return False
+            await asyncio.sleep(delay)  # another worker's release or close is under way
+            delay = min(delay * 2, _WAIT_MAX)
+            await self._drain(final=True)
 
     async def _refund(self) -> int:
         finish = getattr(self._client, "finish", None)  # tranche chain: settle at close

@@ -147,6 +147,7 @@ def _rebuild(
     )
     # The stored config (rate already per unit, budget as locked) is the truth.
     stream._meter = Meter(store, cfg, stream._meter.policy, per=per, clock=clock)
+    stream._meter.takeover = True  # its holders are gone: finish a close they started
     return stream
 
 

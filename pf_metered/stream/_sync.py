@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["PaymentStream"]
 
 _BACKOFF_MAX = 30.0
+_WAIT_MAX = 0.25
 
 
 class PaymentStream(StreamBase):
@@ -171,6 +172,9 @@ class PaymentStream(StreamBase):
     def _send(self, action: ReleaseDue) -> None:
         escrow_id = self._meter.escrow_id
         assert escrow_id is not None
+        if action.adopted and release_found(self._client.get_escrow(escrow_id), action.memo):
+            self._meter.settled(action)  # its first holder's send had landed
+            return
         try:
             self._client.release_partial(
                 escrow_id=escrow_id,
@@ -230,9 +234,34 @@ class PaymentStream(StreamBase):
                     return self._receipt
                 self._failure = None
                 self._drain(final=True)
+                if not self._await_closer():
+                    self._receipt = adjust_receipt(
+                        self._client, self._meter.finished_elsewhere()
+                    )
+                    return self._receipt
                 refunded = self._refund()
                 self._receipt = adjust_receipt(self._client, self._meter.finished(refunded))
             return self._receipt
+
+    def _await_closer(self) -> bool:
+        """Until this stream is the closer (``True``: refund and close) or another worker
+        has closed the stream (``False``: its receipt is in the store).
+
+        Two workers closing one shared stream: the store's final claim picks one closer;
+        the other waits here, never refunding, so no refund can overtake the final release.
+        A closer that dies leaves its final intent to be taken over once stale.
+        """
+        meter = self._meter
+        delay = 0.002
+        while True:
+            state = meter.close_state()
+            if state == "mine":
+                return True
+            if state == "closed":
+                return False
+            time.sleep(delay)  # another worker's release or close is under way
+            delay = min(delay * 2, _WAIT_MAX)
+            self._drain(final=True)
 
     def _refund(self) -> int:
         finish = getattr(self._client, "finish", None)  # tranche chain: settle at close
