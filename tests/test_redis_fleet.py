@@ -56,8 +56,12 @@ def test_fleet_example_budget_runs_out_mid_race(redis_url):
     assert "refunded       0.00 USDC of 3.00" in out.stdout
 
 
-def _race(redis_url: str, prefix: str, sid: str, chunk: int, results) -> None:
+def _race(redis_url: str, prefix: str, sid: str, chunk: int, results, start) -> None:
     store = RedisStore(redis_url, prefix=prefix, chunk=chunk)
+    store.load(sid)  # connected before the start, like the others
+    # All start together: with a lease of 32 units, one worker spends the whole budget in a
+    # few ms, before a loaded machine has even started the next process.
+    start.wait(60)
     done = 0
     while True:
         try:
@@ -82,8 +86,9 @@ def test_no_overspend_when_the_budget_runs_out_mid_race(redis_url, redis_prefix,
     store.create(StreamConfig("race", "agent_b", "0.001", 2_500_000, 2_500))
     store.set_escrow("race", "esc_1")
     results = CTX.Queue()
+    start = CTX.Barrier(8)
     procs = [
-        CTX.Process(target=_race, args=(redis_url, redis_prefix, "race", chunk, results))
+        CTX.Process(target=_race, args=(redis_url, redis_prefix, "race", chunk, results, start))
         for _ in range(8)
     ]
     for p in procs:
