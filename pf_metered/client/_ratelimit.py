@@ -39,6 +39,11 @@ __all__ = [
 WINDOW_SECONDS = 60.0
 """The deployed service's fixed rate window."""
 
+WINDOW_GUARD_SECONDS = 0.01
+"""Refill is spread over the window plus this guard: at exactly 60 s the last token would land on
+the window's edge, where float rounding (59.9999999999998 s) or the server's clock can put it
+inside the window the first request opened."""
+
 BACKOFF_BASE = 1.0
 """First pause after a 429 (seconds); doubled on each consecutive 429 of the same path."""
 
@@ -90,7 +95,7 @@ class RateLimit:
 
         With ``capacity + 60 × rate == usable`` a bucket sends at most ``usable`` requests in
         any 60 s interval (the token refilled at the window's very end falls outside it)."""
-        return max(self.usable - self.capacity, 1) / WINDOW_SECONDS
+        return max(self.usable - self.capacity, 1) / (WINDOW_SECONDS + WINDOW_GUARD_SECONDS)
 
     @property
     def sustained_per_minute(self) -> float:
