@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from pf_metered.errors import InvalidInput
-from pf_metered.money import MICRO, format_usdc, micro_to_decimal, parse_amount
+from pf_metered.money import decimal_to_micro, format_usdc, micro_to_decimal, parse_amount
 
 __all__ = [
     "USDC",
@@ -61,7 +61,7 @@ def _wire_amount(value: object) -> Decimal:
 USDC = Annotated[
     Decimal,
     BeforeValidator(_wire_amount),
-    PlainSerializer(lambda d: format_usdc(int(d * MICRO)), return_type=str),
+    PlainSerializer(lambda d: format_usdc(decimal_to_micro(d)), return_type=str),
 ]
 """A USDC amount from the wire: a decimal string, at most six places, finite, non-negative."""
 
@@ -82,7 +82,7 @@ class Release(_Model):
 
     @property
     def amount_micro(self) -> int:
-        return int(self.amount * MICRO)
+        return decimal_to_micro(self.amount)
 
 
 class Escrow(_Model):
@@ -108,7 +108,8 @@ class Escrow(_Model):
 
     @model_validator(mode="after")
     def _figures_add_up(self) -> Escrow:
-        if self.released + self.remaining + self.refunded != self.amount:
+        # compared in integer micro-USDC: Decimal sums round under a caller's small context
+        if self.released_micro + self.remaining_micro + self.refunded_micro != self.amount_micro:
             raise ValueError(
                 f"released {self.released} + remaining {self.remaining} + refunded "
                 f"{self.refunded} != amount {self.amount}"
@@ -124,11 +125,11 @@ class Escrow(_Model):
         if (
             self.releases
             and self.history_complete
-            and sum((r.amount for r in self.releases), Decimal(0)) != self.released
+            and sum(r.amount_micro for r in self.releases) != self.released_micro
         ):
             raise ValueError("release history does not sum to released")
         if not self.history_complete and (
-            sum((r.amount for r in self.releases), Decimal(0)) > self.released
+            sum(r.amount_micro for r in self.releases) > self.released_micro
         ):
             raise ValueError("recent releases sum to more than released")
         return self
@@ -149,19 +150,19 @@ class Escrow(_Model):
 
     @property
     def amount_micro(self) -> int:
-        return int(self.amount * MICRO)
+        return decimal_to_micro(self.amount)
 
     @property
     def released_micro(self) -> int:
-        return int(self.released * MICRO)
+        return decimal_to_micro(self.released)
 
     @property
     def remaining_micro(self) -> int:
-        return int(self.remaining * MICRO)
+        return decimal_to_micro(self.remaining)
 
     @property
     def refunded_micro(self) -> int:
-        return int(self.refunded * MICRO)
+        return decimal_to_micro(self.refunded)
 
 
 class ReleasePage(_Model):
@@ -198,7 +199,7 @@ class FaucetClaim(_Model):
 
     @property
     def credited_micro(self) -> int:
-        return int(self.credited * MICRO)
+        return decimal_to_micro(self.credited)
 
 
 class Registration(_Model):

@@ -28,6 +28,7 @@ __all__ = [
     "MICRO",
     "AmountLike",
     "Rate",
+    "decimal_to_micro",
     "fee_micro",
     "format_usdc",
     "micro_to_decimal",
@@ -104,18 +105,52 @@ def parse_amount(
         raise InvalidInput(field, f"must not be negative, got {dec}")
     if dec == 0 and not allow_zero:
         raise InvalidInput(field, "must be greater than zero")
-    exponent = dec.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -AMOUNT_PLACES:
-        normalized = dec.normalize()
-        norm_exp = normalized.as_tuple().exponent
-        if isinstance(norm_exp, int) and norm_exp < -AMOUNT_PLACES:
-            raise InvalidInput(
-                field, f"has more than {AMOUNT_PLACES} decimal places (USDC's precision): {dec}"
-            )
-        dec = normalized
-    if dec > Decimal(MAX_AMOUNT_MICRO) / MICRO:
+    micro = _exact_micro(dec)
+    if micro is None:
+        raise InvalidInput(
+            field, f"has more than {AMOUNT_PLACES} decimal places (USDC's precision): {dec}"
+        )
+    if micro > MAX_AMOUNT_MICRO:
         raise InvalidInput(field, f"is absurdly large: {dec}")
-    return int(dec * MICRO)
+    return micro
+
+
+def _coefficient(dec: Decimal) -> tuple[int, int]:
+    """``(coefficient, exponent)`` of a finite Decimal with trailing zeros stripped, so that
+    ``abs(dec) == coefficient * 10**exponent`` exactly. Integer work only: no Decimal
+    context (a caller's ``getcontext().prec`` must never round money)."""
+    _sign, digits, exponent = dec.as_tuple()
+    if not isinstance(exponent, int):  # pragma: no cover - callers pass finite values
+        raise ValueError("not a finite decimal")
+    text = "".join(map(str, digits)).lstrip("0")
+    if not text:
+        return 0, 0
+    stripped = text.rstrip("0")
+    return int(stripped), exponent + (len(text) - len(stripped))
+
+
+def _exact_micro(dec: Decimal) -> int | None:
+    """``abs(dec)`` in micro-USDC exactly, or ``None`` when it has more than six places."""
+    coefficient, exponent = _coefficient(dec)
+    if coefficient == 0:
+        return 0
+    shift = exponent + AMOUNT_PLACES
+    if shift < 0:
+        return None  # trailing zeros are stripped: a digit sits beyond the sixth place
+    if shift > 30:  # far beyond MAX_AMOUNT_MICRO; do not build a huge int for "1E+999999"
+        return MAX_AMOUNT_MICRO + 1
+    return int(coefficient * 10**shift)
+
+
+def decimal_to_micro(value: Decimal) -> int:
+    """An amount already known to be exact (at most six places, e.g. a model's field) in
+    micro-USDC, computed without any Decimal context. Raises ``ValueError`` otherwise."""
+    if not value.is_finite():
+        raise ValueError(f"not a finite amount: {value}")
+    micro = _exact_micro(value)
+    if micro is None:
+        raise ValueError(f"more than {AMOUNT_PLACES} decimal places: {value}")
+    return -micro if value < 0 else micro
 
 
 def parse_count(value: object, field: str = "units", *, allow_zero: bool = True) -> int:
@@ -133,7 +168,9 @@ def parse_count(value: object, field: str = "units", *, allow_zero: bool = True)
 
 def micro_to_decimal(micro: int) -> Decimal:
     """The exact Decimal value of an amount in micro-USDC."""
-    return Decimal(micro).scaleb(-AMOUNT_PLACES)
+    sign = 1 if micro < 0 else 0
+    digits = tuple(int(c) for c in str(abs(micro)))
+    return Decimal((sign, digits, -AMOUNT_PLACES))  # built exactly, no context rounding
 
 
 def format_usdc(micro: int) -> str:
@@ -226,18 +263,16 @@ def parse_rate(value: object, field: str = "rate", *, allow_zero: bool = False) 
         raise InvalidInput(field, f"must not be negative, got {dec}")
     if dec == 0 and not allow_zero:
         raise InvalidInput(field, "must be greater than zero")
-    dec = dec.normalize()
-    _sign, digits, exponent = dec.as_tuple()
-    if not isinstance(exponent, int):
-        raise InvalidInput(field, f"must be finite, got {dec}")
+    coefficient, exponent = _coefficient(dec)  # exact: no context may round a rate
     if exponent < -MAX_RATE_PLACES:
         raise InvalidInput(field, f"has more than {MAX_RATE_PLACES} decimal places: {dec}")
-    if dec > Decimal(MAX_AMOUNT_MICRO) / MICRO:
+    if coefficient and len(str(coefficient)) + exponent > 13:  # >= 10**13 > the cap
         raise InvalidInput(field, f"is absurdly large: {dec}")
-    coefficient = int("".join(map(str, digits))) if digits else 0
     if exponent >= 0:
         num, den = coefficient * 10**exponent, 1
     else:
         num, den = coefficient, 10**-exponent
-    text = format(dec, "f")
+    if num * MICRO > MAX_AMOUNT_MICRO * den:
+        raise InvalidInput(field, f"is absurdly large: {dec}")
+    text = format(Decimal((0, tuple(int(c) for c in str(coefficient)), exponent)), "f")
     return Rate(num, den, text)

@@ -469,3 +469,44 @@ def test_cli_register_writes_the_key_to_a_file_never_the_terminal(tmp_path, monk
         key = re.search(r"pf_test_[A-Za-z0-9_\-]+", text).group(0)
         assert key not in out.out and key not in out.err
         assert len(sb.agent_ids()) == 1
+
+
+# -- review: exactness whatever the Decimal context; no chained body; no silent re-create ------
+
+
+def test_wire_money_rounds_once_half_up_in_its_own_context():
+    from decimal import ROUND_HALF_EVEN, localcontext
+
+    tail = D.decode_json(b'{"a": 0.000000' + b"4" + b"9" * 60 + b"}")["a"]
+    half = D.decode_json(b'{"a": 0.0000005}')["a"]
+    with localcontext() as ctx:
+        ctx.prec = 4
+        ctx.rounding = ROUND_HALF_EVEN
+        assert D.wire_money_micro(Decimal("42.99669999999999")) == 42_996_700
+        assert D.wire_money_micro(Decimal("999999.9999994")) == 999_999_999_999
+        assert D.wire_money_micro(half) == 1  # half-up, not the context's half-even
+        assert D.wire_money_micro(tail) == 0  # one rounding of the exact value, not two
+        assert parse(wire()).amount_micro == 43_431_000
+    assert D.wire_money_micro(tail) == 0
+
+
+def test_undecodable_answers_chain_nothing_that_holds_the_body():
+    hostile = b'{"api_key": "pf_live_CANARYsecret1234", "x": NaN'
+    for body in (hostile, hostile + b"}", b'{"a": 1, "a": "pf_live_CANARYsecret1234"}'):
+        with pytest.raises(InvalidResponse) as info:
+            D.decode_json(body)
+        assert info.value.__context__ is None and info.value.__cause__ is None
+        assert "CANARY" not in str(info.value)
+
+
+def test_retrying_an_ambiguous_create_with_its_key_never_sends_a_second_create(deployed):
+    t = LoseAnswers(deployed.sandbox.transport(), {("POST", "/escrow/create"): 1})
+    c = deployed.client(transport=t)
+    with pytest.raises(AmbiguousCreate) as info:
+        c.create_escrow(deployed.provider.agent_id, "3.00", memo="job")
+    key = info.value.idempotency_key
+    assert key
+    with pytest.raises((AmbiguousCreate, UnsupportedByDialect)):
+        c.create_escrow(deployed.provider.agent_id, "3.00", memo="job", idempotency_key=key)
+    assert escrow_count(deployed) == 1
+    assert t.seen.count(("POST", "/deployed/escrow/create")) == 1

@@ -163,3 +163,71 @@ def test_rate_text_and_equality() -> None:
 def test_parse_count_refuses(value: object, fragment: str) -> None:
     with pytest.raises(InvalidInput, match=fragment):
         parse_count(value)
+
+
+# -- no Decimal context ever rounds money -------------------------------------------------
+
+LONG_TAIL = "0.1" + "0" * 30 + "1"  # 33 significant digits: more than a default context holds
+
+
+@pytest.mark.parametrize(
+    "value", [LONG_TAIL, Decimal(LONG_TAIL), "12.3456780000000000000000000000000009"]
+)
+def test_amounts_beyond_six_places_are_refused_however_many_digits(value: object) -> None:
+    # Decimal.normalize() rounds to the context's 28 digits: these once became 0.1 / 12.345678
+    with pytest.raises(InvalidInput, match="decimal places"):
+        parse_amount(value)
+
+
+def test_rates_are_never_rounded_by_the_context() -> None:
+    rate = parse_rate("123456789012.123456789012345678")  # 30 significant digits
+    assert str(rate) == "123456789012.123456789012345678"
+    assert rate.micro_floor(1) == 123456789012123456
+    with pytest.raises(InvalidInput, match="decimal places"):
+        parse_rate("0.1" + "0" * 30 + "1")
+
+
+@pytest.mark.parametrize("rounding", [ROUND_FLOOR, ROUND_HALF_UP])
+def test_a_callers_small_context_changes_nothing(rounding: str) -> None:
+    from pf_metered.models import Escrow
+
+    with localcontext() as ctx:
+        ctx.prec = 4
+        ctx.rounding = rounding
+        assert parse_amount("12.345678") == 12_345_678
+        assert parse_amount(Decimal("999999.999999")) == 999_999_999_999
+        assert micro_to_decimal(12_345_678) == Decimal("12.345678")
+        assert str(micro_to_decimal(-1)) == "-0.000001"
+        rate = parse_rate("0.00012345678")
+        assert rate.micro_half_up(10**6) == 123_456_780
+        assert rate.micro_half_up(1) == 123
+        escrow = Escrow(
+            escrow_id="e1",
+            status="locked",
+            amount="12.345678",
+            released="1.000001",
+            remaining="11.345677",
+        )
+        assert escrow.amount_micro == 12_345_678
+        assert escrow.model_dump()["amount"] == "12.345678"
+        with pytest.raises(ValueError, match="amount"):  # rounding must not make it add up
+            Escrow(
+                escrow_id="e1",
+                status="locked",
+                amount="12.345678",
+                released="1.000001",
+                remaining="11.345678",
+            )
+
+
+def test_huge_exponents_are_refused_quickly() -> None:
+    with pytest.raises(InvalidInput, match="absurdly large"):
+        parse_amount(Decimal("1E+999999"))
+    with pytest.raises(InvalidInput, match="decimal places"):
+        parse_amount(Decimal("1E-999999"))
+    with pytest.raises(InvalidInput, match="absurdly large"):
+        parse_rate(Decimal("1E+999999"))
+    with pytest.raises(InvalidInput, match="decimal places"):
+        parse_rate(Decimal("1E-999999"))
+    assert parse_amount(Decimal("1E+3")) == 1_000 * MICRO
+    assert parse_amount(Decimal("1.000000000000000000000000000000000")) == MICRO

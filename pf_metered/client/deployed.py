@@ -55,7 +55,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any, Final, Literal
 from urllib.parse import quote, urlsplit
 
@@ -76,7 +76,14 @@ from pf_metered.errors import (
     UnsupportedByDialect,
 )
 from pf_metered.models import USDC, Escrow, FaucetClaim, Registration
-from pf_metered.money import MAX_AMOUNT_MICRO, MICRO, fee_micro, format_usdc, micro_to_decimal
+from pf_metered.money import (
+    MAX_AMOUNT_MICRO,
+    MICRO,
+    decimal_to_micro,
+    fee_micro,
+    format_usdc,
+    micro_to_decimal,
+)
 
 from ._dialect import RequestSpec
 from ._ratelimit import DEFAULT_DEPLOYED_LIMITS, PathRateLimiter, RateLimit
@@ -140,8 +147,11 @@ ERROR_CLASSES: Final[dict[int, type[APIError]]] = {
 }
 
 _NONCE = re.compile(r"\[idem:([\x21-\x5c\x5e-\x7e]{1,255})\]\s*$")
+_MAX_DECIMAL: Final = Decimal(MAX_AMOUNT_MICRO // MICRO)
 _QUANTUM: Final = Decimal("0.000001")
-_MAX_DECIMAL: Final = Decimal(MAX_AMOUNT_MICRO) / MICRO
+_EXACT: Final = Context(prec=40, rounding=ROUND_HALF_UP, traps=[InvalidOperation])
+"""Our own context for the one rounding of a wire amount (quantize rounds the exact operand
+once, half-up): a caller's thread context (a small ``prec``, half-even) must not apply."""
 
 
 # ------------------------------------------------------------------------------ money
@@ -177,7 +187,10 @@ def decode_json(content: bytes | str) -> Any:
             object_pairs_hook=_refuse_duplicates,
         )
     except (ValueError, RecursionError) as exc:
-        raise InvalidResponse(f"the answer is not valid JSON: {str(exc)[:80]}") from None
+        problem = type(exc).__name__
+    # Raised outside the handler, so the decoder's error (it holds the whole body, which may
+    # quote a key or hostile text) is not chained as __context__.
+    raise InvalidResponse(f"the answer is not valid JSON ({problem})")
 
 
 def wire_money_micro(value: object, field: str = "amount") -> int:
@@ -206,7 +219,8 @@ def wire_money_micro(value: object, field: str = "amount") -> int:
         raise InvalidResponse(f"{field} is missing or not a number")
     if not dec.is_finite() or dec < 0 or dec > _MAX_DECIMAL:
         raise InvalidResponse(f"{field} is out of range: {dec}")
-    return int(dec.quantize(_QUANTUM, rounding=ROUND_HALF_UP) * MICRO)
+    # rounded in a context of our own: the caller's thread context must not round money
+    return decimal_to_micro(_EXACT.quantize(dec, _QUANTUM))
 
 
 def _json_number(micro: int) -> str:
@@ -260,7 +274,7 @@ class DeployedEscrow(Escrow):
 
     @property
     def commission_micro(self) -> int:
-        return int(self.commission * MICRO)
+        return decimal_to_micro(self.commission)
 
     @property
     def returned_to_creator_micro(self) -> int:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
-from pf_metered.money import MICRO, fee_micro, format_usdc
+from pf_metered.money import MICRO, decimal_to_micro, fee_micro, format_usdc
 from pf_metered.sandbox._clock import Clock, isoformat_us
 from pf_metered.sandbox._db import Database
 from pf_metered.sandbox._http import (
@@ -161,16 +161,17 @@ def _wire_amount(value: object) -> int:
         raise _Refusal(400, "invalid_amount", "amount_usd must be a positive number")
     if dec > Decimal(10) ** 12:
         raise _Refusal(400, "invalid_amount", "amount_usd is too large")
-    micro = dec * MICRO
-    if micro != micro.to_integral_value():
+    try:
+        micro = decimal_to_micro(dec)  # exact, whatever the thread's Decimal context
+    except ValueError:
         raise _Refusal(
             400, "invalid_amount", "amount_usd has more than 6 decimal places (USDC's precision)"
-        )
+        ) from None
     if micro < DEPLOYED_MIN_MICRO:
         raise _Refusal(
             400, "invalid_amount", f"the minimum escrow is {format_usdc(DEPLOYED_MIN_MICRO)} USD"
         )
-    return int(micro)
+    return micro
 
 
 def _dumps(obj: object) -> bytes:
