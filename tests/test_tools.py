@@ -360,3 +360,30 @@ async def test_aclose_all(pf_world):
     assert len(await ctx.aclose_all()) == 2
     assert pf_world.balance() == Decimal("100")
     await pf_world.aclient.aclose()
+
+
+
+@pytest.mark.parametrize("dialect", ["v1", "deployed"])
+async def test_an_unknown_provider_is_named_as_such(pf_world, dialect):
+    kw = {"dialect": dialect, "rate_limits": False}  # no client-side pacing: keep it fast
+    client = pf_world.sandbox.client(pf_world.payer.api_key, **kw)
+    aclient = pf_world.sandbox.async_client(pf_world.payer.api_key, **kw)
+    ctx = ToolContext(client, aclient, caps=Caps(max_total="5", max_open_streams=1))
+    cases = [("stream_open", {"provider": "agent_ghost", "rate": "0.01", "budget": "1"}),
+             ("escrow_create", {"to_agent_id": "agent_ghost", "amount": "1"})]
+    for name, args in cases:
+        with pytest.raises(ToolError) as sync_info:
+            get_definition(name).call(ctx, args)
+        with pytest.raises(ToolError) as async_info:
+            await get_definition(name).acall(ctx, args)
+        for err in (sync_info.value, async_info.value):
+            assert err.kind == "unknown_provider", err
+            assert str(err).startswith("Unknown provider") and "'agent_ghost'" in str(err)
+            assert "escrow_list" not in str(err) and f"call {name} again" in str(err)
+    # the failures held nothing back: the caps' room and the open-stream slot are free
+    assert ctx.locked_micro == 0 and ctx.entries() == []
+    call(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.01", budget="5")
+    assert ctx.locked_micro == 5_000_000
+    ctx.close_all()
+    client.close()
+    await aclient.aclose()

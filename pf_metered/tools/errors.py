@@ -33,7 +33,7 @@ from pf_metered.errors import (
     redact,
 )
 
-__all__ = ["ToolError", "explain", "format_validation_error"]
+__all__ = ["ToolError", "explain", "format_validation_error", "unknown_provider"]
 
 _MAX = 600
 
@@ -69,6 +69,20 @@ def format_validation_error(tool_name: str, exc: ValidationError) -> str:
         f"Invalid arguments for {tool_name}: " + "; ".join(problems)
         + ". Fix these arguments and call the tool again."
     )[:_MAX]
+
+
+def unknown_provider(exc: NotFound, *, provider: str, tool_name: str) -> ToolError:
+    """A ``NotFound`` while locking money for ``provider``: the provider agent is unknown.
+
+    Why not :func:`explain`: there "not found" means an escrow id, and the model would go
+    looking for an escrow it never had; here the only id in the request is the provider's.
+    """
+    said = f" (the service said: {exc.message})" if exc.message else ""
+    return ToolError(
+        f"Unknown provider: the escrow service has no agent {provider!r}{said}. Check the "
+        f"provider's agent id and call {tool_name} again.",
+        kind="unknown_provider",
+    )
 
 
 def explain(exc: BaseException, *, tool_name: str) -> ToolError:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from pf_metered.errors import NotFound
 from pf_metered.models import Escrow
 from pf_metered.money import format_usdc, parse_amount
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import ToolContext
-from pf_metered.tools.errors import ToolError
+from pf_metered.tools.errors import ToolError, unknown_provider
 from pf_metered.tools.schemas import (
     EscrowCreateArgs,
     EscrowListArgs,
@@ -93,6 +94,9 @@ def _create(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
             args.to_agent_id, format_usdc(amount), memo=args.memo,
             auto_release_hours=args.auto_release_hours,
         )
+    except NotFound as exc:
+        ctx.unreserve(amount, stream=False)
+        raise unknown_provider(exc, provider=args.to_agent_id, tool_name="escrow_create") from None
     except BaseException:
         ctx.unreserve(amount, stream=False)
         raise
@@ -109,6 +113,9 @@ async def _acreate(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
             args.to_agent_id, format_usdc(amount), memo=args.memo,
             auto_release_hours=args.auto_release_hours,
         )
+    except NotFound as exc:
+        ctx.unreserve(amount, stream=False)
+        raise unknown_provider(exc, provider=args.to_agent_id, tool_name="escrow_create") from None
     except BaseException:
         ctx.unreserve(amount, stream=False)
         raise

@@ -16,13 +16,13 @@ import asyncio
 import inspect
 from typing import Any
 
-from pf_metered.errors import InvalidInput
+from pf_metered.errors import InvalidInput, NotFound
 from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_rate
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import StreamEntry, ToolContext
-from pf_metered.tools.errors import ToolError
+from pf_metered.tools.errors import ToolError, unknown_provider
 from pf_metered.tools.schemas import (
     StreamCloseArgs,
     StreamListArgs,
@@ -163,6 +163,9 @@ def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     except InvalidInput as exc:
         ctx.unreserve(budget_micro, stream=True)
         raise _budget_problem(exc) from None
+    except NotFound as exc:
+        ctx.unreserve(budget_micro, stream=True)
+        raise unknown_provider(exc, provider=args.provider, tool_name="stream_open") from None
     except BaseException:
         ctx.unreserve(budget_micro, stream=True)
         raise
@@ -182,6 +185,9 @@ async def _aopen(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     except InvalidInput as exc:
         ctx.unreserve(budget_micro, stream=True)
         raise _budget_problem(exc) from None
+    except NotFound as exc:
+        ctx.unreserve(budget_micro, stream=True)
+        raise unknown_provider(exc, provider=args.provider, tool_name="stream_open") from None
     except BaseException:
         ctx.unreserve(budget_micro, stream=True)
         raise
