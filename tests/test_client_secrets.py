@@ -185,3 +185,45 @@ def test_real_http_over_loopback_logs_nothing_secret(debug_logs) -> None:
     text = records_text(debug_logs.records)
     assert key not in text
     assert key[8:-4] not in text
+
+
+def test_every_logger_of_the_package_carries_the_filter() -> None:
+    # A logger's filter does not see its children's records: "pf_metered" alone left
+    # "pf_metered.client" (which logs escrow ids a server chose) unfiltered.
+    import pathlib
+    import re
+
+    import pf_metered
+
+    root = pathlib.Path(pf_metered.__file__).parent
+    names: set[str] = set()
+    for path in root.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        names.update(re.findall(r"getLogger\(\s*\"([^\"]+)\"\s*\)", text))
+        if re.search(r"getLogger\(\s*__name__\s*\)", text):
+            rel = path.relative_to(root.parent).with_suffix("")
+            names.add(".".join(rel.parts))
+    assert names, "no loggers found"
+    assert names <= set(LOGGERS), sorted(names - set(LOGGERS))
+    EscrowClient(CANARY_KEY)
+    for name in names:
+        assert any(
+            isinstance(f, type(logging.getLogger("pf_metered").filters[0]))
+            for f in logging.getLogger(name).filters
+        ), name
+
+
+def test_a_logged_traceback_is_redacted_when_formatted(debug_logs) -> None:
+    EscrowClient(CANARY_KEY)
+    logger = logging.getLogger("pf_metered.client")
+    try:
+        raise RuntimeError(f"sent Authorization: Bearer {CANARY_KEY}")
+    except RuntimeError:
+        logger.exception("escrow %s failed", CANARY_KEY)
+    logger.debug("with stack", stack_info=True)
+    record = next(r for r in debug_logs.records if r.name == "pf_metered.client")
+    formatted = logging.Formatter().format(record)
+    assert "RuntimeError" in formatted
+    assert_clean(formatted)
+    assert_clean(debug_logs.text)
+    assert_clean(records_text(debug_logs.records))

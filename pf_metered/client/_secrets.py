@@ -32,6 +32,15 @@ _BEARER: Final = re.compile(r"(bearer\s+)[^\s'\",)]+", re.IGNORECASE)
 
 LOGGERS: Final = (
     "pf_metered",
+    "pf_metered.client",
+    "pf_metered.sandbox",
+    "pf_metered.sandbox.server",
+    "pf_metered.meter.sqlite",
+    "pf_metered.meter.redis_store",
+    "pf_metered.stream.recovery",
+    "pf_metered.stream.tranches",
+    "pf_metered.langchain",
+    "pf_metered.mcp",
     "httpx",
     "httpcore",
     "httpcore.connection",
@@ -41,7 +50,8 @@ LOGGERS: Final = (
     "httpcore.socks",
 )
 """Loggers the redaction filter sits on. A filter on a logger sees only records logged to that
-logger itself (not its children's), so httpcore's children are named one by one."""
+logger itself (not its children's), so every logger of this package and httpcore's children
+are named one by one (a test checks that every ``getLogger`` in the package is listed)."""
 
 _live: weakref.WeakSet[Secret] = weakref.WeakSet()
 _lock = threading.Lock()
@@ -103,9 +113,19 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)
         record.msg = redact_text(message)
         record.args = None
+        if record.exc_info and not record.exc_text:
+            # formatted here and redacted; a formatter prints exc_text as it is, and the raw
+            # exception (whose args may hold a key) leaves the record
+            record.exc_text = _FORMATTER.formatException(record.exc_info)
+        record.exc_info = None
         if record.exc_text:
             record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
         return True
+
+
+_FORMATTER: Final = logging.Formatter()
 
 
 _FILTER: Final = RedactingFilter(name="")
