@@ -33,6 +33,9 @@ CLIENT_CALLS = (
     "list_releases",
     "refund",
     "claim_faucet",
+    "release",
+    "complete",
+    "dispute",
 )
 
 

@@ -510,3 +510,19 @@ def test_retrying_an_ambiguous_create_with_its_key_never_sends_a_second_create(d
         c.create_escrow(deployed.provider.agent_id, "3.00", memo="job", idempotency_key=key)
     assert escrow_count(deployed) == 1
     assert t.seen.count(("POST", "/deployed/escrow/create")) == 1
+
+
+def test_ids_with_a_trailing_newline_are_refused(deployed):
+    with pytest.raises(InvalidInput):
+        D.claim_faucet("agent_b\n", transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    http = httpx.Client(transport=deployed.sandbox.transport())
+    try:
+        r = http.post(
+            "http://localhost/deployed/escrow/create",
+            headers={"Authorization": f"Bearer {deployed.payer.api_key}"},
+            json={"amount_usd": 1, "counterparty_agent_id": deployed.provider.agent_id + "\n"},
+        )
+        assert r.status_code in (400, 404)
+    finally:
+        http.close()
+    assert escrow_count(deployed) == 0

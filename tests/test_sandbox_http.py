@@ -517,3 +517,20 @@ async def test_async_clients_share_the_same_transport(sb: Sandbox) -> None:
     with api(sb, payer) as c:
         assert c.get("/escrow").status_code == 200
     sb.audit()
+
+
+def test_ids_with_a_trailing_newline_are_refused(sb: Sandbox, trio) -> None:
+    # re's "$" matches before a final "\n": ids must be checked to the very end
+    from pf_metered.errors import InvalidInput
+
+    payer, provider, _ = trio
+    with pytest.raises(InvalidInput) as info:
+        sb.add_agent(agent_id="agent_x\n")
+    assert info.value.field == "agent_id"
+    with api(sb, payer) as c:
+        r = create(c, provider.agent_id + "\n")
+        assert r.status_code in (400, 404) and r.status_code != 201
+        eid = create(c, provider.agent_id).json()["escrow_id"]
+        r = c.post(f"/escrow/{eid}%0A/release-partial", json={"amount": "1.00"})
+        assert r.status_code in (400, 404)
+    assert sb.escrow(eid).released_micro == 0

@@ -274,12 +274,12 @@ def _check_id(value: object, field: str) -> str:
     return value
 
 
-def _check_memo(value: object, limit: int) -> str:
+def _check_memo(value: object, limit: int, field: str = "memo") -> str:
     if not isinstance(value, str):
-        raise InvalidInput("memo", f"must be a str, not {type(value).__name__}")
+        raise InvalidInput(field, f"must be a str, not {type(value).__name__}")
     if len(value) > limit:
         raise InvalidInput(
-            "memo",
+            field,
             f"must be at most {limit} characters, got {len(value)}"
             + (
                 ""
@@ -938,7 +938,7 @@ class BaseEscrowClient:
 
     def _deployed_op(self, escrow_id: str, action: str, reason: object = "") -> Op[Escrow]:
         _check_id(escrow_id, "escrow_id")
-        _check_memo(reason, MAX_MEMO)
+        _check_memo(reason, MAX_MEMO, "reason")
         return simple_post_op(self, escrow_id, action, str(reason))  # type: ignore[arg-type,no-any-return]
 
     # faucet --------------------------------------------------------------------------

@@ -861,8 +861,8 @@ _HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/js
 
 
 def _check_agent(agent_casino_id: object) -> str:
-    if not isinstance(agent_casino_id, str) or not re.match(
-        r"^[A-Za-z0-9_.:\-]{1,128}$", agent_casino_id
+    if not isinstance(agent_casino_id, str) or not re.fullmatch(
+        r"[A-Za-z0-9_.:\-]{1,128}", agent_casino_id
     ):
         raise InvalidInput("agent_casino_id", "must be 1..128 characters of A-Z a-z 0-9 _ . : -")
     return agent_casino_id

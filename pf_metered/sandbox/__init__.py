@@ -71,7 +71,7 @@ IN_PROCESS_BASE_URL = "http://localhost/api/v1"
 DEPLOYED_BASE_URL = "http://localhost/deployed"
 CASINO_BASE_URL = "http://localhost/casino"
 FAUCET_BASE_URL = "http://localhost/faucet"
-_AGENT_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+_AGENT_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}\Z")
 
 
 class LedgerInvariantError(PFMeteredError):

@@ -87,7 +87,7 @@ DEFAULT_DEPLOYED_RATE_LIMITS: Final = RateLimits(
 )
 """Requests per 60 s window per path and client address (the service allows 10–30)."""
 
-_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}\Z")
 
 _STATUS_OF: Final[dict[str, int]] = {
     "invalid_request": 400,

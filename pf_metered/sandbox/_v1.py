@@ -58,8 +58,8 @@ MAX_PAGE: Final = 1000
 
 MAX_MEMO: Final = 1000
 MAX_AUTO_RELEASE_HOURS: Final = 8760
-_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-_IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}\Z")
+_IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}\Z")
 
 _STATUS_OF: Final[dict[ErrorKind, int]] = {
     "invalid_request": 400,
