@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -196,6 +195,35 @@ def test_faucet_claim_once(world: World) -> None:
     assert error["http_status"] == 409 and error["kind"] == "api"
 
 
+def test_faucet_claim_for_an_agent_id_on_the_deployed_faucet(world: World) -> None:
+    root = world.base_url.removesuffix("/api/v1")
+    faucet = f"{root}/faucet"
+    newcomer, other = world.agent(), world.agent()
+    # no key needed: the deployed faucet takes the agent id
+    first = world.run("faucet", "claim", "--agent-id", newcomer.agent_id, key=None,
+                      PF_FAUCET_URL=faucet)
+    assert first.returncode == EXIT_OK, first.stderr
+    assert re.search(r"credited\s+1\.00 USDC", first.stdout)
+    assert re.search(r"agent\s+" + newcomer.agent_id, first.stdout)
+    by_flag = world.run("--json", "faucet", "claim", "--agent-id", other.agent_id,
+                        "--faucet-url", faucet, key=None)
+    assert _json(by_flag)["agent_id"] == other.agent_id
+    assert world.sandbox.balance(newcomer.agent_id) == Decimal("1.00")
+    assert world.sandbox.balance(other.agent_id) == Decimal("1.00")
+    again = world.run("faucet", "claim", "--agent-id", newcomer.agent_id, key=None,
+                      PF_FAUCET_URL=faucet)
+    assert again.returncode == EXIT_API and "already_claimed" in again.stderr
+    assert world.sandbox.balance(newcomer.agent_id) == Decimal("1.00")
+    # the deployed escrow dialect has no keyed faucet call: the error says what to type
+    needs_id, stray_url = world.run_many([
+        ["faucet", "claim", "--base-url", f"{root}/deployed"],
+        ["faucet", "claim", "--faucet-url", faucet],
+    ])
+    for proc in (needs_id, stray_url):
+        assert proc.returncode == EXIT_USAGE and "--agent-id" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 # -- exit codes -----------------------------------------------------------------------------
 
 
@@ -273,19 +301,30 @@ def test_stream_watch_once_table_and_json(world: World) -> None:
 
 def test_stream_watch_follows_releases_until_closed(world: World) -> None:
     escrow_id = _new_escrow(world, "2.00")
-    watched = threading.Event()
+    reads = threading.Condition()
+    watcher_reads = [0]
 
     def on_request(request: AppRequest) -> None:
-        if request.method == "GET" and escrow_id in request.path:
-            watched.set()
+        # count the watcher's reads (over loopback; the payer below talks in-process)
+        if request.method == "GET" and escrow_id in request.path and (
+                request.client != "in-process"):
+            with reads:
+                watcher_reads[0] += 1
+                reads.notify_all()
+
+    def after_read(n: int) -> None:
+        """Wait until the watcher has *started* read ``n``, so read ``n - 1`` was answered."""
+        with reads:
+            assert reads.wait_for(lambda: watcher_reads[0] >= n, timeout=20), "watcher stalled"
 
     def pay_then_refund() -> None:
-        assert watched.wait(20), "the watcher never read the escrow"
+        # each step waits for the watcher's next read: no sleeps, yet every step is seen
+        # after the watcher has shown the escrow untouched (its first line)
         with world.sandbox.client(world.payer.api_key) as client:
-            for _ in range(3):
-                time.sleep(0.3)
+            for step in range(3):
+                after_read(2 + step)
                 client.release_partial(escrow_id, "0.50")
-            time.sleep(0.3)
+            after_read(5)
             client.refund(escrow_id)
 
     world.sandbox.before_handle = on_request
@@ -299,7 +338,7 @@ def test_stream_watch_follows_releases_until_closed(world: World) -> None:
     assert proc.returncode == EXIT_OK, proc.stderr
     lines = proc.stdout.splitlines()
     # stdout is a pipe: one line per change, never a repeated line
-    assert len(lines) == len(set(lines))
+    assert len(lines) == len(set(lines)) and len(lines) >= 2
     assert "released 0.00 / 2.00 USDC" in lines[0]
     assert "[" + "#" * 22 + "~" * 8 + "]" in lines[-1] and "refunded" in lines[-1]
     assert "released 1.50 / 2.00 USDC" in lines[-1] and "75.0%" in lines[-1]
@@ -358,6 +397,25 @@ def test_sandbox_serve_keys_file_and_ledger(tmp_path: Path) -> None:
                                 text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
         assert listed.returncode == EXIT_OK and listed.stdout.strip() == "No escrows yet."
         assert payer_key not in listed.stdout + listed.stderr
+        # the file also points register and the agent-id faucet at this sandbox
+        root = base_url.removesuffix("/api/v1")
+        assert (exports["PF_FAUCET_URL"], exports["PF_CASINO_URL"]) == (
+            f"{root}/faucet", f"{root}/casino")
+        env.pop("PF_API_KEY")
+        env.update(PF_FAUCET_URL=exports["PF_FAUCET_URL"],
+                   PF_CASINO_URL=exports["PF_CASINO_URL"])
+        agent_file = tmp_path / "agent.env"
+        registered = subprocess.run(
+            [str(BIN), "--json", "register", "--keys-file", str(agent_file)], env=env,
+            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+        new_agent = _json(registered)["agent_id"]
+        new_key = re.search(r"PF_API_KEY=(\S+)", agent_file.read_text()).group(1)
+        assert new_key not in registered.stdout + registered.stderr
+        claimed = subprocess.run(
+            [str(BIN), "faucet", "claim", "--agent-id", new_agent], env=env,
+            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+        assert claimed.returncode == EXIT_OK, claimed.stderr
+        assert re.search(r"credited\s+1\.00 USDC", claimed.stdout)
     finally:
         out, err = _stop(proc)
     assert payer_key not in out + err and exports["PF_PROVIDER_API_KEY"] not in out + err

@@ -51,6 +51,14 @@ def test_help_of_every_command(path: list[str], capsys: pytest.CaptureFixture[st
         assert "example" in text  # every command shows how it is used
     for line in text.splitlines():
         assert len(line) <= 100, line
+    assert "issue" not in text.lower()  # no tracker jargon on a user's screen
+
+
+def test_faucet_help_explains_the_agent_id_faucet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["faucet", "claim", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--agent-id AGENT_ID" in text and "--faucet-url URL" in text
+    assert "PF_FAUCET_URL" in text and "deployed" in text
 
 
 @pytest.mark.parametrize(
@@ -133,9 +141,8 @@ def test_prompted_key_is_used_and_not_echoed(monkeypatch: pytest.MonkeyPatch,
     assert payer.api_key not in captured.out + captured.err
 
 
-def test_register_is_a_documented_hook(capsys: pytest.CaptureFixture[str]) -> None:
-    # issue 8 filled the hook (pf_metered.client.register_agent); the key still needs a file
-    assert main(["register"]) == 2
+def test_register_needs_a_keys_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["register"]) == 2  # the new key is written to a file, never printed
     assert "--keys-file" in capsys.readouterr().err
 
 

@@ -21,6 +21,12 @@ from typing import Any, NoReturn
 
 from pf_metered.cli._exit import EXIT_USAGE
 from pf_metered.cli._secrets import ENV_BASE_URL, ENV_KEY, scrub
+from pf_metered.client.deployed import (
+    CASINO_BASE_URL,
+    ENV_CASINO_URL,
+    ENV_FAUCET_URL,
+    FAUCET_BASE_URL,
+)
 
 __all__ = ["DEFAULT_SANDBOX_PORT", "build_parser"]
 
@@ -44,6 +50,10 @@ environment:
                   argument; when unset and run in a terminal, you are prompted without echo.
   {ENV_BASE_URL}     the escrow API base URL (default https://escrow.purpleflea.com/api/v1);
                   --base-url overrides it. Plain http is refused except to loopback.
+  {ENV_FAUCET_URL}   the faucet service, for 'faucet claim --agent-id' (default
+                  {FAUCET_BASE_URL})
+  {ENV_CASINO_URL}   the registration service, for 'register' (default
+                  {CASINO_BASE_URL})
 
 exit codes:
   0 success · 1 unexpected failure · 2 usage error · 3 API error (auth, not found,
@@ -225,11 +235,32 @@ def _add_faucet(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     actions = faucet.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
-    _sub(
-        actions, "claim", common, help="claim the faucet for the agent of PF_API_KEY",
-        description="Claim the one-time 1.00 USDC credit for the agent whose key is in "
-                    f"{ENV_KEY}. A second claim fails with already_claimed (exit 3).",
-        epilog="examples:\n  pf-metered faucet claim\n  pf-metered faucet claim --json\n",
+    claim = _sub(
+        actions, "claim", common, help="claim the one-time 1.00 USDC for a new agent",
+        description=(
+            f"Claim the one-time 1.00 USDC credit for the agent whose key is in {ENV_KEY}. "
+            "A second claim fails with already_claimed (exit 3).\n\n"
+            "The deployed Purple Flea service runs its faucet as a separate service that "
+            "takes an agent id instead of a key: there, pass --agent-id (no key is needed). "
+            f"The faucet's URL is --faucet-url, else ${ENV_FAUCET_URL}, else "
+            f"{FAUCET_BASE_URL}."
+        ),
+        epilog=(
+            "examples:\n"
+            "  pf-metered faucet claim\n"
+            "  pf-metered faucet claim --json\n"
+            "  pf-metered faucet claim --agent-id agent_2f9c     # the deployed faucet\n"
+        ),
+    )
+    claim.add_argument(
+        "--agent-id", metavar="AGENT_ID", default=None,
+        help="claim on the separate faucet service for this agent id (the deployed "
+             "dialect's faucet, which needs no key)",
+    )
+    claim.add_argument(
+        "--faucet-url", metavar="URL", default=None,
+        help=f"with --agent-id: the faucet service's URL (default: ${ENV_FAUCET_URL}, else "
+             f"{FAUCET_BASE_URL})",
     )
 
 
@@ -358,14 +389,15 @@ def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_register(commands: Any, common: argparse.ArgumentParser) -> None:
     _sub(
-        commands, "register", common, help="create a new agent account (needs issue 8)",
+        commands, "register", common, help="create a new agent account and save its key",
         description=(
             "Register a new agent with Purple Flea and receive its id and API key. The key is "
-            "written to a file you choose, never printed. Available once the client supports "
-            "account bootstrap; until then this command explains what to do instead."
+            "written to --keys-file (mode 600), never printed; 'source' the file to use it. "
+            f"The registration service is ${ENV_CASINO_URL}, else {CASINO_BASE_URL}. A new "
+            "agent can then claim the faucet once."
         ),
         epilog="example:\n  pf-metered register --keys-file agent.env && source agent.env\n",
-    ).add_argument("--keys-file", metavar="FILE", default=None,
+    ).add_argument("--keys-file", metavar="FILE", required=True,
                    help="where to write the new agent's 'export PF_API_KEY=...' line")
 
 

@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pf_metered.cli._exit import EXIT_CONFIG, EXIT_OK, CLIError
+from pf_metered.cli._exit import EXIT_OK, EXIT_USAGE, CLIError
 from pf_metered.cli._format import (
     ESCROW_COLUMNS,
     RELEASE_COLUMNS,
@@ -29,6 +29,7 @@ from pf_metered.cli._format import (
     shown_memo,
 )
 from pf_metered.cli._secrets import resolve_api_key
+from pf_metered.errors import UnsupportedByDialect
 from pf_metered.models import Escrow
 from pf_metered.money import format_usdc, parse_amount
 
@@ -134,8 +135,23 @@ def _escrow_refund(args: argparse.Namespace, out: Output) -> int:
 
 
 def _faucet_claim(args: argparse.Namespace, out: Output) -> int:
-    with open_client(args) as client:
-        claim = client.claim_faucet()
+    if args.faucet_url and not args.agent_id:
+        raise CLIError("--faucet-url goes with --agent-id (the separate faucet service)",
+                       EXIT_USAGE, kind="usage")
+    if args.agent_id:
+        from pf_metered.client import claim_faucet_for
+
+        claim = claim_faucet_for(args.agent_id, base_url=args.faucet_url or None)
+    else:
+        with open_client(args) as client:
+            try:
+                claim = client.claim_faucet()
+            except UnsupportedByDialect:
+                raise CLIError(
+                    "this escrow service's faucet is a separate service that takes an agent "
+                    "id: run 'pf-metered faucet claim --agent-id YOUR_AGENT_ID'",
+                    EXIT_USAGE, kind="usage",
+                ) from None
     data = {
         "credited": format_usdc(claim.credited_micro),
         "claim_id": claim.claim_id,
@@ -150,28 +166,14 @@ def _faucet_claim(args: argparse.Namespace, out: Output) -> int:
 
 
 def _register(args: argparse.Namespace, out: Output) -> int:
-    """Account bootstrap (issue 8): the hook the client's registration call plugs into.
-
-    When ``pf_metered.client`` offers ``register_agent(base_url=...) -> Registration``, this
-    command calls it and writes the key to ``--keys-file`` (mode 600), never to the terminal.
-    """
-    import pf_metered.client as client_pkg
-
-    register = getattr(client_pkg, "register_agent", None)
-    if register is None:
-        raise CLIError(
-            "registration is not available in this version of pf-metered. Register an agent "
-            "with Purple Flea (POST https://casino.purpleflea.com/api/v1/auth/register), then "
-            "export PF_API_KEY; or try everything locally with 'pf-metered sandbox serve'.",
-            EXIT_CONFIG,
-            kind="config",
-        )
-    if not args.keys_file:
-        raise CLIError("register needs --keys-file FILE: the new key is written there, never "
-                       "printed", 2, kind="usage")
+    """Register a new agent; its key goes to ``--keys-file`` (mode 600), never the terminal."""
     from pf_metered.cli._sandbox import write_keys_file
+    from pf_metered.client import register_agent
 
-    registration = register()
+    if not args.keys_file:  # argparse requires it; a second lock on the door
+        raise CLIError("register needs --keys-file FILE: the new key is written there, never "
+                       "printed", EXIT_USAGE, kind="usage")
+    registration = register_agent()
     key = registration.api_key.get_secret_value()
     write_keys_file(args.keys_file, [("PF_API_KEY", key, registration.agent_id)], base_url=None)
     out.data({"agent_id": registration.agent_id, "keys_file": args.keys_file},

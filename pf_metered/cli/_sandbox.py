@@ -37,12 +37,17 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
 def write_keys_file(
-    path: str, keys: Sequence[tuple[str, str, str]], *, base_url: str | None
+    path: str, keys: Sequence[tuple[str, str, str]], *, base_url: str | None,
+    urls: Sequence[tuple[str, str]] = (),
 ) -> None:
-    """Write ``export NAME=key  # agent`` lines to ``path``, created with mode 600."""
+    """Write ``export NAME=key  # agent`` lines to ``path``, created with mode 600.
+
+    ``base_url`` and ``urls`` (``(variable, url)`` pairs) are exported first.
+    """
     lines = ["# pf-metered: API keys. Keep this file private; 'source' it to use them."]
     if base_url:
         lines.append(f"export {ENV_BASE_URL}={base_url}")
+    lines.extend(f"export {name}={url}" for name, url in urls)
     lines.extend(f"export {name}={key}  # {agent}" for name, key, agent in keys)
     data = ("\n".join(lines) + "\n").encode()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
@@ -84,7 +89,7 @@ def run_sandbox_serve(args: argparse.Namespace, out: Output) -> int:
                     args.keys_file,
                     [(ENV_KEY, payer.api_key, f"payer {payer.agent_id}"),
                      ("PF_PROVIDER_API_KEY", provider.api_key, f"provider {provider.agent_id}")],
-                    base_url=base_url,
+                    base_url=base_url, urls=_service_urls(base_url),
                 )
             _announce(out, args, base_url=base_url, balance=format_usdc(balance),
                       payer=payer, provider=provider)
@@ -99,6 +104,14 @@ def run_sandbox_serve(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _service_urls(base_url: str) -> list[tuple[str, str]]:
+    """The sandbox's faucet and registration services (served beside v1 on the same port)."""
+    from pf_metered.client.deployed import ENV_CASINO_URL, ENV_FAUCET_URL
+
+    root = base_url.removesuffix("/api/v1")
+    return [(ENV_FAUCET_URL, f"{root}/faucet"), (ENV_CASINO_URL, f"{root}/casino")]
+
+
 def _announce(
     out: Output, args: argparse.Namespace, *, base_url: str, balance: str,
     payer: SandboxAgent, provider: SandboxAgent,
@@ -109,6 +122,7 @@ def _announce(
     if out.json:
         data: dict[str, object] = {
             "base_url": base_url, "ledger": args.ledger,
+            **{name.removeprefix("PF_").lower(): url for name, url in _service_urls(base_url)},
             "payer": {"agent_id": payer.agent_id, "balance": balance},
             "provider": {"agent_id": provider.agent_id, "balance": "0.00"},
             "keys_file": args.keys_file,
