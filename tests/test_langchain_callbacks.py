@@ -100,6 +100,30 @@ async def test_per_call_async_concurrent(pf_world):
     await pf_world.aclient.aclose()
 
 
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+async def test_per_call_while_streaming(pf_world, mode):
+    """One unit per streamed answer, however many chunks it arrives in; refused up front."""
+    async with AsyncPaymentStream(pf_world.aclient, pf_world.provider.agent_id, "0.5",
+                                  max_units=3, batch=2) as stream:
+        handler = MeteredCallbackHandler(stream)
+        model = _model(callbacks=[handler])
+        for _ in range(3):
+            if mode == "stream":
+                chunks = list(model.stream("hi"))
+            else:
+                chunks = [c async for c in model.astream("hi")]
+            assert len(chunks) > 1
+        with pytest.raises(BudgetExhausted):
+            if mode == "stream":
+                list(model.stream("one too many"))
+            else:
+                [c async for c in model.astream("one too many")]
+        assert model.calls == 3 and handler.calls == 3 and handler.pending_calls == 0
+    _paid(pf_world, stream, "0.5", 3)
+    assert pf_world.balance("provider") == Decimal("1.485")
+    await pf_world.aclient.aclose()
+
+
 def test_per_call_through_a_chain(pf_world):
     with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as stream:
         handler = MeteredCallbackHandler(stream)
@@ -169,6 +193,31 @@ def test_input_and_output_tokens_priced_separately(pf_world, mode):
     paid = s_in.receipt.paid + s_out.receipt.paid
     assert pf_world.balance() == Decimal(100) - paid
     pf_world.sandbox.audit()
+
+
+@pytest.mark.parametrize("mode", ["ainvoke", "astream"])
+async def test_input_and_output_tokens_priced_separately_async(pf_world, mode):
+    reader = pf_world.sandbox.add_agent()
+    tokens_in, tokens_out = _expected_tokens("summarise this long document now")
+    async with AsyncPaymentStream(pf_world.aclient, reader.agent_id, "0.00001",
+                                  budget="1") as s_in, \
+            AsyncPaymentStream(pf_world.aclient, pf_world.provider.agent_id, "0.00003",
+                               budget="1") as s_out:
+        handler = MeteredCallbackHandler(unit="token", input_stream=s_in, output_stream=s_out)
+        model = _model(callbacks=[handler])
+        for _ in ANSWERS:
+            if mode == "ainvoke":
+                await model.ainvoke("summarise this long document now")
+            else:
+                async for _chunk in model.astream("summarise this long document now"):
+                    pass
+    assert (s_in.receipt.units, s_out.receipt.units) == (tokens_in, tokens_out)
+    assert s_in.receipt.paid == Decimal("0.00001") * tokens_in
+    assert s_out.receipt.paid == Decimal("0.00003") * tokens_out
+    assert pf_world.balance() == Decimal(100) - s_in.receipt.paid - s_out.receipt.paid
+    assert pf_world.sandbox.balance(reader.agent_id) == s_in.receipt.provider_net
+    pf_world.sandbox.audit()
+    await pf_world.aclient.aclose()
 
 
 def test_tool_call_answers_report_usage_when_streamed(pf_world):
