@@ -246,3 +246,159 @@ def test_keyed_data_feeds(agents):
     receipts = feeds.close()
     assert receipts[(agents.provider.agent_id, "price_feed")].paid == Decimal("0.25")
     assert receipts[(agents.provider.agent_id, "news_event")].paid == Decimal("0.03")
+
+
+# -- a release claimed in the store but never recorded by the meter ----------------------
+
+
+def _store_for(kind: str, tmp_path, request):
+    if kind == "memory":
+        return None
+    if kind == "sqlite":
+        return str(tmp_path / "meter.db")
+    from pf_metered.meter.redis_store import RedisStore
+
+    return RedisStore(request.getfixturevalue("redis_url"),
+                      prefix=request.getfixturevalue("redis_prefix"))
+
+
+class _StopAfterClaim:
+    """The process is stopped (KeyboardInterrupt) right after the store commits a claim,
+    before the meter has recorded the intent as in flight."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        real = self.store.claim
+
+        def claim(*args, **kwargs):
+            intent = real(*args, **kwargs)
+            if intent is not None:
+                del self.store.claim  # once
+                raise KeyboardInterrupt
+            return intent
+
+        self.store.claim = claim
+
+    def __exit__(self, *exc) -> None:
+        self.store.__dict__.pop("claim", None)
+
+
+@pytest.mark.parametrize("where", ["batch", "final"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_claim_the_meter_never_recorded_is_adopted(agents, tmp_path, request, kind, where,
+                                                     mode):
+    """Stopped between the store's commit of an intent and the meter's record of it, a live
+    stream must still send that release (its units paid, not refunded) and leave nothing
+    pending: close() and the sender adopt the pending intent this process owns."""
+    store = _store_for(kind, tmp_path, request)
+    kw = dict(batch=10, budget="10", background=False, store=store)
+    if mode == "sync":
+        s = PaymentStream(agents.client, agents.provider.agent_id, "0.01", **kw).open()
+        s.record(10)
+        with _StopAfterClaim(s.store), pytest.raises(KeyboardInterrupt):
+            s.pump() if where == "batch" else s.close()
+        if where == "batch":
+            s.record(5)
+            s.pump()  # the sender: the unrecorded batch goes out (once)
+            assert agents.escrow(s.escrow_id).released == Decimal("0.10")
+        receipt = s.close()
+    else:
+
+        async def run() -> AsyncPaymentStream:
+            s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.01", **kw)
+            await s.open()
+            s.record(10)
+            with _StopAfterClaim(s.store), pytest.raises(KeyboardInterrupt):
+                await (s.pump() if where == "batch" else s.close())
+            if where == "batch":
+                s.record(5)
+                await s.pump()
+                assert agents.escrow(s.escrow_id).released == Decimal("0.10")
+            await s.close()
+            return s
+
+        s = asyncio.run(run())
+        receipt = s.receipt
+    units = 15 if where == "batch" else 10
+    check_ledger(agents, receipt, "0.01", units)
+    state = s.store.load(s.stream_id)
+    assert state.pending == () and state.status == "closed"
+    assert state.releases == (2 if where == "batch" else 1)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_read_back_finds_a_release_whose_memo_carries_the_key_tag(mode):
+    """On a server not declared to honour idempotency keys the client sends each memo with
+    `` [idem:KEY]`` appended. When a release's answer AND the client's own read-back are lost,
+    the stream reads the escrow back itself: it must recognise its release by the key, settle
+    it and send nothing again (it used to look for the bare memo, miss it, and fail)."""
+    import httpx
+
+    from pf_metered.sandbox import Sandbox
+
+    class LoseReleaseAndReadBack(httpx.BaseTransport, httpx.AsyncBaseTransport):
+        def __init__(self, inner) -> None:
+            self.inner, self.armed, self.lost = inner, False, []
+
+        def _lose(self, request) -> bool:
+            if not self.armed:
+                return False
+            if request.method == "POST" and "release" in request.url.path and not self.lost:
+                self.lost.append("release")
+                return True
+            if request.method == "GET" and self.lost == ["release"]:
+                self.lost.append("read-back")
+                return True
+            return False
+
+        def handle_request(self, request):
+            lose = self._lose(request)
+            response = self.inner.handle_request(request)
+            if lose:
+                raise httpx.ReadTimeout("answer lost (test)", request=request)
+            return response
+
+        async def handle_async_request(self, request):
+            lose = self._lose(request)
+            response = await self.inner.handle_async_request(request)
+            if lose:
+                raise httpx.ReadTimeout("answer lost (test)", request=request)
+            return response
+
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    with Sandbox(honour_idempotency=False) as sb:
+        payer, provider = sb.add_agent(balance="10"), sb.add_agent()
+        lose = LoseReleaseAndReadBack(sb.transport())
+        kw = dict(batch=10, budget="1", background=False)
+        if mode == "sync":
+            client = sb.client(payer.api_key, transport=lose, max_retries=0,
+                               _sleep=lambda s: None)
+            s = PaymentStream(client, provider.agent_id, "0.01", **kw).open()
+            s.record(10)
+            lose.armed = True
+            s.flush()  # settled from the stream's read-back, no error
+            receipt = s.close()
+        else:
+
+            async def run():
+                client = sb.async_client(payer.api_key, transport=lose, max_retries=0,
+                                         _sleep=no_sleep)
+                s = AsyncPaymentStream(client, provider.agent_id, "0.01", **kw)
+                await s.open()
+                s.record(10)
+                lose.armed = True
+                await s.flush()
+                return await s.close()
+
+            receipt = asyncio.run(run())
+        assert lose.lost == ["release", "read-back"]
+        escrow = sb.escrow(receipt.escrow_id)
+        assert [r.memo.split(" [idem:")[0] for r in escrow.releases] == ["batch:units 1-10"]
+        assert escrow.released_micro == receipt.paid_micro == 100_000
+        assert escrow.refunded_micro == receipt.refunded_micro == 900_000
+        sb.audit()

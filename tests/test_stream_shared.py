@@ -362,3 +362,72 @@ def test_two_async_closers_one_refund_after_the_final_release(world, tmp_path, k
         if isinstance(s, SQLiteStore):
             s.close()
     world.sandbox.audit()
+
+
+class _Died(BaseException):
+    """A worker process dying at one exact point (raised where it stops)."""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_closer_that_died_before_refunding_is_not_awaited_forever(world, two_stores, mode):
+    """A pays the final release, then dies before refunding: no intent is left to take over,
+    so B's close gives up after ``close_wait`` with a clear error naming ``resume``, which
+    finishes the close with one refund; B's next close returns that receipt."""
+    import asyncio
+    import time
+
+    from pf_metered.errors import StreamClosed
+    from pf_metered.stream import AsyncPaymentStream
+
+    store_a, store_b = two_stores
+    sid = uuid.uuid4().hex
+    a = _stream(world, store_a, sid).open()
+    a.record(120)
+
+    def die(escrow_id: str, **kw: Any) -> Any:
+        raise _Died
+
+    a.client.refund = die  # type: ignore[attr-defined]
+    with pytest.raises(_Died):
+        a.close()
+    escrow = world.sandbox.escrow(a.escrow_id)
+    assert escrow.released_micro == 120_000 and escrow.is_open  # final paid, no refund
+    started = time.monotonic()
+    if mode == "sync":
+        b = _stream(world, store_b, sid, close_wait=0.05).open()
+        with pytest.raises(StreamClosed, match=r"resume\(store, stream_id, client\)"):
+            b.close()
+    else:
+
+        async def close_b() -> None:
+            bb = AsyncPaymentStream(world.sandbox.async_client(world.payer.api_key),
+                                    world.provider.agent_id, RATE, budget="1.00", batch=100,
+                                    store=store_b, stream_id=sid, background=False,
+                                    close_wait=0.05)
+            await bb.open()
+            with pytest.raises(StreamClosed, match="close_wait"):
+                await bb.close()
+
+        asyncio.run(close_b())
+    assert time.monotonic() - started < 5
+    assert [k for k, _ in world.calls].count("refund") == 0  # B never refunds
+    assert world.sandbox.escrow(a.escrow_id).is_open
+
+    done = PaymentStream.resume(store_b, sid, world.client())
+    receipt = done.receipt
+    assert receipt is not None
+    escrow = world.sandbox.escrow(a.escrow_id)
+    assert escrow.refunded_micro == receipt.refunded_micro == 880_000
+    assert escrow.released_micro == receipt.paid_micro == 120_000
+    again = _stream(world, store_b, sid).open().close()  # closed now: same figures, no request
+    assert (again.paid_micro, again.refunded_micro) == (120_000, 880_000)
+    assert [k for k, _ in world.calls].count("refund") == 1  # resume's
+    world.sandbox.audit()
+
+
+def test_close_wait_is_validated(world):
+    from pf_metered.errors import InvalidInput
+
+    for bad in (0, -1, True, "5", float("nan"), 10**6):
+        with pytest.raises(InvalidInput, match="close_wait"):
+            _stream(world, MemoryStore(), uuid.uuid4().hex, close_wait=bad)

@@ -476,6 +476,11 @@ class Meter:
                     if self._handed and not self._still_ours(action):
                         self._inflight = None  # its new holder settles it
                         continue
+                    if action.amount_micro == 0:  # adopted, pays nothing: no request
+                        self._settle_free(action.intent)
+                        if action.intent.final:
+                            return None
+                        continue
                     self._handed = True
                     return action
                 if self.escrow_id is None:
@@ -485,18 +490,25 @@ class Meter:
                     state = self.store.load(self.stream_id)
                     if state is None or state.status == "closed":
                         return None
+                    adopt: Intent | None = None
+                    intent = None
                     if state.status == "closing":
                         if self._closer or self.takeover:
                             self._closer = True
                             return None  # our final intent was claimed and settled
-                        intent = self._adoptable()  # another closer's, if it is stale
+                        adopt = self._adoptable()  # another closer's, if it is stale
                     else:
                         intent = self.store.claim(self.stream_id, min_units=0, final=True)
-                        if intent is None:  # another worker's release is in flight
-                            intent = self._adoptable()
+                        if intent is None:
+                            # Another worker's release is in flight, or one this process
+                            # claimed and never recorded (stopped between the store's commit
+                            # and ``_hold``): adopt it if it is ours to send, as ``_bind`` does.
+                            adopt = self._adoptable()
                         elif not intent.final:
-                            self._hold(intent, adopted=True)  # taken over by the store
-                            continue
+                            adopt, intent = intent, None  # a stale one the store took over
+                    if adopt is not None:
+                        self._hold(adopt, adopted=True)  # it may have landed: read back first
+                        continue
                 else:
                     timed = self.time_due()
                     if timed:
@@ -513,9 +525,8 @@ class Meter:
                             self._next_adopt_at = now + _ADOPT_EVERY
                             adopted = self._adoptable()
                             if adopted is not None:
-                                action = self._hold(adopted, adopted=True)
-                                self._handed = True
-                                return action
+                                self._hold(adopted, adopted=True)
+                                continue
                         return None
                 if intent is None:
                     return None
@@ -523,15 +534,23 @@ class Meter:
                     self.due_at = intent.units_to + self._batch
                 amount = intent_amount_micro(self.rate, intent)
                 if amount == 0:
-                    self.store.settle(self.stream_id, intent.seq, 0)
-                    self._memos[intent.seq] = _memo(intent)
+                    self._settle_free(intent)
                     if intent.final:
-                        self._closer = True
                         return None
                     continue
                 action = self._hold(intent)
                 self._handed = True
                 return action
+
+    def _settle_free(self, intent: Intent) -> None:
+        """Settle an intent that pays nothing (a sub-micro remainder carries): no request.
+        Call under the lock."""
+        self.store.settle(self.stream_id, intent.seq, 0)
+        self._memos[intent.seq] = _memo(intent)
+        if self._inflight is not None and self._inflight.intent.seq == intent.seq:
+            self._inflight = None
+        if intent.final:
+            self._closer = True
 
     def settled(self, action: ReleaseDue) -> None:
         """The release reached the escrow (answered, or found there when reconciling)."""
@@ -559,17 +578,21 @@ class Meter:
         self.reserve, self.cancel = _not_open_none, _not_open_none
         return self.receipt
 
-    def close_state(self) -> Literal["mine", "closed", "closing", "open"]:
+    def close_state(self) -> Literal["mine", "closed", "refunding", "closing", "open"]:
         """For a driver whose ``next_release(final=True)`` gave nothing more: ``mine`` (this
         meter is the closer: refund the rest), ``closed`` (another worker finished the
         close), else the stream's state while another worker's release or close is under
-        way (wait, then ask ``next_release(final=True)`` again)."""
+        way (wait, then ask ``next_release(final=True)`` again): ``refunding`` when the
+        final release is settled and only the closer's refund is left (a closer that died
+        here leaves no intent to take over: ``resume`` finishes its close)."""
         if self._closer:
             return "mine"
         state = self.store.load(self.stream_id)
         if state is None or state.status == "closed":
             return "closed"
-        return "closing" if state.status == "closing" else "open"
+        if state.status == "closing":
+            return "closing" if state.pending else "refunding"
+        return "open"
 
     def finished(self, refunded_micro: int) -> Receipt:
         """The stream is settled: record the refund and build the receipt."""

@@ -13,13 +13,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Protocol
+from typing import Final, Protocol
 
+from pf_metered.client._base import memo_tag
 from pf_metered.errors import (
     AmbiguousOutcome,
     APIConnectionError,
+    InvalidInput,
     RateLimited,
     ServerError,
+    StreamClosed,
 )
 from pf_metered.meter.core import Meter, plan_stream
 from pf_metered.meter.open import StoreSpec, open_store
@@ -29,7 +32,11 @@ from pf_metered.meter.store import Store
 from pf_metered.models import Escrow
 from pf_metered.money import MAX_UNITS, AmountLike, Rate, parse_count
 
-__all__ = ["AsyncEscrowAPI", "EscrowAPI", "StreamBase", "is_transient"]
+__all__ = ["CLOSE_WAIT", "AsyncEscrowAPI", "EscrowAPI", "StreamBase", "is_transient"]
+
+CLOSE_WAIT: Final = 60.0
+"""Seconds a second closer of a shared stream waits for the closer's refund (the final release
+already settled) before it gives up with ``StreamClosed`` (``close_wait=`` per stream)."""
 
 _TRANSIENT = (APIConnectionError, RateLimited, ServerError, AmbiguousOutcome)
 
@@ -75,13 +82,16 @@ class AsyncEscrowAPI(Protocol):
     async def refund(self, escrow_id: str, idempotency_key: str | None = ...) -> Escrow: ...
 
 
-def release_found(escrow: Escrow, memo: str) -> bool:
-    """Whether an escrow's release history shows the release with this memo.
+def release_found(escrow: Escrow, memo: str, idempotency_key: str) -> bool:
+    """Whether an escrow's release history shows the release with this memo or key.
 
     Memos name the units they pay for (``batch:units 101-200``), so they are unique within a
-    stream: reading one back settles a release whose answer was lost.
+    stream: reading one back settles a release whose answer was lost. A client that does not
+    count on the server honouring idempotency keys sends the memo with the key appended
+    (`` [idem:KEY]``, :func:`~pf_metered.client._base.memo_tag`); the key is unique too.
     """
-    return any(r.memo == memo for r in escrow.releases)
+    tag = memo_tag(idempotency_key)
+    return any(r.memo == memo or r.memo.endswith(tag) for r in escrow.releases)
 
 
 class StreamBase:
@@ -103,7 +113,14 @@ class StreamBase:
         background: bool = True,
         clock: Callable[[], float] = time.monotonic,
         stream_id: str | None = None,
+        close_wait: float = CLOSE_WAIT,
     ) -> None:
+        if (
+            isinstance(close_wait, bool)
+            or not isinstance(close_wait, int | float)
+            or not 0 < close_wait <= 86_400
+        ):
+            raise InvalidInput("close_wait", "must be a number of seconds in (0, 86400]")
         config, policy = plan_stream(
             to_agent_id, rate, batch=batch, every_=every, budget=budget, max_units=max_units,
             auto_release_hours=auto_release_hours, memo=memo, per=per, stream_id=stream_id,
@@ -116,6 +133,7 @@ class StreamBase:
         self._failure: BaseException | None = None
         self._last_error: BaseException | None = None
         self._woken = False
+        self._close_wait = float(close_wait)
 
     # ------------------------------------------------------------ identity
     @property
@@ -204,6 +222,28 @@ class StreamBase:
         self._last_error = exc
         if not is_transient(exc):
             self._failure = exc
+
+    def _closer_gone(self, state: str, since: float | None) -> float | None:
+        """While waiting for another worker's close: when the wait for its refund began
+        (``None`` while it is not at that step); past ``close_wait`` seconds there, raise.
+
+        Why a deadline only there: before the final release settles the closer holds an
+        intent the store's lease lets us take over if it dies; after, there is nothing to
+        take over, and a closer that died before refunding would be waited for forever.
+        """
+        if state != "refunding":
+            return None
+        now = time.monotonic()
+        if since is None:
+            return now
+        if now - since >= self._close_wait:
+            raise StreamClosed(
+                f"stream {self.stream_id}: another worker paid the final release but has not "
+                f"refunded the rest within {self._close_wait:g} s (close_wait). If it is gone, "
+                "finish the close with PaymentStream.resume(store, stream_id, client) (or "
+                "AsyncPaymentStream.resume); the refund's key is stable, so it is never made twice"
+            )
+        return since
 
     # --------------------------------------------------------------- views
     def status(self) -> StatusReport:

@@ -26,7 +26,7 @@ from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt
 from pf_metered.money import AmountLike, Rate
 from pf_metered.stream import _recovery
-from pf_metered.stream._base import EscrowAPI, StreamBase, is_transient, release_found
+from pf_metered.stream._base import CLOSE_WAIT, EscrowAPI, StreamBase, is_transient, release_found
 from pf_metered.stream._tranches import adapt_client, adjust_receipt
 
 if TYPE_CHECKING:
@@ -63,11 +63,12 @@ class PaymentStream(StreamBase):
         background: bool = True,
         clock: Callable[[], float] = time.monotonic,
         stream_id: str | None = None,
+        close_wait: float = CLOSE_WAIT,
     ) -> None:
         super().__init__(
             to_agent_id, rate, batch=batch, every=every, budget=budget, max_units=max_units,
             auto_release_hours=auto_release_hours, memo=memo, store=store, per=per,
-            background=background, clock=clock, stream_id=stream_id,
+            background=background, clock=clock, stream_id=stream_id, close_wait=close_wait,
         )
         # full-release dialect: a chain of tranches behind the same face (_tranches.py)
         self._client: EscrowAPI = adapt_client(client, self._meter, is_async=False)
@@ -172,7 +173,9 @@ class PaymentStream(StreamBase):
     def _send(self, action: ReleaseDue) -> None:
         escrow_id = self._meter.escrow_id
         assert escrow_id is not None
-        if action.adopted and release_found(self._client.get_escrow(escrow_id), action.memo):
+        if action.adopted and release_found(
+            self._client.get_escrow(escrow_id), action.memo, action.idempotency_key
+        ):
             self._meter.settled(action)  # its first holder's send had landed
             return
         try:
@@ -187,7 +190,9 @@ class PaymentStream(StreamBase):
                 raise
             # The answer was lost or refused: did the release land anyway?
             try:
-                seen = release_found(self._client.get_escrow(escrow_id), action.memo)
+                seen = release_found(
+                    self._client.get_escrow(escrow_id), action.memo, action.idempotency_key
+                )
             except PFMeteredError:
                 seen = False
             if not seen:
@@ -253,12 +258,14 @@ class PaymentStream(StreamBase):
         """
         meter = self._meter
         delay = 0.002
+        refunding_since: float | None = None
         while True:
             state = meter.close_state()
             if state == "mine":
                 return True
             if state == "closed":
                 return False
+            refunding_since = self._closer_gone(state, refunding_since)
             time.sleep(delay)  # another worker's release or close is under way
             delay = min(delay * 2, _WAIT_MAX)
             self._drain(final=True)
