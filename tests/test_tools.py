@@ -380,6 +380,12 @@ async def test_an_unknown_provider_is_named_as_such(pf_world, dialect):
             assert err.kind == "unknown_provider", err
             assert str(err).startswith("Unknown provider") and "'agent_ghost'" in str(err)
             assert "escrow_list" not in str(err) and f"call {name} again" in str(err)
+    if dialect == "deployed":  # no keyed faucet there: the model is told not to retry
+        with pytest.raises(ToolError) as async_info:
+            await get_definition("faucet_claim").acall(ctx, {})
+        for err in (error_of(ctx, "faucet_claim"), async_info.value):
+            assert err.kind == "unsupported" and "Do not call" in str(err)
+            assert "pf_metered" not in str(err)
     # the failures held nothing back: the caps' room and the open-stream slot are free
     assert ctx.locked_micro == 0 and ctx.entries() == []
     call(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.01", budget="5")

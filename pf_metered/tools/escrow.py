@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from pf_metered.errors import NotFound
+from pf_metered.errors import NotFound, UnsupportedByDialect
 from pf_metered.models import Escrow
 from pf_metered.money import format_usdc, parse_amount
 from pf_metered.tools._base import Answer, ToolDefinition
@@ -250,8 +250,21 @@ ESCROW_LIST: ToolDefinition[EscrowListArgs] = ToolDefinition(
 # -- faucet_claim -----------------------------------------------------------------------
 
 
+def _no_keyed_faucet() -> ToolError:
+    """The deployed dialect's faucet takes an agent id, which the tools do not know."""
+    return ToolError(
+        "faucet_claim is not available with this escrow service: its faucet is a separate "
+        "service that takes the agent id, which only the operator can claim for "
+        "('pf-metered faucet claim --agent-id ...'). Do not call faucet_claim again.",
+        kind="unsupported",
+    )
+
+
 def _claim(ctx: ToolContext, args: FaucetClaimArgs) -> Answer:
-    claim = _sync(ctx).claim_faucet()
+    try:
+        claim = _sync(ctx).claim_faucet()
+    except UnsupportedByDialect:
+        raise _no_keyed_faucet() from None
     return {"credited": format_usdc(claim.credited_micro), "claim_id": claim.claim_id}
 
 
@@ -259,7 +272,10 @@ async def _aclaim(ctx: ToolContext, args: FaucetClaimArgs) -> Answer:
     client = _async(ctx)
     if client is None:
         return await asyncio.to_thread(_claim, ctx, args)
-    claim = await client.claim_faucet()
+    try:
+        claim = await client.claim_faucet()
+    except UnsupportedByDialect:
+        raise _no_keyed_faucet() from None
     return {"credited": format_usdc(claim.credited_micro), "claim_id": claim.claim_id}
 
 
