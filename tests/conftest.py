@@ -161,8 +161,19 @@ def redis_url() -> str:
         if os.environ.get("CI"):
             pytest.fail(f"{reason} (CI is set, so the Redis tests must run)")
         print(f"\nSKIP redis tests: {reason}", file=sys.stderr)
+        _REDIS_SKIPPED.append(reason)
         pytest.skip(reason)
     return url
+
+
+_REDIS_SKIPPED: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say why the Redis tests were skipped even without ``-rs`` (the fixture's own print is
+    captured)."""
+    if _REDIS_SKIPPED:
+        terminalreporter.write_line(f"SKIPPED the Redis tests: {_REDIS_SKIPPED[0]}", yellow=True)
 
 
 @pytest.fixture

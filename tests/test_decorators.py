@@ -245,3 +245,44 @@ def test_bad_arguments_fail_at_decoration():
         metered(rate=0.1, to="ag_B", budget="1")
     with pytest.raises(InvalidInput):
         metered(units=0, rate="0.1", to="ag_B", budget="1")
+
+
+async def test_async_budget_refuses_before_the_call_runs(agents):
+    s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.5", budget="1.5")
+    await s.open()
+    ran = []
+
+    @metered(stream=s)
+    async def work() -> None:
+        ran.append("call")
+
+    @metered(stream=s)
+    async def items():
+        for i in range(10):
+            ran.append(i)
+            yield i
+
+    await work()
+    out = []
+    with pytest.raises(BudgetExhausted):
+        async for i in items():
+            out.append(i)
+    with pytest.raises(BudgetExhausted):
+        await work()
+    assert out == [0, 1] and ran == ["call", 0, 1]  # refused calls and items never ran
+    assert (await s.close()).paid == Decimal("1.5")
+
+
+def test_per_second_own_stream_bills_wall_time_exactly(agents):
+    t = [0]
+
+    @metered(rate="0.002", per="second", to=agents.provider.agent_id, budget="1",
+             client=agents.client, timer=lambda: t[0])
+    def compute(ns: int) -> None:
+        t[0] += ns
+
+    compute(1_234_567_891)  # 1234.567891 ms: 1234 ms billed, 0.567891 ms carried
+    compute(432_109)  # the carry reaches a whole millisecond: 1 more
+    assert compute.stream.status().units == 1235
+    receipt = compute.stream.close()
+    assert receipt.per == "second" and receipt.paid == Decimal("0.00247")  # 1.235 s × 0.002

@@ -241,7 +241,7 @@ sys.stdin.read()  # blocks until killed
 """
 
 
-@pytest.mark.parametrize("journal", [False])
+@pytest.mark.parametrize("journal", [False, True])
 def test_sigterm_flushes_due_releases(tmp_path: Path, journal: bool) -> None:
     import os
     import signal
@@ -262,3 +262,61 @@ def test_sigterm_flushes_due_releases(tmp_path: Path, journal: bool) -> None:
         code = proc.wait(timeout=30)
         assert code == -signal.SIGTERM  # still dies of SIGTERM, after flushing
         assert sb.escrow(escrow_id).released_micro == 321_000
+
+
+def test_sigterm_flush_is_bounded_and_the_journal_keeps_the_rest(tmp_path: Path) -> None:
+    """The escrow service hangs at SIGTERM: the process still dies within its exit timeout
+    (PF_METERED_EXIT_TIMEOUT), not when the hang ends, and resume from the journal releases
+    the units exactly once with the journaled key."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    with Sandbox() as sb:
+        payer, provider = sb.add_agent(balance="10"), sb.add_agent()
+        server = sb.serve()
+        entered, go_on = threading.Event(), threading.Event()
+
+        def hang(request: object) -> None:
+            if getattr(request, "path", "").endswith("release-partial"):
+                entered.set()
+                go_on.wait(30)
+                raise RuntimeError("the service fell over (test)")  # nothing applied
+
+        sb.before_handle = hang
+        journal = str(tmp_path / "j.db")
+        env = {**os.environ, "PFM_KEY": payer.api_key, "PFM_BASE_URL": server.base_url,
+               "PFM_PROVIDER": provider.agent_id, "PFM_JOURNAL": journal,
+               "PF_METERED_EXIT_TIMEOUT": "0.3"}
+        proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            escrow_id = proc.stdout.readline().strip()
+            proc.send_signal(signal.SIGTERM)
+            assert entered.wait(10)  # the flush's release reached the service and hangs
+            started = time.monotonic()
+            code = proc.wait(timeout=10)
+            assert code == -signal.SIGTERM
+            assert time.monotonic() - started < 5  # the exit timeout, not the 30 s hang
+        finally:
+            go_on.set()
+            if proc.poll() is None:
+                proc.kill()
+        sb.before_handle = None
+        assert sb.escrow(escrow_id).released_micro == 0
+        with sqlite3.connect(journal) as db:
+            ((sid,),) = db.execute("SELECT stream_id FROM streams").fetchall()
+        store = SQLiteStore(journal)
+        receipt = PaymentStream.resume(store, sid, sb.client(payer.api_key)).close()
+        escrow = sb.escrow(escrow_id)
+        assert receipt.units == 321
+        assert escrow.released_micro == receipt.paid_micro == 321_000
+        assert escrow.refunded_micro == 2_000_000 - 321_000
+        assert len(escrow.releases) == 1
+        store.close()
+        sb.audit()

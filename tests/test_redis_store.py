@@ -413,3 +413,32 @@ def test_bad_input_is_refused_before_any_io(make_store):
     with pytest.raises(InvalidInput):
         store.settle("s1", 1, -5)
     assert store.load("s1").units == 0
+
+
+# -- the Redis tests run in CI --------------------------------------------------------------
+
+pytest_plugins = ["pytester"]
+
+
+def test_unreachable_redis_fails_in_ci_and_skips_with_the_reason_printed_outside(
+    pytester, monkeypatch
+) -> None:
+    """The ``redis_url`` fixture every Redis test uses: with ``CI`` set an unreachable server
+    is a failure (these tests must run there); without, a skip whose reason is printed."""
+    from pathlib import Path
+
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_needs_redis="def test_it(redis_url):\n    assert redis_url\n")
+    monkeypatch.setenv("PFM_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    monkeypatch.delenv("CI", raising=False)
+    outside = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    outside.assert_outcomes(skipped=1)
+    outside.stdout.fnmatch_lines(
+        ["*SKIPPED the Redis tests: Redis unreachable at redis://127.0.0.1:1/0*"]
+    )
+    monkeypatch.setenv("CI", "true")
+    in_ci = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    in_ci.assert_outcomes(errors=1)
+    in_ci.stdout.fnmatch_lines(["*CI is set, so the Redis tests must run*"])
+    assert in_ci.ret != 0

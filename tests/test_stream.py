@@ -402,3 +402,129 @@ def test_read_back_finds_a_release_whose_memo_carries_the_key_tag(mode):
         assert escrow.released_micro == receipt.paid_micro == 100_000
         assert escrow.refunded_micro == receipt.refunded_micro == 900_000
         sb.audit()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite", "sqlite-group"])
+def test_record_and_metered_calls_never_wait_on_a_release_in_flight(tmp_path, store):
+    """A release hangs at the escrow service; meanwhile other threads record, make metered
+    calls and read the status: none of it waits on that request (no I/O to the service, no
+    lock the sender holds across it)."""
+    from pf_metered.decorators import metered
+    from pf_metered.meter.sqlite_store import SQLiteStore
+    from pf_metered.sandbox import Sandbox
+
+    with Sandbox() as sb:
+        payer, provider = sb.add_agent(balance="20"), sb.add_agent()
+        entered, go_on = threading.Event(), threading.Event()
+
+        def hang(request) -> None:
+            if request.path.endswith("release-partial") and not go_on.is_set():
+                entered.set()
+                go_on.wait(20)
+
+        sb.before_handle = hang
+        st = {"memory": None, "sqlite": SQLiteStore(tmp_path / "m.db"),
+              "sqlite-group": SQLiteStore(tmp_path / "g.db", durability="group")}[store]
+        s = PaymentStream(sb.client(payer.api_key), provider.agent_id, "0.001", batch=10,
+                          budget="10", store=st).open()
+
+        @metered(stream=s)
+        def call() -> int:
+            return 1
+
+        s.record(10)  # a batch is due: the background sender sends it, and it hangs
+        assert entered.wait(10)
+        done = threading.Event()
+
+        def busy() -> None:
+            for _ in range(200):
+                s.record()
+                call()
+            s.status()
+            done.set()
+
+        threading.Thread(target=busy, daemon=True).start()
+        finished = done.wait(10)
+        hung = not go_on.is_set()
+        go_on.set()
+        assert finished and hung  # all of it done while the release was still hanging
+        receipt = s.close()
+        assert receipt.units == 410 and receipt.paid == Decimal("0.41")
+        if st is not None:
+            st.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_awkward_rate_spends_the_budget_exactly_and_never_more(agents, mode):
+    """0.333333333 × 3 = 0.999999999: each batch pays the floor (0.333333), the close pays the
+    half-up rest (0.000001, memo ``final:rounding``), the total is the budget to the
+    micro-USDC, and a 4th unit is refused before it is counted."""
+    rate = "0.333333333"
+    if mode == "sync":
+        with PaymentStream(agents.client, agents.provider.agent_id, rate, batch=1,
+                           budget="1") as s:
+            for _ in range(3):
+                s.record()
+                s.flush()
+            with pytest.raises(BudgetExhausted):
+                s.record()
+        receipt = s.receipt
+    else:
+
+        async def run():
+            async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, rate,
+                                          batch=1, budget="1") as s:
+                for _ in range(3):
+                    s.record()
+                    await s.flush()
+                with pytest.raises(BudgetExhausted):
+                    s.record()
+            return s.receipt
+
+        receipt = asyncio.run(run())
+    check_ledger(agents, receipt, rate, 3)
+    escrow = agents.escrow(receipt.escrow_id)
+    assert [r.amount for r in escrow.releases] == [Decimal("0.333333")] * 3 + [
+        Decimal("0.000001")
+    ]
+    assert escrow.releases[-1].memo == "final:rounding"
+    assert escrow.released == Decimal("1") and escrow.refunded == 0
+
+
+async def test_async_clock_stops_billing_when_the_heartbeat_fails(agents):
+    t = [0]
+    beats = iter([True, False])
+
+    async def heartbeat() -> bool:
+        return next(beats)
+
+    s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.50", per="hour",
+                           budget="4")
+    async with s:
+        c = s.clock(heartbeat=heartbeat, every=60, source=lambda: t[0], background=False)
+        await c.start()
+        t[0] = 3600 * 10**9
+        assert await c.tick()
+        t[0] = 7200 * 10**9
+        assert not await c.tick()  # provider gone: the second hour is not billed
+        assert c.stopped_reason == "heartbeat" and s.closed
+    assert s.receipt.paid == Decimal("0.50") and s.receipt.refunded == Decimal("3.50")
+
+
+def test_a_heartbeat_that_raises_stops_billing(agents):
+    t = [0]
+
+    def heartbeat() -> bool:
+        if t[0] > 10**9:
+            raise ConnectionError("provider unreachable")
+        return True
+
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", per="second",
+                      budget="1").open()
+    with s.clock(heartbeat=heartbeat, source=lambda: t[0], background=False) as c:
+        t[0] = 10**9
+        assert c.tick()
+        t[0] = 5 * 10**9
+        assert not c.tick()
+    assert c.stopped_reason == "heartbeat" and c.billed_units == 1000
+    assert s.receipt.paid == Decimal("0.001")
