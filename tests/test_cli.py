@@ -428,3 +428,13 @@ def test_sandbox_serve_print_keys_only_when_asked(tmp_path: Path) -> None:
     proc, _ = _start_sandbox(tmp_path, "--print-keys")
     out, _err = _stop(proc)
     assert re.search(r"export PF_API_KEY=pf_test_\S+", out)
+
+
+def test_mcp_caps_release_only_what_the_tools_created_unless_opted_in():
+    from pf_metered.cli._args import build_parser
+    from pf_metered.cli._mcp import _caps
+
+    parser = build_parser()
+    assert _caps(parser.parse_args(["mcp", "--sandbox"])).release_any_escrow is False  # type: ignore[attr-defined]
+    opted = _caps(parser.parse_args(["mcp", "--sandbox", "--release-any-escrow"]))
+    assert opted.release_any_escrow is True  # type: ignore[attr-defined]

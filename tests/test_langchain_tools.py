@@ -41,7 +41,9 @@ def _world() -> PFWorld:
 def _fresh_context() -> ToolContext:
     """A context with stream s1 open, as an agent would have after stream_open."""
     world = _world()
-    ctx = ToolContext(world.client, caps=Caps(max_budget="50"))
+    # release_any_escrow: the escrow_release example pays the world's escrow, made outside
+    # the tools
+    ctx = ToolContext(world.client, caps=Caps(max_budget="50", release_any_escrow=True))
     TOOLS[5].call(ctx, {"provider": world.provider.agent_id, "rate": "0.001", "budget": "1"})
     _CONTEXTS.append(ctx)
     return ctx

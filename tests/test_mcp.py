@@ -120,7 +120,9 @@ async def test_failures_are_tool_errors_and_the_server_lives_on() -> None:
             ("escrow_create", {"to_agent_id": provider, "amount": "1.00", "bogus": 1}, "bogus"),
             ("escrow_create", {"to_agent_id": provider, "amount": "10.00"}, "Cap exceeded"),
             ("escrow_status", {"escrow_id": "esc_missing"}, "ot found"),
-            ("escrow_release", {"escrow_id": "esc_missing", "amount": "1.00"}, "ot found"),
+            # refused before any request: not an escrow these tools created
+            ("escrow_release", {"escrow_id": "esc_missing", "amount": "1.00"},
+             "not created with escrow_create"),
             ("stream_status", {"stream_id": "s99"}, "Unknown stream"),
             ("stream_open", {"provider": provider, "rate": "0.01"}, "budget"),
             ("faucet_claim", {}, "Unknown tool"),

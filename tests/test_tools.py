@@ -264,6 +264,38 @@ def test_a_streams_escrow_cannot_be_released_behind_its_back(pf_world):
     assert pf_world.balance() == Decimal("100")
 
 
+def test_release_is_refused_for_escrows_the_tools_did_not_create(pf_world):
+    p = pf_world.provider.agent_id
+    own = pf_world.client.create_escrow(p, "3").escrow_id  # the program's, not the agent's
+    ctx = ToolContext(pf_world.client)
+    err = error_of(ctx, "escrow_release", escrow_id=own, amount="1")
+    assert err.kind == "not_allowed" and own in str(err) and "escrow_create" in str(err)
+    assert pf_world.client.get_escrow(own).released_micro == 0
+    # a closed stream's escrow is not the agent's to release either
+    opened = call(ctx, "stream_open", provider=p, rate="0.1", budget="2")
+    call(ctx, "stream_close", stream_id="s1")
+    err = error_of(ctx, "escrow_release", escrow_id=opened["escrow_id"], amount="1")
+    assert err.kind == "not_allowed"
+    # one made by escrow_create through another context is not this context's
+    other = call(ToolContext(pf_world.client), "escrow_create", to_agent_id=p, amount="1")
+    assert error_of(ctx, "escrow_release", escrow_id=other["escrow_id"],
+                    amount="1").kind == "not_allowed"
+    assert pf_world.balance("provider") == Decimal("0")
+
+
+def test_release_any_escrow_is_the_operators_opt_in(pf_world):
+    p = pf_world.provider.agent_id
+    own = pf_world.client.create_escrow(p, "3").escrow_id
+    ctx = ToolContext(pf_world.client, caps=Caps(release_any_escrow=True))
+    assert call(ctx, "escrow_release", escrow_id=own, amount="1")["released_now"] == "1.00"
+    opened = call(ctx, "stream_open", provider=p, rate="0.1", budget="2")
+    err = error_of(ctx, "escrow_release", escrow_id=opened["escrow_id"], amount="2")
+    assert err.kind == "owned_by_stream"  # a stream's books stay the stream's
+    call(ctx, "stream_close", stream_id="s1")
+    with pytest.raises(InvalidInput, match="release_any_escrow"):
+        Caps(release_any_escrow="yes")  # type: ignore[arg-type]
+
+
 def test_key_never_reaches_answers_errors_or_repr(pf_world):
     key = pf_world.payer.api_key
     ctx = ToolContext(pf_world.client, caps=Caps(max_budget="1"))
@@ -313,6 +345,22 @@ async def test_async_tools_on_async_client(pf_world):
     assert (await acall(ctx, "escrow_release", escrow_id=e["escrow_id"], amount="1"))[
         "status"] == "released"
     assert opened["escrow_id"]
+    await pf_world.aclient.aclose()
+
+
+async def test_async_release_is_refused_for_escrows_the_tools_did_not_create(pf_world):
+    p = pf_world.provider.agent_id
+    own = (await pf_world.aclient.create_escrow(p, "3")).escrow_id
+    for ctx in (ToolContext(async_client=pf_world.aclient), ToolContext(pf_world.client)):
+        with pytest.raises(ToolError) as caught:
+            await acall(ctx, "escrow_release", escrow_id=own, amount="1")
+        assert caught.value.kind == "not_allowed" and own in str(caught.value)
+        made = await acall(ctx, "escrow_create", to_agent_id=p, amount="1")
+        released = await acall(ctx, "escrow_release", escrow_id=made["escrow_id"], amount="1")
+        assert released["status"] == "released"
+    assert (await pf_world.aclient.get_escrow(own)).released_micro == 0
+    ctx = ToolContext(async_client=pf_world.aclient, caps=Caps(release_any_escrow=True))
+    assert (await acall(ctx, "escrow_release", escrow_id=own, amount="1"))["released_now"] == "1.00"
     await pf_world.aclient.aclose()
 
 

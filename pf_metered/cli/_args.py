@@ -385,6 +385,9 @@ def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
     mcp.add_argument("--tools", metavar="NAMES", default=None,
                      help="comma-separated tools to offer (default: all); e.g. leave out "
                           "faucet_claim")
+    mcp.add_argument("--release-any-escrow", action="store_true",
+                     help="let escrow_release pay any of the key's escrows, not only those "
+                          "made with escrow_create in this session (a stream's never)")
 
 
 def _add_register(commands: Any, common: argparse.ArgumentParser) -> None:

@@ -31,6 +31,7 @@ def _caps(args: argparse.Namespace) -> object:
         max_total=args.max_total,
         max_open_streams=args.max_open_streams,
         allowed_tools=tools,
+        release_any_escrow=args.release_any_escrow,
     )
 
 

@@ -47,8 +47,12 @@ class Caps:
     * ``max_open_streams``: how many streams may be open at once.
     * ``allowed_tools``: the tools that may run at all (``None``: all of them).
     * ``allowed_providers``: the agent ids money may go to (``None``: any).
+    * ``release_any_escrow``: whether ``escrow_release`` may release escrows this context did
+      not create with ``escrow_create`` (default ``False``: only those; a stream's escrow is
+      refused either way).
 
-    ``None`` means "no limit" for that cap; ``Caps()`` limits nothing.
+    ``None`` means "no limit" for that cap; ``Caps()`` limits nothing but what
+    ``escrow_release`` may release.
     """
 
     max_budget_micro: int | None
@@ -57,6 +61,7 @@ class Caps:
     max_open_streams: int | None
     allowed_tools: frozenset[str] | None
     allowed_providers: frozenset[str] | None = field(default=None)
+    release_any_escrow: bool = field(default=False)
 
     def __init__(
         self,
@@ -67,6 +72,7 @@ class Caps:
         max_open_streams: int | None = None,
         allowed_tools: Iterable[str] | None = None,
         allowed_providers: Iterable[str] | None = None,
+        release_any_escrow: bool = False,
     ) -> None:
         set_ = object.__setattr__
         set_(self, "max_budget_micro",
@@ -87,6 +93,9 @@ class Caps:
         set_(self, "allowed_tools", tools)
         set_(self, "allowed_providers",
              None if allowed_providers is None else _names(allowed_providers, "allowed_providers"))
+        if not isinstance(release_any_escrow, bool):
+            raise InvalidInput("release_any_escrow", "must be True or False")
+        set_(self, "release_any_escrow", release_any_escrow)
 
     def allows(self, tool_name: str) -> bool:
         """Whether the operator lets ``tool_name`` run at all."""

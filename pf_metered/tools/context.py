@@ -83,6 +83,7 @@ class ToolContext:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._streams: dict[str, StreamEntry] = {}
+        self._created_escrows: set[str] = set()
         self._locked_micro = 0
         self._opening = 0
 
@@ -154,6 +155,18 @@ class ToolContext:
                 f"{cap} USDC per unit. Use a lower rate.",
                 kind="cap_exceeded",
             )
+
+    # -- escrows created through the tools -----------------------------------------------
+
+    def add_created_escrow(self, escrow_id: str) -> None:
+        """Remember that ``escrow_create`` made escrow ``escrow_id`` (it may be released)."""
+        with self._lock:
+            self._created_escrows.add(escrow_id)
+
+    def created_escrow(self, escrow_id: str) -> bool:
+        """Whether escrow ``escrow_id`` was made by ``escrow_create`` through this context."""
+        with self._lock:
+            return escrow_id in self._created_escrows
 
     # -- the stream registry -------------------------------------------------------------
 

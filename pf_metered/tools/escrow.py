@@ -5,9 +5,12 @@ agents already know the escrow vocabulary (``escrow_create``, ``escrow_release``
 service's own tools. Every amount is parsed exactly and checked against the operator's caps
 before any request leaves.
 
-What this module must never do: release or read through a stream's escrow behind the stream's
-back (an escrow that belongs to an open stream is refused: its books are the stream's), or lock
-money without first holding it against ``max_total``.
+What this module must never do: release an escrow this context did not create with
+``escrow_create`` unless the operator opted in (``Caps(release_any_escrow=True)``): the program
+that holds the key may have escrows of its own, whose books are not the agent's; release through
+a stream's escrow behind the stream's back (an escrow that belongs to an open stream is refused
+even then: its books are the stream's); or lock money without first holding it against
+``max_total``.
 """
 
 from __future__ import annotations
@@ -100,6 +103,11 @@ def _create(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     except BaseException:
         ctx.unreserve(amount, stream=False)
         raise
+    return _created(ctx, escrow)
+
+
+def _created(ctx: ToolContext, escrow: Escrow) -> Answer:
+    ctx.add_created_escrow(escrow.escrow_id)
     return escrow_figures(escrow)
 
 
@@ -119,7 +127,7 @@ async def _acreate(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     except BaseException:
         ctx.unreserve(amount, stream=False)
         raise
-    return escrow_figures(escrow)
+    return _created(ctx, escrow)
 
 
 ESCROW_CREATE: ToolDefinition[EscrowCreateArgs] = ToolDefinition(
@@ -149,6 +157,13 @@ def _release_prepare(ctx: ToolContext, args: EscrowReleaseArgs) -> int:
             f"stream (stream_record, stream_close), not escrow_release.",
             kind="owned_by_stream",
         )
+    if not ctx.caps.release_any_escrow and not ctx.created_escrow(args.escrow_id):
+        raise ToolError(
+            f"Escrow {args.escrow_id} was not created with escrow_create by these tools, and "
+            "the operator lets escrow_release pay only those. Do not call escrow_release for "
+            "it again.",
+            kind="not_allowed",
+        )
     return amount
 
 
@@ -172,9 +187,10 @@ ESCROW_RELEASE: ToolDefinition[EscrowReleaseArgs] = ToolDefinition(
     name="escrow_release",
     family="escrow",
     description=(
-        "Pay part (or all) of an escrow you created to its provider. The 1% fee is taken from "
-        "what is released. Returns the escrow's figures after the release. Do not repeat a "
-        "release whose outcome was unclear: check escrow_status first."
+        "Pay part (or all) of an escrow you created with escrow_create to its provider; a "
+        "stream's escrow is refused, and so are other escrows unless the operator allows them. "
+        "The 1% fee is taken from what is released. Returns the escrow's figures after the "
+        "release. Do not repeat a release whose outcome was unclear: check escrow_status first."
     ),
     args_schema=EscrowReleaseArgs,
     run=_release,
