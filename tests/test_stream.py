@@ -528,3 +528,37 @@ def test_a_heartbeat_that_raises_stops_billing(agents):
         assert not c.tick()
     assert c.stopped_reason == "heartbeat" and c.billed_units == 1000
     assert s.receipt.paid == Decimal("0.001")
+
+
+def test_an_unreachable_store_does_not_stop_the_background_sender(agents):
+    """A Redis restart outlasting the store's own retries (StoreUnavailable) is transient for
+    the sender: it backs off and sends the batch once the store answers again."""
+    from pf_metered.meter.redis_store import StoreUnavailable
+
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=10,
+                      budget="1").open()
+    real = s.store.claim
+    failed = threading.Event()
+
+    def claim(*args, **kwargs):
+        if not failed.is_set():
+            failed.set()
+            raise StoreUnavailable("Redis unreachable after 6 attempts (test)")
+        return real(*args, **kwargs)
+
+    s.store.claim = claim
+    sent = threading.Event()
+    real_settled = s.meter.settled
+
+    def settled(action):
+        real_settled(action)
+        sent.set()
+
+    s.meter.settled = settled
+    s.record(10)
+    assert failed.wait(10)
+    assert sent.wait(10)  # the sender itself retried and settled the batch
+    assert isinstance(s.last_error, StoreUnavailable)
+    s.record()  # the stream goes on: no stored failure is raised
+    receipt = s.close()
+    check_ledger(agents, receipt, "0.001", 11)

@@ -73,7 +73,13 @@ _NET_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 class StoreUnavailable(PFMeteredError):
-    """Redis could not be reached, even after retries; the operation's effect is unknown."""
+    """Redis could not be reached, even after retries; the operation's effect is unknown.
+
+    ``transient``: a stream's background sender retries later (Redis may be restarting); the
+    operations it retries are idempotent or settle a claim left pending by the lost answer.
+    """
+
+    transient = True
 
 
 @dataclass(frozen=True, slots=True)

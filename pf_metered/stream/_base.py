@@ -42,8 +42,12 @@ _TRANSIENT = (APIConnectionError, RateLimited, ServerError, AmbiguousOutcome)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether a failed send may succeed if tried again later with the same key."""
-    return isinstance(exc, _TRANSIENT)
+    """Whether a failed send may succeed if tried again later with the same key.
+
+    Also a store that could not be reached (``transient = True`` on its error, as the Redis
+    store's ``StoreUnavailable``): a restart or a dropped connection must not stop the sender.
+    """
+    return isinstance(exc, _TRANSIENT) or getattr(exc, "transient", False) is True
 
 
 class EscrowAPI(Protocol):
