@@ -45,7 +45,7 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from pf_metered.money import MICRO, decimal_to_micro, fee_micro, format_usdc
 from pf_metered.sandbox._clock import Clock, isoformat_us
@@ -468,8 +468,14 @@ class DeployedApp:
 # ------------------------------------------------------------------------------ casino + faucet
 
 
-class CasinoApp:
-    """The casino service's registration: ``POST /api/v1/auth/register`` → a new agent."""
+class _OnePostApp:
+    """A service that answers one ``POST`` path, rate limited like the others.
+
+    Subclasses name the ``path``, whether an empty body is allowed, and answer in :meth:`post`.
+    """
+
+    path: ClassVar[str]
+    empty_body_ok: ClassVar[bool]
 
     def __init__(
         self,
@@ -485,51 +491,43 @@ class CasinoApp:
         self._limits = _Limited(RateLimiter(rate_limits) if rate_limits else None, clock)
 
     def handle(self, request: AppRequest) -> AppResponse:
-        if request.path.rstrip("/") != "/api/v1/auth/register":
+        if request.path.rstrip("/") != self.path:
             return _error(404, "not_found", "no such endpoint")
         if request.method.upper() != "POST":
             return _error(405, "invalid_request", "use POST on this path")
-        limited = self._limits.check(request, "POST /api/v1/auth/register", request.path)
+        limited = self._limits.check(request, f"POST {self.path}", request.path)
         if limited is not None:
             return limited
         try:
-            _body(request)
+            body = _body(request, empty_ok=self.empty_body_ok)
         except _Refusal as exc:
             return _error(exc.status, exc.code, exc.message)
+        return self.post(body)
+
+    def post(self, body: dict[str, Any]) -> AppResponse:
+        raise NotImplementedError
+
+
+class CasinoApp(_OnePostApp):
+    """The casino service's registration: ``POST /api/v1/auth/register`` → a new agent."""
+
+    path = "/api/v1/auth/register"
+    empty_body_ok = True
+
+    def post(self, body: dict[str, Any]) -> AppResponse:
         agent_id, api_key = new_agent_id(), new_api_key()
         with self._db.transaction() as conn:
             self._ledger.create_agent(conn, agent_id, hash_key(api_key), 0, self._clock.now_us())
         return _json(201, {"agent_id": agent_id, "api_key": api_key})
 
 
-class FaucetApp:
+class FaucetApp(_OnePostApp):
     """The faucet service: ``POST /faucet/claim {agent_casino_id}`` credits 1 USDC once."""
 
-    def __init__(
-        self,
-        *,
-        db: Database,
-        ledger: Ledger,
-        clock: Clock,
-        rate_limits: RateLimits | None = DEFAULT_DEPLOYED_RATE_LIMITS,
-    ) -> None:
-        self._db = db
-        self._ledger = ledger
-        self._clock = clock
-        self._limits = _Limited(RateLimiter(rate_limits) if rate_limits else None, clock)
+    path = "/faucet/claim"
+    empty_body_ok = False
 
-    def handle(self, request: AppRequest) -> AppResponse:
-        if request.path.rstrip("/") != "/faucet/claim":
-            return _error(404, "not_found", "no such endpoint")
-        if request.method.upper() != "POST":
-            return _error(405, "invalid_request", "use POST on this path")
-        limited = self._limits.check(request, "POST /faucet/claim", request.path)
-        if limited is not None:
-            return limited
-        try:
-            body = _body(request, empty_ok=False)
-        except _Refusal as exc:
-            return _error(exc.status, exc.code, exc.message)
+    def post(self, body: dict[str, Any]) -> AppResponse:
         agent = body.get("agent_casino_id")
         if not isinstance(agent, str) or not _ID.match(agent):
             return _error(400, "invalid_request", "agent_casino_id is required")
