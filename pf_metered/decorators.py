@@ -13,7 +13,9 @@ What it meters: one successful call is one unit by default; a call that raises c
 (tokens from an LLM answer); generators and async generators pay per yielded item (streaming
 output); ``per="second"`` bills the call's wall time in exact quanta (see
 :data:`pf_metered.meter.core.PER_QUANTA`). The budget is checked *before* the wrapped function
-runs: a unit is reserved, and ``BudgetExhausted`` refuses the call without running it.
+runs: a unit is reserved, and ``BudgetExhausted`` refuses the call without running it. Units
+known only afterwards (wall time, tokens in the result) are paid as far as the budget goes; the
+rest is counted in ``overflow_units`` and logged, never raised over a finished call's result.
 
 Why two wrapping paths: a plain Python function is wrapped by a plain closure (a function is
 already a correct descriptor: it binds as a method, and ``inspect.iscoroutinefunction`` & co.
@@ -35,6 +37,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import logging
 import threading
 import time
 import weakref
@@ -53,6 +56,8 @@ from pf_metered.money import AmountLike, parse_count
 from pf_metered.stream._async import AsyncPaymentStream
 from pf_metered.stream._base import StreamBase
 from pf_metered.stream._sync import PaymentStream
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Metered", "metered"]
 
@@ -118,6 +123,8 @@ class Metered:
         self._timer = timer
         self._own = stream is None
         self._lock = threading.Lock()
+        self.overflow_units = 0
+        """Units of finished calls the budget could not pay (see ``_bill_up_to``)."""
         self._cm: contextvars.ContextVar[tuple[tuple[int, int], ...]] = contextvars.ContextVar(
             f"pf_metered_cm_{id(self)}", default=()
         )
@@ -221,11 +228,7 @@ class Metered:
             meter.cancel(reserved)
             n = self._carry.units_for(elapsed_ns)
             if n:
-                try:
-                    s._committed(meter.add(n))
-                except BudgetExhausted as exc:  # time already spent: bill what is left
-                    if exc.remaining_units:
-                        s._committed(meter.add(exc.remaining_units))
+                self._bill_up_to(s, n)
             return
         n = self._units_of(result)
         if n == reserved:
@@ -233,7 +236,37 @@ class Metered:
             return
         meter.cancel(reserved)
         if n:
+            self._bill_up_to(s, n)
+
+    def _bill_up_to(self, s: StreamBase, n: int) -> None:
+        """Bill work that has already happened, as far as the budget goes.
+
+        Units known only after the call (its wall time, the tokens in its result) cannot be
+        refused in advance. Raising here would throw away a result the budget mostly paid for,
+        so the units that fit are paid, the rest is counted in ``overflow_units`` and logged,
+        and the next call is refused before it runs (the LangChain callback does the same).
+        """
+        meter = s._meter
+        try:
             s._committed(meter.add(n))
+            return
+        except BudgetExhausted as exc:
+            left = exc.remaining_units or 0
+        paid = 0
+        if left:
+            try:
+                s._committed(meter.add(left))
+                paid = left
+            except BudgetExhausted:  # another thread took the rest first
+                paid = 0
+        with self._lock:
+            self.overflow_units += n - paid
+        _log.warning(
+            "budget exhausted: %d of %d unit(s) of a finished call could not be paid; "
+            "further calls will be refused",
+            n - paid,
+            n,
+        )
 
     def _reserve_count(self) -> int:
         spec = self.units

@@ -286,3 +286,29 @@ def test_per_second_own_stream_bills_wall_time_exactly(agents):
     assert compute.stream.status().units == 1235
     receipt = compute.stream.close()
     assert receipt.per == "second" and receipt.paid == Decimal("0.00247")  # 1.235 s × 0.002
+
+
+def test_units_known_after_the_call_are_paid_as_far_as_the_budget_goes(agents, caplog):
+    """Tokens in a finished call's result can't be refused in advance: the caller keeps the
+    result, what fits is paid, the rest is reported as overflow, and the next call is refused."""
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.01", budget="1").open()
+    ran = []
+    m = metered(stream=s, units=lambda r: r)
+
+    @m
+    def answer(tokens: int) -> int:
+        ran.append(tokens)
+        return tokens
+
+    assert answer(60) == 60
+    with caplog.at_level("WARNING", logger="pf_metered.decorators"):
+        assert answer(70) == 70  # only 40 of these 70 fit the budget of 100 units
+    assert m.overflow_units == 30
+    assert "30 of 70" in caplog.text
+    with pytest.raises(BudgetExhausted):
+        answer(1)
+    assert ran == [60, 70]
+    receipt = s.close()
+    assert receipt.units == 100
+    assert receipt.paid == Decimal("1.00")
+    assert receipt.refunded == Decimal(0)

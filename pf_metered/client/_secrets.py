@@ -33,6 +33,7 @@ _BEARER: Final = re.compile(r"(bearer\s+)[^\s'\",)]+", re.IGNORECASE)
 LOGGERS: Final = (
     "pf_metered",
     "pf_metered.client",
+    "pf_metered.decorators",
     "pf_metered.sandbox",
     "pf_metered.sandbox.server",
     "pf_metered.meter.sqlite",
