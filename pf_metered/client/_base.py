@@ -29,7 +29,6 @@ credentials into an exception or log message, or sleep itself (sleeping is the d
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import random
@@ -37,9 +36,8 @@ import re
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from decimal import Decimal
 from enum import Enum
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, Final, TypeVar
 
 import httpx
 
@@ -64,6 +62,7 @@ from pf_metered.models import Escrow, FaucetClaim, Release, ReleasePage
 from pf_metered.money import format_usdc, micro_to_decimal, parse_amount
 
 from ._dialect import Dialect, HistoryDialect, RequestSpec
+from ._json import loads_exact
 from ._retry import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
@@ -319,28 +318,10 @@ def memo_tag(idempotency_key: str) -> str:
     return f"[idem:{idempotency_key}]"
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not a number")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key[:40]!r}")
-        out[key] = value
-    return out
-
-
 def decode_json(body: bytes) -> Any:
     """Decode an answer strictly: UTF-8, floats as Decimal, no NaN/Infinity, no duplicate keys."""
     try:
-        return json.loads(
-            body.decode("utf-8"),
-            parse_float=Decimal,
-            parse_constant=_reject_constant,
-            object_pairs_hook=_no_duplicates,
-        )
+        return loads_exact(body.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         problem = type(exc).__name__
     # Raised outside the handler so the decoder's error (which holds the whole body, and a

@@ -86,6 +86,7 @@ from pf_metered.money import (
 )
 
 from ._dialect import RequestSpec
+from ._json import loads_exact
 from ._ratelimit import DEFAULT_DEPLOYED_LIMITS, PathRateLimiter, RateLimit
 
 _log = logging.getLogger("pf_metered.client")
@@ -157,19 +158,6 @@ once, half-up): a caller's thread context (a small ``prec``, half-even) must not
 # ------------------------------------------------------------------------------ money
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"JSON constant {name} is not a number")
-
-
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key[:40]!r}")
-        out[key] = value
-    return out
-
-
 def decode_json(content: bytes | str) -> Any:
     """Decode an answer with every JSON number as an exact ``Decimal`` (or ``int``).
 
@@ -180,12 +168,7 @@ def decode_json(content: bytes | str) -> Any:
     """
     text = content.decode("utf-8") if isinstance(content, bytes) else content
     try:
-        return json.loads(
-            text,
-            parse_float=Decimal,
-            parse_constant=_refuse_constant,
-            object_pairs_hook=_refuse_duplicates,
-        )
+        return loads_exact(text)
     except (ValueError, RecursionError) as exc:
         problem = type(exc).__name__
     # Raised outside the handler, so the decoder's error (it holds the whole body, which may
