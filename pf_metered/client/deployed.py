@@ -851,6 +851,46 @@ def _check_agent(agent_casino_id: object) -> str:
     return agent_casino_id
 
 
+def _bootstrap_post(
+    kind: Literal["register", "faucet"], base_url: str | None, fields: dict[str, str], *,
+    transport: Any, timeout: float, sleep: Any,
+) -> Any:
+    """POST one bootstrap request, retried as its plan says; the answer decoded."""
+    import time
+
+    import httpx
+
+    url, body = _bootstrap_request(kind, base_url, fields)
+    with httpx.Client(transport=transport, timeout=timeout, follow_redirects=False) as http:
+        response = _drive_sync(
+            _bootstrap_plan(kind),
+            lambda: http.post(url, content=body, headers=_HEADERS),
+            sleep or time.sleep,
+        )
+    return decode_json(response.content)
+
+
+async def _abootstrap_post(
+    kind: Literal["register", "faucet"], base_url: str | None, fields: dict[str, str], *,
+    transport: Any, timeout: float, sleep: Any,
+) -> Any:
+    """:func:`_bootstrap_post` for asyncio."""
+    import asyncio
+
+    import httpx
+
+    url, body = _bootstrap_request(kind, base_url, fields)
+    async with httpx.AsyncClient(
+        transport=transport, timeout=timeout, follow_redirects=False
+    ) as http:
+        response = await _drive_async(
+            _bootstrap_plan(kind),
+            lambda: http.post(url, content=body, headers=_HEADERS),
+            sleep or asyncio.sleep,
+        )
+    return decode_json(response.content)
+
+
 def register(
     *,
     base_url: str | None = None,
@@ -864,18 +904,9 @@ def register(
     ``base_url`` defaults to ``PF_CASINO_URL`` or :data:`CASINO_BASE_URL`; ``transport`` may be
     a sandbox's (``Sandbox.casino_base_url`` names its in-process URL).
     """
-    import time
-
-    import httpx
-
-    url, body = _bootstrap_request("register", base_url, dict(fields))
-    with httpx.Client(transport=transport, timeout=timeout, follow_redirects=False) as http:
-        response = _drive_sync(
-            _bootstrap_plan("register"),
-            lambda: http.post(url, content=body, headers=_HEADERS),
-            _sleep or time.sleep,
-        )
-    return DEPLOYED.parse_registration(decode_json(response.content))
+    answer = _bootstrap_post("register", base_url, dict(fields), transport=transport,
+                             timeout=timeout, sleep=_sleep)
+    return DEPLOYED.parse_registration(answer)
 
 
 async def aregister(
@@ -887,20 +918,9 @@ async def aregister(
     **fields: str,
 ) -> Registration:
     """:func:`register` for asyncio."""
-    import asyncio
-
-    import httpx
-
-    url, body = _bootstrap_request("register", base_url, dict(fields))
-    async with httpx.AsyncClient(
-        transport=transport, timeout=timeout, follow_redirects=False
-    ) as http:
-        response = await _drive_async(
-            _bootstrap_plan("register"),
-            lambda: http.post(url, content=body, headers=_HEADERS),
-            _sleep or asyncio.sleep,
-        )
-    return DEPLOYED.parse_registration(decode_json(response.content))
+    answer = await _abootstrap_post("register", base_url, dict(fields), transport=transport,
+                                    timeout=timeout, sleep=_sleep)
+    return DEPLOYED.parse_registration(answer)
 
 
 def claim_faucet(
@@ -915,20 +935,10 @@ def claim_faucet(
 
     ``base_url`` defaults to ``PF_FAUCET_URL`` or :data:`FAUCET_BASE_URL`.
     """
-    import time
-
-    import httpx
-
-    url, body = _bootstrap_request(
-        "faucet", base_url, {"agent_casino_id": _check_agent(agent_casino_id)}
-    )
-    with httpx.Client(transport=transport, timeout=timeout, follow_redirects=False) as http:
-        response = _drive_sync(
-            _bootstrap_plan("faucet"),
-            lambda: http.post(url, content=body, headers=_HEADERS),
-            _sleep or time.sleep,
-        )
-    return DEPLOYED.parse_faucet_claim(decode_json(response.content))
+    fields = {"agent_casino_id": _check_agent(agent_casino_id)}
+    answer = _bootstrap_post("faucet", base_url, fields, transport=transport, timeout=timeout,
+                             sleep=_sleep)
+    return DEPLOYED.parse_faucet_claim(answer)
 
 
 async def aclaim_faucet(
@@ -940,19 +950,7 @@ async def aclaim_faucet(
     _sleep: Any = None,
 ) -> FaucetClaim:
     """:func:`claim_faucet` for asyncio."""
-    import asyncio
-
-    import httpx
-
-    url, body = _bootstrap_request(
-        "faucet", base_url, {"agent_casino_id": _check_agent(agent_casino_id)}
-    )
-    async with httpx.AsyncClient(
-        transport=transport, timeout=timeout, follow_redirects=False
-    ) as http:
-        response = await _drive_async(
-            _bootstrap_plan("faucet"),
-            lambda: http.post(url, content=body, headers=_HEADERS),
-            _sleep or asyncio.sleep,
-        )
-    return DEPLOYED.parse_faucet_claim(decode_json(response.content))
+    fields = {"agent_casino_id": _check_agent(agent_casino_id)}
+    answer = await _abootstrap_post("faucet", base_url, fields, transport=transport,
+                                    timeout=timeout, sleep=_sleep)
+    return DEPLOYED.parse_faucet_claim(answer)
