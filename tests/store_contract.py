@@ -186,6 +186,18 @@ class StoreContract:
         assert final == Intent(cfg.stream_id, 2, 1, 1, True)
         assert settle_all(store, cfg, final) == 1  # half_up(1.5)=2, minus the 1 paid
 
+    def test_one_final_intent_per_stream(self, store: Store) -> None:
+        """A second closer that raced past its own "is it closing?" check must get nothing:
+        a second final intent made it a closer too, and it refunded a second time (seen on
+        Redis under CI load)."""
+        cfg = opened(store)
+        store.add_units(cfg.stream_id, 5)
+        final = store.claim(cfg.stream_id, min_units=0, final=True)
+        assert final is not None and final.final
+        assert store.claim(cfg.stream_id, min_units=0, final=True) is None  # while pending
+        settle_all(store, cfg, final)
+        assert store.claim(cfg.stream_id, min_units=0, final=True) is None  # and after
+
     # ------------------------------------------------------------ settle / close
     def test_settle_is_idempotent(self, store: Store) -> None:
         cfg = opened(store)

@@ -249,7 +249,8 @@ local status = st[1]
 local final = ARGV[6] == '1'
 if redis.call('HLEN', KEYS[4]) > 0 then return remember('pending') end
 if status == 'new' or status == 'closed' then return remember('none') end
-if status == 'closing' and not final then return remember('none') end
+-- one final intent per stream: a second closer that raced past its own check finds none
+if status == 'closing' then return remember('none') end
 local units, claimed, seq = num(st[2]), num(st[3]), num(st[4])
 local to
 if final then

@@ -405,7 +405,7 @@ class SQLiteStore:
             row = self._row(db, stream_id)
             status, units = row["status"], int(row["units"])
             claimed, next_seq = int(row["claimed_units"]), int(row["next_seq"])
-            if status in ("new", "closed") or (status == "closing" and not final):
+            if status in ("new", "closing", "closed"):  # one final intent per stream
                 return None
             if db.execute(
                 "SELECT 1 FROM intents WHERE stream_id = ? AND settled = 0", (stream_id,)

@@ -148,9 +148,12 @@ class Store(Protocol):
     def claim(self, stream_id: str, *, min_units: int, final: bool = False) -> Intent | None:
         """Claim the unclaimed units as one intent, or ``None``.
 
-        ``None`` when an intent is already pending, or (non-final) fewer than ``min_units`` are
-        unclaimed. A final claim moves the stream to ``closing`` and always yields an intent
-        (possibly covering no new units: the half-up rounding may still owe a micro-USDC).
+        ``None`` when an intent is already pending, when the stream is already ``closing``
+        (its one final intent was claimed: a second closer that raced past its own check must
+        not get another, or it would refund too), or (non-final) fewer than ``min_units`` are
+        unclaimed. A final claim on an ``open`` stream moves it to ``closing`` and always
+        yields an intent (possibly covering no new units: the half-up rounding may still owe a
+        micro-USDC).
         """
 
     def settle(self, stream_id: str, seq: int, amount_micro: int) -> None:
@@ -325,7 +328,7 @@ class MemoryStore:
         with rec.lock:
             if rec.pending is not None or rec.status in ("new", "closed"):
                 return None
-            if rec.status == "closing" and not final:
+            if rec.status == "closing":  # one final intent per stream
                 return None
             new_units = rec.units - rec.claimed_units
             if not final and new_units < max(min_units, 1):
