@@ -78,6 +78,45 @@ def test_oversized_and_chunked_bodies_are_refused_unread(sb: Sandbox) -> None:
     assert bad_len.startswith(b"HTTP/1.1 400")
 
 
+def cut_off_post(port: int, path: str, api_key: str, key: str, body: bytes, sent: int) -> bytes:
+    """A client that dies mid-request: headers (the full Content-Length) and ``sent`` bytes of
+    the body, then the connection ends. Returns whatever the server answered before closing."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\n"
+            f"Content-Type: application/json\r\nIdempotency-Key: {key}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head + body[:sent])
+        s.shutdown(socket.SHUT_WR)  # as a killed process's socket: EOF where the body was due
+        chunks = []
+        while chunk := s.recv(65536):  # until the server is done with the connection
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("sent", [0, 7])
+def test_a_body_cut_off_by_a_dying_client_is_never_dispatched(sb: Sandbox, sent: int) -> None:
+    """Regression: a child killed between the headers and the body of a release left the
+    server answering (and storing under the Idempotency-Key) a request with a short body, so
+    the resumed stream's real release under that key got 422 ``idempotency_key_reused``."""
+    payer, provider = sb.add_agent("10"), sb.add_agent()
+    with sb.serve() as server:
+        headers = {"Authorization": f"Bearer {payer.api_key}"}
+        with httpx.Client(base_url=server.base_url, headers=headers) as c:
+            eid = c.post("/escrow", json={"to_agent_id": provider.agent_id,
+                                          "amount": "4.00"}).json()["escrow_id"]
+            path = f"/escrow/{eid}/release-partial"
+            body = b'{"amount":"1.00","memo":"batch:units 1-10"}'
+            answer = cut_off_post(server.port, "/api/v1" + path, payer.api_key, "cut-1", body,
+                                  sent)
+            assert answer == b""  # no request, no answer: the connection is just dropped
+            assert c.get(f"/escrow/{eid}").json()["released"] == "0.00"
+            ok = c.post(path, content=body, headers={"Idempotency-Key": "cut-1",
+                                                     "Content-Type": "application/json"})
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["released"] == "1.00"
+    sb.audit()
+
+
 def test_only_loopback_addresses_are_served(sb: Sandbox) -> None:
     for host in ("0.0.0.0", "192.168.1.10", "example.com", "localhost.evil.com", "::"):
         with pytest.raises(ConfigError):

@@ -6,8 +6,9 @@ speaks HTTP/1.1 with keep-alive and ``Content-Length`` on every answer, one thre
 connection, and the same :class:`Dispatcher` the in-process transport uses.
 
 What this module must never do: bind anything but a loopback address (the sandbox mints money
-for whoever asks, and keys travel in clear text), read a body larger than the limit, log
-request headers, or leave threads and sockets behind after :meth:`SandboxServer.close`.
+for whoever asks, and keys travel in clear text), read a body larger than the limit, dispatch a
+request whose body was cut off (a client that died mid-send made no request), log request
+headers, or leave threads and sockets behind after :meth:`SandboxServer.close`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            # The client hung up before its body arrived (killed, timed out): there is no
+            # request to answer. Dispatching the cut-off body would answer — and store under
+            # its Idempotency-Key — a request nobody made, refusing the real one when its
+            # sender (or whoever resumes it) sends it again under that key.
+            self.close_connection = True
+            return
         path, _, query = self.path.partition("?")
         headers = {k.lower(): v for k, v in self.headers.items()}
         request = AppRequest(self.command, path, headers, body, self.client_address[0], query)
