@@ -526,3 +526,113 @@ def test_ids_with_a_trailing_newline_are_refused(deployed):
     finally:
         http.close()
     assert escrow_count(deployed) == 0
+
+
+# -- answer size cap on bootstrap calls -------------------------------------------------------
+
+
+def _huge_answer_transport(chunked: bool) -> tuple[httpx.MockTransport, list[int]]:
+    """Answers 200 with a body far past MAX_ANSWER_BYTES; counts the bytes the client pulled."""
+    from pf_metered.client import MAX_ANSWER_BYTES
+
+    pulled = [0]
+    size = 20 * MAX_ANSWER_BYTES
+
+    class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
+        def _chunks(self):
+            yield b'{"agent_id": "a", "api_key": "pf_live_x", "pad": "'
+            while pulled[0] < size:
+                pulled[0] += 65536
+                yield b"x" * 65536
+            yield b'"}'
+
+        def __iter__(self):
+            yield from self._chunks()
+
+        async def __aiter__(self):
+            for chunk in self._chunks():
+                yield chunk
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {} if chunked else {"Content-Length": str(size + 60)}
+        return httpx.Response(200, headers=headers, stream=Body())
+
+    return httpx.MockTransport(handler), pulled
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_bootstrap_answers_past_the_cap_are_refused_unread(chunked):
+    from pf_metered.client import MAX_ANSWER_BYTES
+
+    for call in (
+        lambda t: D.register(base_url="http://localhost/casino", transport=t),
+        lambda t: D.claim_faucet("agent_a", base_url="http://localhost/faucet", transport=t),
+    ):
+        t, pulled = _huge_answer_transport(chunked)
+        with pytest.raises(InvalidResponse) as info:
+            call(t)
+        assert str(MAX_ANSWER_BYTES) in str(info.value)
+        assert pulled[0] <= MAX_ANSWER_BYTES + 65536
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_async_bootstrap_answers_past_the_cap_are_refused_unread(chunked):
+    from pf_metered.client import MAX_ANSWER_BYTES
+
+    for call in (
+        lambda t: D.aregister(base_url="http://localhost/casino", transport=t),
+        lambda t: D.aclaim_faucet("agent_a", base_url="http://localhost/faucet", transport=t),
+    ):
+        t, pulled = _huge_answer_transport(chunked)
+        with pytest.raises(InvalidResponse):
+            await call(t)
+        assert pulled[0] <= MAX_ANSWER_BYTES + 65536
+
+
+def test_bootstrap_refusal_past_the_cap_keeps_its_status():
+    from pf_metered.client import MAX_ANSWER_BYTES
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = b'{"error": "already_claimed", "pad": "' + b"x" * (2 * MAX_ANSWER_BYTES) + b'"}'
+        return httpx.Response(409, content=body)
+
+    with pytest.raises(Conflict) as info:
+        D.claim_faucet("agent_a", base_url="http://localhost/faucet",
+                       transport=httpx.MockTransport(handler))
+    assert info.value.code is None  # the oversized body was not read for its code
+
+
+# -- what to do about a create that cannot be reconciled --------------------------------------
+
+
+def test_ambiguous_create_without_listing_says_what_can_be_done(deployed):
+    t = LoseAnswers(deployed.sandbox.transport(), {("POST", "/escrow/create"): 1})
+    c = deployed.client(transport=t)
+    with pytest.raises(AmbiguousCreate) as info:
+        c.create_escrow(deployed.provider.agent_id, "3.00", memo="job")
+    message = str(info.value)
+    key = info.value.idempotency_key
+    assert "list_escrows()" not in message and "same idempotency_key" not in message
+    assert "nothing was re-sent" in message
+    assert f"[idem:{key}]" in message and "get_escrow" in message
+    assert "dashboard" in message and "support" in message
+    with pytest.raises(UnsupportedByDialect) as retry:
+        c.create_escrow(deployed.provider.agent_id, "3.00", memo="job", idempotency_key=key)
+    message = str(retry.value)
+    assert "nothing was sent" in message and f"[idem:{key}]" in message
+    assert "get_escrow" in message and "dashboard" in message and "support" in message
+    assert escrow_count(deployed) == 1
+    assert t.seen.count(("POST", "/deployed/escrow/create")) == 1
+
+
+def test_ambiguous_create_with_listing_keeps_its_advice():
+    from pf_metered.client._base import _Lost
+    from pf_metered.errors import APITimeout
+
+    world = DeployedWorld(deployed_list_path="/escrows")
+    try:
+        c = world.client(dialect=D.DeployedDialect(list_path="/escrows"))
+        err = c._ambiguous_create(_Lost(APITimeout("t")), "k1", "retries exhausted", "p", 1)
+        assert "list_escrows()" in str(err)
+    finally:
+        world.close()

@@ -695,7 +695,12 @@ class BaseEscrowClient:
     ) -> Op[Escrow]:
         budget = _Budget(self._max_retries)
         if reconcile_first:
-            found = self._find_created((yield from self._list_gen()), key, to_agent_id, micro)
+            try:
+                listed = yield from self._list_gen()
+            except UnsupportedByDialect:
+                why = self._unlistable_retry(key, to_agent_id, micro)
+                raise UnsupportedByDialect(why) from None
+            found = self._find_created(listed, key, to_agent_id, micro)
             if found is not None:
                 return found
         while True:
@@ -741,13 +746,38 @@ class BaseEscrowClient:
     ) -> AmbiguousCreate:
         # what is known travels with the error: amount, provider and the memo tag (the nonce
         # that identifies the escrow if it exists, e.g. in the deployed service's descriptions)
+        if getattr(self._dialect, "supports_listing", True):
+            advice = "reconcile with list_escrows() or retry with the same idempotency_key"
+        else:
+            advice = (
+                f"nothing was re-sent, and the {self._dialect.name} service offers no listing to "
+                f"check by: {self._manual_check(key, to_agent_id, micro)}"
+            )
         return AmbiguousCreate(
             f"an escrow may have been created: the answer was lost ({type(lost.error).__name__})"
-            f" and {why}; reconcile with list_escrows() or retry with the same idempotency_key",
+            f" and {why}; {advice}",
             idempotency_key=key,
             to_agent_id=to_agent_id,
             amount=micro_to_decimal(micro),
             memo_tag=memo_tag(key).strip(),
+        )
+
+    @staticmethod
+    def _manual_check(key: str, to_agent_id: str, micro: int) -> str:
+        """What a caller can do, by hand, about a create that cannot be reconciled here."""
+        return (
+            f"look for an escrow of {format_usdc(micro)} USDC to {to_agent_id} whose "
+            f"description ends with {memo_tag(key).strip()} (on the dashboard, or with "
+            "get_escrow(escrow_id) if you know its id), or ask Purple Flea support; create "
+            "again (without idempotency_key) only once you know it does not exist"
+        )
+
+    def _unlistable_retry(self, key: str, to_agent_id: str, micro: int) -> str:
+        return (
+            f"cannot retry a create by its idempotency_key here: the {self._dialect.name} "
+            "escrow service ignores idempotency keys and offers no listing to check whether "
+            "the earlier attempt made an escrow, so nothing was sent; "
+            + self._manual_check(key, to_agent_id, micro)
         )
 
     # release -------------------------------------------------------------------------

@@ -721,13 +721,13 @@ def _service_url(base_url: str | None, env: str, default: str) -> str:
     return check_base_url(base_url if base_url is not None else os.environ.get(env) or default)
 
 
-def _bootstrap_error(response: Any) -> APIError:
+def _bootstrap_error(answer: Any) -> APIError:
     from pf_metered.errors import redact
 
     code: str | None = None
     message = "the service refused the request"
     try:
-        data = decode_json(response.content)
+        data = None if answer.too_large else decode_json(answer.body)
     except InvalidResponse:
         data = None
     if isinstance(data, dict):
@@ -735,15 +735,16 @@ def _bootstrap_error(response: Any) -> APIError:
             code = data["error"][:64]
         if isinstance(data.get("message"), str) and data["message"].strip():
             message = redact(data["message"])
-    cls = DEPLOYED.error_class(response.status_code, code)
-    return cls(message, status=response.status_code, code=code)
+    cls = DEPLOYED.error_class(answer.status, code)
+    return cls(message, status=answer.status, code=code)
 
 
 def _bootstrap_plan(kind: Literal["register", "faucet"]) -> Any:
     """The retry decisions of one bootstrap call, as a generator driven by sync or async I/O.
 
-    Receives an ``httpx.Response`` or the ``httpx`` error; yields ``("send", None)`` or
-    ``("sleep", seconds)``; returns the successful response. A registration whose answer was
+    Receives an :class:`~pf_metered.client._base.Answer` (body read up to
+    ``MAX_ANSWER_BYTES``) or the ``httpx`` error; yields ``("send", None)`` or
+    ``("sleep", seconds)``; returns the successful answer. A registration whose answer was
     lost is never re-sent (it would make a second agent); a faucet claim is (the faucet pays
     once per agent), and a 409 after a lost attempt means the lost attempt was credited.
     """
@@ -774,7 +775,7 @@ def _bootstrap_plan(kind: Literal["register", "faucet"]) -> Any:
                 raise error
             yield ("sleep", backoff_delay(attempt + 1))
             continue
-        status = outcome.status_code
+        status = outcome.status
         if 200 <= status <= 299:
             return outcome
         api_error = _bootstrap_error(outcome)
@@ -851,6 +852,17 @@ def _check_agent(agent_casino_id: object) -> str:
     return agent_casino_id
 
 
+def _bootstrap_answer(answer: Any) -> Any:
+    """A successful bootstrap answer decoded; one past ``MAX_ANSWER_BYTES`` is refused."""
+    from ._base import MAX_ANSWER_BYTES
+
+    if answer.too_large:
+        raise InvalidResponse(
+            f"answer larger than {MAX_ANSWER_BYTES} bytes refused", status=answer.status
+        )
+    return decode_json(answer.body)
+
+
 def _bootstrap_post(
     kind: Literal["register", "faucet"], base_url: str | None, fields: dict[str, str], *,
     transport: Any, timeout: float, sleep: Any,
@@ -860,14 +872,26 @@ def _bootstrap_post(
 
     import httpx
 
+    from ._base import BodyCollector
+
     url, body = _bootstrap_request(kind, base_url, fields)
     with httpx.Client(transport=transport, timeout=timeout, follow_redirects=False) as http:
-        response = _drive_sync(
-            _bootstrap_plan(kind),
-            lambda: http.post(url, content=body, headers=_HEADERS),
-            sleep or time.sleep,
-        )
-    return decode_json(response.content)
+
+        def send() -> Any:  # the body streamed, read no further than MAX_ANSWER_BYTES
+            request = http.build_request("POST", url, content=body, headers=_HEADERS)
+            response = http.send(request, stream=True)
+            try:
+                collector = BodyCollector(response.headers)
+                if not collector.too_large:
+                    for chunk in response.iter_bytes():
+                        if not collector.add(chunk):
+                            break
+            finally:
+                response.close()
+            return collector.answer(response)
+
+        answer = _drive_sync(_bootstrap_plan(kind), send, sleep or time.sleep)
+    return _bootstrap_answer(answer)
 
 
 async def _abootstrap_post(
@@ -879,16 +903,28 @@ async def _abootstrap_post(
 
     import httpx
 
+    from ._base import BodyCollector
+
     url, body = _bootstrap_request(kind, base_url, fields)
     async with httpx.AsyncClient(
         transport=transport, timeout=timeout, follow_redirects=False
     ) as http:
-        response = await _drive_async(
-            _bootstrap_plan(kind),
-            lambda: http.post(url, content=body, headers=_HEADERS),
-            sleep or asyncio.sleep,
-        )
-    return decode_json(response.content)
+
+        async def send() -> Any:
+            request = http.build_request("POST", url, content=body, headers=_HEADERS)
+            response = await http.send(request, stream=True)
+            try:
+                collector = BodyCollector(response.headers)
+                if not collector.too_large:
+                    async for chunk in response.aiter_bytes():
+                        if not collector.add(chunk):
+                            break
+            finally:
+                await response.aclose()
+            return collector.answer(response)
+
+        answer = await _drive_async(_bootstrap_plan(kind), send, sleep or asyncio.sleep)
+    return _bootstrap_answer(answer)
 
 
 def register(
