@@ -323,7 +323,7 @@ class Meter:
         self.escrow_id: str | None = None
         self._clock = clock
         self._batch = policy.units
-        self._period = float(policy.seconds) if policy.seconds is not None else None
+        self._period = float(policy.seconds) if policy.seconds is not None else None  # ok: seconds
         self._peers = _peers_of(store, config.stream_id)
         self._peers.meters.add(self)
         self._lock = self._peers.lock

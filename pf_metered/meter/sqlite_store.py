@@ -190,14 +190,14 @@ class SQLiteStore:
             raise InvalidInput("path", "must be a file path")
         self.path = str(Path(path))
         self.durability: Durability = durability
-        self.group_interval = float(group_interval)
+        self.group_interval = float(group_interval)  # ok: seconds
         self.group_wait = bool(group_wait)
         self.lease_units = lease_units
         if isinstance(intent_lease, bool) or not isinstance(intent_lease, int | float) or not (
             0 <= intent_lease <= 86_400
         ):
             raise InvalidInput("intent_lease", "must be a number of seconds in [0, 86400]")
-        self.intent_lease = float(intent_lease)
+        self.intent_lease = float(intent_lease)  # ok: seconds
         """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
         self._busy_ms = int(busy_timeout * 1000)
         self._owner = uuid.uuid4().hex
@@ -482,7 +482,7 @@ class SQLiteStore:
         it becomes ours with a fresh claim time. Else ``None``: another live process is
         sending it. The intent keeps its sequence, hence its idempotency key.
         """
-        lease = self.intent_lease if lease_seconds is None else float(lease_seconds)
+        lease = self.intent_lease if lease_seconds is None else float(lease_seconds)  # ok: seconds
         with self._tx() as db:
             self._row(db, stream_id)
             row = db.execute(
@@ -495,6 +495,7 @@ class SQLiteStore:
             seq, u_from, u_to, final, owner, claimed_at = tuple(row)
             now = time.time()
             # No owner: written by an older version, which had no notion of one.
+            # ok: seconds, not money (float( below)
             stale = owner is None or claimed_at is None or now - float(claimed_at) >= lease
             if owner != self._owner and not stale:
                 return None

@@ -137,7 +137,7 @@ class StreamBase:
         self._failure: BaseException | None = None
         self._last_error: BaseException | None = None
         self._woken = False
-        self._close_wait = float(close_wait)
+        self._close_wait = float(close_wait)  # ok: seconds
 
     # ------------------------------------------------------------ identity
     @property

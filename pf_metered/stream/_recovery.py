@@ -236,7 +236,7 @@ _REG_LOCK = threading.Lock()
 def exit_timeout() -> float:
     """Seconds shutdown may spend flushing (``PF_METERED_EXIT_TIMEOUT``, default 5)."""
     try:
-        value = float(os.environ.get("PF_METERED_EXIT_TIMEOUT", "5"))
+        value = float(os.environ.get("PF_METERED_EXIT_TIMEOUT", "5"))  # ok: seconds
     except ValueError:
         return 5.0
     return value if 0 <= value <= 600 else 5.0
