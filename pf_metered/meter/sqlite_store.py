@@ -495,8 +495,8 @@ class SQLiteStore:
             seq, u_from, u_to, final, owner, claimed_at = tuple(row)
             now = time.time()
             # No owner: written by an older version, which had no notion of one.
-            # ok: seconds, not money (float( below)
-            stale = owner is None or claimed_at is None or now - float(claimed_at) >= lease
+            claimed = None if claimed_at is None else float(claimed_at)  # ok: seconds
+            stale = owner is None or claimed is None or now - claimed >= lease
             if owner != self._owner and not stale:
                 return None
             db.execute(
