@@ -24,7 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--speedup", type=float, default=36000.0,
                     help="simulated seconds per real second (1 = real time)")
-    ap.add_argument("--max-hours", type=int, default=8)
+    ap.add_argument("--max-hours", type=int, default=8,
+                    help="hours of compute the budget pays for (default 8)")
     ap.add_argument("--fail-after", type=float, default=3.0,
                     help="simulated hours after which the heartbeat fails")
     args = ap.parse_args()

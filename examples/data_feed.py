@@ -13,22 +13,23 @@ import random
 
 from _connect import connect
 
-from pf_metered import DataFeedPayments
+from pf_metered import DataFeedPayments, format_usdc
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ticks", type=int, default=5000)
+    ap.add_argument("--ticks", type=int, default=5000,
+                    help="price ticks to receive; the other feeds scale with it (default 5000)")
     args = ap.parse_args()
-    world = connect()
+    # Each feed's expected cost is 0.0001 USDC a tick (see the loop); lock 4x that, at least 2.00.
+    budget = format_usdc(max(2_000_000, 400 * args.ticks))
+    world = connect(balance=format_usdc(4 * max(2_000_000, 400 * args.ticks) + 100_000_000))
     client, provider = world.client, world.provider
     rng = random.Random(7)
     counts = dict.fromkeys(("price_feed", "market_depth", "news_event", "sensor_reading"), 0)
     with DataFeedPayments(client, batch=1000) as feeds:
-        feeds.subscribe(provider, "price_feed", budget="2.00")
-        feeds.subscribe(provider, "market_depth", budget="2.00")
-        feeds.subscribe(provider, "news_event", budget="2.00")
-        feeds.subscribe(provider, "sensor_reading", budget="1.00")
+        for feed in counts:
+            feeds.subscribe(provider, feed, budget=budget)
         for _ in range(args.ticks):
             feeds.record(provider, "price_feed")
             counts["price_feed"] += 1

@@ -79,7 +79,8 @@ def worker(conn: dict[str, Any], units: int, chans: tuple[Any, Any, Any]) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=4,
+                        help="worker processes sharing the stream (default 4)")
     parser.add_argument("--units", type=int, default=1000, help="units per worker")
     parser.add_argument("--rate", default="0.001", help="USDC per unit, e.g. 0.001")
     parser.add_argument("--batch", type=int, default=100, help="units per release")
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="units of budget a worker leases per Redis round trip (0: none)")
     parser.add_argument("--budget", default=None,
                         help="USDC locked (default: what N × U units cost, plus 10%%)")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
+                        help="the Redis the workers share (default %(default)s)")
     parser.add_argument(
         "--start-method", choices=mp.get_all_start_methods(),
         default="fork" if "fork" in mp.get_all_start_methods() else "spawn",

@@ -14,7 +14,7 @@ import time
 
 from _connect import connect
 
-from pf_metered import PaymentStream, format_usdc, metered
+from pf_metered import BudgetExhausted, PaymentStream, format_usdc, metered
 
 
 def report(stream: PaymentStream, done: int, total: int) -> None:
@@ -22,13 +22,16 @@ def report(stream: PaymentStream, done: int, total: int) -> None:
     st = stream.status()
     bar = "#" * (20 * done // total)
     print(f"[{bar:<20}] {done:>6}/{total} calls  released {format_usdc(st.released_micro)} USDC in "
-          f"{len(st.history)} batches  {st.pending_units} units not yet paid", flush=True)
+          f"{len(st.history)} batch{'es' if len(st.history) != 1 else ''}  "
+          f"{st.pending_units} units not yet paid", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=1234)
-    ap.add_argument("--budget", default="10.00", help="USDC locked in escrow")
+    ap.add_argument("--calls", type=int, default=1234,
+                    help="inference calls to make (default 1234)")
+    ap.add_argument("--budget", default="10.00",
+                    help="USDC locked in escrow, at least 1.00 (default 10.00)")
     ap.add_argument("--latency-ms", type=float, default=0.5,
                     help="simulated inference time per call (0 for as fast as possible)")
     args = ap.parse_args()
@@ -45,7 +48,12 @@ def main() -> None:
 
         step = max(1, args.calls // 5)
         for i in range(args.calls):
-            call_inference_provider(f"question {i}")
+            try:
+                call_inference_provider(f"question {i}")
+            except BudgetExhausted:
+                print(f"budget of {args.budget} USDC spent after {i} calls; "
+                      "raise --budget for more")
+                break
             if (i + 1) % step == 0 or i + 1 == args.calls:
                 report(s, i + 1, args.calls)
     print(s.receipt)
