@@ -562,3 +562,21 @@ def test_an_unreachable_store_does_not_stop_the_background_sender(agents):
     s.record()  # the stream goes on: no stored failure is raised
     receipt = s.close()
     check_ledger(agents, receipt, "0.001", 11)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [({"budget": "0.50"}, "got 0.50"), ({"max_units": 10}, "got 0.01 (rate × max_units)")],
+)
+def test_a_budget_under_the_escrow_minimum_is_refused_at_construction(agents, kwargs, shown):
+    """The service locks nothing under 1.00 (v1): say so naming ``budget``, before any I/O,
+    not from ``open()`` naming an ``amount`` the user never set."""
+    from pf_metered.meter.store import MemoryStore
+
+    store = MemoryStore()
+    with pytest.raises(InvalidInput) as info:
+        PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=10, store=store,
+                      **kwargs)
+    assert info.value.field == "budget"
+    assert "at least 1.00" in str(info.value) and shown in str(info.value)
+    assert not agents.client.list_escrows()  # nothing was locked

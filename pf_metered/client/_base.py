@@ -163,6 +163,8 @@ class Capabilities:
     dialect: str
     supports_partial_release: bool
     honours_idempotency: bool | None
+    min_escrow_micro: int = 0
+    """The smallest escrow the service locks, in micro-USDC (1.00 on v1, 0.10 on deployed)."""
 
 
 @dataclass(frozen=True)
@@ -407,6 +409,7 @@ class BaseEscrowClient:
             dialect=self._dialect.name,
             supports_partial_release=self._dialect.supports_partial_release,
             honours_idempotency=honours,
+            min_escrow_micro=self._dialect.min_escrow_micro,
         )
 
     def __repr__(self) -> str:

@@ -30,7 +30,7 @@ from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.meter.store import Store
 from pf_metered.models import Escrow
-from pf_metered.money import MAX_UNITS, AmountLike, Rate, parse_count
+from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, parse_count
 
 __all__ = ["CLOSE_WAIT", "AsyncEscrowAPI", "EscrowAPI", "StreamBase", "is_transient"]
 
@@ -98,6 +98,24 @@ def release_found(escrow: Escrow, memo: str, idempotency_key: str) -> bool:
     return any(r.memo == memo or r.memo.endswith(tag) for r in escrow.releases)
 
 
+def _check_escrow_minimum(client: object, budget_micro: int, *, given: bool) -> None:
+    """Refuse, at construction, a budget the service would refuse at ``open()``.
+
+    Only where the whole budget is one escrow (partial releases); a chain of tranches sizes its
+    own escrows. Without this the error came from ``open()`` naming ``amount``, a field the
+    user never set.
+    """
+    caps = getattr(client, "capabilities", None)
+    minimum = getattr(caps, "min_escrow_micro", 0)
+    if not getattr(caps, "supports_partial_release", False) or budget_micro >= minimum:
+        return
+    what = format_usdc(budget_micro) + ("" if given else " (rate × max_units)")
+    raise InvalidInput(
+        "budget",
+        f"must be at least {format_usdc(minimum)}, the escrow service's minimum; got {what}",
+    )
+
+
 class StreamBase:
     """Shared state and the hot path of a payment stream (see the module docstring)."""
 
@@ -118,6 +136,7 @@ class StreamBase:
         clock: Callable[[], float] = time.monotonic,
         stream_id: str | None = None,
         close_wait: float = CLOSE_WAIT,
+        client: object = None,
     ) -> None:
         if (
             isinstance(close_wait, bool)
@@ -129,6 +148,7 @@ class StreamBase:
             to_agent_id, rate, batch=batch, every_=every, budget=budget, max_units=max_units,
             auto_release_hours=auto_release_hours, memo=memo, per=per, stream_id=stream_id,
         )
+        _check_escrow_minimum(client, config.budget_micro, given=budget is not None)
         self._store: Store = open_store(store)  # None, a path, a redis:// URL or a Store
         self._meter = Meter(self._store, config, policy, per=per, clock=clock)
         self._background = background

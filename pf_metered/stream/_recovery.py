@@ -50,6 +50,7 @@ from pf_metered.meter.core import Meter
 from pf_metered.meter.open import open_store
 from pf_metered.meter.store import Store, StreamState, intent_amount_micro
 from pf_metered.models import Escrow
+from pf_metered.money import micro_to_decimal
 from pf_metered.stream._base import StreamBase, is_transient
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def _rebuild(
     stream = cls(
         client, cfg.to_agent_id, cfg.rate,
         batch=cfg.batch_units, every=cfg.every_seconds, max_units=cfg.max_units,
+        budget=micro_to_decimal(cfg.budget_micro),
         auto_release_hours=cfg.auto_release_hours, memo=cfg.memo, store=store,
         stream_id=cfg.stream_id, clock=clock, **kw,
     )

@@ -69,6 +69,7 @@ class PaymentStream(StreamBase):
             to_agent_id, rate, batch=batch, every=every, budget=budget, max_units=max_units,
             auto_release_hours=auto_release_hours, memo=memo, store=store, per=per,
             background=background, clock=clock, stream_id=stream_id, close_wait=close_wait,
+            client=client,
         )
         # full-release dialect: a chain of tranches behind the same face (_tranches.py)
         self._client: EscrowAPI = adapt_client(client, self._meter, is_async=False)
