@@ -411,6 +411,13 @@ def test_sandbox_serve_keys_file_and_ledger(tmp_path: Path) -> None:
         new_agent = _json(registered)["agent_id"]
         new_key = re.search(r"PF_API_KEY=(\S+)", agent_file.read_text()).group(1)
         assert new_key not in registered.stdout + registered.stderr
+        # a second register into the same file is refused before any agent is made: that
+        # file's key has no other copy
+        again = subprocess.run(
+            [str(BIN), "register", "--keys-file", str(agent_file)], env=env,
+            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+        assert again.returncode == EXIT_USAGE and "already exists" in again.stderr
+        assert new_key in agent_file.read_text()
         claimed = subprocess.run(
             [str(BIN), "faucet", "claim", "--agent-id", new_agent], env=env,
             capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)

@@ -12,6 +12,7 @@ What this module must never do: take the API key from anywhere but
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -167,15 +168,25 @@ def _faucet_claim(args: argparse.Namespace, out: Output) -> int:
 
 def _register(args: argparse.Namespace, out: Output) -> int:
     """Register a new agent; its key goes to ``--keys-file`` (mode 600), never the terminal."""
-    from pf_metered.cli._sandbox import write_keys_file
+    from pf_metered.cli._sandbox import open_keys_file, write_keys
     from pf_metered.client import register_agent
 
     if not args.keys_file:  # argparse requires it; a second lock on the door
         raise CLIError("register needs --keys-file FILE: the new key is written there, never "
                        "printed", EXIT_USAGE, kind="usage")
-    registration = register_agent()
-    key = registration.api_key.get_secret_value()
-    write_keys_file(args.keys_file, [("PF_API_KEY", key, registration.agent_id)], base_url=None)
+    # The file is claimed before the agent exists: a new key has no other copy, so it must
+    # never overwrite another file's keys, nor be made with nowhere to go.
+    fd = open_keys_file(args.keys_file, exclusive=True)
+    try:
+        try:
+            registration = register_agent()
+        except BaseException:
+            os.unlink(args.keys_file)
+            raise
+        key = registration.api_key.get_secret_value()
+        write_keys(fd, [("PF_API_KEY", key, registration.agent_id)], base_url=None)
+    finally:
+        os.close(fd)
     out.data({"agent_id": registration.agent_id, "keys_file": args.keys_file},
              f"Registered agent {registration.agent_id}; its key is in {args.keys_file} "
              f"(source it to use it).")

@@ -31,7 +31,7 @@ from pf_metered.money import format_usdc, parse_amount
 if TYPE_CHECKING:
     from pf_metered.sandbox import SandboxAgent
 
-__all__ = ["run_sandbox_serve", "write_keys_file"]
+__all__ = ["open_keys_file", "run_sandbox_serve", "write_keys", "write_keys_file"]
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
@@ -44,23 +44,41 @@ def write_keys_file(
 
     ``base_url`` and ``urls`` (``(variable, url)`` pairs) are exported first.
     """
+    fd = open_keys_file(path, exclusive=False)
+    try:
+        write_keys(fd, keys, base_url=base_url, urls=urls)
+    finally:
+        os.close(fd)
+
+
+def open_keys_file(path: str, *, exclusive: bool) -> int:
+    """Open ``path`` for keys with mode 600. ``exclusive``: refuse a file that exists, so a
+    key that cannot be recovered (a new agent's) never overwrites another."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    flags |= os.O_EXCL if exclusive else os.O_TRUNC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise CLIError(f"keys file {path!r} already exists; choose a new file (its keys may "
+                       "be the only copy)", EXIT_USAGE, kind="usage") from None
+    except OSError as exc:
+        raise CLIError(f"cannot write keys file {path!r}: {exc.strerror}", EXIT_USAGE,
+                       kind="usage") from None
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def write_keys(
+    fd: int, keys: Sequence[tuple[str, str, str]], *, base_url: str | None,
+    urls: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Write the ``export`` lines of :func:`write_keys_file` to an open file."""
     lines = ["# pf-metered: API keys. Keep this file private; 'source' it to use them."]
     if base_url:
         lines.append(f"export {ENV_BASE_URL}={base_url}")
     lines.extend(f"export {name}={url}" for name, url in urls)
     lines.extend(f"export {name}={key}  # {agent}" for name, key, agent in keys)
-    data = ("\n".join(lines) + "\n").encode()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        raise CLIError(f"cannot write keys file {path!r}: {exc.strerror}", EXIT_USAGE,
-                       kind="usage") from None
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    os.write(fd, ("\n".join(lines) + "\n").encode())
 
 
 def run_sandbox_serve(args: argparse.Namespace, out: Output) -> int:
