@@ -107,7 +107,9 @@ def run_sandbox_serve(args: argparse.Namespace, out: Output) -> int:
                     args.keys_file,
                     [(ENV_KEY, payer.api_key, f"payer {payer.agent_id}"),
                      ("PF_PROVIDER_API_KEY", provider.api_key, f"provider {provider.agent_id}")],
-                    base_url=base_url, urls=_service_urls(base_url),
+                    base_url=base_url,
+                    # PF_PROVIDER_ID: the examples (./scripts/demo) pay this agent when a key is set
+                    urls=[*_service_urls(base_url), ("PF_PROVIDER_ID", provider.agent_id)],
                 )
             _announce(out, args, base_url=base_url, balance=format_usdc(balance),
                       payer=payer, provider=provider)
