@@ -16,14 +16,17 @@ run from sync code).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pf_metered.errors import NotFound
 from pf_metered.money import Rate, format_usdc
 from pf_metered.tools.caps import Caps
-from pf_metered.tools.errors import ToolError
+from pf_metered.tools.errors import ToolError, unknown_provider
 
 if TYPE_CHECKING:
     from pf_metered.client import AsyncEscrowClient, EscrowClient
@@ -145,6 +148,22 @@ class ToolContext:
             self._locked_micro -= amount_micro
             if stream:
                 self._opening -= 1
+
+    @contextlib.contextmanager
+    def locking(
+        self, amount_micro: int, *, stream: bool, provider: str, tool_name: str
+    ) -> Iterator[None]:
+        """While a reservation's money is being locked for ``provider`` (sync or async body):
+        any failure gives the reservation back, and a ``NotFound`` means the provider agent is
+        unknown (the only id the request carries), not some escrow."""
+        try:
+            yield
+        except NotFound as exc:
+            self.unreserve(amount_micro, stream=stream)
+            raise unknown_provider(exc, provider=provider, tool_name=tool_name) from None
+        except BaseException:
+            self.unreserve(amount_micro, stream=stream)
+            raise
 
     def check_rate(self, rate: Rate) -> None:
         """Refuse a rate above the operator's ``max_rate``."""

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from pf_metered.errors import NotFound, UnsupportedByDialect
+from pf_metered.errors import UnsupportedByDialect
 from pf_metered.models import Escrow
 from pf_metered.money import format_usdc, parse_amount
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import ToolContext
-from pf_metered.tools.errors import ToolError, unknown_provider
+from pf_metered.tools.errors import ToolError
 from pf_metered.tools.schemas import (
     EscrowCreateArgs,
     EscrowListArgs,
@@ -92,17 +92,11 @@ def _create_prepare(ctx: ToolContext, args: EscrowCreateArgs) -> int:
 def _create(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     client = _sync(ctx)
     amount = _create_prepare(ctx, args)
-    try:
+    with ctx.locking(amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"):
         escrow = client.create_escrow(
             args.to_agent_id, format_usdc(amount), memo=args.memo,
             auto_release_hours=args.auto_release_hours,
         )
-    except NotFound as exc:
-        ctx.unreserve(amount, stream=False)
-        raise unknown_provider(exc, provider=args.to_agent_id, tool_name="escrow_create") from None
-    except BaseException:
-        ctx.unreserve(amount, stream=False)
-        raise
     return _created(ctx, escrow)
 
 
@@ -116,17 +110,11 @@ async def _acreate(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     if client is None:
         return await asyncio.to_thread(_create, ctx, args)
     amount = _create_prepare(ctx, args)
-    try:
+    with ctx.locking(amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"):
         escrow = await client.create_escrow(
             args.to_agent_id, format_usdc(amount), memo=args.memo,
             auto_release_hours=args.auto_release_hours,
         )
-    except NotFound as exc:
-        ctx.unreserve(amount, stream=False)
-        raise unknown_provider(exc, provider=args.to_agent_id, tool_name="escrow_create") from None
-    except BaseException:
-        ctx.unreserve(amount, stream=False)
-        raise
     return _created(ctx, escrow)
 
 

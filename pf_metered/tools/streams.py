@@ -16,13 +16,13 @@ import asyncio
 import inspect
 from typing import Any
 
-from pf_metered.errors import InvalidInput, NotFound
+from pf_metered.errors import InvalidInput
 from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_rate
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import StreamEntry, ToolContext
-from pf_metered.tools.errors import ToolError, unknown_provider
+from pf_metered.tools.errors import ToolError
 from pf_metered.tools.schemas import (
     StreamCloseArgs,
     StreamListArgs,
@@ -155,20 +155,14 @@ def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
         raise ToolError("This tool set is configured for async use; call it asynchronously.",
                         kind="config")
     rate, budget_micro = _open_prepare(ctx, args)
-    try:
-        stream = PaymentStream(
-            ctx.client, args.provider, str(rate), **_stream_kwargs(ctx, args, budget_micro)
-        )
-        stream.open()
-    except InvalidInput as exc:
-        ctx.unreserve(budget_micro, stream=True)
-        raise _budget_problem(exc) from None
-    except NotFound as exc:
-        ctx.unreserve(budget_micro, stream=True)
-        raise unknown_provider(exc, provider=args.provider, tool_name="stream_open") from None
-    except BaseException:
-        ctx.unreserve(budget_micro, stream=True)
-        raise
+    with ctx.locking(budget_micro, stream=True, provider=args.provider, tool_name="stream_open"):
+        try:
+            stream = PaymentStream(
+                ctx.client, args.provider, str(rate), **_stream_kwargs(ctx, args, budget_micro)
+            )
+            stream.open()
+        except InvalidInput as exc:
+            raise _budget_problem(exc) from None
     return _opened(ctx, stream, args, rate, budget_micro, is_async=False)
 
 
@@ -176,21 +170,15 @@ async def _aopen(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     if ctx.async_client is None:
         return await asyncio.to_thread(_open, ctx, args)
     rate, budget_micro = _open_prepare(ctx, args)
-    try:
-        stream = AsyncPaymentStream(
-            ctx.async_client, args.provider, str(rate),
-            **_stream_kwargs(ctx, args, budget_micro),
-        )
-        await stream.open()
-    except InvalidInput as exc:
-        ctx.unreserve(budget_micro, stream=True)
-        raise _budget_problem(exc) from None
-    except NotFound as exc:
-        ctx.unreserve(budget_micro, stream=True)
-        raise unknown_provider(exc, provider=args.provider, tool_name="stream_open") from None
-    except BaseException:
-        ctx.unreserve(budget_micro, stream=True)
-        raise
+    with ctx.locking(budget_micro, stream=True, provider=args.provider, tool_name="stream_open"):
+        try:
+            stream = AsyncPaymentStream(
+                ctx.async_client, args.provider, str(rate),
+                **_stream_kwargs(ctx, args, budget_micro),
+            )
+            await stream.open()
+        except InvalidInput as exc:
+            raise _budget_problem(exc) from None
     return _opened(ctx, stream, args, rate, budget_micro, is_async=True)
 
 
