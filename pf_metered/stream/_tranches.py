@@ -317,6 +317,14 @@ class _ChainBase:
         self.book: TrancheBook | None = None
         self.chain_id: str | None = None
 
+    def _calls(self) -> dict[str, Any]:
+        """The client method behind each call a plan yields (its drivers differ only in I/O)."""
+        return {
+            "create": self._client.create_escrow,
+            "release": self._client.release,
+            "get": self._client.get_escrow,
+        }
+
     # -- the face the stream sees ------------------------------------------------------
 
     @property
@@ -506,11 +514,7 @@ class TrancheChain(_ChainBase):
     """The blocking chain over an ``EscrowClient`` (see the module docstring)."""
 
     def _run(self, plan: _Plan) -> None:
-        calls = {
-            "create": self._client.create_escrow,
-            "release": self._client.release,
-            "get": self._client.get_escrow,
-        }
+        calls = self._calls()
         outcome: Any = None
         error: BaseException | None = None
         while True:
@@ -582,11 +586,7 @@ class AsyncTrancheChain(_ChainBase):
     """The asyncio chain over an ``AsyncEscrowClient``."""
 
     async def _run(self, plan: _Plan) -> None:
-        calls = {
-            "create": self._client.create_escrow,
-            "release": self._client.release,
-            "get": self._client.get_escrow,
-        }
+        calls = self._calls()
         outcome: Any = None
         error: BaseException | None = None
         while True:
