@@ -72,8 +72,9 @@ def bench_stream(kind: str, d: Path, units: int) -> float:
         payer, provider = sb.add_agent(balance="1000"), sb.add_agent()
         client = sb.client(payer.api_key)
         store = make(kind, d)
-        stream = PaymentStream(client, provider.agent_id, "0.000001", batch=1000,
-                               budget="100", store=store)
+        stream = PaymentStream(
+            client, provider.agent_id, "0.000001", batch=1000, budget="100", store=store
+        )
         stream.open()
         record = stream.record
         t0 = time.perf_counter()
@@ -90,8 +91,12 @@ def bench_stream(kind: str, d: Path, units: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--units", type=int, default=200_000)
-    ap.add_argument("--durable-units", type=int, default=3_000,
-                    help="units for per_record / group_wait (one fsync each when alone)")
+    ap.add_argument(
+        "--durable-units",
+        type=int,
+        default=3_000,
+        help="units for per_record / group_wait (one fsync each when alone)",
+    )
     ap.add_argument("--dir", default=None, help="where the SQLite files go (default: a tmpdir)")
     args = ap.parse_args()
     d = Path(args.dir or tempfile.mkdtemp(prefix="pfm-bench-"))

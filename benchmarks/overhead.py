@@ -89,6 +89,7 @@ def main() -> None:
             r = fn(*a, **k)
             count[0] += 1
             return r
+
         return wrapper
 
     @wrapt.decorator
@@ -107,9 +108,13 @@ def main() -> None:
     f_metered = metered(stream=stream)(bare)
 
     rows = []
-    for name, fn in [("bare call", bare), ("functools.wraps counter", f_counting),
-                     ("wrapt.decorator passthrough", f_wrapt),
-                     ("Counter.inc() in function", prom), ("@metered (sync)", f_metered)]:
+    for name, fn in [
+        ("bare call", bare),
+        ("functools.wraps counter", f_counting),
+        ("wrapt.decorator passthrough", f_wrapt),
+        ("Counter.inc() in function", prom),
+        ("@metered (sync)", f_metered),
+    ]:
         rows.append((name, per_call_ns(lambda fn=fn: fn(1), n)))
     base = rows[0][1]
     loop_cost = per_call_ns(lambda: None, n)
@@ -123,35 +128,43 @@ def main() -> None:
             r = await fn(*a, **k)
             count[0] += 1
             return r
+
         return wrapper
 
     a_plain = async_wraps(abare)
     a_metered = metered(stream=stream)(abare)
     an = n // 4
-    arows = [("async bare await", async_per_call_ns(abare, an)),
-             ("async functools wrapper", async_per_call_ns(a_plain, an)),
-             ("@metered (async)", async_per_call_ns(a_metered, an))]
+    arows = [
+        ("async bare await", async_per_call_ns(abare, an)),
+        ("async functools wrapper", async_per_call_ns(a_plain, an)),
+        ("@metered (async)", async_per_call_ns(a_metered, an)),
+    ]
 
-    print(f"Python {platform.python_version()} on {platform.machine()}, wrapt "
-          f"{wrapt.__version__}; {n:,} calls per figure, best of 7 (timeit loop ≈ "
-          f"{loop_cost:.0f} ns included in sync figures)")
+    print(
+        f"Python {platform.python_version()} on {platform.machine()}, wrapt "
+        f"{wrapt.__version__}; {n:,} calls per figure, best of 7 (timeit loop ≈ "
+        f"{loop_cost:.0f} ns included in sync figures)"
+    )
     print(f"{'sync':32} {'ns/call':>9} {'added':>8} {'× bare':>7}")
     prom_added = rows[3][1] - base
     for name, ns in rows:
         print(f"{name:32} {ns:9.0f} {ns - base:8.0f} {ns / base:7.2f}")
     met_added = rows[4][1] - base
-    print(f"@metered adds {met_added:.0f} ns vs Counter.inc() {prom_added:.0f} ns "
-          f"(ratio {met_added / prom_added:.2f}); wrapt passthrough adds {rows[2][1] - base:.0f}")
+    print(
+        f"@metered adds {met_added:.0f} ns vs Counter.inc() {prom_added:.0f} ns "
+        f"(ratio {met_added / prom_added:.2f}); wrapt passthrough adds {rows[2][1] - base:.0f}"
+    )
     print(f"\n{'async':32} {'ns/call':>9} {'added':>8}")
     for name, ns in arows:
         print(f"{name:32} {ns:9.0f} {ns - arows[0][1]:8.0f}")
-    print(f"@metered async − functools async wrapper = {arows[2][1] - arows[1][1]:.0f} ns "
-          f"(target ≤ 150)")
+    print(
+        f"@metered async − functools async wrapper = {arows[2][1] - arows[1][1]:.0f} ns "
+        f"(target ≤ 150)"
+    )
     stream.close()
 
     # --- bulk record(n) -------------------------------------------------------------
-    s = PaymentStream(client, provider.agent_id, "0.000001", batch=10**9,
-                      budget="1000000").open()
+    s = PaymentStream(client, provider.agent_id, "0.000001", batch=10**9, budget="1000000").open()
     reps = n
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -162,8 +175,10 @@ def main() -> None:
         s.record()
     dt1 = time.perf_counter() - t0
     s.close()
-    print(f"\nrecord(100): {reps / dt:,.0f} calls/s = {reps * 100 / dt:,.0f} units/s; "
-          f"record(): {reps / dt1:,.0f} units/s")
+    print(
+        f"\nrecord(100): {reps / dt:,.0f} calls/s = {reps * 100 / dt:,.0f} units/s; "
+        f"record(): {reps / dt1:,.0f} units/s"
+    )
 
     # --- HTTP requests per 1,000,000 units ------------------------------------------
     units, batch = 1_000_000, 100  # answers carry no whole history: 10,000 releases are fine
@@ -172,8 +187,7 @@ def main() -> None:
         transport = CountingTransport(sb.transport())
         cl = sb.client(payer.api_key, transport=transport)
         t0 = time.perf_counter()
-        with PaymentStream(cl, provider.agent_id, "0.000001", batch=batch,
-                           budget="10") as s:
+        with PaymentStream(cl, provider.agent_id, "0.000001", batch=batch, budget="10") as s:
             if paced:
                 for _ in range(units // batch):
                     s.record(batch)
@@ -185,9 +199,11 @@ def main() -> None:
         dt = time.perf_counter() - t0
         r = s.receipt
         assert r.paid_micro == units  # 1 µUSDC per unit, exactly
-        print(f"{label:30}: {transport.requests:,} HTTP requests for {units:,} units "
-              f"(bound ⌈units/batch⌉+open+close = {bound:,}); {r.releases:,} releases; "
-              f"{dt:.1f} s; {dict(sorted(transport.by_path.items()))}")
+        print(
+            f"{label:30}: {transport.requests:,} HTTP requests for {units:,} units "
+            f"(bound ⌈units/batch⌉+open+close = {bound:,}); {r.releases:,} releases; "
+            f"{dt:.1f} s; {dict(sorted(transport.by_path.items()))}"
+        )
     sb.close()
     sys.stdout.flush()
 

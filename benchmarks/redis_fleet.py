@@ -116,15 +116,19 @@ def main() -> None:
     p.add_argument("--procs", default="1,2,4,8")
     args = p.parse_args()
     print(f"{os.cpu_count()} CPUs; {args.units:,} units per process; batch {args.batch}")
-    print(f"{'mode':<14}{'procs':>6}{'units/s':>12}{'trips/unit':>12}{'server/unit':>12}"
-          f"{'seconds':>9}")
+    print(
+        f"{'mode':<14}{'procs':>6}{'units/s':>12}{'trips/unit':>12}{'server/unit':>12}"
+        f"{'seconds':>9}"
+    )
     for chunk in (0, args.chunk):
         mode = "direct" if chunk == 0 else f"leased({chunk})"
         units = args.units if chunk else max(args.units // 4, args.batch)
         for n in (int(x) for x in args.procs.split(",")):
             r = run(args.redis_url, n, units, chunk, args.batch)
-            print(f"{mode:<14}{n:>6}{r['units_per_s']:>12,.0f}{r['store_trips_per_unit']:>12.4f}"
-                  f"{r['server_cmds_per_unit']:>12.4f}{r['seconds']:>9.2f}")
+            print(
+                f"{mode:<14}{n:>6}{r['units_per_s']:>12,.0f}{r['store_trips_per_unit']:>12.4f}"
+                f"{r['server_cmds_per_unit']:>12.4f}{r['seconds']:>9.2f}"
+            )
 
 
 if __name__ == "__main__":

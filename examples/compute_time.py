@@ -22,12 +22,21 @@ from pf_metered import PaymentStream
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--speedup", type=float, default=36000.0,
-                    help="simulated seconds per real second (1 = real time)")
-    ap.add_argument("--max-hours", type=int, default=8,
-                    help="hours of compute the budget pays for (default 8)")
-    ap.add_argument("--fail-after", type=float, default=3.0,
-                    help="simulated hours after which the heartbeat fails")
+    ap.add_argument(
+        "--speedup",
+        type=float,
+        default=36000.0,
+        help="simulated seconds per real second (1 = real time)",
+    )
+    ap.add_argument(
+        "--max-hours", type=int, default=8, help="hours of compute the budget pays for (default 8)"
+    )
+    ap.add_argument(
+        "--fail-after",
+        type=float,
+        default=3.0,
+        help="simulated hours after which the heartbeat fails",
+    )
     args = ap.parse_args()
     world = connect()
     client, provider = world.client, world.provider
@@ -41,9 +50,16 @@ def main() -> None:
         return sim_ns() < args.fail_after * 3600 * 10**9
 
     stopped = threading.Event()
-    s = PaymentStream(client, provider, "0.50", per="hour", budget=Decimal("0.50") * args.max_hours,
-                      batch=1_000_000, auto_release_hours=args.max_hours + 1,
-                      memo="compute_time:rate=0.50/hr")
+    s = PaymentStream(
+        client,
+        provider,
+        "0.50",
+        per="hour",
+        budget=Decimal("0.50") * args.max_hours,
+        batch=1_000_000,
+        auto_release_hours=args.max_hours + 1,
+        memo="compute_time:rate=0.50/hr",
+    )
     print(f"Streaming $0.50/hr to {provider}, max {args.max_hours}h (x{args.speedup:g} speed)")
     with s:
         clock = s.clock(heartbeat=heartbeat, every=600 / args.speedup, source=sim_ns)

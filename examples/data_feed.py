@@ -18,8 +18,12 @@ from pf_metered import DataFeedPayments, format_usdc
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ticks", type=int, default=5000,
-                    help="price ticks to receive; the other feeds scale with it (default 5000)")
+    ap.add_argument(
+        "--ticks",
+        type=int,
+        default=5000,
+        help="price ticks to receive; the other feeds scale with it (default 5000)",
+    )
     args = ap.parse_args()
     # Each feed's expected cost is 0.0001 USDC a tick (see the loop); lock 4x that, at least 2.00.
     budget = format_usdc(max(2_000_000, 400 * args.ticks))

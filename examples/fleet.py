@@ -38,8 +38,9 @@ def _stream(conn: dict[str, Any], chunk: int) -> Any:
     store = RedisStore(conn["redis_url"], prefix=conn["prefix"], chunk=chunk)
     # Every worker's client must send the same body for the same key (a take-over resends
     # another worker's release), so none of them should guess whether the server honours keys.
-    client = EscrowClient(conn["api_key"], base_url=conn["base_url"],
-                          server_honours_idempotency=True)
+    client = EscrowClient(
+        conn["api_key"], base_url=conn["base_url"], server_honours_idempotency=True
+    )
     return PaymentStream(client, store=store, background=False, **conn["spec"])
 
 
@@ -79,19 +80,29 @@ def worker(conn: dict[str, Any], units: int, chans: tuple[Any, Any, Any]) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, default=4,
-                        help="worker processes sharing the stream (default 4)")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="worker processes sharing the stream (default 4)"
+    )
     parser.add_argument("--units", type=int, default=1000, help="units per worker")
     parser.add_argument("--rate", default="0.001", help="USDC per unit, e.g. 0.001")
     parser.add_argument("--batch", type=int, default=100, help="units per release")
-    parser.add_argument("--chunk", type=int, default=100,
-                        help="units of budget a worker leases per Redis round trip (0: none)")
-    parser.add_argument("--budget", default=None,
-                        help="USDC locked (default: what N × U units cost, plus 10%%)")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
-                        help="the Redis the workers share (default %(default)s)")
     parser.add_argument(
-        "--start-method", choices=mp.get_all_start_methods(),
+        "--chunk",
+        type=int,
+        default=100,
+        help="units of budget a worker leases per Redis round trip (0: none)",
+    )
+    parser.add_argument(
+        "--budget", default=None, help="USDC locked (default: what N × U units cost, plus 10%%)"
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="the Redis the workers share (default %(default)s)",
+    )
+    parser.add_argument(
+        "--start-method",
+        choices=mp.get_all_start_methods(),
         default="fork" if "fork" in mp.get_all_start_methods() else "spawn",
         help="fork (default where available: children start in milliseconds) or spawn",
     )
@@ -131,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             "budget": budget,
             "stream_id": uuid.uuid4().hex,
         }
-        conn = {"base_url": server.base_url, "api_key": payer.api_key, "spec": spec,
-                "redis_url": args.redis_url, "prefix": prefix, "chunk": args.chunk}
+        conn = {
+            "base_url": server.base_url,
+            "api_key": payer.api_key,
+            "spec": spec,
+            "redis_url": args.redis_url,
+            "prefix": prefix,
+            "chunk": args.chunk,
+        }
         coordinator = _stream(conn, 0)
         coordinator.open()
         ready, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
@@ -175,12 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     want_releases = -(-receipt.units // args.batch) if rate.micro_floor(args.batch) else None
     print(receipt)
     print()
-    print(f"workers        {args.workers} × {args.units} units, batch {args.batch}, "
-          f"chunk {args.chunk}")
+    print(
+        f"workers        {args.workers} × {args.units} units, batch {args.batch}, "
+        f"chunk {args.chunk}"
+    )
     print(f"units          {receipt.units} counted, {recorded} recorded by the workers")
     print(f"releases       {receipt.releases} (escrow history: {escrow.total_releases})")
-    print(f"released       {format_usdc(released_micro)} USDC "
-          f"(rate × units = {format_usdc(rate.micro_half_up(receipt.units))})")
+    print(
+        f"released       {format_usdc(released_micro)} USDC "
+        f"(rate × units = {format_usdc(rate.micro_half_up(receipt.units))})"
+    )
     print(f"refunded       {format_usdc(refunded_micro)} USDC of {budget}")
     print(f"throughput     {recorded / elapsed:,.0f} units/s over {elapsed:.2f} s")
     print(f"redis          {trips} worker round trips, {trips / max(recorded, 1):.4f} per unit")

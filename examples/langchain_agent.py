@@ -66,35 +66,55 @@ def scripted_model(provider: str) -> ScriptedChatModel:
     """A fake LLM that drives the agent the way a careful model would, mistakes included."""
 
     def open_stream(_: Sequence[BaseMessage]) -> AIMessage:
-        return AIMessage("", tool_calls=[tool_call(
-            "stream_open", provider=provider, rate=PRICE_PER_CALL, budget="1.00", batch=5)])
+        return AIMessage(
+            "",
+            tool_calls=[
+                tool_call(
+                    "stream_open", provider=provider, rate=PRICE_PER_CALL, budget="1.00", batch=5
+                )
+            ],
+        )
 
     def prices(batch: list[str]) -> AIMessage:
         return AIMessage("", tool_calls=[tool_call("market_price", symbol=s) for s in batch])
 
     def status(messages: Sequence[BaseMessage]) -> AIMessage:
-        return AIMessage("", tool_calls=[tool_call("stream_status",
-                                                   stream_id=_last_stream_id(messages))])
+        return AIMessage(
+            "", tool_calls=[tool_call("stream_status", stream_id=_last_stream_id(messages))]
+        )
 
     def close(messages: Sequence[BaseMessage]) -> AIMessage:
-        return AIMessage("", tool_calls=[tool_call("stream_close",
-                                                   stream_id=_last_stream_id(messages))])
+        return AIMessage(
+            "", tool_calls=[tool_call("stream_close", stream_id=_last_stream_id(messages))]
+        )
 
-    return ScriptedChatModel(script=[
-        # 1. too greedy: the operator's cap refuses it, and says what the cap is
-        AIMessage("", tool_calls=[tool_call("stream_open", provider=provider,
-                                            rate=PRICE_PER_CALL, budget="500")]),
-        # 2. a rate in words: the schema refuses it, naming the field
-        AIMessage("", tool_calls=[tool_call("stream_open", provider=provider,
-                                            rate="one cent", budget="1.00")]),
-        # 3. paying before opening a stream: refused before the tool runs
-        prices(SYMBOLS[:1]),
-        open_stream,
-        prices(SYMBOLS[0:4]), prices(SYMBOLS[4:8]), prices(SYMBOLS[8:12]),
-        status,
-        close,
-        "I bought 12 prices for 0.12 USDC and closed the stream; the rest was refunded.",
-    ])
+    return ScriptedChatModel(
+        script=[
+            # 1. too greedy: the operator's cap refuses it, and says what the cap is
+            AIMessage(
+                "",
+                tool_calls=[
+                    tool_call("stream_open", provider=provider, rate=PRICE_PER_CALL, budget="500")
+                ],
+            ),
+            # 2. a rate in words: the schema refuses it, naming the field
+            AIMessage(
+                "",
+                tool_calls=[
+                    tool_call("stream_open", provider=provider, rate="one cent", budget="1.00")
+                ],
+            ),
+            # 3. paying before opening a stream: refused before the tool runs
+            prices(SYMBOLS[:1]),
+            open_stream,
+            prices(SYMBOLS[0:4]),
+            prices(SYMBOLS[4:8]),
+            prices(SYMBOLS[8:12]),
+            status,
+            close,
+            "I bought 12 prices for 0.12 USDC and closed the stream; the rest was refunded.",
+        ]
+    )
 
 
 def configured_model() -> BaseChatModel | None:
@@ -105,8 +125,10 @@ def configured_model() -> BaseChatModel | None:
     try:
         from langchain.chat_models import init_chat_model  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:  # pragma: no cover - depends on optional installs
-        raise SystemExit("PF_LLM needs the `langchain` package and the provider's "
-                         "integration (e.g. langchain-openai)") from exc
+        raise SystemExit(
+            "PF_LLM needs the `langchain` package and the provider's "
+            "integration (e.g. langchain-openai)"
+        ) from exc
     model: BaseChatModel = init_chat_model(spec)
     return model
 
@@ -148,8 +170,12 @@ def connect() -> tuple[Any, str, str | None, Any]:
 
     sandbox = Sandbox()
     payer = sandbox.add_agent(balance="20.00")
-    return (sandbox.client(payer.api_key), sandbox.add_agent().agent_id,
-            sandbox.add_agent().agent_id, sandbox)
+    return (
+        sandbox.client(payer.api_key),
+        sandbox.add_agent().agent_id,
+        sandbox.add_agent().agent_id,
+        sandbox,
+    )
 
 
 def run(*, verbose: bool = True) -> dict[str, Any]:
@@ -169,8 +195,9 @@ def run(*, verbose: bool = True) -> dict[str, Any]:
     callbacks: list[Any] = []
     llm_stream = None
     if host is not None:
-        llm_stream = PaymentStream(client, host, PRICE_PER_TOKEN, budget="1.00", batch=500,
-                                   memo="llm tokens").open()
+        llm_stream = PaymentStream(
+            client, host, PRICE_PER_TOKEN, budget="1.00", batch=500, memo="llm tokens"
+        ).open()
         callbacks.append(MeteredCallbackHandler(llm_stream, unit="token"))
 
     agent = make_agent(model, tools)
@@ -195,10 +222,14 @@ def run(*, verbose: bool = True) -> dict[str, Any]:
     entries = toolkit.tool_context.entries()
     receipt = entries[-1].receipt if entries else None
     summary: dict[str, Any] = {
-        "tool_errors": sum(1 for m in messages if isinstance(m, ToolMessage)
-                           and m.status == "error"),
-        "price_calls": sum(1 for m in messages if isinstance(m, ToolMessage)
-                           and m.name == "market_price" and m.status != "error"),
+        "tool_errors": sum(
+            1 for m in messages if isinstance(m, ToolMessage) and m.status == "error"
+        ),
+        "price_calls": sum(
+            1
+            for m in messages
+            if isinstance(m, ToolMessage) and m.name == "market_price" and m.status != "error"
+        ),
         "stream_units": receipt.units if receipt else None,
         "paid": receipt.paid if receipt else None,
         "refunded": receipt.refunded if receipt else None,
@@ -208,8 +239,7 @@ def run(*, verbose: bool = True) -> dict[str, Any]:
     if sandbox is not None:
         sandbox.audit()
         summary["provider_balance"] = sandbox.balance(provider)
-        summary["payer_spent"] = payer_before - sandbox.balance(
-            _payer_id(sandbox, provider, host))
+        summary["payer_spent"] = payer_before - sandbox.balance(_payer_id(sandbox, provider, host))
         summary["fees"] = sandbox.fees()
     if verbose:
         if receipt is not None:

@@ -146,9 +146,15 @@ class Metered:
                 raise InvalidInput("to", "is required unless stream= is given")
             self._stream = None
             self._spec = {
-                "to_agent_id": to, "rate": rate, "batch": batch, "every": every,
-                "budget": budget, "max_units": max_units,
-                "auto_release_hours": auto_release_hours, "memo": memo, "store": store,
+                "to_agent_id": to,
+                "rate": rate,
+                "batch": batch,
+                "every": every,
+                "budget": budget,
+                "max_units": max_units,
+                "auto_release_hours": auto_release_hours,
+                "memo": memo,
+                "store": store,
                 "per": per if per in _TIME_PERS else "unit",
             }
             self._client = client
@@ -156,8 +162,15 @@ class Metered:
             from pf_metered.meter.core import plan_stream
 
             plan_stream(
-                to, rate, batch=batch, every_=every, budget=budget, max_units=max_units,
-                auto_release_hours=auto_release_hours, memo=memo, per=self._spec["per"],
+                to,
+                rate,
+                batch=batch,
+                every_=every,
+                budget=budget,
+                max_units=max_units,
+                auto_release_hours=auto_release_hours,
+                memo=memo,
+                per=self._spec["per"],
             )
         quantum = PER_QUANTA[per][1] if per in _TIME_PERS else 0
         self._carry = _TimeCarry(quantum) if quantum else None
@@ -356,8 +369,9 @@ class Metered:
 
         return self._generic_sync(fn, reserve_n, charge)
 
-    def _generic_sync(self, fn: Callable[..., Any], reserve_n: int, charge: bool
-                      ) -> Callable[..., Any]:
+    def _generic_sync(
+        self, fn: Callable[..., Any], reserve_n: int, charge: bool
+    ) -> Callable[..., Any]:
         ensure = self._ensure_open_sync
         settle = self._settle
         perf = self._timer
@@ -584,6 +598,7 @@ def _bound_adapter(m: Metered, target: Callable[..., Any]) -> Callable[..., Any]
 
     body = make(call_through)
     if inspect.iscoroutinefunction(target):
+
         async def wrapper_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
             return await body(wrapped, *args, **kwargs)
 
@@ -663,9 +678,21 @@ def metered(
     ``f.stream.close()`` or at interpreter exit.
     """
     m = Metered(
-        stream=stream, rate=rate, batch=batch, every=every, to=to, budget=budget,
-        max_units=max_units, client=client, units=units, per=per, charge_errors=charge_errors,
-        auto_release_hours=auto_release_hours, memo=memo, store=store, timer=timer,
+        stream=stream,
+        rate=rate,
+        batch=batch,
+        every=every,
+        to=to,
+        budget=budget,
+        max_units=max_units,
+        client=client,
+        units=units,
+        per=per,
+        charge_errors=charge_errors,
+        auto_release_hours=auto_release_hours,
+        memo=memo,
+        store=store,
+        timer=timer,
     )
     if func is not None:
         return m(func)

@@ -84,17 +84,13 @@ def _to_decimal(value: object, field: str) -> Decimal:
         except InvalidOperation:
             raise InvalidInput(field, f"is not a decimal number: {value[:40]!r}") from None
     else:
-        raise InvalidInput(
-            field, f"must be a str, int or Decimal, not {type(value).__name__}"
-        )
+        raise InvalidInput(field, f"must be a str, int or Decimal, not {type(value).__name__}")
     if not dec.is_finite():
         raise InvalidInput(field, f"must be finite, got {dec}")
     return dec
 
 
-def parse_amount(
-    value: object, field: str = "amount", *, allow_zero: bool = False
-) -> int:
+def parse_amount(value: object, field: str = "amount", *, allow_zero: bool = False) -> int:
     """Parse a USDC amount into integer micro-USDC.
 
     Refuses more than six decimal places rather than rounding: a caller who writes

@@ -49,9 +49,11 @@ def crashes(n: int, jobs: int, durability: str) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as d, Sandbox(str(Path(d) / "ledger.db")) as sb:
         server = sb.serve()
         with ThreadPoolExecutor(jobs) as pool:
-            results = list(pool.map(
-                lambda s: run_crash(s, sb, server.base_url, d, durability=durability), range(n)
-            ))
+            results = list(
+                pool.map(
+                    lambda s: run_crash(s, sb, server.base_url, d, durability=durability), range(n)
+                )
+            )
         sb.audit()
     points = collections.Counter(str(r["point"]) for r in results)
     killed = sum(1 for r in results if r["code"] != 0)
@@ -79,15 +81,24 @@ def main() -> int:
         figures = lost_responses(args.schedules, honour)
         label = "honours Idempotency-Key" if honour else "ignores Idempotency-Key"
         print(f"lost responses, server {label} ({time.perf_counter() - t:.0f} s): {figures}")
-        failed |= any(figures[k] for k in (
-            "units lost (micro-USDC off)", "double releases", "budget gap", "receipt gap"))
+        failed |= any(
+            figures[k]
+            for k in ("units lost (micro-USDC off)", "double releases", "budget gap", "receipt gap")
+        )
     for durability, n in (("per_record", args.crashes), ("group", max(1, args.crashes // 3))):
         t = time.perf_counter()
         figures = crashes(n, args.jobs, durability)
         print(f"crash recovery, {durability} journal ({time.perf_counter() - t:.0f} s): {figures}")
-        failed |= any(figures[k] for k in (
-            "units lost", "pay gaps (micro-USDC)", "budget gaps", "double releases",
-            "extra escrows"))
+        failed |= any(
+            figures[k]
+            for k in (
+                "units lost",
+                "pay gaps (micro-USDC)",
+                "budget gaps",
+                "double releases",
+                "extra escrows",
+            )
+        )
     print("RESULT:", "FAILED" if failed else "all figures 0")
     return 1 if failed else 0
 

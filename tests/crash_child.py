@@ -75,8 +75,12 @@ def main() -> None:
     store = CrashStore(env["PFM_JOURNAL"], durability=env.get("PFM_DURABILITY", "per_record"))  # type: ignore[arg-type]
     stream = PaymentStream(
         client,  # type: ignore[arg-type]
-        env["PFM_PROVIDER"], env["PFM_RATE"], batch=int(env["PFM_BATCH"]),
-        budget=env["PFM_BUDGET"], store=store, stream_id=env["PFM_STREAM_ID"],
+        env["PFM_PROVIDER"],
+        env["PFM_RATE"],
+        batch=int(env["PFM_BATCH"]),
+        budget=env["PFM_BUDGET"],
+        store=store,
+        stream_id=env["PFM_STREAM_ID"],
     )
     with stream:
         for i in range(int(env["PFM_UNITS"])):

@@ -146,7 +146,11 @@ def run_lost_responses(seed: int, sandbox: object, *, p: float = 0.35) -> dict[s
     rate = rng.choice(["0.0000013", "0.001", "0.0000001", "0.37", "0.0123457"])
     budget = "20"
     stream = PaymentStream(
-        client, provider.agent_id, rate, batch=rng.randint(1, 40), budget=budget,  # type: ignore[arg-type]
+        client,
+        provider.agent_id,
+        rate,
+        batch=rng.randint(1, 40),
+        budget=budget,  # type: ignore[arg-type]
         background=False,
     )
     for _ in range(100):
@@ -188,8 +192,14 @@ def run_lost_responses(seed: int, sandbox: object, *, p: float = 0.35) -> dict[s
 
 # ------------------------------------------------------------------------ crash recovery
 CRASH_POINTS = (
-    "after_open", "after_journal", "before_http", "after_http", "after_settle", "after_record",
-    "after_refund", "sigkill",
+    "after_open",
+    "after_journal",
+    "before_http",
+    "after_http",
+    "after_settle",
+    "after_record",
+    "after_refund",
+    "sigkill",
 )
 
 
@@ -222,10 +232,17 @@ def run_crash(
     sid = f"crash{seed}-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
-        "PFM_KEY": payer.api_key, "PFM_BASE_URL": base_url, "PFM_JOURNAL": journal,
-        "PFM_STREAM_ID": sid, "PFM_PROVIDER": provider.agent_id, "PFM_RATE": rate,
-        "PFM_BATCH": str(rng.randint(1, 12)), "PFM_BUDGET": "3", "PFM_UNITS": str(units),
-        "PFM_DURABILITY": durability, "PF_METERED_SIGTERM": "0",
+        "PFM_KEY": payer.api_key,
+        "PFM_BASE_URL": base_url,
+        "PFM_JOURNAL": journal,
+        "PFM_STREAM_ID": sid,
+        "PFM_PROVIDER": provider.agent_id,
+        "PFM_RATE": rate,
+        "PFM_BATCH": str(rng.randint(1, 12)),
+        "PFM_BUDGET": "3",
+        "PFM_UNITS": str(units),
+        "PFM_DURABILITY": durability,
+        "PF_METERED_SIGTERM": "0",
         "PFM_CRASH_AT": "" if point == "sigkill" else point,
         "PFM_CRASH_N": str(1 if point in ("after_open", "after_refund") else rng.randint(1, 3)),
     }
@@ -253,8 +270,15 @@ def run_crash(
     state = store.load(sid)
     if state is None:  # died before the stream was journaled: nothing may be locked
         assert not client.list_escrows(), f"seed {seed}: an escrow exists with no journal"
-        return {"point": point, "code": code, "lost": 0, "pay_gap": 0, "budget_gap": 0,
-                "doubled": 0, "units": 0}
+        return {
+            "point": point,
+            "code": code,
+            "lost": 0,
+            "pay_gap": 0,
+            "budget_gap": 0,
+            "doubled": 0,
+            "units": 0,
+        }
     stream = PaymentStream.resume(store, sid, client)
     receipt = stream.close()
     receipt2 = PaymentStream.resume(journal, sid, client).close()  # closing twice: no-op

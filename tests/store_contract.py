@@ -86,7 +86,10 @@ class StoreContract:
         assert state is not None
         assert state.config == cfg
         assert (state.status, state.escrow_id, state.units, state.claimed_units) == (
-            "new", None, 0, 0,
+            "new",
+            None,
+            0,
+            0,
         )
         assert (state.paid_micro, state.releases, state.pending, state.next_seq) == (0, 0, (), 1)
 

@@ -54,12 +54,18 @@ class World:
         env.update(extra)
         return env
 
-    def run(self, *argv: str, key: str | None = "payer", timeout: float = 20,
-            **extra: str) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *argv: str, key: str | None = "payer", timeout: float = 20, **extra: str
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``pf-metered argv`` as the payer (or ``key``) with stdin closed (not a TTY)."""
         proc = subprocess.run(
-            [str(BIN), *argv], env=self.env(self._key(key), **extra), capture_output=True,
-            text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+            [str(BIN), *argv],
+            env=self.env(self._key(key), **extra),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
         )
         self.assert_no_secret(proc.stdout, proc.stderr)
         return proc
@@ -67,9 +73,14 @@ class World:
     def run_many(self, argvs: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
         """Run several commands at once (they are independent) to keep the suite fast."""
         procs = [
-            subprocess.Popen([str(BIN), *a], env=self.env(self.payer.api_key), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL)
+            subprocess.Popen(
+                [str(BIN), *a],
+                env=self.env(self.payer.api_key),
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+            )
             for a in argvs
         ]
         done = []
@@ -111,6 +122,7 @@ def _json(proc: subprocess.CompletedProcess[str]) -> dict:
 
 # -- help ---------------------------------------------------------------------------------
 
+
 def test_help_runs_from_the_installed_command(world: World) -> None:
     top, leaf, bare = world.run_many([["--help"], ["stream", "watch", "--help"], []])
     assert top.returncode == EXIT_OK and top.stdout.startswith("usage: pf-metered")
@@ -134,8 +146,16 @@ def test_escrow_create_list_status_release_refund(world: World) -> None:
     listed = world.run("escrow", "list")
     assert listed.returncode == EXIT_OK
     header = listed.stdout.splitlines()[0].split()
-    assert header == ["ESCROW", "STATUS", "AMOUNT", "RELEASED", "REMAINING", "REFUNDED",
-                      "PROVIDER", "MEMO"]
+    assert header == [
+        "ESCROW",
+        "STATUS",
+        "AMOUNT",
+        "RELEASED",
+        "REMAINING",
+        "REFUNDED",
+        "PROVIDER",
+        "MEMO",
+    ]
     row = next(line for line in listed.stdout.splitlines() if line.startswith(escrow_id))
     assert row.split()[:6] == [escrow_id, "locked", "5.00", "0.00", "5.00", "0.00"]
     assert "translation job" in row and "[idem:" not in row
@@ -166,7 +186,10 @@ def test_escrow_create_list_status_release_refund(world: World) -> None:
 
     refunded = _json(world.run("--json", "escrow", "refund", escrow_id))
     assert (refunded["status"], refunded["refunded"], refunded["remaining"]) == (
-        "refunded", "3.749999", "0.00")
+        "refunded",
+        "3.749999",
+        "0.00",
+    )
     assert world.sandbox.escrow(escrow_id).status == "refunded"
 
     again = world.run("escrow", "refund", escrow_id)
@@ -179,7 +202,9 @@ def test_escrow_list_empty_table(world: World) -> None:
     proc = world.run("escrow", "list", key=loner.api_key)
     assert proc.returncode == EXIT_OK and proc.stdout.strip() == "No escrows yet."
     assert _json(world.run("escrow", "list", "--json", key=loner.api_key)) == {
-        "escrows": [], "count": 0}
+        "escrows": [],
+        "count": 0,
+    }
 
 
 def test_faucet_claim_once(world: World) -> None:
@@ -200,25 +225,30 @@ def test_faucet_claim_for_an_agent_id_on_the_deployed_faucet(world: World) -> No
     faucet = f"{root}/faucet"
     newcomer, other = world.agent(), world.agent()
     # no key needed: the deployed faucet takes the agent id
-    first = world.run("faucet", "claim", "--agent-id", newcomer.agent_id, key=None,
-                      PF_FAUCET_URL=faucet)
+    first = world.run(
+        "faucet", "claim", "--agent-id", newcomer.agent_id, key=None, PF_FAUCET_URL=faucet
+    )
     assert first.returncode == EXIT_OK, first.stderr
     assert re.search(r"credited\s+1\.00 USDC", first.stdout)
     assert re.search(r"agent\s+" + newcomer.agent_id, first.stdout)
-    by_flag = world.run("--json", "faucet", "claim", "--agent-id", other.agent_id,
-                        "--faucet-url", faucet, key=None)
+    by_flag = world.run(
+        "--json", "faucet", "claim", "--agent-id", other.agent_id, "--faucet-url", faucet, key=None
+    )
     assert _json(by_flag)["agent_id"] == other.agent_id
     assert world.sandbox.balance(newcomer.agent_id) == Decimal("1.00")
     assert world.sandbox.balance(other.agent_id) == Decimal("1.00")
-    again = world.run("faucet", "claim", "--agent-id", newcomer.agent_id, key=None,
-                      PF_FAUCET_URL=faucet)
+    again = world.run(
+        "faucet", "claim", "--agent-id", newcomer.agent_id, key=None, PF_FAUCET_URL=faucet
+    )
     assert again.returncode == EXIT_API and "already_claimed" in again.stderr
     assert world.sandbox.balance(newcomer.agent_id) == Decimal("1.00")
     # the deployed escrow dialect has no keyed faucet call: the error says what to type
-    needs_id, stray_url = world.run_many([
-        ["faucet", "claim", "--base-url", f"{root}/deployed"],
-        ["faucet", "claim", "--faucet-url", faucet],
-    ])
+    needs_id, stray_url = world.run_many(
+        [
+            ["faucet", "claim", "--base-url", f"{root}/deployed"],
+            ["faucet", "claim", "--faucet-url", faucet],
+        ]
+    )
     for proc in (needs_id, stray_url):
         assert proc.returncode == EXIT_USAGE and "--agent-id" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -228,10 +258,12 @@ def test_faucet_claim_for_an_agent_id_on_the_deployed_faucet(world: World) -> No
 
 
 def test_usage_errors_exit_2(world: World) -> None:
-    results = world.run_many([
-        ["escrow", "release", "esc_x", "1.1234567"],  # 7 places: refused before any request
-        ["--json", "escrow", "list", "--status", "bogus"],
-    ])
+    results = world.run_many(
+        [
+            ["escrow", "release", "esc_x", "1.1234567"],  # 7 places: refused before any request
+            ["--json", "escrow", "list", "--status", "bogus"],
+        ]
+    )
     for proc in results:
         assert proc.returncode == EXIT_USAGE, (proc.args, proc.stderr)
         assert proc.stdout == ""
@@ -240,10 +272,12 @@ def test_usage_errors_exit_2(world: World) -> None:
 
 
 def test_api_errors_exit_3(world: World) -> None:
-    results = world.run_many([
-        ["--json", "escrow", "status", "esc_nope"],
-        ["escrow", "create", world.provider.agent_id, "100000.00"],  # more than the balance
-    ])
+    results = world.run_many(
+        [
+            ["--json", "escrow", "status", "esc_nope"],
+            ["escrow", "create", world.provider.agent_id, "100000.00"],  # more than the balance
+        ]
+    )
     for proc in results:
         assert proc.returncode == EXIT_API, (proc.args, proc.stderr)
         assert "Traceback" not in proc.stderr
@@ -286,11 +320,13 @@ def _new_escrow(world: World, amount: str) -> str:
 
 def test_stream_watch_once_table_and_json(world: World) -> None:
     escrow_id = _new_escrow(world, "2.00")
-    table, as_json, unknown = world.run_many([
-        ["stream", "watch", escrow_id, "--once"],
-        ["stream", "watch", escrow_id, "--once", "--json"],
-        ["stream", "watch", "esc_missing"],
-    ])
+    table, as_json, unknown = world.run_many(
+        [
+            ["stream", "watch", escrow_id, "--once"],
+            ["stream", "watch", escrow_id, "--once", "--json"],
+            ["stream", "watch", "esc_missing"],
+        ]
+    )
     assert unknown.returncode == EXIT_API and "not_found" in unknown.stderr
     assert table.returncode == EXIT_OK
     assert re.search(r"progress\s+\[\.{30}\]", table.stdout)
@@ -306,8 +342,11 @@ def test_stream_watch_follows_releases_until_closed(world: World) -> None:
 
     def on_request(request: AppRequest) -> None:
         # count the watcher's reads (over loopback; the payer below talks in-process)
-        if request.method == "GET" and escrow_id in request.path and (
-                request.client != "in-process"):
+        if (
+            request.method == "GET"
+            and escrow_id in request.path
+            and (request.client != "in-process")
+        ):
             with reads:
                 watcher_reads[0] += 1
                 reads.notify_all()
@@ -361,8 +400,12 @@ def test_stream_watch_timeout(world: World) -> None:
 def _start_sandbox(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
     proc = subprocess.Popen(
-        [str(BIN), "sandbox", "serve", "--port", "0", *extra], env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        [str(BIN), "sandbox", "serve", "--port", "0", *extra],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()
@@ -384,8 +427,9 @@ def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
 def test_sandbox_serve_keys_file_and_ledger(tmp_path: Path) -> None:
     keys = tmp_path / "demo.env"
     ledger = tmp_path / "sandbox.db"
-    proc, base_url = _start_sandbox(tmp_path, "--keys-file", str(keys), "--ledger", str(ledger),
-                                    "--balance", "12.50")
+    proc, base_url = _start_sandbox(
+        tmp_path, "--keys-file", str(keys), "--ledger", str(ledger), "--balance", "12.50"
+    )
     try:
         assert stat.S_IMODE(keys.stat().st_mode) == 0o600
         exports = dict(re.findall(r"^export (\w+)=(\S+)", keys.read_text(), re.M))
@@ -393,34 +437,60 @@ def test_sandbox_serve_keys_file_and_ledger(tmp_path: Path) -> None:
         payer_key = exports["PF_API_KEY"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
         env.update(PF_BASE_URL=base_url, PF_API_KEY=payer_key)
-        listed = subprocess.run([str(BIN), "escrow", "list"], env=env, capture_output=True,
-                                text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+        listed = subprocess.run(
+            [str(BIN), "escrow", "list"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         assert listed.returncode == EXIT_OK and listed.stdout.strip() == "No escrows yet."
         assert payer_key not in listed.stdout + listed.stderr
         # the file also points register and the agent-id faucet at this sandbox
         root = base_url.removesuffix("/api/v1")
         assert (exports["PF_FAUCET_URL"], exports["PF_CASINO_URL"]) == (
-            f"{root}/faucet", f"{root}/casino")
+            f"{root}/faucet",
+            f"{root}/casino",
+        )
         env.pop("PF_API_KEY")
-        env.update(PF_FAUCET_URL=exports["PF_FAUCET_URL"],
-                   PF_CASINO_URL=exports["PF_CASINO_URL"])
+        env.update(PF_FAUCET_URL=exports["PF_FAUCET_URL"], PF_CASINO_URL=exports["PF_CASINO_URL"])
         agent_file = tmp_path / "agent.env"
         registered = subprocess.run(
-            [str(BIN), "--json", "register", "--keys-file", str(agent_file)], env=env,
-            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+            [str(BIN), "--json", "register", "--keys-file", str(agent_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         new_agent = _json(registered)["agent_id"]
         new_key = re.search(r"PF_API_KEY=(\S+)", agent_file.read_text()).group(1)
         assert new_key not in registered.stdout + registered.stderr
         # a second register into the same file is refused before any agent is made: that
         # file's key has no other copy
         again = subprocess.run(
-            [str(BIN), "register", "--keys-file", str(agent_file)], env=env,
-            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+            [str(BIN), "register", "--keys-file", str(agent_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         assert again.returncode == EXIT_USAGE and "already exists" in again.stderr
         assert new_key in agent_file.read_text()
         claimed = subprocess.run(
-            [str(BIN), "faucet", "claim", "--agent-id", new_agent], env=env,
-            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+            [str(BIN), "faucet", "claim", "--agent-id", new_agent],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         assert claimed.returncode == EXIT_OK, claimed.stderr
         assert re.search(r"credited\s+1\.00 USDC", claimed.stdout)
     finally:

@@ -26,9 +26,21 @@ from pf_metered.errors import (
 from pf_metered.sandbox import Sandbox
 
 COMMAND_PATHS = [
-    [], ["escrow"], ["escrow", "list"], ["escrow", "status"], ["escrow", "create"],
-    ["escrow", "release"], ["escrow", "refund"], ["faucet"], ["faucet", "claim"],
-    ["stream"], ["stream", "watch"], ["sandbox"], ["sandbox", "serve"], ["mcp"], ["register"],
+    [],
+    ["escrow"],
+    ["escrow", "list"],
+    ["escrow", "status"],
+    ["escrow", "create"],
+    ["escrow", "release"],
+    ["escrow", "refund"],
+    ["faucet"],
+    ["faucet", "claim"],
+    ["stream"],
+    ["stream", "watch"],
+    ["sandbox"],
+    ["sandbox", "serve"],
+    ["mcp"],
+    ["register"],
 ]
 GROUPS = {"escrow", "faucet", "stream", "sandbox"}
 
@@ -79,8 +91,9 @@ def test_faucet_help_explains_the_agent_id_faucet(capsys: pytest.CaptureFixture[
         (["nonsense"], "nonsense"),
     ],
 )
-def test_usage_errors_exit_2(argv: list[str], needle: str,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_exit_2(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -90,8 +103,13 @@ def test_usage_errors_exit_2(argv: list[str], needle: str,
 def test_usage_error_as_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--json", "escrow", "create", "agent_x", "0.1234567"]) == 2
     error = json.loads(capsys.readouterr().err)["error"]
-    assert error == {"kind": "usage", "message": error["message"], "exit_code": 2,
-                     "type": "InvalidInput", "field": "AMOUNT"}
+    assert error == {
+        "kind": "usage",
+        "message": error["message"],
+        "exit_code": 2,
+        "type": "InvalidInput",
+        "field": "AMOUNT",
+    }
 
 
 @pytest.mark.parametrize(
@@ -105,8 +123,9 @@ def test_usage_error_as_json(capsys: pytest.CaptureFixture[str]) -> None:
         ["mcp", "--api-key", "pf_test_Secret0123456789"],
     ],
 )
-def test_key_arguments_refused_without_echo(argv: list[str],
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_key_arguments_refused_without_echo(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "Secret0123" not in captured.out + captured.err
@@ -119,8 +138,9 @@ def test_no_key_without_a_terminal_is_a_config_error(capsys: pytest.CaptureFixtu
     assert error["kind"] == "config" and "PF_API_KEY" in error["message"]
 
 
-def test_prompted_key_is_used_and_not_echoed(monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_prompted_key_is_used_and_not_echoed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     with Sandbox() as sandbox:
         payer = sandbox.add_agent(balance="3.00")
         server = sandbox.serve(port=0)
@@ -132,8 +152,9 @@ def test_prompted_key_is_used_and_not_echoed(monkeypatch: pytest.MonkeyPatch,
 
         prompts: list[str] = []
         monkeypatch.setattr("sys.stdin", TTY(""))
-        monkeypatch.setattr("getpass.getpass",
-                            lambda prompt="": prompts.append(prompt) or payer.api_key)
+        monkeypatch.setattr(
+            "getpass.getpass", lambda prompt="": prompts.append(prompt) or payer.api_key
+        )
         assert main(["escrow", "list"]) == 0
         captured = capsys.readouterr()
     assert prompts and "input hidden" in prompts[0]
@@ -146,8 +167,9 @@ def test_register_needs_a_keys_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--keys-file" in capsys.readouterr().err
 
 
-def test_unreachable_service_is_an_api_error(monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_service_is_an_api_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("PF_API_KEY", "pf_test_unreachable0123456789")
     monkeypatch.setattr(time, "sleep", lambda _s: None)  # skip the client's backoff
     assert main(["escrow", "list", "--base-url", "http://127.0.0.1:9/api/v1"]) == 3
@@ -181,12 +203,18 @@ def test_progress_bar_and_share_are_exact_integers() -> None:
 
 
 def test_table_alignment_and_memo_tag() -> None:
-    cols = [Column("id", "ID"), Column("amount", "AMOUNT", right=True),
-            Column("memo", "MEMO", show=shown_memo)]
-    text = render_table(cols, [
-        {"id": "esc_1", "amount": "5.00", "memo": "job [idem:pfm_abc]"},
-        {"id": "esc_22", "amount": "0.000001", "memo": None},
-    ])
+    cols = [
+        Column("id", "ID"),
+        Column("amount", "AMOUNT", right=True),
+        Column("memo", "MEMO", show=shown_memo),
+    ]
+    text = render_table(
+        cols,
+        [
+            {"id": "esc_1", "amount": "5.00", "memo": "job [idem:pfm_abc]"},
+            {"id": "esc_22", "amount": "0.000001", "memo": None},
+        ],
+    )
     assert text.splitlines() == [
         "ID        AMOUNT  MEMO",
         "esc_1       5.00  job",

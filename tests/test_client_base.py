@@ -502,10 +502,15 @@ class WindowLedger(Ledger):
                 return httpx.Response(404, json={"error": "not_found", "message": "no"})
             offset = int(req.url.params["offset"])
             limit = int(req.url.params["limit"])
-            return httpx.Response(200, json={
-                "escrow_id": "esc_1", "release_count": len(self.releases), "offset": offset,
-                "releases": self.releases[offset:offset + limit],
-            })
+            return httpx.Response(
+                200,
+                json={
+                    "escrow_id": "esc_1",
+                    "release_count": len(self.releases),
+                    "offset": offset,
+                    "releases": self.releases[offset : offset + limit],
+                },
+            )
         answer = super().__call__(req)
         if req.method == "POST" and answer.status_code == 200:
             return httpx.Response(200, json=self.escrow(recent=1))
@@ -540,8 +545,14 @@ def test_lost_release_absent_from_a_truncated_window_is_searched_then_resent(mak
     assert len(ledger.releases) == 2501 and escrow.released == Decimal("26.00")
     paths = [(r.method, r.url.path.rsplit("/", 1)[-1]) for r in rec.requests]
     # read back, the 2,400 older releases searched in pages of 1,000, then sent again once
-    assert paths == [("POST", "release-partial"), ("GET", "esc_1"), ("GET", "releases"),
-                     ("GET", "releases"), ("GET", "releases"), ("POST", "release-partial")]
+    assert paths == [
+        ("POST", "release-partial"),
+        ("GET", "esc_1"),
+        ("GET", "releases"),
+        ("GET", "releases"),
+        ("GET", "releases"),
+        ("POST", "release-partial"),
+    ]
 
 
 def test_lost_release_with_truncated_unsearchable_history_is_ambiguous(make_client) -> None:

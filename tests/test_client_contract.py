@@ -109,8 +109,10 @@ def test_release_history_is_paged_and_reads_carry_the_last_100(world: World) -> 
     if world.client.mode == "sync":
         every = list(world.client.iter_releases(eid, page_size=40))
     else:
+
         async def collect() -> list[Any]:
             return [r async for r in world.client.client.iter_releases(eid, page_size=40)]
+
         every = world.client._loop.run_until_complete(collect())
     assert [r.memo.split()[0] for r in every] == [f"b{i}" for i in range(130)]
     with pytest.raises(errors.InvalidInput):

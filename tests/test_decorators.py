@@ -23,8 +23,7 @@ def stream(agents):
 
 @pytest.fixture
 async def astream(agents):
-    s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.01", batch=10,
-                           budget="1")
+    s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.01", batch=10, budget="1")
     await s.open()
     yield s
     await s.close()
@@ -178,8 +177,9 @@ async def test_async_method_and_raising_call(astream):
 
 def test_per_second_with_fake_timer(agents):
     t = [0]
-    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", per="second",
-                      budget="1").open()
+    s = PaymentStream(
+        agents.client, agents.provider.agent_id, "0.001", per="second", budget="1"
+    ).open()
 
     @metered(stream=s, per="second", timer=lambda: t[0])
     def compute(ms: int) -> None:
@@ -212,8 +212,7 @@ async def test_context_manager_async(astream):
 
 
 def test_own_stream_is_lazy_and_closes(agents):
-    @metered(rate="0.001", batch=100, to=agents.provider.agent_id, budget="1",
-             client=agents.client)
+    @metered(rate="0.001", batch=100, to=agents.provider.agent_id, budget="1", client=agents.client)
     def infer() -> str:
         return "ok"
 
@@ -276,8 +275,14 @@ async def test_async_budget_refuses_before_the_call_runs(agents):
 def test_per_second_own_stream_bills_wall_time_exactly(agents):
     t = [0]
 
-    @metered(rate="0.002", per="second", to=agents.provider.agent_id, budget="1",
-             client=agents.client, timer=lambda: t[0])
+    @metered(
+        rate="0.002",
+        per="second",
+        to=agents.provider.agent_id,
+        budget="1",
+        client=agents.client,
+        timer=lambda: t[0],
+    )
     def compute(ns: int) -> None:
         t[0] += ns
 

@@ -32,10 +32,15 @@ from pf_metered.sandbox import Sandbox
 
 def wire(**over):
     base = {
-        "escrow_id": "esc_1", "status": "funded", "amount_usd": 43.4310,
-        "commission_usd": 0.43431000000000003, "net_to_counterparty": 42.99668999999999,
-        "counterparty_agent_id": "agent_b", "creator_agent_id": "agent_a",
-        "description": "work [idem:pfm_abc]", "timeout_hours": 24,
+        "escrow_id": "esc_1",
+        "status": "funded",
+        "amount_usd": 43.4310,
+        "commission_usd": 0.43431000000000003,
+        "net_to_counterparty": 42.99668999999999,
+        "counterparty_agent_id": "agent_b",
+        "creator_agent_id": "agent_a",
+        "description": "work [idem:pfm_abc]",
+        "timeout_hours": 24,
     }
     base.update(over)
     return base
@@ -76,13 +81,16 @@ def test_wire_money_refuses_floats_and_junk(bad):
 
 @pytest.mark.parametrize(
     ("status", "neutral", "released", "refunded"),
-    [("funded", "locked", 0, 0), ("completed", "completed", 0, 0),
-     ("disputed", "disputed", 0, 0), ("released", "released", 1, 0),
-     ("refunded", "refunded", 0, 1)],
+    [
+        ("funded", "locked", 0, 0),
+        ("completed", "completed", 0, 0),
+        ("disputed", "disputed", 0, 0),
+        ("released", "released", 1, 0),
+        ("refunded", "refunded", 0, 1),
+    ],
 )
 def test_status_mapping(status, neutral, released, refunded):
-    esc = parse(wire(status=status, amount_usd=2, commission_usd=0.02,
-                     net_to_counterparty=1.98))
+    esc = parse(wire(status=status, amount_usd=2, commission_usd=0.02, net_to_counterparty=1.98))
     assert esc.status == neutral
     assert esc.released == 2 * released and esc.refunded == 2 * refunded
     assert esc.released + esc.remaining + esc.refunded == esc.amount
@@ -92,8 +100,13 @@ def test_status_mapping(status, neutral, released, refunded):
 
 @pytest.mark.parametrize(
     "over",
-    [{"status": "locked"}, {"amount_usd": "x"}, {"commission_usd": 0.5},
-     {"net_to_counterparty": 40}, {"amount_usd": 43.431, "escrow_id": "bad id!"}],
+    [
+        {"status": "locked"},
+        {"amount_usd": "x"},
+        {"commission_usd": 0.5},
+        {"net_to_counterparty": 40},
+        {"amount_usd": 43.431, "escrow_id": "bad id!"},
+    ],
 )
 def test_inconsistent_or_unknown_answers_refused(over):
     with pytest.raises(InvalidResponse):
@@ -101,15 +114,24 @@ def test_inconsistent_or_unknown_answers_refused(over):
 
 
 def test_requests_carry_exact_number_literals():
-    spec = D.DEPLOYED.create_escrow(to_agent_id="agent_b", amount_micro=43_431_000,
-                                    memo="m [idem:k]", auto_release_hours=None,
-                                    idempotency_key="k")
+    spec = D.DEPLOYED.create_escrow(
+        to_agent_id="agent_b",
+        amount_micro=43_431_000,
+        memo="m [idem:k]",
+        auto_release_hours=None,
+        idempotency_key="k",
+    )
     assert spec.path == "/escrow/create"
     assert b'"amount_usd":43.431' in spec.body and b'"timeout_hours":24' in spec.body
     assert b'"description":"m [idem:k]"' in spec.body
     with pytest.raises(InvalidInput):
-        D.DEPLOYED.create_escrow(to_agent_id="b", amount_micro=99_999, memo="",
-                                 auto_release_hours=None, idempotency_key="k")
+        D.DEPLOYED.create_escrow(
+            to_agent_id="b",
+            amount_micro=99_999,
+            memo="",
+            auto_release_hours=None,
+            idempotency_key="k",
+        )
     with pytest.raises(UnsupportedByDialect):
         D.DEPLOYED.release_partial(escrow_id="e", amount_micro=1, memo="", idempotency_key="k")
     with pytest.raises(UnsupportedByDialect):
@@ -120,9 +142,14 @@ def test_requests_carry_exact_number_literals():
 
 @pytest.mark.parametrize(
     ("url", "dialect"),
-    [("https://escrow.purpleflea.com", "deployed"), ("https://escrow.purpleflea.com/", "deployed"),
-     ("https://escrow.purpleflea.com/api/v1", "v1"), ("http://127.0.0.1:8765/api/v1", "v1"),
-     ("http://localhost/deployed", "deployed"), ("https://example.com/x", "v1")],
+    [
+        ("https://escrow.purpleflea.com", "deployed"),
+        ("https://escrow.purpleflea.com/", "deployed"),
+        ("https://escrow.purpleflea.com/api/v1", "v1"),
+        ("http://127.0.0.1:8765/api/v1", "v1"),
+        ("http://localhost/deployed", "deployed"),
+        ("https://example.com/x", "v1"),
+    ],
 )
 def test_default_dialect_per_base_url(url, dialect):
     assert D.default_dialect_for(url) == dialect
@@ -162,21 +189,23 @@ def test_raw_answers_are_float_numbers_without_retry_after(deployed: DeployedWor
     esc = c.create_escrow(deployed.provider.agent_id, "10.03")
     assert esc.net_to_counterparty == Decimal("9.9297")
     http = httpx.Client(transport=deployed.sandbox.transport())
-    r = http.get(f"http://localhost/deployed/escrow/{esc.escrow_id}",
-                 headers={"Authorization": f"Bearer {deployed.payer.api_key}"})
+    r = http.get(
+        f"http://localhost/deployed/escrow/{esc.escrow_id}",
+        headers={"Authorization": f"Bearer {deployed.payer.api_key}"},
+    )
     assert r.status_code == 200
     assert '"net_to_counterparty":9.929699999999999' in r.text
     assert '"amount_usd":10.03' in r.text and '"status":"funded"' in r.text
-    created = http.post("http://localhost/deployed/escrow/create",
-                        headers={"Authorization": f"Bearer {deployed.payer.api_key}",
-                                 "Idempotency-Key": "same"},
-                        json={"amount_usd": "2.5",
-                              "counterparty_agent_id": deployed.provider.agent_id})
-    again = http.post("http://localhost/deployed/escrow/create",
-                      headers={"Authorization": f"Bearer {deployed.payer.api_key}",
-                               "Idempotency-Key": "same"},
-                      json={"amount_usd": "2.5",
-                            "counterparty_agent_id": deployed.provider.agent_id})
+    created = http.post(
+        "http://localhost/deployed/escrow/create",
+        headers={"Authorization": f"Bearer {deployed.payer.api_key}", "Idempotency-Key": "same"},
+        json={"amount_usd": "2.5", "counterparty_agent_id": deployed.provider.agent_id},
+    )
+    again = http.post(
+        "http://localhost/deployed/escrow/create",
+        headers={"Authorization": f"Bearer {deployed.payer.api_key}", "Idempotency-Key": "same"},
+        json={"amount_usd": "2.5", "counterparty_agent_id": deployed.provider.agent_id},
+    )
     assert created.status_code == again.status_code == 201
     assert created.json()["escrow_id"] != again.json()["escrow_id"]  # key ignored
     assert created.json()["amount_usd"] == 2.5
@@ -190,17 +219,23 @@ def test_raw_answers_are_float_numbers_without_retry_after(deployed: DeployedWor
 
 @pytest.mark.parametrize(
     ("body", "status", "code"),
-    [({"amount_usd": 0.09}, 400, "invalid_amount"), ({"amount_usd": 1.0000001}, 400,
-     "invalid_amount"), ({"amount_usd": 5000}, 402, "insufficient_balance"),
-     ({"amount_usd": 1, "counterparty_agent_id": "nobody"}, 404, "not_found")],
+    [
+        ({"amount_usd": 0.09}, 400, "invalid_amount"),
+        ({"amount_usd": 1.0000001}, 400, "invalid_amount"),
+        ({"amount_usd": 5000}, 402, "insufficient_balance"),
+        ({"amount_usd": 1, "counterparty_agent_id": "nobody"}, 404, "not_found"),
+    ],
 )
 def test_refusals_use_the_services_codes(body, status, code):
     world = DeployedWorld(balance="10")
     try:
         body = {"counterparty_agent_id": world.provider.agent_id, **body}
         http = httpx.Client(transport=world.sandbox.transport())
-        r = http.post("http://localhost/deployed/escrow/create", json=body,
-                      headers={"Authorization": f"Bearer {world.payer.api_key}"})
+        r = http.post(
+            "http://localhost/deployed/escrow/create",
+            json=body,
+            headers={"Authorization": f"Bearer {world.payer.api_key}"},
+        )
         assert (r.status_code, r.json()["error"]) == (status, code)
         assert set(r.json()) == {"error", "message"}
         http.close()
@@ -210,8 +245,9 @@ def test_refusals_use_the_services_codes(body, status, code):
 
 def test_complete_dispute_and_permissions(deployed: DeployedWorld):
     payer = deployed.client()
-    provider = deployed.sandbox.client(deployed.provider.api_key, transport=deployed.sandbox
-                                       .transport(), rate_limits=False)
+    provider = deployed.sandbox.client(
+        deployed.provider.api_key, transport=deployed.sandbox.transport(), rate_limits=False
+    )
     esc = payer.create_escrow(deployed.provider.agent_id, "1.00")
     with pytest.raises(PermissionDenied):
         payer.complete(esc.escrow_id)
@@ -248,8 +284,9 @@ def test_timeout_hands_back_less_one_percent(deployed: DeployedWorld):
 
 
 def test_auth_and_insufficient_funds(deployed: DeployedWorld):
-    bad = deployed.sandbox.client("pf_test_wrongwrongwrong", transport=deployed.sandbox
-                                  .transport(), rate_limits=False)
+    bad = deployed.sandbox.client(
+        "pf_test_wrongwrongwrong", transport=deployed.sandbox.transport(), rate_limits=False
+    )
     with pytest.raises(AuthError):
         bad.get_escrow("esc_1")
     bad.close()
@@ -299,8 +336,7 @@ def test_register_then_faucet(deployed: DeployedWorld):
 async def test_async_bootstrap(deployed: DeployedWorld):
     t = deployed.sandbox.transport()
     reg = await D.aregister(base_url="http://localhost/casino", transport=t)
-    claim = await D.aclaim_faucet(reg.agent_id, base_url="http://localhost/faucet",
-                                  transport=t)
+    claim = await D.aclaim_faucet(reg.agent_id, base_url="http://localhost/faucet", transport=t)
     assert claim.credited == 1
 
 
@@ -310,8 +346,9 @@ def test_lost_faucet_answer_then_already_claimed_is_ambiguous_not_double(deploye
     t = LoseAnswers(deployed.sandbox.transport(), {("POST", "/faucet/claim"): 1})
     reg = D.register(base_url="http://localhost/casino", transport=t)
     with pytest.raises(AmbiguousOutcome):
-        D.claim_faucet(reg.agent_id, base_url="http://localhost/faucet", transport=t,
-                       _sleep=lambda s: None)
+        D.claim_faucet(
+            reg.agent_id, base_url="http://localhost/faucet", transport=t, _sleep=lambda s: None
+        )
     assert deployed.sandbox.balance(reg.agent_id) == Decimal("1")
 
 
@@ -444,10 +481,15 @@ def test_bad_request_fields():
     world = DeployedWorld()
     try:
         http = httpx.Client(transport=world.sandbox.transport())
-        r = http.post("http://localhost/deployed/escrow/create",
-                      headers={"Authorization": f"Bearer {world.payer.api_key}"},
-                      json={"amount_usd": 1, "counterparty_agent_id": world.provider.agent_id,
-                            "timeout_hours": 0})
+        r = http.post(
+            "http://localhost/deployed/escrow/create",
+            headers={"Authorization": f"Bearer {world.payer.api_key}"},
+            json={
+                "amount_usd": 1,
+                "counterparty_agent_id": world.provider.agent_id,
+                "timeout_hours": 0,
+            },
+        )
         assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
         http.close()
     finally:
@@ -597,8 +639,9 @@ def test_bootstrap_refusal_past_the_cap_keeps_its_status():
         return httpx.Response(409, content=body)
 
     with pytest.raises(Conflict) as info:
-        D.claim_faucet("agent_a", base_url="http://localhost/faucet",
-                       transport=httpx.MockTransport(handler))
+        D.claim_faucet(
+            "agent_a", base_url="http://localhost/faucet", transport=httpx.MockTransport(handler)
+        )
     assert info.value.code is None  # the oversized body was not read for its code
 
 

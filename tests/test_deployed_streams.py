@@ -103,8 +103,9 @@ SCENARIOS = [
 
 @pytest.mark.parametrize(("rate", "batch", "budget", "chunks"), SCENARIOS)
 def test_exact_totals_sync(world, rate, batch, budget, chunks):
-    with PaymentStream(world.client(), world.provider.agent_id, rate, batch=batch,
-                       budget=budget) as s:
+    with PaymentStream(
+        world.client(), world.provider.agent_id, rate, batch=batch, budget=budget
+    ) as s:
         for k in chunks:
             s.record(k)
         s.flush()
@@ -113,8 +114,9 @@ def test_exact_totals_sync(world, rate, batch, budget, chunks):
 
 @pytest.mark.parametrize(("rate", "batch", "budget", "chunks"), SCENARIOS)
 async def test_exact_totals_async(world, rate, batch, budget, chunks):
-    async with AsyncPaymentStream(world.aclient(), world.provider.agent_id, rate, batch=batch,
-                                  budget=budget) as s:
+    async with AsyncPaymentStream(
+        world.aclient(), world.provider.agent_id, rate, batch=batch, budget=budget
+    ) as s:
         for k in chunks:
             s.record(k)
         await s.flush()
@@ -122,8 +124,10 @@ async def test_exact_totals_async(world, rate, batch, budget, chunks):
 
 
 def test_threads_exact_and_no_double_release(world):
-    with PaymentStream(world.client(), world.provider.agent_id, "0.0001", batch=100,
-                       budget="100") as s:
+    with PaymentStream(
+        world.client(), world.provider.agent_id, "0.0001", batch=100, budget="100"
+    ) as s:
+
         def work():
             for _ in range(1000):
                 s.record()
@@ -137,17 +141,17 @@ def test_threads_exact_and_no_double_release(world):
 
 
 def test_budget_used_to_the_last_unit(world):
-    with PaymentStream(world.client(), world.provider.agent_id, "0.25", batch=3,
-                       budget="5") as s:
+    with PaymentStream(world.client(), world.provider.agent_id, "0.25", batch=3, budget="5") as s:
         s.record(20)
     check(world, s, "0.25", 20)
     assert s.receipt.refunded == 0
 
 
 def test_context_manager_pays_on_exception(world):
-    with pytest.raises(RuntimeError), PaymentStream(
-        world.client(), world.provider.agent_id, "0.01", budget="5"
-    ) as s:
+    with (
+        pytest.raises(RuntimeError),
+        PaymentStream(world.client(), world.provider.agent_id, "0.01", budget="5") as s,
+    ):
         s.record(37)
         raise RuntimeError("boom")
     check(world, s, "0.01", 37)
@@ -164,8 +168,9 @@ def dep():
 
 
 def test_chain_shape_lock_ahead_release_whole_final_right_sized(dep):
-    s = PaymentStream(dep.client(), dep.provider.agent_id, "0.001", batch=100, budget="5",
-                      background=False).open()
+    s = PaymentStream(
+        dep.client(), dep.provider.agent_id, "0.001", batch=100, budget="5", background=False
+    ).open()
     chain = s.client
     assert isinstance(chain, TrancheChain)
     states = lambda: [t.state for t in chain.report().tranches]  # noqa: E731
@@ -193,8 +198,7 @@ def test_chain_shape_lock_ahead_release_whole_final_right_sized(dep):
 
 def test_stream_under_the_minimum_is_reported_unpaid_not_rounded_up(dep, caplog):
     caplog.set_level(logging.WARNING, "pf_metered.stream.tranches")
-    with PaymentStream(dep.client(), dep.provider.agent_id, "0.001", batch=100,
-                       budget="1") as s:
+    with PaymentStream(dep.client(), dep.provider.agent_id, "0.001", batch=100, budget="1") as s:
         s.record(3)
     assert s.receipt.paid == 0 and s.receipt.units == 3
     assert s.client.report().unpaid_micro == 3_000
@@ -205,8 +209,15 @@ def test_stream_under_the_minimum_is_reported_unpaid_not_rounded_up(dep, caplog)
 
 def test_rate_limit_notes_reported_at_open(dep, caplog):
     caplog.set_level(logging.INFO, "pf_metered.stream.tranches")
-    s = PaymentStream(dep.client(), dep.provider.agent_id, "0.0001", batch=10, every=2,
-                      budget="5", background=False).open()
+    s = PaymentStream(
+        dep.client(),
+        dep.provider.agent_id,
+        "0.0001",
+        batch=10,
+        every=2,
+        budget="5",
+        background=False,
+    ).open()
     notes = s.client.plan.notes
     assert any("every=2s asks for 30.0 releases a minute" in n for n in notes)
     assert any("under the service's minimum" in n for n in notes)
@@ -216,8 +227,9 @@ def test_rate_limit_notes_reported_at_open(dep, caplog):
 
 def test_busy_stream_slows_down_instead_of_drawing_429s(dep):
     client = dep.client()
-    with PaymentStream(client, dep.provider.agent_id, "0.001", batch=100, budget="50",
-                       background=False) as s:
+    with PaymentStream(
+        client, dep.provider.agent_id, "0.001", batch=100, budget="50", background=False
+    ) as s:
         for _ in range(300):
             s.record(100)
             s.pump()
@@ -231,8 +243,9 @@ def test_429_storm_from_a_neighbour_backs_off_and_stays_exact(dep):
 
     http = httpx.Client(transport=dep.sandbox.transport())
     client = dep.client(max_retries=6)
-    with PaymentStream(client, dep.provider.agent_id, "0.001", batch=100, budget="50",
-                       background=False) as s:
+    with PaymentStream(
+        client, dep.provider.agent_id, "0.001", batch=100, budget="50", background=False
+    ) as s:
         for i in range(40):
             if i % 10 == 0:  # another process on the same address fills the window
                 for _ in range(12):
@@ -245,10 +258,17 @@ def test_429_storm_from_a_neighbour_backs_off_and_stays_exact(dep):
 
 
 def test_lost_create_and_release_answers_mid_stream(dep):
-    t = LoseAnswers(dep.sandbox.transport(),
-                    {("POST", "/escrow/create"): 0, ("POST", "/escrow/release/"): 2})
-    s = PaymentStream(dep.client(transport=t), dep.provider.agent_id, "0.001", batch=100,
-                      budget="5", background=False).open()
+    t = LoseAnswers(
+        dep.sandbox.transport(), {("POST", "/escrow/create"): 0, ("POST", "/escrow/release/"): 2}
+    )
+    s = PaymentStream(
+        dep.client(transport=t),
+        dep.provider.agent_id,
+        "0.001",
+        batch=100,
+        budget="5",
+        background=False,
+    ).open()
     t.rules[("POST", "/escrow/create")] = 1  # the lock-ahead's answer is lost
     for _ in range(12):
         s.record(100)
@@ -257,16 +277,20 @@ def test_lost_create_and_release_answers_mid_stream(dep):
     rep = s.client.report()
     assert len(rep.ambiguous) == 1 and rep.ambiguous[0][1]  # amount and nonce kept
     assert len(t.lost) == 3
-    unknown = [e for e in dep.escrows() if e[3] == "locked"
-               and e[0] not in {tr.escrow_id for tr in rep.tranches}]
+    unknown = [
+        e
+        for e in dep.escrows()
+        if e[3] == "locked" and e[0] not in {tr.escrow_id for tr in rep.tranches}
+    ]
     assert len(unknown) == 1  # the ambiguous tranche exists, unreleased: never paid twice
     check(dep, s, "0.001", 1_200)
 
 
 async def test_async_lost_release_and_catch_up(dep):
     t = LoseAnswers(dep.sandbox.transport(), {("POST", "/escrow/release/"): 1})
-    async with AsyncPaymentStream(dep.aclient(transport=t), dep.provider.agent_id, "0.002",
-                                  batch=50, budget="10") as s:
+    async with AsyncPaymentStream(
+        dep.aclient(transport=t), dep.provider.agent_id, "0.002", batch=50, budget="10"
+    ) as s:
         s.record(1234)
         await s.flush()
         s.record(766)
@@ -275,8 +299,15 @@ async def test_async_lost_release_and_catch_up(dep):
 
 
 def test_expired_tranche_is_replaced(dep):
-    s = PaymentStream(dep.client(), dep.provider.agent_id, "0.001", batch=100, budget="5",
-                      auto_release_hours=1, background=False).open()
+    s = PaymentStream(
+        dep.client(),
+        dep.provider.agent_id,
+        "0.001",
+        batch=100,
+        budget="5",
+        auto_release_hours=1,
+        background=False,
+    ).open()
     s.record(150)
     s.pump()
     dep.clock.advance(2 * 3600)  # live tranches expire back to the payer before release
@@ -291,8 +322,15 @@ def test_expired_tranche_is_replaced(dep):
 
 def test_time_policy_on_tranches(dep):
     now = [0.0]
-    s = PaymentStream(dep.client(), dep.provider.agent_id, "0.01", every=60, budget="10",
-                      background=False, clock=lambda: now[0]).open()
+    s = PaymentStream(
+        dep.client(),
+        dep.provider.agent_id,
+        "0.01",
+        every=60,
+        budget="10",
+        background=False,
+        clock=lambda: now[0],
+    ).open()
     for minute in range(5):
         s.record(25)  # 0.25 a minute
         now[0] += 61

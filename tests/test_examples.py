@@ -17,7 +17,12 @@ def run(name: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PF_API_KEY", "PF_PROVIDER_ID")}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), *args],
-        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout

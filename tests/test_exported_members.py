@@ -179,4 +179,3 @@ def test_optional_extras_load_lazily() -> None:
     import pf_metered
 
     assert pf_metered.RedisStore.__name__ == "RedisStore"
-

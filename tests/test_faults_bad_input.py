@@ -17,11 +17,16 @@ from pf_metered.sandbox import Sandbox
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**20), 10**20),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=30), st.sampled_from(["NaN", "inf", "-1", "1e400", "0.0000001", "1,5", " 2 "]),
-    st.decimals(allow_nan=True, allow_infinity=True), st.just(Decimal("-0")),
-    st.lists(st.integers(), max_size=2), st.just(object()),
+    st.text(max_size=30),
+    st.sampled_from(["NaN", "inf", "-1", "1e400", "0.0000001", "1,5", " 2 "]),
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.just(Decimal("-0")),
+    st.lists(st.integers(), max_size=2),
+    st.just(object()),
 )
 
 
@@ -55,12 +60,23 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
     hours=st.one_of(JUNK, st.just(24)),
     memo=st.one_of(JUNK, st.just("m")),
 )
-def test_constructor_refuses_before_io(to, rate, batch, every, budget, max_units, hours, memo) -> None:
+def test_constructor_refuses_before_io(
+    to, rate, batch, every, budget, max_units, hours, memo
+) -> None:
     before = WIRE.n
     for cls in (PaymentStream, AsyncPaymentStream):
         try:
-            stream = cls(CLIENT, to, rate, batch=batch, every=every, budget=budget,
-                         max_units=max_units, auto_release_hours=hours, memo=memo)
+            stream = cls(
+                CLIENT,
+                to,
+                rate,
+                batch=batch,
+                every=every,
+                budget=budget,
+                max_units=max_units,
+                auto_release_hours=hours,
+                memo=memo,
+            )
         except InvalidInput as exc:
             assert exc.field
         else:

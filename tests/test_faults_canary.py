@@ -45,8 +45,15 @@ def test_key_never_leaks(tmp_path: Path) -> None:
             wire = FaultyTransport(sb.transport(), schedule)
             client = sb.client(key, transport=wire, _sleep=lambda s: None)
             journal = tmp_path / "j.db"
-            stream = PaymentStream(client, provider.agent_id, "0.01", batch=3, budget="1",
-                                   store=SQLiteStore(journal), background=False)
+            stream = PaymentStream(
+                client,
+                provider.agent_id,
+                "0.01",
+                batch=3,
+                budget="1",
+                store=SQLiteStore(journal),
+                background=False,
+            )
             for _ in range(50):
                 try:
                     stream.open()
@@ -60,8 +67,16 @@ def test_key_never_leaks(tmp_path: Path) -> None:
                         stream.flush()
                 except PFMeteredError as exc:  # lost answers, then BudgetExhausted
                     seen += [str(exc), repr(exc), traceback.format_exc(), repr(exc.__dict__)]
-            seen += [repr(stream), str(stream), repr(client), str(client), repr(wire),
-                     repr(stream.status()), str(stream.status()), repr(stream.store)]
+            seen += [
+                repr(stream),
+                str(stream),
+                repr(client),
+                str(client),
+                repr(wire),
+                repr(stream.status()),
+                str(stream.status()),
+                repr(stream.store),
+            ]
             # crash: drop the stream, resume from the journal, close with faults still on
             resumed = None
             for _ in range(50):

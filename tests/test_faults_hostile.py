@@ -20,8 +20,13 @@ from pf_metered.stream import PaymentStream
 
 def _escrow(eid: str, **over: object) -> dict[str, object]:
     body: dict[str, object] = {
-        "escrow_id": eid, "status": "locked", "amount": "5.00", "released": "0.50",
-        "remaining": "4.50", "refunded": "0.00", "releases": [],
+        "escrow_id": eid,
+        "status": "locked",
+        "amount": "5.00",
+        "released": "0.50",
+        "remaining": "4.50",
+        "refunded": "0.00",
+        "releases": [],
     }
     body.update(over)
     return body
@@ -55,8 +60,10 @@ class Hostile(httpx.BaseTransport):
             return self.inner.handle_request(request)
         eid = request.url.path.split("/escrow/")[1].split("/")[0]
         return httpx.Response(
-            200, headers={"content-type": "application/json"},
-            content=HOSTILE[self.kind](eid).encode(), request=request,
+            200,
+            headers={"content-type": "application/json"},
+            content=HOSTILE[self.kind](eid).encode(),
+            request=request,
         )
 
 
@@ -67,8 +74,9 @@ def test_hostile_answers_change_nothing(tmp_path: Path, kind: str) -> None:
         wire = Hostile(sb.transport(), kind)
         client = sb.client(payer.api_key, transport=wire, _sleep=lambda s: None, max_retries=1)
         store = SQLiteStore(tmp_path / "j.db")
-        stream = PaymentStream(client, provider.agent_id, "0.01", batch=1000, budget="5",
-                               store=store, background=False)
+        stream = PaymentStream(
+            client, provider.agent_id, "0.01", batch=1000, budget="5", store=store, background=False
+        )
         stream.open()
         stream.record(50)
         before = store.load(stream.stream_id)
@@ -76,12 +84,17 @@ def test_hostile_answers_change_nothing(tmp_path: Path, kind: str) -> None:
         with pytest.raises(PFMeteredError) as err:
             stream.flush()
         assert type(err.value).__name__ in (
-            "InvalidResponse", "AmbiguousRelease", "ServerError", "APIConnectionError",
+            "InvalidResponse",
+            "AmbiguousRelease",
+            "ServerError",
+            "APIConnectionError",
         ), repr(err.value)
         after = store.load(stream.stream_id)
         assert before is not None and after is not None
         assert (after.paid_micro, after.releases, after.units) == (
-            before.paid_micro, before.releases, before.units,
+            before.paid_micro,
+            before.releases,
+            before.units,
         )
         assert after.settled == before.settled
         assert sb.escrow(stream.escrow_id).released_micro == 0

@@ -70,8 +70,9 @@ def test_threads_race_count_and_timer_flushes(tmp_path: Path, store: str) -> Non
             "sqlite": SQLiteStore(tmp_path / "j.db"),
             "sqlite-group": SQLiteStore(tmp_path / "g.db", durability="group"),
         }[store]
-        stream = PaymentStream(client, provider.agent_id, RATE, batch=37, every="0.001",
-                               budget="10", store=st)
+        stream = PaymentStream(
+            client, provider.agent_id, RATE, batch=37, every="0.001", budget="10", store=st
+        )
         start = threading.Barrier(threads + 1)
 
         def work() -> None:
@@ -104,9 +105,11 @@ def test_thousands_of_tasks_race(tmp_path: Path) -> None:
             payer, provider = sb.add_agent(balance="100"), sb.add_agent()
             wire = InFlight(sb.transport())
             client = sb.async_client(payer.api_key, transport=wire)
-            stream = AsyncPaymentStream(client, provider.agent_id, RATE, batch=50,
-                                        every="0.001", budget="10")
+            stream = AsyncPaymentStream(
+                client, provider.agent_id, RATE, batch=50, every="0.001", budget="10"
+            )
             async with stream:
+
                 async def task(i: int) -> None:
                     for j in range(5):
                         stream.record(1 + (i + j) % 3)

@@ -44,8 +44,14 @@ class StreamMachine(RuleBasedStateMachine):
         self.path = str(Path(self.dir) / "j.db")
         self.store = SQLiteStore(self.path)
         self.stream = PaymentStream(
-            self.client, self.provider.agent_id, RATE, batch=7, budget="1",
-            store=self.store, background=False, stream_id=uuid.uuid4().hex,
+            self.client,
+            self.provider.agent_id,
+            RATE,
+            batch=7,
+            budget="1",
+            store=self.store,
+            background=False,
+            stream_id=uuid.uuid4().hex,
         )
         self.stream.open()
         self.units = 0
@@ -121,7 +127,9 @@ class StreamMachine(RuleBasedStateMachine):
 
 
 StreamMachine.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=25, deadline=None,
+    max_examples=25,
+    stateful_step_count=25,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestStreamMachine = StreamMachine.TestCase

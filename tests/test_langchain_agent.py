@@ -49,34 +49,57 @@ def _stream_id(messages) -> str:
 
 def _script(provider: str, calls: int, per_message: int):
     steps = [
-        AIMessage("", tool_calls=[tool_call("stream_open", provider=provider, rate="1000",
-                                            budget="1.5", max_units=1, batch=4,
-                                            escrow_override=True)]),
-        AIMessage("", tool_calls=[tool_call("stream_open", provider=provider, rate="0.02",
-                                            budget="1.50", batch=4)]),
+        AIMessage(
+            "",
+            tool_calls=[
+                tool_call(
+                    "stream_open",
+                    provider=provider,
+                    rate="1000",
+                    budget="1.5",
+                    max_units=1,
+                    batch=4,
+                    escrow_override=True,
+                )
+            ],
+        ),
+        AIMessage(
+            "",
+            tool_calls=[
+                tool_call("stream_open", provider=provider, rate="0.02", budget="1.50", batch=4)
+            ],
+        ),
     ]
     cities = [f"city{i}" for i in range(calls)]
-    steps += [AIMessage("", tool_calls=[tool_call("weather", city=c)
-                                        for c in cities[i:i + per_message]])
-              for i in range(0, calls, per_message)]
-    steps.append(lambda ms: AIMessage("", tool_calls=[tool_call("stream_status",
-                                                                stream_id=_stream_id(ms))]))
-    steps.append(lambda ms: AIMessage("", tool_calls=[tool_call("stream_close",
-                                                                stream_id=_stream_id(ms))]))
+    steps += [
+        AIMessage(
+            "", tool_calls=[tool_call("weather", city=c) for c in cities[i : i + per_message]]
+        )
+        for i in range(0, calls, per_message)
+    ]
+    steps.append(
+        lambda ms: AIMessage("", tool_calls=[tool_call("stream_status", stream_id=_stream_id(ms))])
+    )
+    steps.append(
+        lambda ms: AIMessage("", tool_calls=[tool_call("stream_close", stream_id=_stream_id(ms))])
+    )
     steps.append("All done.")
     return steps
 
 
 def test_agent_loop_pays_exactly(pf_world):
     provider = pf_world.provider.agent_id
-    toolkit = PurpleFleaToolkit(client=pf_world.client,
-                                caps=Caps(max_budget="2", max_rate="0.05"),
-                                allowed=["stream"])
-    tools = [*toolkit.get_tools(), pay_per_call(weather, context=toolkit.tool_context,
-                                                provider=provider)]
+    toolkit = PurpleFleaToolkit(
+        client=pf_world.client, caps=Caps(max_budget="2", max_rate="0.05"), allowed=["stream"]
+    )
+    tools = [
+        *toolkit.get_tools(),
+        pay_per_call(weather, context=toolkit.tool_context, provider=provider),
+    ]
     model = ScriptedChatModel(script=_script(provider, calls=30, per_message=5))
-    result = _agent(model, tools).invoke({"messages": [("human", "weather for 30 cities")]},
-                                         {"recursion_limit": 50})
+    result = _agent(model, tools).invoke(
+        {"messages": [("human", "weather for 30 cities")]}, {"recursion_limit": 50}
+    )
     messages = result["messages"]
     by_name: dict[str, list[ToolMessage]] = {}
     for m in messages:
@@ -105,11 +128,14 @@ async def test_async_agent_loop_with_token_metering_while_streaming(pf_world):
     provider = pf_world.provider.agent_id
     host = pf_world.sandbox.add_agent()
     toolkit = PurpleFleaToolkit(async_client=pf_world.aclient, caps=Caps(max_budget="2"))
-    tools = [*toolkit.get_tools(), pay_per_call(weather, context=toolkit.tool_context,
-                                                provider=provider)]
+    tools = [
+        *toolkit.get_tools(),
+        pay_per_call(weather, context=toolkit.tool_context, provider=provider),
+    ]
     model = ScriptedChatModel(script=_script(provider, calls=12, per_message=4))
-    async with AsyncPaymentStream(pf_world.aclient, host.agent_id, "0.0001", budget="1",
-                                  batch=100) as llm:
+    async with AsyncPaymentStream(
+        pf_world.aclient, host.agent_id, "0.0001", budget="1", batch=100
+    ) as llm:
         handler = MeteredCallbackHandler(llm, unit="token")
         agent = _agent(model, tools)
         final = None
@@ -127,8 +153,9 @@ async def test_async_agent_loop_with_token_metering_while_streaming(pf_world):
     assert handler.input_tokens + handler.output_tokens == reported
     assert llm.receipt.units == reported
     assert llm.receipt.paid == Decimal("0.0001") * reported
-    closed = [m for m in final["messages"] if isinstance(m, ToolMessage)
-              and m.name == "stream_close"]
+    closed = [
+        m for m in final["messages"] if isinstance(m, ToolMessage) and m.name == "stream_close"
+    ]
     assert json.loads(closed[0].content)["paid"] == "0.24"
     assert pf_world.balance("provider") == Decimal("0.2376")
     assert pf_world.balance() == Decimal(100) - Decimal("0.24") - llm.receipt.paid
@@ -137,8 +164,9 @@ async def test_async_agent_loop_with_token_metering_while_streaming(pf_world):
 
 def test_an_agent_cannot_spend_past_the_caps_whatever_it_invents(pf_world):
     provider = pf_world.provider.agent_id
-    toolkit = PurpleFleaToolkit(client=pf_world.client,
-                                caps=Caps(max_budget="1", max_total="2", max_rate="0.1"))
+    toolkit = PurpleFleaToolkit(
+        client=pf_world.client, caps=Caps(max_budget="1", max_total="2", max_rate="0.1")
+    )
     greedy = [
         tool_call("stream_open", provider=provider, rate="0.1", budget="1000"),
         tool_call("stream_open", provider=provider, rate="5", max_units=1),
@@ -167,8 +195,7 @@ def test_an_agent_cannot_spend_past_the_caps_whatever_it_invents(pf_world):
 
 
 def test_metered_under_tool_keeps_the_schema(pf_world):
-    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.5",
-                       max_units=2) as stream:
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.5", max_units=2) as stream:
 
         @tool
         @metered(stream=stream)
@@ -193,8 +220,9 @@ def test_metered_under_tool_keeps_the_schema(pf_world):
 
 
 async def test_metered_async_tool_keeps_the_schema(pf_world):
-    async with AsyncPaymentStream(pf_world.aclient, pf_world.provider.agent_id, "0.01",
-                                  budget="1") as stream:
+    async with AsyncPaymentStream(
+        pf_world.aclient, pf_world.provider.agent_id, "0.01", budget="1"
+    ) as stream:
 
         @tool
         @metered(stream=stream)
@@ -211,8 +239,8 @@ async def test_metered_async_tool_keeps_the_schema(pf_world):
 def test_pay_per_call_on_a_program_stream_answers_the_model(pf_world):
     with pytest.raises(InvalidInput):
         pay_per_call(weather)
-    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.5",
-                       max_units=2) as stream:
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.5", max_units=2) as stream:
+
         @tool
         def broken(city: str) -> str:
             """Always fails."""
@@ -224,8 +252,9 @@ def test_pay_per_call_on_a_program_stream_answers_the_model(pf_world):
         assert paid.name == "weather" and paid.args == weather.args
         assert paid.invoke({"city": "Oslo"}) == "sunny in Oslo"
         paid.invoke({"city": "Rome"})
-        refused = paid.invoke({"name": "weather", "args": {"city": "Lima"}, "id": "c",
-                               "type": "tool_call"})
+        refused = paid.invoke(
+            {"name": "weather", "args": {"city": "Lima"}, "id": "c", "type": "tool_call"}
+        )
         assert refused.status == "error" and "Budget exhausted" in refused.content
         assert "not run" in refused.content
     assert stream.receipt.units == 2
@@ -256,8 +285,14 @@ def test_example_run_shows_exact_ledger(monkeypatch):
 
 def test_example_runs_as_a_program():
     env = {k: v for k, v in os.environ.items() if k not in ("PF_API_KEY", "PF_LLM")}
-    done = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True,
-                          env=env, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "provider net" in done.stdout and "0.1188 USDC" in done.stdout
     assert "Cap exceeded" in done.stdout

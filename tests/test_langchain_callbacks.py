@@ -50,8 +50,9 @@ def test_validation_of_arguments(pf_world):
 
 
 def test_per_call_sync(pf_world):
-    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1",
-                       batch=2) as stream:
+    with PaymentStream(
+        pf_world.client, pf_world.provider.agent_id, "0.01", budget="1", batch=2
+    ) as stream:
         handler = MeteredCallbackHandler(stream)
         model = _model(callbacks=[handler])
         for _ in range(4):
@@ -90,8 +91,9 @@ def test_a_failed_call_costs_nothing(pf_world):
 
 
 async def test_per_call_async_concurrent(pf_world):
-    async with AsyncPaymentStream(pf_world.aclient, pf_world.provider.agent_id, "0.001",
-                                  budget="1", batch=10) as stream:
+    async with AsyncPaymentStream(
+        pf_world.aclient, pf_world.provider.agent_id, "0.001", budget="1", batch=10
+    ) as stream:
         handler = MeteredCallbackHandler(stream)
         model = ScriptedChatModel(script=["x"] * 50, callbacks=[handler])
         await asyncio.gather(*(model.ainvoke(f"q{i}") for i in range(50)))
@@ -103,8 +105,9 @@ async def test_per_call_async_concurrent(pf_world):
 @pytest.mark.parametrize("mode", ["stream", "astream"])
 async def test_per_call_while_streaming(pf_world, mode):
     """One unit per streamed answer, however many chunks it arrives in; refused up front."""
-    async with AsyncPaymentStream(pf_world.aclient, pf_world.provider.agent_id, "0.5",
-                                  max_units=3, batch=2) as stream:
+    async with AsyncPaymentStream(
+        pf_world.aclient, pf_world.provider.agent_id, "0.5", max_units=3, batch=2
+    ) as stream:
         handler = MeteredCallbackHandler(stream)
         model = _model(callbacks=[handler])
         for _ in range(3):
@@ -139,8 +142,9 @@ def test_per_call_through_a_chain(pf_world):
 @pytest.mark.parametrize("mode", ["invoke", "stream"])
 def test_per_token_sync(pf_world, mode):
     tokens_in, tokens_out = _expected_tokens("what is the price")
-    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.0001",
-                       budget="1", batch=7) as stream:
+    with PaymentStream(
+        pf_world.client, pf_world.provider.agent_id, "0.0001", budget="1", batch=7
+    ) as stream:
         handler = MeteredCallbackHandler(stream, unit="token")
         model = _model(callbacks=[handler])
         for _ in ANSWERS:
@@ -158,8 +162,9 @@ def test_per_token_sync(pf_world, mode):
 @pytest.mark.parametrize("mode", ["ainvoke", "astream"])
 async def test_per_token_async(pf_world, mode):
     tokens_in, tokens_out = _expected_tokens("what is the price")
-    async with AsyncPaymentStream(pf_world.aclient, pf_world.provider.agent_id, "0.0001",
-                                  budget="1", batch=7) as stream:
+    async with AsyncPaymentStream(
+        pf_world.aclient, pf_world.provider.agent_id, "0.0001", budget="1", batch=7
+    ) as stream:
         handler = MeteredCallbackHandler(stream, unit="token")
         model = _model(callbacks=[handler])
         for _ in ANSWERS:
@@ -177,9 +182,10 @@ async def test_per_token_async(pf_world, mode):
 def test_input_and_output_tokens_priced_separately(pf_world, mode):
     reader = pf_world.sandbox.add_agent()
     tokens_in, tokens_out = _expected_tokens("summarise this long document now")
-    with PaymentStream(pf_world.client, reader.agent_id, "0.00001", budget="1") as s_in, \
-         PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.00003",
-                       budget="1") as s_out:
+    with (
+        PaymentStream(pf_world.client, reader.agent_id, "0.00001", budget="1") as s_in,
+        PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.00003", budget="1") as s_out,
+    ):
         handler = MeteredCallbackHandler(unit="token", input_stream=s_in, output_stream=s_out)
         model = _model(callbacks=[handler])
         for _ in ANSWERS:
@@ -199,10 +205,12 @@ def test_input_and_output_tokens_priced_separately(pf_world, mode):
 async def test_input_and_output_tokens_priced_separately_async(pf_world, mode):
     reader = pf_world.sandbox.add_agent()
     tokens_in, tokens_out = _expected_tokens("summarise this long document now")
-    async with AsyncPaymentStream(pf_world.aclient, reader.agent_id, "0.00001",
-                                  budget="1") as s_in, \
-            AsyncPaymentStream(pf_world.aclient, pf_world.provider.agent_id, "0.00003",
-                               budget="1") as s_out:
+    async with (
+        AsyncPaymentStream(pf_world.aclient, reader.agent_id, "0.00001", budget="1") as s_in,
+        AsyncPaymentStream(
+            pf_world.aclient, pf_world.provider.agent_id, "0.00003", budget="1"
+        ) as s_out,
+    ):
         handler = MeteredCallbackHandler(unit="token", input_stream=s_in, output_stream=s_out)
         model = _model(callbacks=[handler])
         for _ in ANSWERS:
@@ -225,16 +233,16 @@ def test_tool_call_answers_report_usage_when_streamed(pf_world):
 
     with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.001", budget="1") as s:
         handler = MeteredCallbackHandler(s, unit="token")
-        model = ScriptedChatModel(script=[AIMessage("", tool_calls=[tool_call("f", a=1)])],
-                                  callbacks=[handler])
+        model = ScriptedChatModel(
+            script=[AIMessage("", tool_calls=[tool_call("f", a=1)])], callbacks=[handler]
+        )
         list(model.stream("go"))
         assert handler.output_tokens == 10 and handler.input_tokens == 1
     assert s.receipt.units == 11
 
 
 def test_tokens_over_budget_pay_what_fits_and_refuse_the_next_call(pf_world, caplog):
-    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.2",
-                       max_units=6) as stream:
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.2", max_units=6) as stream:
         handler = MeteredCallbackHandler(stream, unit="token")
         model = ScriptedChatModel(script=["a b c d e f g h"], callbacks=[handler])
         model.invoke("hi")  # 1 in + 8 out = 9 tokens, 6 fit

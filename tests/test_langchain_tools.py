@@ -33,7 +33,8 @@ def _world() -> PFWorld:
     if "world" not in _SHARED:
         world = PFWorld(balance="10000.00")
         world.escrow_id = world.client.create_escrow(  # type: ignore[attr-defined]
-            world.provider.agent_id, "500.00").escrow_id
+            world.provider.agent_id, "500.00"
+        ).escrow_id
         _SHARED["world"] = world
     return _SHARED["world"]
 
@@ -69,8 +70,12 @@ def _example(name: str) -> dict[str, Any]:
         "escrow_status": {"escrow_id": world.escrow_id},  # type: ignore[attr-defined]
         "escrow_list": {"limit": 5},
         "faucet_claim": {},
-        "stream_open": {"provider": world.provider.agent_id, "rate": "0.001",
-                        "budget": "1.00", "batch": 10},
+        "stream_open": {
+            "provider": world.provider.agent_id,
+            "rate": "0.001",
+            "budget": "1.00",
+            "batch": 10,
+        },
         "stream_status": {"stream_id": "s1"},
         "stream_record": {"stream_id": "s1", "units": 3},
         "stream_close": {"stream_id": "s1"},
@@ -141,8 +146,11 @@ def test_toolkit_offers_every_tool_sharing_one_context(pf_world):
     tools = toolkit.get_tools()
     assert [t.name for t in tools] == list(ALL_TOOL_NAMES)
     assert all(t.context is toolkit.tool_context for t in tools)  # type: ignore[attr-defined]
-    opened = json.loads(toolkit.get_tool("stream_open").invoke(
-        {"provider": pf_world.provider.agent_id, "rate": "0.01", "budget": "1"}))
+    opened = json.loads(
+        toolkit.get_tool("stream_open").invoke(
+            {"provider": pf_world.provider.agent_id, "rate": "0.01", "budget": "1"}
+        )
+    )
     closed = json.loads(toolkit.get_tool("stream_close").invoke({"stream_id": opened["stream_id"]}))
     assert closed["refunded"] == "1.00"
 
@@ -151,12 +159,17 @@ def test_toolkit_narrows_by_family_and_name(pf_world):
     pay_only = PurpleFleaToolkit(client=pf_world.client, allowed=["escrow", "stream"])
     names = [t.name for t in pay_only.get_tools()]
     assert "faucet_claim" not in names and "escrow_create" in names and "stream_open" in names
-    read_only = PurpleFleaToolkit(client=pf_world.client,
-                                  allowed=["escrow_status", "escrow_list", "stream_status"])
-    assert [t.name for t in read_only.get_tools()] == ["escrow_status", "escrow_list",
-                                                       "stream_status"]
-    assert [t.name for t in PurpleFleaToolkit(client=pf_world.client, allowed="faucet")
-            .get_tools()] == ["faucet_claim"]
+    read_only = PurpleFleaToolkit(
+        client=pf_world.client, allowed=["escrow_status", "escrow_list", "stream_status"]
+    )
+    assert [t.name for t in read_only.get_tools()] == [
+        "escrow_status",
+        "escrow_list",
+        "stream_status",
+    ]
+    assert [
+        t.name for t in PurpleFleaToolkit(client=pf_world.client, allowed="faucet").get_tools()
+    ] == ["faucet_claim"]
     with pytest.raises(InvalidInput, match="allowed"):
         PurpleFleaToolkit(client=pf_world.client, allowed=["escrow", "rob_bank"])
     capped = PurpleFleaToolkit(client=pf_world.client, caps=Caps(allowed_tools=["escrow_list"]))
@@ -185,8 +198,12 @@ def _call(tool: BaseTool, **args: Any) -> ToolMessage:
 
 def test_cap_exceeded_is_an_error_message_not_a_crash(pf_world):
     toolkit = PurpleFleaToolkit(client=pf_world.client, caps=Caps(max_budget="2"))
-    msg = _call(toolkit.get_tool("stream_open"), provider=pf_world.provider.agent_id,
-                rate="0.01", budget="1000")
+    msg = _call(
+        toolkit.get_tool("stream_open"),
+        provider=pf_world.provider.agent_id,
+        rate="0.01",
+        budget="1000",
+    )
     assert msg.status == "error"
     assert "Cap exceeded" in msg.content and "2.00 USDC" in msg.content
     assert pf_world.balance() == 100
@@ -194,8 +211,13 @@ def test_cap_exceeded_is_an_error_message_not_a_crash(pf_world):
 
 def test_validation_errors_name_the_field(pf_world):
     toolkit = PurpleFleaToolkit(client=pf_world.client)
-    msg = _call(toolkit.get_tool("stream_open"), provider=pf_world.provider.agent_id,
-                rate="about a cent", budget="1", please="yes")
+    msg = _call(
+        toolkit.get_tool("stream_open"),
+        provider=pf_world.provider.agent_id,
+        rate="about a cent",
+        budget="1",
+        please="yes",
+    )
     assert msg.status == "error"
     assert "rate" in msg.content and "please: not an argument" in msg.content
     assert "call the tool again" in msg.content
@@ -207,16 +229,25 @@ def test_validation_errors_name_the_field(pf_world):
 
 async def test_async_invocation_is_native(pf_world):
     toolkit = PurpleFleaToolkit(async_client=pf_world.aclient, caps=Caps(max_budget="3"))
-    opened = json.loads(await toolkit.get_tool("stream_open").ainvoke(
-        {"provider": pf_world.provider.agent_id, "rate": "0.01", "max_units": 100}))
+    opened = json.loads(
+        await toolkit.get_tool("stream_open").ainvoke(
+            {"provider": pf_world.provider.agent_id, "rate": "0.01", "max_units": 100}
+        )
+    )
     assert toolkit.tool_context.entries()[0].is_async
     await toolkit.get_tool("stream_record").ainvoke({"stream_id": opened["stream_id"], "units": 7})
-    closed = json.loads(await toolkit.get_tool("stream_close").ainvoke(
-        {"stream_id": opened["stream_id"]}))
+    closed = json.loads(
+        await toolkit.get_tool("stream_close").ainvoke({"stream_id": opened["stream_id"]})
+    )
     assert closed["paid"] == "0.07" and closed["refunded"] == "0.93"
     msg = await toolkit.get_tool("stream_open").ainvoke(
-        {"name": "stream_open", "args": {"provider": "x", "rate": "1", "budget": "9"},
-         "id": "c2", "type": "tool_call"})
+        {
+            "name": "stream_open",
+            "args": {"provider": "x", "rate": "1", "budget": "9"},
+            "id": "c2",
+            "type": "tool_call",
+        }
+    )
     assert msg.status == "error" and "Cap exceeded" in msg.content
     await pf_world.aclient.aclose()
 
@@ -229,8 +260,12 @@ def test_the_api_key_is_in_no_repr(pf_world, monkeypatch):
     toolkit = PurpleFleaToolkit(client=pf_world.client, async_client=pf_world.aclient)
     texts = [repr(toolkit), str(toolkit), toolkit.model_dump_json()]
     for tool in toolkit.get_tools():
-        texts += [repr(tool), str(tool), json.dumps(tool.model_dump(), default=repr), json.dumps(
-            tool.tool_call_schema.model_json_schema())]
+        texts += [
+            repr(tool),
+            str(tool),
+            json.dumps(tool.model_dump(), default=repr),
+            json.dumps(tool.tool_call_schema.model_json_schema()),
+        ]
     secret = "pf_live_ENVKEY0123456789abcdefSECRET"
     monkeypatch.setenv("PF_API_KEY", secret)
     from_env = PurpleFleaToolkit()
@@ -245,11 +280,15 @@ def test_import_pf_metered_does_not_import_langchain_or_langgraph():
     import subprocess
     import sys
 
-    code = ("import sys, pf_metered, pf_metered.tools; "
-            "bad = [m for m in sys.modules if m.startswith(('langchain', 'langgraph'))]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, pf_metered, pf_metered.tools; "
+        "bad = [m for m in sys.modules if m.startswith(('langchain', 'langgraph'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    code = ("import sys, pf_metered.langchain; "
-            "sys.exit(1 if any(m.startswith('langgraph') for m in sys.modules) else 0)")
+    code = (
+        "import sys, pf_metered.langchain; "
+        "sys.exit(1 if any(m.startswith('langgraph') for m in sys.modules) else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

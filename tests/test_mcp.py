@@ -68,8 +68,9 @@ async def test_lists_exactly_the_shared_definitions_and_runs_each() -> None:
         err, claim, _ = await call(s, "faucet_claim")
         assert not err and claim["credited"] == "1.00"
 
-        err, created, _ = await call(s, "escrow_create", to_agent_id=provider, amount="5.00",
-                                     memo="job")
+        err, created, _ = await call(
+            s, "escrow_create", to_agent_id=provider, amount="5.00", memo="job"
+        )
         assert not err and (created["amount"], created["remaining"]) == ("5.00", "5.00")
         escrow_id = created["escrow_id"]
 
@@ -82,8 +83,9 @@ async def test_lists_exactly_the_shared_definitions_and_runs_each() -> None:
         err, listing, _ = await call(s, "escrow_list")
         assert not err and listing["count"] == 1
 
-        err, opened, _ = await call(s, "stream_open", provider=provider, rate="0.01",
-                                    budget="2.00", batch=5)
+        err, opened, _ = await call(
+            s, "stream_open", provider=provider, rate="0.01", budget="2.00", batch=5
+        )
         assert not err, opened
         stream_id = opened["stream_id"]
 
@@ -100,9 +102,18 @@ async def test_lists_exactly_the_shared_definitions_and_runs_each() -> None:
         assert not err, receipt
         assert (receipt["units"], receipt["paid"], receipt["refunded"]) == (12, "0.12", "1.88")
 
-        called = {"faucet_claim", "escrow_create", "escrow_release", "escrow_status",
-                  "escrow_list", "stream_open", "stream_record", "stream_status", "stream_list",
-                  "stream_close"}
+        called = {
+            "faucet_claim",
+            "escrow_create",
+            "escrow_release",
+            "escrow_status",
+            "escrow_list",
+            "stream_open",
+            "stream_record",
+            "stream_status",
+            "stream_list",
+            "stream_close",
+        }
         assert called == set(ALL_TOOL_NAMES)
 
 
@@ -121,8 +132,11 @@ async def test_failures_are_tool_errors_and_the_server_lives_on() -> None:
             ("escrow_create", {"to_agent_id": provider, "amount": "10.00"}, "Cap exceeded"),
             ("escrow_status", {"escrow_id": "esc_missing"}, "ot found"),
             # refused before any request: not an escrow these tools created
-            ("escrow_release", {"escrow_id": "esc_missing", "amount": "1.00"},
-             "not created with escrow_create"),
+            (
+                "escrow_release",
+                {"escrow_id": "esc_missing", "amount": "1.00"},
+                "not created with escrow_create",
+            ),
             ("stream_status", {"stream_id": "s99"}, "Unknown stream"),
             ("stream_open", {"provider": provider, "rate": "0.01"}, "budget"),
             ("faucet_claim", {}, "Unknown tool"),
@@ -141,8 +155,15 @@ async def test_failures_are_tool_errors_and_the_server_lives_on() -> None:
 
 def test_without_key_or_sandbox_exits_4_before_serving() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PF_")}
-    proc = subprocess.run([str(BIN), "mcp"], env=env, capture_output=True, text=True,
-                          timeout=30, stdin=subprocess.DEVNULL, check=False)
+    proc = subprocess.run(
+        [str(BIN), "mcp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     assert proc.returncode == 4
     assert proc.stdout == ""  # stdout belongs to the protocol
     assert "PF_API_KEY" in proc.stderr and "--sandbox" in proc.stderr
@@ -170,7 +191,8 @@ async def test_live_config_from_env_and_open_streams_closed_on_disconnect() -> N
         payer, provider = sb.add_agent(balance="10.00"), sb.add_agent()
         server = sb.serve(port=0)
         params = StdioServerParameters(
-            command=str(BIN), args=["mcp", "--max-budget", "5.00"],
+            command=str(BIN),
+            args=["mcp", "--max-budget", "5.00"],
             env={"PF_API_KEY": payer.api_key, "PF_BASE_URL": server.base_url},
         )
         with open(os.devnull, "w") as errlog:
@@ -179,8 +201,9 @@ async def test_live_config_from_env_and_open_streams_closed_on_disconnect() -> N
                 ClientSession(read, write) as s,
             ):
                 await s.initialize()
-                err, opened, _ = await call(s, "stream_open", provider=provider.agent_id,
-                                            rate="0.01", budget="2.00")
+                err, opened, _ = await call(
+                    s, "stream_open", provider=provider.agent_id, rate="0.01", budget="2.00"
+                )
                 assert not err, opened
                 err, _, _ = await call(s, "stream_record", stream_id=opened["stream_id"], units=7)
                 assert not err
@@ -188,5 +211,8 @@ async def test_live_config_from_env_and_open_streams_closed_on_disconnect() -> N
                 # the agent walks away without stream_close
         escrow = sb.escrow(escrow_id)
         assert (escrow.status, escrow.released, escrow.refunded) == (
-            "refunded", Decimal("0.07"), Decimal("1.93"))
+            "refunded",
+            Decimal("0.07"),
+            Decimal("1.93"),
+        )
         assert sb.balance(payer.agent_id) + sb.balance(provider.agent_id) + sb.fees() == 10

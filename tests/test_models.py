@@ -31,7 +31,9 @@ def escrow(**over: Any) -> dict[str, Any]:
 
 
 def test_a_sound_escrow_parses_to_exact_decimals() -> None:
-    e = Escrow.model_validate(escrow(releases=[{"amount": "1.00"}, {"amount": "0.50", "memo": "batch:units 1-500"}]))
+    e = Escrow.model_validate(
+        escrow(releases=[{"amount": "1.00"}, {"amount": "0.50", "memo": "batch:units 1-500"}])
+    )
     assert e.amount == Decimal("10")
     assert e.released_micro == 1_500_000
     assert e.remaining_micro == 8_500_000

@@ -72,7 +72,13 @@ def test_zero_amount_allowed_only_when_asked() -> None:
 
 @pytest.mark.parametrize(
     ("micro", "text"),
-    [(10_000_000, "10.00"), (1_500, "0.0015"), (1, "0.000001"), (0, "0.00"), (123_456_789, "123.456789")],
+    [
+        (10_000_000, "10.00"),
+        (1_500, "0.0015"),
+        (1, "0.000001"),
+        (0, "0.00"),
+        (123_456_789, "123.456789"),
+    ],
 )
 def test_format_usdc(micro: int, text: str) -> None:
     assert format_usdc(micro) == text
@@ -159,7 +165,10 @@ def test_rate_text_and_equality() -> None:
     assert repr(parse_rate("0.5")) == "Rate('0.5')"
 
 
-@pytest.mark.parametrize(("value", "fragment"), [(1.0, "not float"), (-1, "negative"), (True, "not bool"), (MAX_UNITS + 1, "absurdly")])
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [(1.0, "not float"), (-1, "negative"), (True, "not bool"), (MAX_UNITS + 1, "absurdly")],
+)
 def test_parse_count_refuses(value: object, fragment: str) -> None:
     with pytest.raises(InvalidInput, match=fragment):
         parse_count(value)

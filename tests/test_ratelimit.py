@@ -127,8 +127,12 @@ def test_idle_buckets_are_forgotten():
 
 @pytest.mark.parametrize(
     ("kw", "field"),
-    [({"per_minute": 0}, "per_minute"), ({"per_minute": 5, "margin": -1}, "margin"),
-     ({"per_minute": 5, "burst": 9}, "burst"), ({"per_minute": True}, "per_minute")],
+    [
+        ({"per_minute": 0}, "per_minute"),
+        ({"per_minute": 5, "margin": -1}, "margin"),
+        ({"per_minute": 5, "burst": 9}, "burst"),
+        ({"per_minute": True}, "per_minute"),
+    ],
 )
 def test_bad_limits_name_the_field(kw, field):
     with pytest.raises(InvalidInput) as info:

@@ -31,10 +31,14 @@ class World:
         self.transport = FaultyTransport(self.sandbox.transport(), lambda r: None)
 
     def client(self):
-        return self.sandbox.client(self.payer.api_key, transport=self.transport, _sleep=lambda s: None)
+        return self.sandbox.client(
+            self.payer.api_key, transport=self.transport, _sleep=lambda s: None
+        )
 
     def aclient(self):
-        return self.sandbox.async_client(self.payer.api_key, transport=self.transport, _sleep=_anosleep)
+        return self.sandbox.async_client(
+            self.payer.api_key, transport=self.transport, _sleep=_anosleep
+        )
 
     def check(self, escrow_id: str, units: int, budget_micro: int) -> None:
         from pf_metered.money import parse_rate
@@ -63,8 +67,16 @@ def world():
 
 def crashed_stream(world: World, path: Path, units: int, **kw) -> tuple[PaymentStream, SQLiteStore]:
     store = SQLiteStore(path)
-    stream = PaymentStream(world.client(), world.provider.agent_id, RATE, batch=50,
-                           budget="1", store=store, background=False, **kw)
+    stream = PaymentStream(
+        world.client(),
+        world.provider.agent_id,
+        RATE,
+        batch=50,
+        budget="1",
+        store=store,
+        background=False,
+        **kw,
+    )
     stream.open()
     for _ in range(units):
         stream.record()
@@ -102,7 +114,9 @@ def test_pending_intent_never_sent_is_sent_with_its_key(world: World, tmp_path: 
     world.check(old.escrow_id, 77, 1_000_000)
 
 
-def test_pending_intent_that_landed_is_settled_from_the_escrow(world: World, tmp_path: Path) -> None:
+def test_pending_intent_that_landed_is_settled_from_the_escrow(
+    world: World, tmp_path: Path
+) -> None:
     path = tmp_path / "j.db"
     old, store = crashed_stream(world, path, 200)
     intent = store.claim(old.stream_id, min_units=1)
@@ -111,8 +125,12 @@ def test_pending_intent_that_landed_is_settled_from_the_escrow(world: World, tmp
     from pf_metered.money import format_usdc
 
     # Sent and applied, the answer never recorded (crash right after HTTP success).
-    world.client().release_partial(old.escrow_id, format_usdc(amount), memo="batch:units 1-200",
-                                   idempotency_key=intent.idempotency_key)
+    world.client().release_partial(
+        old.escrow_id,
+        format_usdc(amount),
+        memo="batch:units 1-200",
+        idempotency_key=intent.idempotency_key,
+    )
     before = len(world.transport.posts("release-partial"))
     resumed = PaymentStream.resume(path, old.stream_id, world.client())
     assert len(world.transport.posts("release-partial")) == before  # reconciled, not resent
@@ -155,7 +173,9 @@ def test_crash_after_refund_before_it_was_recorded(world: World, tmp_path: Path)
     from pf_metered.money import format_usdc
 
     c = world.client()
-    c.release_partial(old.escrow_id, format_usdc(amount), memo="final", idempotency_key=final.idempotency_key)
+    c.release_partial(
+        old.escrow_id, format_usdc(amount), memo="final", idempotency_key=final.idempotency_key
+    )
     c.refund(old.escrow_id, idempotency_key=f"pfm-{old.stream_id}-refund")
     resumed = PaymentStream.resume(path, old.stream_id, world.client())
     assert resumed.closed and resumed.receipt is not None
@@ -167,8 +187,15 @@ def test_crash_after_refund_before_it_was_recorded(world: World, tmp_path: Path)
 def test_crash_before_the_escrow_was_recorded(world: World, tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     store = SQLiteStore(path)
-    stream = PaymentStream(world.client(), world.provider.agent_id, RATE, batch=10,
-                           budget="2", store=store, background=False)
+    stream = PaymentStream(
+        world.client(),
+        world.provider.agent_id,
+        RATE,
+        batch=10,
+        budget="2",
+        store=store,
+        background=False,
+    )
     world.transport.schedule = lambda r: "timeout" if r.method == "POST" else None
     with pytest.raises(Exception):
         stream.open()
@@ -220,8 +247,14 @@ def test_open_store_specs(tmp_path: Path) -> None:
 
 
 def test_stream_accepts_a_path(world: World, tmp_path: Path) -> None:
-    with PaymentStream(world.client(), world.provider.agent_id, RATE, batch=10, budget="1",
-                       store=str(tmp_path / "p.db")) as s:
+    with PaymentStream(
+        world.client(),
+        world.provider.agent_id,
+        RATE,
+        batch=10,
+        budget="1",
+        store=str(tmp_path / "p.db"),
+    ) as s:
         s.record(25)
     assert isinstance(s.store, SQLiteStore)
     world.check(s.escrow_id, 25, 1_000_000)
@@ -251,11 +284,20 @@ def test_sigterm_flushes_due_releases(tmp_path: Path, journal: bool) -> None:
     with Sandbox() as sb:
         payer, provider = sb.add_agent(balance="10"), sb.add_agent()
         server = sb.serve()
-        env = {**os.environ, "PFM_KEY": payer.api_key, "PFM_BASE_URL": server.base_url,
-               "PFM_PROVIDER": provider.agent_id,
-               "PFM_JOURNAL": str(tmp_path / "j.db") if journal else ""}
-        proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {
+            **os.environ,
+            "PFM_KEY": payer.api_key,
+            "PFM_BASE_URL": server.base_url,
+            "PFM_PROVIDER": provider.agent_id,
+            "PFM_JOURNAL": str(tmp_path / "j.db") if journal else "",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SIGTERM_CHILD],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None
         escrow_id = proc.stdout.readline().strip()
         proc.send_signal(signal.SIGTERM)
@@ -289,11 +331,21 @@ def test_sigterm_flush_is_bounded_and_the_journal_keeps_the_rest(tmp_path: Path)
 
         sb.before_handle = hang
         journal = str(tmp_path / "j.db")
-        env = {**os.environ, "PFM_KEY": payer.api_key, "PFM_BASE_URL": server.base_url,
-               "PFM_PROVIDER": provider.agent_id, "PFM_JOURNAL": journal,
-               "PF_METERED_EXIT_TIMEOUT": "0.3"}
-        proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {
+            **os.environ,
+            "PFM_KEY": payer.api_key,
+            "PFM_BASE_URL": server.base_url,
+            "PFM_PROVIDER": provider.agent_id,
+            "PFM_JOURNAL": journal,
+            "PF_METERED_EXIT_TIMEOUT": "0.3",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SIGTERM_CHILD],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert proc.stdout is not None
             escrow_id = proc.stdout.readline().strip()

@@ -35,11 +35,14 @@ def test_killed_streams_resume_exactly(tmp_path: Path, durability: str) -> None:
     with Sandbox(str(tmp_path / "ledger.db")) as sandbox:
         server = sandbox.serve()
         with ThreadPoolExecutor(min(8, (os.cpu_count() or 2) + 1)) as pool:
-            results = list(pool.map(
-                lambda seed: run_crash(seed, sandbox, server.base_url, str(tmp_path),
-                                       durability=durability),
-                range(runs),
-            ))
+            results = list(
+                pool.map(
+                    lambda seed: run_crash(
+                        seed, sandbox, server.base_url, str(tmp_path), durability=durability
+                    ),
+                    range(runs),
+                )
+            )
         sandbox.audit()
     for seed, r in enumerate(results):
         assert r["lost"] == 0, (seed, r)
@@ -67,22 +70,34 @@ def test_a_release_cut_off_mid_request_by_a_kill_is_resent_under_its_key(tmp_pat
         # the child: count, journal the release, start sending it, die
         with EscrowClient(payer.api_key, base_url=server.base_url) as client:
             store = SQLiteStore(journal)
-            stream = PaymentStream(client, provider.agent_id, rate, batch=1000, budget="3",
-                                   store=store, stream_id="cut-off", background=False)
+            stream = PaymentStream(
+                client,
+                provider.agent_id,
+                rate,
+                batch=1000,
+                budget="3",
+                store=store,
+                stream_id="cut-off",
+                background=False,
+            )
             stream.open()
             for i in range(63):
                 stream.record(1 + i % 3)
             intent = store.claim("cut-off", min_units=1)
             assert intent is not None and intent.seq == 1
             amount = format_usdc(intent_amount_micro(parse_rate(rate), intent))
-            body = (f'{{"amount":"{amount}","memo":"batch:units 1-{intent.units_to} '
-                    f'[idem:{intent.idempotency_key}]"}}').encode()
+            body = (
+                f'{{"amount":"{amount}","memo":"batch:units 1-{intent.units_to} '
+                f'[idem:{intent.idempotency_key}]"}}'
+            ).encode()
             url = urlsplit(server.base_url)
-            head = (f"POST {url.path}/escrow/{stream.escrow_id}/release-partial HTTP/1.1\r\n"
-                    f"Host: {url.netloc}\r\nAuthorization: Bearer {payer.api_key}\r\n"
-                    f"Content-Type: application/json\r\n"
-                    f"Idempotency-Key: {intent.idempotency_key}\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            head = (
+                f"POST {url.path}/escrow/{stream.escrow_id}/release-partial HTTP/1.1\r\n"
+                f"Host: {url.netloc}\r\nAuthorization: Bearer {payer.api_key}\r\n"
+                f"Content-Type: application/json\r\n"
+                f"Idempotency-Key: {intent.idempotency_key}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
             with socket.create_connection((url.hostname, url.port), timeout=5) as s:
                 s.sendall(head)  # killed here: the body never goes out
                 s.shutdown(socket.SHUT_WR)

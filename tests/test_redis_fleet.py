@@ -32,10 +32,26 @@ CTX = mp.get_context("fork")
 
 def test_fleet_example_8_processes_exact_totals(redis_url):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "fleet.py"), "--workers", "8", "--units",
-         "1500", "--rate", "0.0000123", "--batch", "100", "--chunk", "64",
-         "--redis-url", redis_url],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "fleet.py"),
+            "--workers",
+            "8",
+            "--units",
+            "1500",
+            "--rate",
+            "0.0000123",
+            "--batch",
+            "100",
+            "--chunk",
+            "64",
+            "--redis-url",
+            redis_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "units          12000 counted, 12000 recorded" in out.stdout
@@ -45,10 +61,28 @@ def test_fleet_example_8_processes_exact_totals(redis_url):
 
 def test_fleet_example_budget_runs_out_mid_race(redis_url):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "fleet.py"), "--workers", "8", "--units",
-         "700", "--rate", "0.001", "--batch", "64", "--budget", "3.00", "--chunk", "50",
-         "--redis-url", redis_url],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "fleet.py"),
+            "--workers",
+            "8",
+            "--units",
+            "700",
+            "--rate",
+            "0.001",
+            "--batch",
+            "64",
+            "--budget",
+            "3.00",
+            "--chunk",
+            "50",
+            "--redis-url",
+            redis_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     # 8 × 700 wanted, 3000 affordable: every one of them used, none more
@@ -129,18 +163,23 @@ def test_worker_killed_mid_release_is_taken_over_and_settled_once(
     with Sandbox() as sb:
         server = sb.serve()
         payer, provider = sb.add_agent(balance="10.00"), sb.add_agent()
-        spec = {"to_agent_id": provider.agent_id, "rate": "0.001", "batch": 100,
-                "budget": "1.00", "stream_id": uuid.uuid4().hex}
-        client = EscrowClient(payer.api_key, base_url=server.base_url,
-                              server_honours_idempotency=True)
+        spec = {
+            "to_agent_id": provider.agent_id,
+            "rate": "0.001",
+            "batch": 100,
+            "budget": "1.00",
+            "stream_id": uuid.uuid4().hex,
+        }
+        client = EscrowClient(
+            payer.api_key, base_url=server.base_url, server_honours_idempotency=True
+        )
         store = RedisStore(redis_url, prefix=redis_prefix, intent_lease=0.5)
         closer = PaymentStream(client, store=store, background=False, **spec)
         closer.open()
         ready = CTX.Queue()
         doomed = CTX.Process(
             target=_doomed_worker,
-            args=(server.base_url, payer.api_key, redis_url, redis_prefix, spec, after_send,
-                  ready),
+            args=(server.base_url, payer.api_key, redis_url, redis_prefix, spec, after_send, ready),
         )
         doomed.start()
         pid = ready.get(timeout=30)

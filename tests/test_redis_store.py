@@ -65,9 +65,21 @@ def test_same_answers_as_memory_store(make_store):
         store.set_escrow("s1", "esc_1")
         with pytest.raises(InvalidInput):
             store.set_escrow("s1", "esc_other")
-    steps = [("add", 120), ("claim", 100), ("claim", 1), ("settle", None), ("add", 130),
-             ("budget", 1), ("claim", 100), ("settle", None), ("final", None), ("closed", 1),
-             ("settle", None), ("mark", 0), ("mark", 5)]
+    steps = [
+        ("add", 120),
+        ("claim", 100),
+        ("claim", 1),
+        ("settle", None),
+        ("add", 130),
+        ("budget", 1),
+        ("claim", 100),
+        ("settle", None),
+        ("final", None),
+        ("closed", 1),
+        ("settle", None),
+        ("mark", 0),
+        ("mark", 5),
+    ]
     for op, arg in steps:
         answers = []
         for store in (red, mem):
@@ -220,9 +232,7 @@ class DroppingProxy:
                     last[0] = data.upper()
                 else:
                     with self._lock:
-                        drop = self._to_drop > 0 and (
-                            b"EVALSHA" in last[0] or b"INCR" in last[0]
-                        )
+                        drop = self._to_drop > 0 and (b"EVALSHA" in last[0] or b"INCR" in last[0])
                         if drop:
                             self._to_drop -= 1
                             self.dropped += 1
@@ -249,7 +259,9 @@ def proxy(redis_url: str) -> Iterator[DroppingProxy]:
     p.close()
 
 
-def test_the_trap_is_real_a_dropped_answer_hides_an_executed_command(proxy, redis_prefix, redis_url):
+def test_the_trap_is_real_a_dropped_answer_hides_an_executed_command(
+    proxy, redis_prefix, redis_url
+):
     """Control: through the proxy, INCR runs on the server but the client sees an error."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry

@@ -98,7 +98,9 @@ class SandboxMachine(RuleBasedStateMachine):
 
     # -- rules ---------------------------------------------------------------------------
 
-    @initialize(target=agents, balances=st.lists(st.integers(0, 20_000_000), min_size=2, max_size=3))
+    @initialize(
+        target=agents, balances=st.lists(st.integers(0, 20_000_000), min_size=2, max_size=3)
+    )
     def start(self, balances: list[int]):
         return multiple(*[self._add(b) for b in balances])
 
@@ -106,8 +108,10 @@ class SandboxMachine(RuleBasedStateMachine):
         agent = self.sb.add_agent(format_usdc(balance))
         self.keys[agent.agent_id] = agent
         self.clients[agent.agent_id] = httpx.Client(
-            transport=self.sb.transport(), base_url=BASE,
-            headers={"Authorization": f"Bearer {agent.api_key}"}, trust_env=False,
+            transport=self.sb.transport(),
+            base_url=BASE,
+            headers={"Authorization": f"Bearer {agent.api_key}"},
+            trust_env=False,
         )
         self.balances[agent.agent_id] = balance
         self.minted += balance
@@ -130,12 +134,21 @@ class SandboxMachine(RuleBasedStateMachine):
             self.balances[agent] += 1_000_000
             self.minted += 1_000_000
 
-    @rule(target=escrows, payer=agents, payee=agents,
-          amount=st.integers(900_000, 8_000_000), hours=st.none() | st.integers(1, 48))
+    @rule(
+        target=escrows,
+        payer=agents,
+        payee=agents,
+        amount=st.integers(900_000, 8_000_000),
+        hours=st.none() | st.integers(1, 48),
+    )
     def create(self, payer: str, payee: str, amount: int, hours: int | None):
         self.apply_due()
-        body = {"to_agent_id": payee, "amount": format_usdc(amount), "memo": "",
-                "auto_release_hours": hours}
+        body = {
+            "to_agent_id": payee,
+            "amount": format_usdc(amount),
+            "memo": "",
+            "auto_release_hours": hours,
+        }
         r = self.post(payer, "/escrow", body)
         if payer == payee:
             assert r.status_code == 400

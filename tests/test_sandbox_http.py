@@ -60,14 +60,33 @@ def test_escrow_answers_have_exactly_the_contract_fields(sb: Sandbox, trio) -> N
         assert r.status_code == 201
         esc = r.json()
         assert set(esc) == {
-            "escrow_id", "status", "amount", "released", "remaining", "refunded", "to_agent_id",
-            "from_agent_id", "memo", "created_at", "auto_release_at", "releases", "release_count",
+            "escrow_id",
+            "status",
+            "amount",
+            "released",
+            "remaining",
+            "refunded",
+            "to_agent_id",
+            "from_agent_id",
+            "memo",
+            "created_at",
+            "auto_release_at",
+            "releases",
+            "release_count",
         }
         assert (esc["releases"], esc["release_count"]) == ([], 0)
         assert (esc["status"], esc["amount"], esc["released"], esc["remaining"]) == (
-            "locked", "10.00", "0.00", "10.00")
-        assert esc["created_at"].endswith("Z") and esc["auto_release_at"] == "2026-01-02T00:00:00.000Z"
-        r = c.post(f"/escrow/{esc['escrow_id']}/release-partial", json={"amount": "0.0015", "memo": "b1"})
+            "locked",
+            "10.00",
+            "0.00",
+            "10.00",
+        )
+        assert (
+            esc["created_at"].endswith("Z") and esc["auto_release_at"] == "2026-01-02T00:00:00.000Z"
+        )
+        r = c.post(
+            f"/escrow/{esc['escrow_id']}/release-partial", json={"amount": "0.0015", "memo": "b1"}
+        )
         rel = r.json()["releases"][0]
         assert set(rel) == {"release_id", "amount", "fee", "memo", "created_at"}
         assert (rel["amount"], rel["fee"], rel["memo"]) == ("0.0015", "0.000015", "b1")
@@ -102,8 +121,12 @@ def test_every_answer_carries_a_fresh_request_id_and_json(sb: Sandbox, trio) -> 
 
 def test_unauthorized(sb: Sandbox, trio) -> None:
     payer, _, _ = trio
-    for headers in ({}, {"Authorization": "Bearer pf_test_unknownkey123"},
-                    {"Authorization": f"Basic {payer.api_key}"}, {"Authorization": "Bearer"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer pf_test_unknownkey123"},
+        {"Authorization": f"Basic {payer.api_key}"},
+        {"Authorization": "Bearer"},
+    ):
         with api(sb, **headers) as c:
             r = c.get("/escrow")
         assert error(r) == (401, "unauthorized")
@@ -115,7 +138,10 @@ def test_not_found(sb: Sandbox, trio) -> None:
     with api(sb, payer) as c:
         assert error(c.get("/escrow/esc_nope")) == (404, "not_found")
         assert error(c.get("/escrow/bad%20id")) == (404, "not_found")
-        assert error(c.post("/escrow/esc_nope/release-partial", json={"amount": "1"})) == (404, "not_found")
+        assert error(c.post("/escrow/esc_nope/release-partial", json={"amount": "1"})) == (
+            404,
+            "not_found",
+        )
         assert error(c.post("/escrow/esc_nope/refund", json={})) == (404, "not_found")
         assert error(create(c, "agent_nobody")) == (404, "not_found")
         assert error(create(c, "pf_fee")) == (404, "not_found")  # the fee account is no agent
@@ -129,7 +155,10 @@ def test_forbidden_unless_payer(sb: Sandbox, trio) -> None:
         eid = create(c, provider.agent_id).json()["escrow_id"]
     for who in (provider, stranger):
         with api(sb, who) as c:
-            assert error(c.post(f"/escrow/{eid}/release-partial", json={"amount": "1"})) == (403, "forbidden")
+            assert error(c.post(f"/escrow/{eid}/release-partial", json={"amount": "1"})) == (
+                403,
+                "forbidden",
+            )
             assert error(c.post(f"/escrow/{eid}/refund", json={})) == (403, "forbidden")
     with api(sb, stranger) as c:
         assert error(c.get(f"/escrow/{eid}")) == (403, "forbidden")
@@ -151,8 +180,14 @@ def test_invalid_status_after_close(sb: Sandbox, trio) -> None:
     payer, provider, _ = trio
     with api(sb, payer) as c:
         eid = create(c, provider.agent_id, "2.00").json()["escrow_id"]
-        assert c.post(f"/escrow/{eid}/release-partial", json={"amount": "2.00"}).json()["status"] == "released"
-        assert error(c.post(f"/escrow/{eid}/release-partial", json={"amount": "0.01"})) == (409, "invalid_status")
+        assert (
+            c.post(f"/escrow/{eid}/release-partial", json={"amount": "2.00"}).json()["status"]
+            == "released"
+        )
+        assert error(c.post(f"/escrow/{eid}/release-partial", json={"amount": "0.01"})) == (
+            409,
+            "invalid_status",
+        )
         assert error(c.post(f"/escrow/{eid}/refund", json={})) == (409, "invalid_status")
         eid2 = create(c, provider.agent_id, "2.00").json()["escrow_id"]
         assert c.post(f"/escrow/{eid2}/refund").status_code == 200  # empty body is {}
@@ -192,7 +227,10 @@ def test_invalid_amount_on_release(sb: Sandbox, trio) -> None:
             r = c.post(f"/escrow/{eid}/release-partial", json={"amount": amount})
             assert error(r) == (400, "invalid_amount"), amount
         raw = b'{"amount": 0.5}'
-        assert error(c.post(f"/escrow/{eid}/release-partial", content=raw)) == (400, "invalid_amount")
+        assert error(c.post(f"/escrow/{eid}/release-partial", content=raw)) == (
+            400,
+            "invalid_amount",
+        )
     assert sb.escrow(eid).released == 0
 
 
@@ -234,8 +272,14 @@ def test_more_invalid_requests(sb: Sandbox, trio) -> None:
         assert error(create(c, payer.agent_id)) == (400, "invalid_request")  # to oneself
         assert error(create(c, provider.agent_id, memo="x" * 1001)) == (400, "invalid_request")
         eid = create(c, provider.agent_id).json()["escrow_id"]
-        assert error(c.post(f"/escrow/{eid}/refund", json={"amount": "1"})) == (400, "invalid_request")
-        assert error(c.post("/faucet/claim", json={"agent_casino_id": "x"})) == (400, "invalid_request")
+        assert error(c.post(f"/escrow/{eid}/refund", json={"amount": "1"})) == (
+            400,
+            "invalid_request",
+        )
+        assert error(c.post("/faucet/claim", json={"agent_casino_id": "x"})) == (
+            400,
+            "invalid_request",
+        )
         r = c.delete(f"/escrow/{eid}")
         assert r.status_code == 405 and r.headers["allow"] == "GET"
         assert error(c.get("/faucet/claim"))[0] == 405
@@ -246,8 +290,9 @@ def test_more_invalid_requests(sb: Sandbox, trio) -> None:
 
 def test_oversized_bodies_are_refused_unread(sb: Sandbox, trio) -> None:
     payer, provider, _ = trio
-    body = json.dumps({"to_agent_id": provider.agent_id, "amount": "1.00",
-                       "memo": "x" * 70_000}).encode()
+    body = json.dumps(
+        {"to_agent_id": provider.agent_id, "amount": "1.00", "memo": "x" * 70_000}
+    ).encode()
     with api(sb, payer) as c:
         r = c.post("/escrow", content=body)
     assert error(r) == (413, "invalid_request")
@@ -269,8 +314,11 @@ def test_same_key_same_body_replays_the_first_answer(sb: Sandbox, trio) -> None:
         eid = create(c, provider.agent_id).json()["escrow_id"]
         h = {"Idempotency-Key": "rel-1"}
         first = c.post(f"/escrow/{eid}/release-partial", json={"amount": "1.00"}, headers=h)
-        again = c.post(f"/escrow/{eid}/release-partial", content=b'{ "amount" : "1.00" }',
-                       headers={**h, "Content-Type": "application/json"})
+        again = c.post(
+            f"/escrow/{eid}/release-partial",
+            content=b'{ "amount" : "1.00" }',
+            headers={**h, "Content-Type": "application/json"},
+        )
     assert first.headers["idempotency-supported"] == "true"
     assert "idempotent-replayed" not in first.headers
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
@@ -306,7 +354,10 @@ def test_same_key_other_body_is_422(sb: Sandbox, trio) -> None:
     with api(sb, payer) as c:
         eid = create(c, provider.agent_id).json()["escrow_id"]
         h = {"Idempotency-Key": "k"}
-        assert c.post(f"/escrow/{eid}/release-partial", json={"amount": "1.00"}, headers=h).status_code == 200
+        assert (
+            c.post(f"/escrow/{eid}/release-partial", json={"amount": "1.00"}, headers=h).status_code
+            == 200
+        )
         r = c.post(f"/escrow/{eid}/release-partial", json={"amount": "2.00"}, headers=h)
         assert error(r) == (422, "idempotency_key_reused")
         r = c.post(f"/escrow/{eid}/refund", json={}, headers=h)  # other path, same key
@@ -320,11 +371,17 @@ def test_keys_are_scoped_per_api_key(sb: Sandbox, trio) -> None:
     with api(sb, payer) as c:
         a = create(c, provider.agent_id, "1.00", memo="a")
     with api(sb, other) as c:
-        b = c.post("/escrow", json={"to_agent_id": provider.agent_id, "amount": "1.00", "memo": "a"},
-                   headers=h)
+        b = c.post(
+            "/escrow",
+            json={"to_agent_id": provider.agent_id, "amount": "1.00", "memo": "a"},
+            headers=h,
+        )
     with api(sb, payer) as c:
-        c2 = c.post("/escrow", json={"to_agent_id": provider.agent_id, "amount": "1.00", "memo": "a"},
-                    headers=h)
+        c2 = c.post(
+            "/escrow",
+            json={"to_agent_id": provider.agent_id, "amount": "1.00", "memo": "a"},
+            headers=h,
+        )
     assert b.status_code == 201 and "idempotent-replayed" not in b.headers
     assert c2.status_code == 201 and a.json()["escrow_id"] != c2.json()["escrow_id"]
 
@@ -441,8 +498,11 @@ def test_sixteen_threads_releasing_lose_no_update(sb: Sandbox) -> None:
         with api(sb, payer) as c:
             barrier.wait()
             for i in range(40):
-                r = c.post(f"/escrow/{eid}/release-partial", json={"amount": "0.01"},
-                           headers={"Idempotency-Key": f"{n}-{i}"})
+                r = c.post(
+                    f"/escrow/{eid}/release-partial",
+                    json={"amount": "0.01"},
+                    headers={"Idempotency-Key": f"{n}-{i}"},
+                )
                 statuses.append(r.status_code)
         return statuses
 
@@ -502,11 +562,16 @@ async def test_async_clients_share_the_same_transport(sb: Sandbox) -> None:
     async with httpx.AsyncClient(transport=sb.transport(), base_url=BASE, headers=headers) as c:
         r = await c.post("/escrow", json={"to_agent_id": provider.agent_id, "amount": "10.00"})
         eid = r.json()["escrow_id"]
-        answers = await asyncio.gather(*[
-            c.post(f"/escrow/{eid}/release-partial", json={"amount": "0.10"},
-                   headers={"Idempotency-Key": f"a{i % 50}"})
-            for i in range(100)
-        ])
+        answers = await asyncio.gather(
+            *[
+                c.post(
+                    f"/escrow/{eid}/release-partial",
+                    json={"amount": "0.10"},
+                    headers={"Idempotency-Key": f"a{i % 50}"},
+                )
+                for i in range(100)
+            ]
+        )
         codes = sorted(a.status_code for a in answers)
         assert set(codes) <= {200, 409}
         assert codes.count(200) >= 50

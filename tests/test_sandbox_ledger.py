@@ -204,8 +204,9 @@ def test_audit_reports_a_corrupted_ledger(sb: Sandbox) -> None:
     report = sb.audit()
     assert report.ok and report.minted == report.balances + report.fees + report.escrowed
     with sb._db.transaction() as conn:  # a bug elsewhere could do this; audit must notice
-        conn.execute("UPDATE accounts SET balance = balance + 1 WHERE account_id = ?",
-                     (provider.agent_id,))
+        conn.execute(
+            "UPDATE accounts SET balance = balance + 1 WHERE account_id = ?", (provider.agent_id,)
+        )
     bad = sb.audit(raise_on_error=False)
     assert not bad.ok and "not conserved" in bad.problems[0]
     with pytest.raises(LedgerInvariantError) as info:

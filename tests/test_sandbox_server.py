@@ -66,12 +66,18 @@ def raw_http(port: int, request: bytes) -> bytes:
 
 def test_oversized_and_chunked_bodies_are_refused_unread(sb: Sandbox) -> None:
     with sb.serve() as server:
-        big = raw_http(server.port, b"POST /api/v1/escrow HTTP/1.1\r\nHost: x\r\n"
-                       b"Content-Length: 10000000\r\n\r\n")
-        chunked = raw_http(server.port, b"POST /api/v1/escrow HTTP/1.1\r\nHost: x\r\n"
-                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
-        bad_len = raw_http(server.port, b"POST /api/v1/escrow HTTP/1.1\r\nHost: x\r\n"
-                           b"Content-Length: -5\r\n\r\n")
+        big = raw_http(
+            server.port,
+            b"POST /api/v1/escrow HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+        )
+        chunked = raw_http(
+            server.port,
+            b"POST /api/v1/escrow HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+        bad_len = raw_http(
+            server.port, b"POST /api/v1/escrow HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"
+        )
     assert big.startswith(b"HTTP/1.1 413") and b'"invalid_request"' in big
     assert b"X-Request-Id" in big or b"x-request-id" in big
     assert chunked.startswith(b"HTTP/1.1 411")
@@ -81,9 +87,11 @@ def test_oversized_and_chunked_bodies_are_refused_unread(sb: Sandbox) -> None:
 def cut_off_post(port: int, path: str, api_key: str, key: str, body: bytes, sent: int) -> bytes:
     """A client that dies mid-request: headers (the full Content-Length) and ``sent`` bytes of
     the body, then the connection ends. Returns whatever the server answered before closing."""
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\n"
-            f"Content-Type: application/json\r\nIdempotency-Key: {key}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\n"
+        f"Content-Type: application/json\r\nIdempotency-Key: {key}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(head + body[:sent])
         s.shutdown(socket.SHUT_WR)  # as a killed process's socket: EOF where the body was due
@@ -102,16 +110,19 @@ def test_a_body_cut_off_by_a_dying_client_is_never_dispatched(sb: Sandbox, sent:
     with sb.serve() as server:
         headers = {"Authorization": f"Bearer {payer.api_key}"}
         with httpx.Client(base_url=server.base_url, headers=headers) as c:
-            eid = c.post("/escrow", json={"to_agent_id": provider.agent_id,
-                                          "amount": "4.00"}).json()["escrow_id"]
+            eid = c.post(
+                "/escrow", json={"to_agent_id": provider.agent_id, "amount": "4.00"}
+            ).json()["escrow_id"]
             path = f"/escrow/{eid}/release-partial"
             body = b'{"amount":"1.00","memo":"batch:units 1-10"}'
-            answer = cut_off_post(server.port, "/api/v1" + path, payer.api_key, "cut-1", body,
-                                  sent)
+            answer = cut_off_post(server.port, "/api/v1" + path, payer.api_key, "cut-1", body, sent)
             assert answer == b""  # no request, no answer: the connection is just dropped
             assert c.get(f"/escrow/{eid}").json()["released"] == "0.00"
-            ok = c.post(path, content=body, headers={"Idempotency-Key": "cut-1",
-                                                     "Content-Type": "application/json"})
+            ok = c.post(
+                path,
+                content=body,
+                headers={"Idempotency-Key": "cut-1", "Content-Type": "application/json"},
+            )
             assert ok.status_code == 200, ok.text
             assert ok.json()["released"] == "1.00"
     sb.audit()
@@ -141,8 +152,9 @@ def test_close_stops_serving_and_leaves_no_thread(sb: Sandbox) -> None:
     a = sb.add_agent()
     before = set(threading.enumerate())
     server = sb.serve()
-    client = httpx.Client(base_url=server.base_url,
-                          headers={"Authorization": f"Bearer {a.api_key}"})
+    client = httpx.Client(
+        base_url=server.base_url, headers={"Authorization": f"Bearer {a.api_key}"}
+    )
     assert client.get("/escrow").status_code == 200  # leaves a keep-alive connection open
     server.close()
     server.close()
@@ -168,13 +180,16 @@ def test_concurrent_requests_over_the_socket(sb: Sandbox) -> None:
     with sb.serve() as server:
         headers = {"Authorization": f"Bearer {payer.api_key}"}
         with httpx.Client(base_url=server.base_url, headers=headers) as c:
-            eid = c.post("/escrow", json={"to_agent_id": provider.agent_id,
-                                          "amount": "10.00"}).json()["escrow_id"]
+            eid = c.post(
+                "/escrow", json={"to_agent_id": provider.agent_id, "amount": "10.00"}
+            ).json()["escrow_id"]
 
         def worker(n: int) -> list[int]:
             with httpx.Client(base_url=server.base_url, headers=headers) as c:
-                return [c.post(f"/escrow/{eid}/release-partial", json={"amount": "0.05"}).status_code
-                        for _ in range(10)]
+                return [
+                    c.post(f"/escrow/{eid}/release-partial", json={"amount": "0.05"}).status_code
+                    for _ in range(10)
+                ]
 
         with ThreadPoolExecutor(16) as pool:
             codes = [s for r in pool.map(worker, range(16)) for s in r]
@@ -192,8 +207,9 @@ def test_serve_forever_prints_ids_not_keys_and_stops_on_request() -> None:
         started.append(server)
         stop.set()  # stop as soon as it is up; serve_forever returns and closes everything
 
-    serve_forever(":memory:", "127.0.0.1", 0, agents=2, balance="7", out=out, stop=stop,
-                  ready=ready)
+    serve_forever(
+        ":memory:", "127.0.0.1", 0, agents=2, balance="7", out=out, stop=stop, ready=ready
+    )
     text = out.getvalue()
     assert started and started[0].base_url in text
     assert text.count("agent agent_") == 2 and "balance 7" in text

@@ -231,7 +231,9 @@ def test_units_survive_a_dead_process(tmp_path: Path, mode: str, then: str, surv
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(
         [sys.executable, "-c", _DIE, path, cfg.stream_id, mode, "25", then],
-        check=True, env=env, timeout=60,
+        check=True,
+        env=env,
+        timeout=60,
     )
     state = store.load(cfg.stream_id)
     assert state is not None and state.units == survive

@@ -31,8 +31,7 @@ def check_ledger(agents, receipt, rate: str, units: int) -> None:
 
 @pytest.mark.parametrize("rate", RATES)
 def test_exact_totals_sync(agents, rate):
-    with PaymentStream(agents.client, agents.provider.agent_id, rate, batch=7,
-                       budget="100") as s:
+    with PaymentStream(agents.client, agents.provider.agent_id, rate, batch=7, budget="100") as s:
         n = 0
         for k in (1, 2, 3, 6, 10):
             if Decimal(rate) * (n + k) > 100:
@@ -45,8 +44,9 @@ def test_exact_totals_sync(agents, rate):
 
 @pytest.mark.parametrize("rate", RATES)
 async def test_exact_totals_async(agents, rate):
-    async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, rate, batch=7,
-                                  budget="100") as s:
+    async with AsyncPaymentStream(
+        agents.aclient, agents.provider.agent_id, rate, batch=7, budget="100"
+    ) as s:
         n = 0
         for k in (1, 2, 3, 6, 10):
             if Decimal(rate) * (n + k) > 100:
@@ -67,8 +67,9 @@ def test_budget_enforced_sync(agents):
 
 
 async def test_budget_enforced_async(agents):
-    async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "1.5",
-                                  budget="10") as s:
+    async with AsyncPaymentStream(
+        agents.aclient, agents.provider.agent_id, "1.5", budget="10"
+    ) as s:
         s.record(6)
         with pytest.raises(BudgetExhausted):
             s.record()
@@ -76,8 +77,10 @@ async def test_budget_enforced_async(agents):
 
 
 def test_32_threads_exact_and_no_double_release(agents):
-    with PaymentStream(agents.client, agents.provider.agent_id, "0.0001", batch=100,
-                       budget="100") as s:
+    with PaymentStream(
+        agents.client, agents.provider.agent_id, "0.0001", batch=100, budget="100"
+    ) as s:
+
         def work():
             for _ in range(1000):
                 s.record()
@@ -97,8 +100,10 @@ def test_32_threads_exact_and_no_double_release(agents):
 
 
 async def test_thousands_of_tasks_exact(agents):
-    async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.0001",
-                                  batch=50, budget="100") as s:
+    async with AsyncPaymentStream(
+        agents.aclient, agents.provider.agent_id, "0.0001", batch=50, budget="100"
+    ) as s:
+
         async def work():
             for _ in range(5):
                 s.record()
@@ -111,9 +116,10 @@ async def test_thousands_of_tasks_exact(agents):
 
 
 def test_context_manager_closes_on_exception_sync(agents):
-    with pytest.raises(RuntimeError), PaymentStream(
-        agents.client, agents.provider.agent_id, "0.01", budget="5"
-    ) as s:
+    with (
+        pytest.raises(RuntimeError),
+        PaymentStream(agents.client, agents.provider.agent_id, "0.01", budget="5") as s,
+    ):
         s.record(10)
         raise RuntimeError("boom")
     assert s.closed and s.receipt.paid == Decimal("0.10") and s.receipt.refunded == Decimal("4.9")
@@ -123,16 +129,18 @@ def test_context_manager_closes_on_exception_sync(agents):
 
 async def test_context_manager_closes_on_exception_async(agents):
     with pytest.raises(RuntimeError):
-        async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.01",
-                                      budget="5") as s:
+        async with AsyncPaymentStream(
+            agents.aclient, agents.provider.agent_id, "0.01", budget="5"
+        ) as s:
             s.record(10)
             raise RuntimeError("boom")
     assert s.closed and s.receipt.paid == Decimal("0.10")
 
 
 def test_close_twice_same_receipt_and_memos(agents):
-    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=100, budget="1",
-                      background=False).open()
+    s = PaymentStream(
+        agents.client, agents.provider.agent_id, "0.001", batch=100, budget="1", background=False
+    ).open()
     s.record(150)
     s.pump()
     s.record(60)
@@ -144,8 +152,9 @@ def test_close_twice_same_receipt_and_memos(agents):
 
 
 def test_status_and_receipt_table(agents):
-    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=100,
-                      budget="10", background=False).open()
+    s = PaymentStream(
+        agents.client, agents.provider.agent_id, "0.001", batch=100, budget="10", background=False
+    ).open()
     s.record(250)
     s.pump()
     st = s.status()
@@ -154,15 +163,27 @@ def test_status_and_receipt_table(agents):
     assert s.status().pending_units == 5 and s.status().remaining == Decimal("9.75")
     r = s.close()
     text = str(r)
-    for label, value in [("units", "255"), ("paid", "0.255 USDC"), ("fee (1%)", "0.00255"),
-                         ("provider net", "0.25245"), ("refunded", "9.745")]:
+    for label, value in [
+        ("units", "255"),
+        ("paid", "0.255 USDC"),
+        ("fee (1%)", "0.00255"),
+        ("provider net", "0.25245"),
+        ("refunded", "9.745"),
+    ]:
         assert any(label in line and value in line for line in text.splitlines()), label
 
 
 def test_time_policy_with_fake_clock(agents):
     now = [0.0]
-    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", every=60,
-                      budget="10", background=False, clock=lambda: now[0]).open()
+    s = PaymentStream(
+        agents.client,
+        agents.provider.agent_id,
+        "0.001",
+        every=60,
+        budget="10",
+        background=False,
+        clock=lambda: now[0],
+    ).open()
     s.record(3)
     s.pump()
     assert s.status().releases == 0
@@ -198,8 +219,9 @@ def test_open_is_idempotent_and_validates(agents):
 def test_clock_bills_time_and_stops_on_heartbeat(agents):
     t = [0]
     alive = [True]
-    s = PaymentStream(agents.client, agents.provider.agent_id, "0.50", per="hour",
-                      budget="4", every=3600).open()
+    s = PaymentStream(
+        agents.client, agents.provider.agent_id, "0.50", per="hour", budget="4", every=3600
+    ).open()
     c = s.clock(heartbeat=lambda: alive[0], every=60, source=lambda: t[0], background=False)
     c.start()
     t[0] = 3600 * 10**9  # one hour
@@ -214,8 +236,9 @@ def test_clock_bills_time_and_stops_on_heartbeat(agents):
 
 async def test_async_clock_bills_until_stopped(agents):
     t = [0]
-    s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.002", per="second",
-                           budget="1")
+    s = AsyncPaymentStream(
+        agents.aclient, agents.provider.agent_id, "0.002", per="second", budget="1"
+    )
     async with s, s.clock(every=1, source=lambda: t[0], background=False) as c:
         t[0] = 1_500_000_000 + 123  # 1.5 s
         assert await c.tick()
@@ -225,8 +248,7 @@ async def test_async_clock_bills_until_stopped(agents):
 
 def test_clock_stops_at_budget(agents):
     t = [0]
-    with PaymentStream(agents.client, agents.provider.agent_id, "1", per="second",
-                       budget="2") as s:
+    with PaymentStream(agents.client, agents.provider.agent_id, "1", per="second", budget="2") as s:
         c = s.clock(source=lambda: t[0], background=False).start()
         t[0] = 5 * 10**9
         assert not c.tick()
@@ -258,8 +280,9 @@ def _store_for(kind: str, tmp_path, request):
         return str(tmp_path / "meter.db")
     from pf_metered.meter.redis_store import RedisStore
 
-    return RedisStore(request.getfixturevalue("redis_url"),
-                      prefix=request.getfixturevalue("redis_prefix"))
+    return RedisStore(
+        request.getfixturevalue("redis_url"), prefix=request.getfixturevalue("redis_prefix")
+    )
 
 
 class _StopAfterClaim:
@@ -288,8 +311,7 @@ class _StopAfterClaim:
 @pytest.mark.parametrize("where", ["batch", "final"])
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_claim_the_meter_never_recorded_is_adopted(agents, tmp_path, request, kind, where,
-                                                     mode):
+def test_a_claim_the_meter_never_recorded_is_adopted(agents, tmp_path, request, kind, where, mode):
     """Stopped between the store's commit of an intent and the meter's record of it, a live
     stream must still send that release (its units paid, not refunded) and leave nothing
     pending: close() and the sender adopt the pending intent this process owns."""
@@ -376,8 +398,7 @@ def test_read_back_finds_a_release_whose_memo_carries_the_key_tag(mode):
         lose = LoseReleaseAndReadBack(sb.transport())
         kw = dict(batch=10, budget="1", background=False)
         if mode == "sync":
-            client = sb.client(payer.api_key, transport=lose, max_retries=0,
-                               _sleep=lambda s: None)
+            client = sb.client(payer.api_key, transport=lose, max_retries=0, _sleep=lambda s: None)
             s = PaymentStream(client, provider.agent_id, "0.01", **kw).open()
             s.record(10)
             lose.armed = True
@@ -386,8 +407,9 @@ def test_read_back_finds_a_release_whose_memo_carries_the_key_tag(mode):
         else:
 
             async def run():
-                client = sb.async_client(payer.api_key, transport=lose, max_retries=0,
-                                         _sleep=no_sleep)
+                client = sb.async_client(
+                    payer.api_key, transport=lose, max_retries=0, _sleep=no_sleep
+                )
                 s = AsyncPaymentStream(client, provider.agent_id, "0.01", **kw)
                 await s.open()
                 s.record(10)
@@ -423,10 +445,14 @@ def test_record_and_metered_calls_never_wait_on_a_release_in_flight(tmp_path, st
                 go_on.wait(20)
 
         sb.before_handle = hang
-        st = {"memory": None, "sqlite": SQLiteStore(tmp_path / "m.db"),
-              "sqlite-group": SQLiteStore(tmp_path / "g.db", durability="group")}[store]
-        s = PaymentStream(sb.client(payer.api_key), provider.agent_id, "0.001", batch=10,
-                          budget="10", store=st).open()
+        st = {
+            "memory": None,
+            "sqlite": SQLiteStore(tmp_path / "m.db"),
+            "sqlite-group": SQLiteStore(tmp_path / "g.db", durability="group"),
+        }[store]
+        s = PaymentStream(
+            sb.client(payer.api_key), provider.agent_id, "0.001", batch=10, budget="10", store=st
+        ).open()
 
         @metered(stream=s)
         def call() -> int:
@@ -461,8 +487,7 @@ def test_awkward_rate_spends_the_budget_exactly_and_never_more(agents, mode):
     micro-USDC, and a 4th unit is refused before it is counted."""
     rate = "0.333333333"
     if mode == "sync":
-        with PaymentStream(agents.client, agents.provider.agent_id, rate, batch=1,
-                           budget="1") as s:
+        with PaymentStream(agents.client, agents.provider.agent_id, rate, batch=1, budget="1") as s:
             for _ in range(3):
                 s.record()
                 s.flush()
@@ -472,8 +497,9 @@ def test_awkward_rate_spends_the_budget_exactly_and_never_more(agents, mode):
     else:
 
         async def run():
-            async with AsyncPaymentStream(agents.aclient, agents.provider.agent_id, rate,
-                                          batch=1, budget="1") as s:
+            async with AsyncPaymentStream(
+                agents.aclient, agents.provider.agent_id, rate, batch=1, budget="1"
+            ) as s:
                 for _ in range(3):
                     s.record()
                     await s.flush()
@@ -484,9 +510,7 @@ def test_awkward_rate_spends_the_budget_exactly_and_never_more(agents, mode):
         receipt = asyncio.run(run())
     check_ledger(agents, receipt, rate, 3)
     escrow = agents.escrow(receipt.escrow_id)
-    assert [r.amount for r in escrow.releases] == [Decimal("0.333333")] * 3 + [
-        Decimal("0.000001")
-    ]
+    assert [r.amount for r in escrow.releases] == [Decimal("0.333333")] * 3 + [Decimal("0.000001")]
     assert escrow.releases[-1].memo == "final:rounding"
     assert escrow.released == Decimal("1") and escrow.refunded == 0
 
@@ -498,8 +522,7 @@ async def test_async_clock_stops_billing_when_the_heartbeat_fails(agents):
     async def heartbeat() -> bool:
         return next(beats)
 
-    s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.50", per="hour",
-                           budget="4")
+    s = AsyncPaymentStream(agents.aclient, agents.provider.agent_id, "0.50", per="hour", budget="4")
     async with s:
         c = s.clock(heartbeat=heartbeat, every=60, source=lambda: t[0], background=False)
         await c.start()
@@ -519,8 +542,9 @@ def test_a_heartbeat_that_raises_stops_billing(agents):
             raise ConnectionError("provider unreachable")
         return True
 
-    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", per="second",
-                      budget="1").open()
+    s = PaymentStream(
+        agents.client, agents.provider.agent_id, "0.001", per="second", budget="1"
+    ).open()
     with s.clock(heartbeat=heartbeat, source=lambda: t[0], background=False) as c:
         t[0] = 10**9
         assert c.tick()
@@ -535,8 +559,7 @@ def test_an_unreachable_store_does_not_stop_the_background_sender(agents):
     the sender: it backs off and sends the batch once the store answers again."""
     from pf_metered.meter.redis_store import StoreUnavailable
 
-    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=10,
-                      budget="1").open()
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=10, budget="1").open()
     real = s.store.claim
     failed = threading.Event()
 
@@ -575,8 +598,9 @@ def test_a_budget_under_the_escrow_minimum_is_refused_at_construction(agents, kw
 
     store = MemoryStore()
     with pytest.raises(InvalidInput) as info:
-        PaymentStream(agents.client, agents.provider.agent_id, "0.001", batch=10, store=store,
-                      **kwargs)
+        PaymentStream(
+            agents.client, agents.provider.agent_id, "0.001", batch=10, store=store, **kwargs
+        )
     assert info.value.field == "budget"
     assert "at least 1.00" in str(info.value) and shown in str(info.value)
     assert not agents.client.list_escrows()  # nothing was locked

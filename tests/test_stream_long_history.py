@@ -114,8 +114,13 @@ def test_answers_stay_small_however_long_the_history() -> None:
         assert (refunded.json()["releases"], refunded.json()["release_count"]) == ([], 5_000)
         # the page call's refusals
         for query, status in [
-            ("limit=0", 400), ("limit=1001", 400), ("offset=-1", 400), ("offset=x", 400),
-            ("page=2", 400), ("offset=1&offset=2", 400), ("offset=9000", 200),
+            ("limit=0", 400),
+            ("limit=1001", 400),
+            ("offset=-1", 400),
+            ("offset=x", 400),
+            ("page=2", 400),
+            ("offset=1&offset=2", 400),
+            ("offset=9000", 200),
         ]:
             r = c.get(f"/escrow/{eid}/releases?{query}")
             assert r.status_code == status, (query, r.text)

@@ -101,8 +101,9 @@ def _stream(world: World, store: Any, sid: str, **kw: Any) -> PaymentStream:
     kw.setdefault("batch", 100)
     kw.setdefault("background", False)
     kw.setdefault("budget", "1.00")
-    return PaymentStream(world.client(), world.provider.agent_id, RATE, store=store,
-                         stream_id=sid, **kw)
+    return PaymentStream(
+        world.client(), world.provider.agent_id, RATE, store=store, stream_id=sid, **kw
+    )
 
 
 def _releases(world: World) -> list[str]:
@@ -323,11 +324,23 @@ def test_two_async_closers_one_refund_after_the_final_release(world, tmp_path, k
     sid = uuid.uuid4().hex
 
     async def main() -> tuple[Any, Any]:
-        clients = [AsyncCountingClient(world.sandbox.async_client(world.payer.api_key), world)
-                   for _ in range(2)]
-        a, b = (AsyncPaymentStream(c, world.provider.agent_id, RATE, budget="1.00", batch=100,
-                                   store=s, stream_id=sid, background=False)
-                for c, s in zip(clients, stores, strict=True))
+        clients = [
+            AsyncCountingClient(world.sandbox.async_client(world.payer.api_key), world)
+            for _ in range(2)
+        ]
+        a, b = (
+            AsyncPaymentStream(
+                c,
+                world.provider.agent_id,
+                RATE,
+                budget="1.00",
+                batch=100,
+                store=s,
+                stream_id=sid,
+                background=False,
+            )
+            for c, s in zip(clients, stores, strict=True)
+        )
         await a.open()
         await b.open()
         a.record(120)
@@ -400,10 +413,17 @@ def test_a_closer_that_died_before_refunding_is_not_awaited_forever(world, two_s
     else:
 
         async def close_b() -> None:
-            bb = AsyncPaymentStream(world.sandbox.async_client(world.payer.api_key),
-                                    world.provider.agent_id, RATE, budget="1.00", batch=100,
-                                    store=store_b, stream_id=sid, background=False,
-                                    close_wait=0.05)
+            bb = AsyncPaymentStream(
+                world.sandbox.async_client(world.payer.api_key),
+                world.provider.agent_id,
+                RATE,
+                budget="1.00",
+                batch=100,
+                store=store_b,
+                stream_id=sid,
+                background=False,
+                close_wait=0.05,
+            )
             await bb.open()
             with pytest.raises(StreamClosed, match="close_wait"):
                 await bb.close()

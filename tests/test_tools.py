@@ -75,14 +75,18 @@ def test_caps_parse_at_construction():
 
 
 def test_stream_caps(pf_world):
-    ctx = ToolContext(pf_world.client, caps=Caps(max_budget="5", max_rate="0.01",
-                                                  max_total="6", max_open_streams=2))
+    ctx = ToolContext(
+        pf_world.client,
+        caps=Caps(max_budget="5", max_rate="0.01", max_total="6", max_open_streams=2),
+    )
     p = pf_world.provider.agent_id
     assert error_of(ctx, "stream_open", provider=p, rate="0.02", budget="1").kind == "cap_exceeded"
     err = error_of(ctx, "stream_open", provider=p, rate="0.01", budget="5.000001")
     assert err.kind == "cap_exceeded" and "5.00" in str(err)
     # max_units implies a budget: 0.01 x 501 = 5.01 > 5
-    assert error_of(ctx, "stream_open", provider=p, rate="0.01", max_units=501).kind == "cap_exceeded"
+    assert (
+        error_of(ctx, "stream_open", provider=p, rate="0.01", max_units=501).kind == "cap_exceeded"
+    )
     call(ctx, "stream_open", provider=p, rate="0.01", budget="4")
     err = error_of(ctx, "stream_open", provider=p, rate="0.01", budget="3")
     assert err.kind == "cap_exceeded" and "2.00 USDC left" in str(err)
@@ -103,7 +107,10 @@ def test_escrow_caps_and_allowed_providers(pf_world):
     assert error_of(ctx, "escrow_create", to_agent_id=p, amount="2.01").kind == "cap_exceeded"
     err = error_of(ctx, "escrow_create", to_agent_id="agent_evil", amount="1")
     assert err.kind == "cap_exceeded" and "agent_evil" in str(err)
-    assert error_of(ctx, "stream_open", provider="agent_evil", rate="1", budget="1").kind == "cap_exceeded"
+    assert (
+        error_of(ctx, "stream_open", provider="agent_evil", rate="1", budget="1").kind
+        == "cap_exceeded"
+    )
     assert call(ctx, "escrow_create", to_agent_id=p, amount="2")["amount"] == "2.00"
     assert pf_world.balance() == Decimal("98")
 
@@ -118,11 +125,18 @@ def test_allowed_tools_refused_at_call_time(pf_world):
 _invented = st.fixed_dictionaries(
     {"provider": st.sampled_from(["P", "agent_x"])},
     optional={
-        "rate": st.one_of(st.decimals(min_value=0, max_value=10, places=6).map(str),
-                          st.floats(min_value=0, max_value=10), st.integers(-5, 10),
-                          st.text(max_size=6)),
-        "budget": st.one_of(st.decimals(min_value=0, max_value=100, places=7).map(str),
-                            st.integers(-5, 1000), st.floats(allow_nan=True), st.none()),
+        "rate": st.one_of(
+            st.decimals(min_value=0, max_value=10, places=6).map(str),
+            st.floats(min_value=0, max_value=10),
+            st.integers(-5, 10),
+            st.text(max_size=6),
+        ),
+        "budget": st.one_of(
+            st.decimals(min_value=0, max_value=100, places=7).map(str),
+            st.integers(-5, 1000),
+            st.floats(allow_nan=True),
+            st.none(),
+        ),
         "max_units": st.one_of(st.integers(-5, 10**7), st.none()),
         "batch": st.one_of(st.integers(-1, 50), st.none()),
         "budget_override": st.just("1000"),
@@ -130,14 +144,18 @@ _invented = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(invented=st.lists(_invented, min_size=1, max_size=6))
 def test_no_invented_arguments_exceed_the_caps(pf_world, invented):
     ctx = ToolContext(pf_world.client, caps=Caps(max_budget="3", max_rate="0.5", max_total="5"))
     before = pf_world.balance()
     for raw in invented:
-        args = {**raw, "provider": pf_world.provider.agent_id if raw["provider"] == "P"
-                else raw["provider"]}
+        args = {
+            **raw,
+            "provider": pf_world.provider.agent_id if raw["provider"] == "P" else raw["provider"],
+        }
         try:
             answer = call(ctx, "stream_open", **args)
         except ToolError as exc:
@@ -168,9 +186,16 @@ def test_stream_life_cycle_figures_are_exact(pf_world):
     assert status["units"] == 21 and status["units_left"] == 645
     receipt = call(ctx, "stream_close", stream_id="s1")
     assert receipt == {
-        "stream_id": "s1", "provider": p, "status": "closed", "units": 21,
-        "releases": receipt["releases"], "budget": "1.00", "paid": "0.0315",
-        "fee": "0.000315", "provider_net": "0.031185", "refunded": "0.9685",
+        "stream_id": "s1",
+        "provider": p,
+        "status": "closed",
+        "units": 21,
+        "releases": receipt["releases"],
+        "budget": "1.00",
+        "paid": "0.0315",
+        "fee": "0.000315",
+        "provider_net": "0.031185",
+        "refunded": "0.9685",
         "escrow_id": opened["escrow_id"],
     }
     assert receipt["releases"] >= 1  # batching itself is the stream's business
@@ -205,19 +230,22 @@ def test_unknown_stream_lists_known_ones(pf_world):
     call(ctx, "stream_close", stream_id="s1")
 
 
-@pytest.mark.parametrize(("name", "args", "field"), [
-    ("stream_open", {"provider": "a", "rate": "cheap", "budget": "1"}, "rate"),
-    ("stream_open", {"provider": "a", "rate": "0.1", "budget": "-1"}, "budget"),
-    ("stream_open", {"provider": "a", "rate": "0.1"}, "or max_units"),
-    ("stream_open", {"rate": "0.1", "budget": "1"}, "provider: required"),
-    ("stream_open", {"provider": "a", "rate": "0.1", "budget": "1", "cap": "9"}, "cap: not an"),
-    ("stream_open", {"provider": "a", "rate": "0.1", "budget": "1.0000001"}, "6 decimal"),
-    ("stream_record", {"stream_id": "s1", "units": 0}, "units"),
-    ("stream_record", {"stream_id": "s1", "units": "many"}, "units"),
-    ("escrow_create", {"to_agent_id": "a b", "amount": "1"}, "to_agent_id"),
-    ("escrow_release", {"escrow_id": "esc_1", "amount": True}, "amount"),
-    ("escrow_list", {"limit": 1000}, "limit"),
-])
+@pytest.mark.parametrize(
+    ("name", "args", "field"),
+    [
+        ("stream_open", {"provider": "a", "rate": "cheap", "budget": "1"}, "rate"),
+        ("stream_open", {"provider": "a", "rate": "0.1", "budget": "-1"}, "budget"),
+        ("stream_open", {"provider": "a", "rate": "0.1"}, "or max_units"),
+        ("stream_open", {"rate": "0.1", "budget": "1"}, "provider: required"),
+        ("stream_open", {"provider": "a", "rate": "0.1", "budget": "1", "cap": "9"}, "cap: not an"),
+        ("stream_open", {"provider": "a", "rate": "0.1", "budget": "1.0000001"}, "6 decimal"),
+        ("stream_record", {"stream_id": "s1", "units": 0}, "units"),
+        ("stream_record", {"stream_id": "s1", "units": "many"}, "units"),
+        ("escrow_create", {"to_agent_id": "a b", "amount": "1"}, "to_agent_id"),
+        ("escrow_release", {"escrow_id": "esc_1", "amount": True}, "amount"),
+        ("escrow_list", {"limit": 1000}, "limit"),
+    ],
+)
 def test_invalid_arguments_name_the_field(pf_world, name, args, field):
     ctx = ToolContext(pf_world.client)
     err = error_of(ctx, name, **args)
@@ -278,8 +306,10 @@ def test_release_is_refused_for_escrows_the_tools_did_not_create(pf_world):
     assert err.kind == "not_allowed"
     # one made by escrow_create through another context is not this context's
     other = call(ToolContext(pf_world.client), "escrow_create", to_agent_id=p, amount="1")
-    assert error_of(ctx, "escrow_release", escrow_id=other["escrow_id"],
-                    amount="1").kind == "not_allowed"
+    assert (
+        error_of(ctx, "escrow_release", escrow_id=other["escrow_id"], amount="1").kind
+        == "not_allowed"
+    )
     assert pf_world.balance("provider") == Decimal("0")
 
 
@@ -300,11 +330,16 @@ def test_key_never_reaches_answers_errors_or_repr(pf_world):
     key = pf_world.payer.api_key
     ctx = ToolContext(pf_world.client, caps=Caps(max_budget="1"))
     texts = [repr(ctx), get_definition("stream_open").describe(ctx)]
-    texts.append(get_definition("stream_open").call(
-        ctx, {"provider": pf_world.provider.agent_id, "rate": "0.1", "budget": "1"}))
-    for name, args in [("stream_open", {"provider": key, "rate": "1", "budget": "9"}),
-                       ("escrow_status", {"escrow_id": key}),
-                       ("stream_status", {"stream_id": key[:60]})]:
+    texts.append(
+        get_definition("stream_open").call(
+            ctx, {"provider": pf_world.provider.agent_id, "rate": "0.1", "budget": "1"}
+        )
+    )
+    for name, args in [
+        ("stream_open", {"provider": key, "rate": "1", "budget": "9"}),
+        ("escrow_status", {"escrow_id": key}),
+        ("stream_status", {"stream_id": key[:60]}),
+    ]:
         try:
             get_definition(name).call(ctx, args)
         except ToolError as exc:
@@ -327,6 +362,7 @@ async def test_async_tools_on_async_client(pf_world):
     async def work():
         for _ in range(20):
             await acall(ctx, "stream_record", stream_id="s1", units=2)
+
     await asyncio.gather(*(work() for _ in range(5)))
     receipt = await acall(ctx, "stream_close", stream_id="s1")
     assert receipt["units"] == 200 and receipt["paid"] == "0.20" and receipt["refunded"] == "1.80"
@@ -343,7 +379,8 @@ async def test_async_tools_on_async_client(pf_world):
     assert (await acall(ctx, "escrow_status", escrow_id=e["escrow_id"]))["amount"] == "1.00"
     assert (await acall(ctx, "escrow_list"))["count"] == 3
     assert (await acall(ctx, "escrow_release", escrow_id=e["escrow_id"], amount="1"))[
-        "status"] == "released"
+        "status"
+    ] == "released"
     assert opened["escrow_id"]
     await pf_world.aclient.aclose()
 
@@ -376,14 +413,16 @@ async def test_async_calls_on_a_sync_only_context_run_in_threads(pf_world):
 
 def test_context_needs_a_client():
     from pf_metered.errors import ConfigError
+
     with pytest.raises(ConfigError):
         ToolContext()
 
 
 def test_a_budget_under_the_escrow_minimum_is_explained_as_a_budget(pf_world):
     ctx = ToolContext(pf_world.client)
-    err = error_of(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.001",
-                   max_units=10)
+    err = error_of(
+        ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.001", max_units=10
+    )
     assert err.kind == "invalid_argument" and "budget" in str(err) and "1.00" in str(err)
     assert ctx.locked_micro == 0
 
@@ -410,15 +449,16 @@ async def test_aclose_all(pf_world):
     await pf_world.aclient.aclose()
 
 
-
 @pytest.mark.parametrize("dialect", ["v1", "deployed"])
 async def test_an_unknown_provider_is_named_as_such(pf_world, dialect):
     kw = {"dialect": dialect, "rate_limits": False}  # no client-side pacing: keep it fast
     client = pf_world.sandbox.client(pf_world.payer.api_key, **kw)
     aclient = pf_world.sandbox.async_client(pf_world.payer.api_key, **kw)
     ctx = ToolContext(client, aclient, caps=Caps(max_total="5", max_open_streams=1))
-    cases = [("stream_open", {"provider": "agent_ghost", "rate": "0.01", "budget": "1"}),
-             ("escrow_create", {"to_agent_id": "agent_ghost", "amount": "1"})]
+    cases = [
+        ("stream_open", {"provider": "agent_ghost", "rate": "0.01", "budget": "1"}),
+        ("escrow_create", {"to_agent_id": "agent_ghost", "amount": "1"}),
+    ]
     for name, args in cases:
         with pytest.raises(ToolError) as sync_info:
             get_definition(name).call(ctx, args)

@@ -56,12 +56,22 @@ def test_budget_under_the_minimum_refused():
 
 
 def test_time_cadence_above_the_create_limit_reported():
-    plan = plan_tranches(parse_rate("0.01"), budget_micro=10_000_000, batch_units=10,
-                         every_seconds=2, creates_per_minute=7.0)
+    plan = plan_tranches(
+        parse_rate("0.01"),
+        budget_micro=10_000_000,
+        batch_units=10,
+        every_seconds=2,
+        creates_per_minute=7.0,
+    )
     assert any("every=2s asks for 30.0 releases a minute" in n for n in plan.notes)
     assert plan.max_units_per_minute == pytest.approx(70.0)
-    calm = plan_tranches(parse_rate("0.01"), budget_micro=10_000_000, batch_units=10,
-                         every_seconds=60, creates_per_minute=7.0)
+    calm = plan_tranches(
+        parse_rate("0.01"),
+        budget_micro=10_000_000,
+        batch_units=10,
+        every_seconds=60,
+        creates_per_minute=7.0,
+    )
     assert not any("asks for" in n for n in calm.notes)
 
 
@@ -90,15 +100,22 @@ def test_release_needs_the_holdback():
 
 def test_next_lock_catches_up_and_stays_in_budget():
     plan = plan_tranches(parse_rate("0.001"), budget_micro=1_000_000, batch_units=100)
-    assert next_lock_micro(plan, owed_micro=0, paid_micro=0, live_micro=0,
-                           locked_total_micro=0) == 100_000
-    behind = next_lock_micro(plan, owed_micro=734_567, paid_micro=0, live_micro=100_000,
-                             locked_total_micro=100_000)
+    assert (
+        next_lock_micro(plan, owed_micro=0, paid_micro=0, live_micro=0, locked_total_micro=0)
+        == 100_000
+    )
+    behind = next_lock_micro(
+        plan, owed_micro=734_567, paid_micro=0, live_micro=100_000, locked_total_micro=100_000
+    )
     assert behind == 534_500  # 734_567 - 100_000 - holdback, down to the granule
-    assert next_lock_micro(plan, owed_micro=0, paid_micro=0, live_micro=0,
-                           locked_total_micro=950_000) == 0
-    assert next_lock_micro(plan, owed_micro=0, paid_micro=0, live_micro=0,
-                           locked_total_micro=880_000) == 100_000
+    assert (
+        next_lock_micro(plan, owed_micro=0, paid_micro=0, live_micro=0, locked_total_micro=950_000)
+        == 0
+    )
+    assert (
+        next_lock_micro(plan, owed_micro=0, paid_micro=0, live_micro=0, locked_total_micro=880_000)
+        == 100_000
+    )
 
 
 def test_settle_close_cases():

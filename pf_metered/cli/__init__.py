@@ -32,6 +32,7 @@ from pf_metered.cli._secrets import forbid_key_arguments
 
 __all__ = ["main"]
 
+
 def _run(args: argparse.Namespace, out: Output) -> int:
     command: str | None = args.command
     action: str | None = getattr(args, "action", None)
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code_for(exc)
         message = exc.message if isinstance(exc, CLIError) else str(exc)
         if code == EXIT_UNEXPECTED:
-            message = (f"unexpected {type(exc).__name__}: {message} "
-                       "(a bug in pf-metered; please report it with the command you ran)")
+            message = (
+                f"unexpected {type(exc).__name__}: {message} "
+                "(a bug in pf-metered; please report it with the command you ran)"
+            )
         out.error(message, kind=_kind(exc, code), code=code, **_details(exc))
         return code

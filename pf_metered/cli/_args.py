@@ -86,14 +86,17 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     default: Any = None if top else argparse.SUPPRESS
     parent.add_argument(
-        "--json", action="store_true", default=False if top else argparse.SUPPRESS,
-        help="print results as JSON (errors too, as {\"error\": {...}} on stderr) "
-             "instead of tables",
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help='print results as JSON (errors too, as {"error": {...}} on stderr) instead of tables',
     )
     parent.add_argument(
-        "--base-url", metavar="URL", default=default,
+        "--base-url",
+        metavar="URL",
+        default=default,
         help=f"escrow API base URL (default: ${ENV_BASE_URL}, else the live service); "
-             "e.g. http://127.0.0.1:8787/api/v1 for a local sandbox",
+        "e.g. http://127.0.0.1:8787/api/v1 for a local sandbox",
     )
     return parent
 
@@ -135,25 +138,39 @@ def _wrap(text: str, width: int = 88) -> str:
         if para.startswith("  "):
             out.append(para)
         else:
-            out.append(textwrap.fill(" ".join(para.split()), width, break_on_hyphens=False,
-                                     break_long_words=False))
+            out.append(
+                textwrap.fill(
+                    " ".join(para.split()), width, break_on_hyphens=False, break_long_words=False
+                )
+            )
     return "\n\n".join(out)
 
 
 def _sub(
-    group: Any, name: str, common: argparse.ArgumentParser, *, help: str, description: str,
+    group: Any,
+    name: str,
+    common: argparse.ArgumentParser,
+    *,
+    help: str,
+    description: str,
     epilog: str = "",
 ) -> argparse.ArgumentParser:
     sub: argparse.ArgumentParser = group.add_parser(
-        name, help=help, description=_wrap(description), epilog=epilog or None,
-        formatter_class=_FMT, parents=[common],
+        name,
+        help=help,
+        description=_wrap(description),
+        epilog=epilog or None,
+        formatter_class=_FMT,
+        parents=[common],
     )
     return sub
 
 
 def _add_escrow(commands: Any, common: argparse.ArgumentParser) -> None:
     escrow = _sub(
-        commands, "escrow", common,
+        commands,
+        "escrow",
+        common,
         help="list, inspect, create, release and refund escrows",
         description=(
             "Escrows hold the budget a payer locked for a provider. Figures are USDC with up to "
@@ -172,56 +189,78 @@ def _add_escrow(commands: Any, common: argparse.ArgumentParser) -> None:
     actions.required = True
 
     lst = _sub(
-        actions, "list", common, help="list your escrows (as payer or provider)",
+        actions,
+        "list",
+        common,
+        help="list your escrows (as payer or provider)",
         description="List the escrows you pay or are paid from, oldest first.",
         epilog="example:\n  pf-metered escrow list --status locked --json\n",
     )
     lst.add_argument(
-        "--status", choices=("locked", "completed", "released", "refunded", "disputed"),
+        "--status",
+        choices=("locked", "completed", "released", "refunded", "disputed"),
         help="show only escrows in this status",
     )
 
     status = _sub(
-        actions, "status", common, help="show one escrow and its releases",
+        actions,
+        "status",
+        common,
+        help="show one escrow and its releases",
         description="Show an escrow's figures (amount, released, remaining, refunded) and its "
-                    "release history.",
+        "release history.",
         epilog="example:\n  pf-metered escrow status esc_1a2b\n",
     )
     status.add_argument("escrow_id", metavar="ESCROW_ID", help="the escrow's id, e.g. esc_1a2b")
 
     create = _sub(
-        actions, "create", common, help="lock USDC in a new escrow for a provider",
+        actions,
+        "create",
+        common,
+        help="lock USDC in a new escrow for a provider",
         description="Lock AMOUNT USDC from your balance in a new escrow paying TO_AGENT. "
-                    "Release it in parts with 'escrow release'; refund what is left with "
-                    "'escrow refund'.",
+        "Release it in parts with 'escrow release'; refund what is left with "
+        "'escrow refund'.",
         epilog="example:\n  pf-metered escrow create agent_2f9c 5.00 --memo 'translation'\n",
     )
     create.add_argument("to_agent_id", metavar="TO_AGENT", help="the provider's agent id")
-    create.add_argument("amount", metavar="AMOUNT",
-                        help="USDC to lock, a decimal with at most 6 places, at least 1.00")
+    create.add_argument(
+        "amount",
+        metavar="AMOUNT",
+        help="USDC to lock, a decimal with at most 6 places, at least 1.00",
+    )
     create.add_argument("--memo", default="", help="a note stored with the escrow")
     create.add_argument(
-        "--auto-release-hours", type=_hours, metavar="HOURS", default=None,
-        help="after HOURS (1-8760) whatever is still locked goes to the provider; "
-             "default: never",
+        "--auto-release-hours",
+        type=_hours,
+        metavar="HOURS",
+        default=None,
+        help="after HOURS (1-8760) whatever is still locked goes to the provider; default: never",
     )
 
     release = _sub(
-        actions, "release", common, help="pay part of an escrow to its provider",
+        actions,
+        "release",
+        common,
+        help="pay part of an escrow to its provider",
         description="Release AMOUNT USDC of an escrow you created to its provider (partial "
-                    "release). The 1% fee is taken from the released amount. Sent once, with "
-                    "an idempotency key: a retry after a lost answer never pays twice.",
+        "release). The 1% fee is taken from the released amount. Sent once, with "
+        "an idempotency key: a retry after a lost answer never pays twice.",
         epilog="example:\n  pf-metered escrow release esc_1a2b 0.25 --memo 'batch 3'\n",
     )
     release.add_argument("escrow_id", metavar="ESCROW_ID", help="the escrow's id")
-    release.add_argument("amount", metavar="AMOUNT",
-                         help="USDC to release now, at most what remains (e.g. 0.25)")
+    release.add_argument(
+        "amount", metavar="AMOUNT", help="USDC to release now, at most what remains (e.g. 0.25)"
+    )
     release.add_argument("--memo", default="", help="a note stored with this release")
 
     refund = _sub(
-        actions, "refund", common, help="close an escrow and take back what remains",
+        actions,
+        "refund",
+        common,
+        help="close an escrow and take back what remains",
         description="Close an escrow you created: what was released stays with the provider, "
-                    "the remaining amount returns to your balance.",
+        "the remaining amount returns to your balance.",
         epilog="example:\n  pf-metered escrow refund esc_1a2b\n",
     )
     refund.add_argument("escrow_id", metavar="ESCROW_ID", help="the escrow's id")
@@ -229,14 +268,20 @@ def _add_escrow(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_faucet(commands: Any, common: argparse.ArgumentParser) -> None:
     faucet = _sub(
-        commands, "faucet", common, help="claim the one-time 1.00 USDC for a new agent",
+        commands,
+        "faucet",
+        common,
+        help="claim the one-time 1.00 USDC for a new agent",
         description="The faucet credits a new agent with 1.00 USDC, once.",
         epilog="example:\n  pf-metered faucet claim\n",
     )
     actions = faucet.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
     claim = _sub(
-        actions, "claim", common, help="claim the one-time 1.00 USDC for a new agent",
+        actions,
+        "claim",
+        common,
+        help="claim the one-time 1.00 USDC for a new agent",
         description=(
             f"Claim the one-time 1.00 USDC credit for the agent whose key is in {ENV_KEY}. "
             "A second claim fails with already_claimed (exit 3).\n\n"
@@ -253,28 +298,38 @@ def _add_faucet(commands: Any, common: argparse.ArgumentParser) -> None:
         ),
     )
     claim.add_argument(
-        "--agent-id", metavar="AGENT_ID", default=None,
+        "--agent-id",
+        metavar="AGENT_ID",
+        default=None,
         help="claim on the separate faucet service for this agent id (the deployed "
-             "dialect's faucet, which needs no key)",
+        "dialect's faucet, which needs no key)",
     )
     claim.add_argument(
-        "--faucet-url", metavar="URL", default=None,
+        "--faucet-url",
+        metavar="URL",
+        default=None,
         help=f"with --agent-id: the faucet service's URL (default: ${ENV_FAUCET_URL}, else "
-             f"{FAUCET_BASE_URL})",
+        f"{FAUCET_BASE_URL})",
     )
 
 
 def _add_stream(commands: Any, common: argparse.ArgumentParser) -> None:
     stream = _sub(
-        commands, "stream", common, help="watch a payment stream's escrow live",
+        commands,
+        "stream",
+        common,
+        help="watch a payment stream's escrow live",
         description="A payment stream locks its budget in one escrow and releases it in "
-                    "batches; these commands follow it from the outside.",
+        "batches; these commands follow it from the outside.",
         epilog="example:\n  pf-metered stream watch esc_1a2b --interval 1\n",
     )
     actions = stream.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
     watch = _sub(
-        actions, "watch", common, help="live view of released / remaining with a progress bar",
+        actions,
+        "watch",
+        common,
+        help="live view of released / remaining with a progress bar",
         description=(
             "Show an escrow's released and remaining amounts with a progress bar, refreshing "
             "until the escrow is closed (released, refunded or disputed).\n\n"
@@ -289,28 +344,48 @@ def _add_stream(commands: Any, common: argparse.ArgumentParser) -> None:
             "  pf-metered stream watch esc_1a2b --interval 5 --timeout 600\n"
         ),
     )
-    watch.add_argument("escrow_id", metavar="ESCROW_ID",
-                       help="the stream's escrow id (PaymentStream.escrow_id, stream_status)")
-    watch.add_argument("--interval", type=_seconds, default=2.0, metavar="SECONDS",
-                       help="seconds between refreshes (default 2; at least 0.2)")
-    watch.add_argument("--once", action="store_true",
-                       help="print the current figures once and exit")
-    watch.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
-                       help="stop watching after SECONDS even if the escrow is still open "
-                            "(exit 0); default: until it closes or Ctrl-C")
+    watch.add_argument(
+        "escrow_id",
+        metavar="ESCROW_ID",
+        help="the stream's escrow id (PaymentStream.escrow_id, stream_status)",
+    )
+    watch.add_argument(
+        "--interval",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default 2; at least 0.2)",
+    )
+    watch.add_argument(
+        "--once", action="store_true", help="print the current figures once and exit"
+    )
+    watch.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop watching after SECONDS even if the escrow is still open "
+        "(exit 0); default: until it closes or Ctrl-C",
+    )
 
 
 def _add_sandbox(commands: Any, common: argparse.ArgumentParser) -> None:
     sandbox = _sub(
-        commands, "sandbox", common, help="run a local sandbox of the escrow service",
+        commands,
+        "sandbox",
+        common,
+        help="run a local sandbox of the escrow service",
         description="The sandbox is a real escrow ledger in SQLite with the same HTTP API as "
-                    "the live service: try the CLI, the library and the MCP server with no key "
-                    "and no network.",
+        "the live service: try the CLI, the library and the MCP server with no key "
+        "and no network.",
     )
     actions = sandbox.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
     serve = _sub(
-        actions, "serve", common, help="serve the sandbox on loopback with demo agents",
+        actions,
+        "serve",
+        common,
+        help="serve the sandbox on loopback with demo agents",
         description=(
             "Serve the sandbox escrow API on 127.0.0.1 (loopback only; it never listens on "
             "another interface) and create two demo agents: a payer funded with --balance "
@@ -328,34 +403,59 @@ def _add_sandbox(commands: Any, common: argparse.ArgumentParser) -> None:
             "  pf-metered sandbox serve --port 0                  # any free port\n"
         ),
     )
-    serve.add_argument("--port", type=_port, default=DEFAULT_SANDBOX_PORT,
-                       help=f"TCP port on 127.0.0.1 (default {DEFAULT_SANDBOX_PORT}; 0 = any "
-                            "free port, printed on start)")
-    serve.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "::1", "localhost"),
-                       help="loopback address to bind (default 127.0.0.1); nothing else is "
-                            "allowed")
-    serve.add_argument("--ledger", metavar="FILE", default=None,
-                       help="SQLite file for the ledger (created if missing); default: memory")
-    serve.add_argument("--balance", default="100.00", metavar="USDC",
-                       help="the demo payer's starting balance (default 100.00)")
-    serve.add_argument("--print-keys", action="store_true",
-                       help="print the demo agents' API keys (off by default: terminals are "
-                            "recorded, logs are shared)")
-    serve.add_argument("--keys-file", metavar="FILE", default=None,
-                       help="write 'export PF_BASE_URL=... PF_API_KEY=...' lines for the demo "
-                            "agents to FILE, readable only by you")
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_SANDBOX_PORT,
+        help=f"TCP port on 127.0.0.1 (default {DEFAULT_SANDBOX_PORT}; 0 = any "
+        "free port, printed on start)",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        choices=("127.0.0.1", "::1", "localhost"),
+        help="loopback address to bind (default 127.0.0.1); nothing else is allowed",
+    )
+    serve.add_argument(
+        "--ledger",
+        metavar="FILE",
+        default=None,
+        help="SQLite file for the ledger (created if missing); default: memory",
+    )
+    serve.add_argument(
+        "--balance",
+        default="100.00",
+        metavar="USDC",
+        help="the demo payer's starting balance (default 100.00)",
+    )
+    serve.add_argument(
+        "--print-keys",
+        action="store_true",
+        help="print the demo agents' API keys (off by default: terminals are "
+        "recorded, logs are shared)",
+    )
+    serve.add_argument(
+        "--keys-file",
+        metavar="FILE",
+        default=None,
+        help="write 'export PF_BASE_URL=... PF_API_KEY=...' lines for the demo "
+        "agents to FILE, readable only by you",
+    )
 
 
 def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
     mcp = _sub(
-        commands, "mcp", common, help="serve the agent tools over MCP (stdio)",
+        commands,
+        "mcp",
+        common,
+        help="serve the agent tools over MCP (stdio)",
         description=(
             "Serve the Purple Flea tools (escrow_create, escrow_release, escrow_status, "
             "escrow_list, faucet_claim, stream_open, stream_status, stream_record, "
             "stream_close, stream_list) as an MCP server over stdin/stdout, for any "
             "MCP-compatible runtime. The same definitions as the LangChain toolkit: names, "
             "descriptions, argument schemas and caps.\n\n"
-            f"The key comes from {ENV_KEY} (set it in the runtime's \"env\"), or use --sandbox "
+            f'The key comes from {ENV_KEY} (set it in the runtime\'s "env"), or use --sandbox '
             "for an in-memory sandbox with a funded demo agent. Streams still open when the "
             "runtime disconnects are closed: owed units are paid, the rest refunded.\n\n"
             "Runtime configuration (e.g. claude_desktop_config.json):\n\n"
@@ -371,28 +471,57 @@ def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
             "stream_close\n"
         ),
     )
-    mcp.add_argument("--sandbox", action="store_true",
-                     help="use an in-memory sandbox (a payer funded with 100.00 USDC and a "
-                          "provider) instead of the live service; no key needed")
-    mcp.add_argument("--max-budget", metavar="USDC", default=None,
-                     help="cap: the most one stream or escrow may lock")
-    mcp.add_argument("--max-rate", metavar="USDC", default=None,
-                     help="cap: the highest price per unit a stream may be opened at")
-    mcp.add_argument("--max-total", metavar="USDC", default=None,
-                     help="cap: the most all tools together may have locked at once")
-    mcp.add_argument("--max-open-streams", type=int, metavar="N", default=None,
-                     help="cap: how many streams may be open at once")
-    mcp.add_argument("--tools", metavar="NAMES", default=None,
-                     help="comma-separated tools to offer (default: all); e.g. leave out "
-                          "faucet_claim")
-    mcp.add_argument("--release-any-escrow", action="store_true",
-                     help="let escrow_release pay any of the key's escrows, not only those "
-                          "made with escrow_create in this session (a stream's never)")
+    mcp.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="use an in-memory sandbox (a payer funded with 100.00 USDC and a "
+        "provider) instead of the live service; no key needed",
+    )
+    mcp.add_argument(
+        "--max-budget",
+        metavar="USDC",
+        default=None,
+        help="cap: the most one stream or escrow may lock",
+    )
+    mcp.add_argument(
+        "--max-rate",
+        metavar="USDC",
+        default=None,
+        help="cap: the highest price per unit a stream may be opened at",
+    )
+    mcp.add_argument(
+        "--max-total",
+        metavar="USDC",
+        default=None,
+        help="cap: the most all tools together may have locked at once",
+    )
+    mcp.add_argument(
+        "--max-open-streams",
+        type=int,
+        metavar="N",
+        default=None,
+        help="cap: how many streams may be open at once",
+    )
+    mcp.add_argument(
+        "--tools",
+        metavar="NAMES",
+        default=None,
+        help="comma-separated tools to offer (default: all); e.g. leave out faucet_claim",
+    )
+    mcp.add_argument(
+        "--release-any-escrow",
+        action="store_true",
+        help="let escrow_release pay any of the key's escrows, not only those "
+        "made with escrow_create in this session (a stream's never)",
+    )
 
 
 def _add_register(commands: Any, common: argparse.ArgumentParser) -> None:
     _sub(
-        commands, "register", common, help="create a new agent account and save its key",
+        commands,
+        "register",
+        common,
+        help="create a new agent account and save its key",
         description=(
             "Register a new agent with Purple Flea and receive its id and API key. The key is "
             "written to --keys-file (mode 600), never printed; 'source' the file to use it. "
@@ -400,8 +529,12 @@ def _add_register(commands: Any, common: argparse.ArgumentParser) -> None:
             "agent can then claim the faucet once."
         ),
         epilog="example:\n  pf-metered register --keys-file agent.env && source agent.env\n",
-    ).add_argument("--keys-file", metavar="FILE", required=True,
-                   help="where to write the new agent's 'export PF_API_KEY=...' line")
+    ).add_argument(
+        "--keys-file",
+        metavar="FILE",
+        required=True,
+        help="where to write the new agent's 'export PF_API_KEY=...' line",
+    )
 
 
 def _hours(text: str) -> int:

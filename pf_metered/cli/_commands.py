@@ -59,8 +59,11 @@ def escrow_block(escrow: Escrow) -> str:
         ("payer", escrow.from_agent_id),
         ("provider", escrow.to_agent_id),
         ("amount", f"{format_usdc(amount)} USDC"),
-        ("released", f"{format_usdc(escrow.released_micro)} USDC "
-                     f"({share_text(escrow.released_micro, amount)})"),
+        (
+            "released",
+            f"{format_usdc(escrow.released_micro)} USDC "
+            f"({share_text(escrow.released_micro, amount)})",
+        ),
         ("remaining", f"{format_usdc(escrow.remaining_micro)} USDC"),
         ("refunded", f"{format_usdc(escrow.refunded_micro)} USDC"),
         ("progress", progress_bar(escrow.released_micro, escrow.refunded_micro, amount)),
@@ -109,11 +112,15 @@ def _escrow_create(args: argparse.Namespace, out: Output) -> int:
     amount = parse_amount(args.amount, "AMOUNT")
     with open_client(args) as client:
         escrow = client.create_escrow(
-            args.to_agent_id, format_usdc(amount), memo=args.memo,
+            args.to_agent_id,
+            format_usdc(amount),
+            memo=args.memo,
             auto_release_hours=args.auto_release_hours,
         )
-    out.data(escrow_detail(escrow), f"Locked {format_usdc(amount)} USDC for "
-                                    f"{escrow.to_agent_id}.\n\n{escrow_block(escrow)}")
+    out.data(
+        escrow_detail(escrow),
+        f"Locked {format_usdc(amount)} USDC for {escrow.to_agent_id}.\n\n{escrow_block(escrow)}",
+    )
     return EXIT_OK
 
 
@@ -122,23 +129,32 @@ def _escrow_release(args: argparse.Namespace, out: Output) -> int:
     with open_client(args) as client:
         escrow = client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
     detail = {"released_now": format_usdc(amount), **escrow_detail(escrow)}
-    out.data(detail, f"Released {format_usdc(amount)} USDC to {escrow.to_agent_id} "
-                     f"(the 1% fee is taken from it).\n\n{escrow_block(escrow)}")
+    out.data(
+        detail,
+        f"Released {format_usdc(amount)} USDC to {escrow.to_agent_id} "
+        f"(the 1% fee is taken from it).\n\n{escrow_block(escrow)}",
+    )
     return EXIT_OK
 
 
 def _escrow_refund(args: argparse.Namespace, out: Output) -> int:
     with open_client(args) as client:
         escrow = client.refund(args.escrow_id)
-    out.data(escrow_detail(escrow), f"Refunded {format_usdc(escrow.refunded_micro)} USDC; the "
-                                    f"escrow is {escrow.status}.\n\n{escrow_block(escrow)}")
+    out.data(
+        escrow_detail(escrow),
+        f"Refunded {format_usdc(escrow.refunded_micro)} USDC; the "
+        f"escrow is {escrow.status}.\n\n{escrow_block(escrow)}",
+    )
     return EXIT_OK
 
 
 def _faucet_claim(args: argparse.Namespace, out: Output) -> int:
     if args.faucet_url and not args.agent_id:
-        raise CLIError("--faucet-url goes with --agent-id (the separate faucet service)",
-                       EXIT_USAGE, kind="usage")
+        raise CLIError(
+            "--faucet-url goes with --agent-id (the separate faucet service)",
+            EXIT_USAGE,
+            kind="usage",
+        )
     if args.agent_id:
         from pf_metered.client import claim_faucet_for
 
@@ -151,18 +167,24 @@ def _faucet_claim(args: argparse.Namespace, out: Output) -> int:
                 raise CLIError(
                     "this escrow service's faucet is a separate service that takes an agent "
                     "id: run 'pf-metered faucet claim --agent-id YOUR_AGENT_ID'",
-                    EXIT_USAGE, kind="usage",
+                    EXIT_USAGE,
+                    kind="usage",
                 ) from None
     data = {
         "credited": format_usdc(claim.credited_micro),
         "claim_id": claim.claim_id,
         "agent_id": claim.agent_id,
     }
-    out.data(data, render_kv([
-        ("credited", f"{data['credited']} USDC"),
-        ("claim", claim.claim_id),
-        ("agent", claim.agent_id),
-    ]))
+    out.data(
+        data,
+        render_kv(
+            [
+                ("credited", f"{data['credited']} USDC"),
+                ("claim", claim.claim_id),
+                ("agent", claim.agent_id),
+            ]
+        ),
+    )
     return EXIT_OK
 
 
@@ -172,8 +194,11 @@ def _register(args: argparse.Namespace, out: Output) -> int:
     from pf_metered.client import register_agent
 
     if not args.keys_file:  # argparse requires it; a second lock on the door
-        raise CLIError("register needs --keys-file FILE: the new key is written there, never "
-                       "printed", EXIT_USAGE, kind="usage")
+        raise CLIError(
+            "register needs --keys-file FILE: the new key is written there, never printed",
+            EXIT_USAGE,
+            kind="usage",
+        )
     # The file is claimed before the agent exists: a new key has no other copy, so it must
     # never overwrite another file's keys, nor be made with nowhere to go.
     fd = open_keys_file(args.keys_file, exclusive=True)
@@ -187,9 +212,11 @@ def _register(args: argparse.Namespace, out: Output) -> int:
         write_keys(fd, [("PF_API_KEY", key, registration.agent_id)], base_url=None)
     finally:
         os.close(fd)
-    out.data({"agent_id": registration.agent_id, "keys_file": args.keys_file},
-             f"Registered agent {registration.agent_id}; its key is in {args.keys_file} "
-             f"(source it to use it).")
+    out.data(
+        {"agent_id": registration.agent_id, "keys_file": args.keys_file},
+        f"Registered agent {registration.agent_id}; its key is in {args.keys_file} "
+        f"(source it to use it).",
+    )
     return EXIT_OK
 
 

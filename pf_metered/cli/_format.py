@@ -57,9 +57,7 @@ def render_table(columns: Sequence[Column], rows: Iterable[Mapping[str, Any]]) -
         [_cell(c.show(row.get(c.key)) if c.show else row.get(c.key)) for c in columns]
         for row in rows
     ]
-    widths = [
-        max([len(c.title), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)
-    ]
+    widths = [max([len(c.title), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
         parts = [

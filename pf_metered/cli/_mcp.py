@@ -50,8 +50,10 @@ def run_mcp(args: argparse.Namespace, out: Output) -> int:
     # Fail on a missing extra before touching stdin/stdout.
     import pf_metered.mcp._server  # noqa: F401
 
-    setup = sandbox_setup(caps) if args.sandbox else context_from_env(
-        caps, base_url=getattr(args, "base_url", None) or None
+    setup = (
+        sandbox_setup(caps)
+        if args.sandbox
+        else context_from_env(caps, base_url=getattr(args, "base_url", None) or None)
     )
 
     async def _serve() -> None:

@@ -37,7 +37,10 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
 def write_keys_file(
-    path: str, keys: Sequence[tuple[str, str, str]], *, base_url: str | None,
+    path: str,
+    keys: Sequence[tuple[str, str, str]],
+    *,
+    base_url: str | None,
     urls: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Write ``export NAME=key  # agent`` lines to ``path``, created with mode 600.
@@ -59,17 +62,24 @@ def open_keys_file(path: str, *, exclusive: bool) -> int:
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        raise CLIError(f"keys file {path!r} already exists; choose a new file (its keys may "
-                       "be the only copy)", EXIT_USAGE, kind="usage") from None
+        raise CLIError(
+            f"keys file {path!r} already exists; choose a new file (its keys may be the only copy)",
+            EXIT_USAGE,
+            kind="usage",
+        ) from None
     except OSError as exc:
-        raise CLIError(f"cannot write keys file {path!r}: {exc.strerror}", EXIT_USAGE,
-                       kind="usage") from None
+        raise CLIError(
+            f"cannot write keys file {path!r}: {exc.strerror}", EXIT_USAGE, kind="usage"
+        ) from None
     os.fchmod(fd, 0o600)
     return fd
 
 
 def write_keys(
-    fd: int, keys: Sequence[tuple[str, str, str]], *, base_url: str | None,
+    fd: int,
+    keys: Sequence[tuple[str, str, str]],
+    *,
+    base_url: str | None,
     urls: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Write the ``export`` lines of :func:`write_keys_file` to an open file."""
@@ -105,14 +115,22 @@ def run_sandbox_serve(args: argparse.Namespace, out: Output) -> int:
             if args.keys_file:
                 write_keys_file(
                     args.keys_file,
-                    [(ENV_KEY, payer.api_key, f"payer {payer.agent_id}"),
-                     ("PF_PROVIDER_API_KEY", provider.api_key, f"provider {provider.agent_id}")],
+                    [
+                        (ENV_KEY, payer.api_key, f"payer {payer.agent_id}"),
+                        ("PF_PROVIDER_API_KEY", provider.api_key, f"provider {provider.agent_id}"),
+                    ],
                     base_url=base_url,
                     # PF_PROVIDER_ID: the examples (./scripts/demo) pay this agent when a key is set
                     urls=[*_service_urls(base_url), ("PF_PROVIDER_ID", provider.agent_id)],
                 )
-            _announce(out, args, base_url=base_url, balance=format_usdc(balance),
-                      payer=payer, provider=provider)
+            _announce(
+                out,
+                args,
+                base_url=base_url,
+                balance=format_usdc(balance),
+                payer=payer,
+                provider=provider,
+            )
             try:
                 while not stop.wait(0.25):
                     pass
@@ -133,15 +151,21 @@ def _service_urls(base_url: str) -> list[tuple[str, str]]:
 
 
 def _announce(
-    out: Output, args: argparse.Namespace, *, base_url: str, balance: str,
-    payer: SandboxAgent, provider: SandboxAgent,
+    out: Output,
+    args: argparse.Namespace,
+    *,
+    base_url: str,
+    balance: str,
+    payer: SandboxAgent,
+    provider: SandboxAgent,
 ) -> None:
     """Print the ready line, then how to use the sandbox (or one JSON object with --json)."""
     payer_key, provider_key = payer.api_key, provider.api_key
     ledger = args.ledger or "memory (gone when stopped)"
     if out.json:
         data: dict[str, object] = {
-            "base_url": base_url, "ledger": args.ledger,
+            "base_url": base_url,
+            "ledger": args.ledger,
             **{name.removeprefix("PF_").lower(): url for name, url in _service_urls(base_url)},
             "payer": {"agent_id": payer.agent_id, "balance": balance},
             "provider": {"agent_id": provider.agent_id, "balance": "0.00"},
@@ -162,13 +186,17 @@ def _announce(
         f"  export {ENV_BASE_URL}={base_url}",
     ]
     if args.print_keys:
-        lines += [f"  export {ENV_KEY}={payer_key}   # the payer",
-                  f"  # provider key: {provider_key}"]
+        lines += [
+            f"  export {ENV_KEY}={payer_key}   # the payer",
+            f"  # provider key: {provider_key}",
+        ]
     elif args.keys_file:
         lines += [f"  source {args.keys_file}         # sets {ENV_KEY} to the payer's key"]
     else:
-        lines += [f"  export {ENV_KEY}=...   # keys are hidden: restart with --keys-file FILE "
-                  "or --print-keys"]
+        lines += [
+            f"  export {ENV_KEY}=...   # keys are hidden: restart with --keys-file FILE "
+            "or --print-keys"
+        ]
     lines += [
         "  pf-metered faucet claim",
         f"  pf-metered escrow create {provider.agent_id} 5.00 --memo demo",

@@ -62,8 +62,13 @@ def _snapshot(escrow: Escrow) -> dict[str, Any]:
 
 
 def _figures(escrow: Escrow) -> tuple[Any, ...]:
-    return (escrow.status, escrow.released_micro, escrow.remaining_micro,
-            escrow.refunded_micro, escrow.total_releases)
+    return (
+        escrow.status,
+        escrow.released_micro,
+        escrow.remaining_micro,
+        escrow.refunded_micro,
+        escrow.total_releases,
+    )
 
 
 class _Speed:

@@ -575,8 +575,10 @@ class BaseEscrowClient:
         _check_id(escrow_id, "escrow_id")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidInput("offset", "must be an int >= 0")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not (
-            1 <= limit <= MAX_HISTORY_PAGE
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not (1 <= limit <= MAX_HISTORY_PAGE)
         ):
             raise InvalidInput("limit", f"must be an int between 1 and {MAX_HISTORY_PAGE}")
         if not isinstance(self._dialect, HistoryDialect):
@@ -720,8 +722,11 @@ class BaseEscrowClient:
                     escrows = yield from self._list_gen()
                 except PFMeteredError as exc:
                     raise self._ambiguous_create(
-                        lost, key, f"listing escrows failed ({type(exc).__name__})",
-                        to_agent_id, micro,
+                        lost,
+                        key,
+                        f"listing escrows failed ({type(exc).__name__})",
+                        to_agent_id,
+                        micro,
                     ) from None
                 found = self._find_created(escrows, key, to_agent_id, micro)
                 if found is not None:
@@ -819,7 +824,8 @@ class BaseEscrowClient:
         except PFMeteredError as exc:
             log.info(
                 "release history of escrow %s could not be searched (%s)",
-                escrow.escrow_id, type(exc).__name__,
+                escrow.escrow_id,
+                type(exc).__name__,
             )
             return _Found.UNKNOWN, ()
         return (_Found.FOUND, hits) if hits else (_Found.ABSENT, ())
@@ -943,8 +949,9 @@ class BaseEscrowClient:
 
     # whole release, complete, dispute (deployed.py) ---------------------------------
 
-    def _release_whole_op(self, escrow_id: str, memo: object, idempotency_key: object
-                          ) -> Op[Escrow]:
+    def _release_whole_op(
+        self, escrow_id: str, memo: object, idempotency_key: object
+    ) -> Op[Escrow]:
         _check_id(escrow_id, "escrow_id")
         _check_memo(memo, MAX_MEMO)
         key, _given = _check_idempotency_key(idempotency_key)

@@ -163,11 +163,7 @@ class TokenBucket:
 
     def idle_and_full(self, now: float) -> bool:
         self._refill(now)
-        return (
-            self.tokens >= self.capacity
-            and now >= self._pause_until
-            and self._streak == 0
-        )
+        return self.tokens >= self.capacity and now >= self._pause_until and self._streak == 0
 
 
 class PathRateLimiter:

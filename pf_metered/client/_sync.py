@@ -159,9 +159,7 @@ class EscrowClient(BaseEscrowClient):
         """Return the unreleased rest to the payer and close the escrow."""
         return self._run(self._refund_op(escrow_id, idempotency_key))
 
-    def release(
-        self, escrow_id: str, memo: str = "", idempotency_key: str | None = None
-    ) -> Escrow:
+    def release(self, escrow_id: str, memo: str = "", idempotency_key: str | None = None) -> Escrow:
         """Release *all* that remains of the escrow to its provider (either dialect; on the
         deployed one this is its only kind of release)."""
         return self._run(self._release_whole_op(escrow_id, memo, idempotency_key))

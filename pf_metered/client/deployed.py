@@ -351,8 +351,8 @@ class DeployedDialect:
                 f"{format_usdc(amount_micro)} is under the deployed service's minimum escrow "
                 f"of {format_usdc(self.min_escrow_micro)}",
             )
-        hours = auto_release_hours if auto_release_hours is not None else (
-            self.default_timeout_hours
+        hours = (
+            auto_release_hours if auto_release_hours is not None else (self.default_timeout_hours)
         )
         body = self._body(
             {
@@ -470,7 +470,8 @@ class DeployedDialect:
             "memo": description[:1000] if isinstance(description, str) else "",
             "nonce": nonce_in(description) if isinstance(description, str) else None,
             "auto_release_at": _str_field(data, "auto_release_at"),
-            "timeout_hours": hours if isinstance(hours, int) and not isinstance(hours, bool)
+            "timeout_hours": hours
+            if isinstance(hours, int) and not isinstance(hours, bool)
             else None,
         }
         try:
@@ -573,8 +574,8 @@ def configure_dialect(
         limiter = rate_limits
     elif rate_limits is None or rate_limits is True:
         make = getattr(chosen, "new_rate_limiter", None)
-        limiter = make() if make is not None else (
-            PathRateLimiter() if rate_limits is True else None
+        limiter = (
+            make() if make is not None else (PathRateLimiter() if rate_limits is True else None)
         )
     elif isinstance(rate_limits, dict):
         limiter = PathRateLimiter(rate_limits)
@@ -635,8 +636,9 @@ def release_whole_op(client: Any, escrow_id: str, memo: str, key: str) -> Any:
                 _log.info("release reconciled: escrow %s had been released", escrow_id)
                 return escrow
             if escrow.status in ("locked", "completed") and may_retry:
-                _log.info("release absent from escrow %s after a lost answer: re-sending",
-                          escrow_id)
+                _log.info(
+                    "release absent from escrow %s after a lost answer: re-sending", escrow_id
+                )
                 continue
             raise _ambiguous_release(escrow_id, key, escrow.status, lost.error) from None
         except Conflict as exc:
@@ -672,8 +674,9 @@ def _ambiguous_release(escrow_id: str, key: str, state: str, cause: object) -> E
     )
 
 
-def simple_post_op(client: Any, escrow_id: str, action: Literal["complete", "dispute"],
-                   reason: str = "") -> Any:
+def simple_post_op(
+    client: Any, escrow_id: str, action: Literal["complete", "dispute"], reason: str = ""
+) -> Any:
     """``complete`` / ``dispute`` (deployed only). Idempotent by nature: a lost answer is
     read back (``completed`` / ``disputed`` → done) before anything is sent again."""
     from ._base import _Budget, _Lost
@@ -785,7 +788,7 @@ def _bootstrap_plan(kind: Literal["register", "faucet"]) -> Any:
                 "(the retry was refused as already claimed)"
             )
         if status == 429 and not last:
-            yield ("sleep", max(backoff_delay(attempt + 1), 2.0 ** attempt))
+            yield ("sleep", max(backoff_delay(attempt + 1), 2.0**attempt))
             continue
         if 500 <= status <= 599 and not last and kind != "register":
             lost_before = True
@@ -864,8 +867,13 @@ def _bootstrap_answer(answer: Any) -> Any:
 
 
 def _bootstrap_post(
-    kind: Literal["register", "faucet"], base_url: str | None, fields: dict[str, str], *,
-    transport: Any, timeout: float, sleep: Any,
+    kind: Literal["register", "faucet"],
+    base_url: str | None,
+    fields: dict[str, str],
+    *,
+    transport: Any,
+    timeout: float,
+    sleep: Any,
 ) -> Any:
     """POST one bootstrap request, retried as its plan says; the answer decoded."""
     import time
@@ -895,8 +903,13 @@ def _bootstrap_post(
 
 
 async def _abootstrap_post(
-    kind: Literal["register", "faucet"], base_url: str | None, fields: dict[str, str], *,
-    transport: Any, timeout: float, sleep: Any,
+    kind: Literal["register", "faucet"],
+    base_url: str | None,
+    fields: dict[str, str],
+    *,
+    transport: Any,
+    timeout: float,
+    sleep: Any,
 ) -> Any:
     """:func:`_bootstrap_post` for asyncio."""
     import asyncio
@@ -940,8 +953,9 @@ def register(
     ``base_url`` defaults to ``PF_CASINO_URL`` or :data:`CASINO_BASE_URL`; ``transport`` may be
     a sandbox's (``Sandbox.casino_base_url`` names its in-process URL).
     """
-    answer = _bootstrap_post("register", base_url, dict(fields), transport=transport,
-                             timeout=timeout, sleep=_sleep)
+    answer = _bootstrap_post(
+        "register", base_url, dict(fields), transport=transport, timeout=timeout, sleep=_sleep
+    )
     return DEPLOYED.parse_registration(answer)
 
 
@@ -954,8 +968,9 @@ async def aregister(
     **fields: str,
 ) -> Registration:
     """:func:`register` for asyncio."""
-    answer = await _abootstrap_post("register", base_url, dict(fields), transport=transport,
-                                    timeout=timeout, sleep=_sleep)
+    answer = await _abootstrap_post(
+        "register", base_url, dict(fields), transport=transport, timeout=timeout, sleep=_sleep
+    )
     return DEPLOYED.parse_registration(answer)
 
 
@@ -972,8 +987,9 @@ def claim_faucet(
     ``base_url`` defaults to ``PF_FAUCET_URL`` or :data:`FAUCET_BASE_URL`.
     """
     fields = {"agent_casino_id": _check_agent(agent_casino_id)}
-    answer = _bootstrap_post("faucet", base_url, fields, transport=transport, timeout=timeout,
-                             sleep=_sleep)
+    answer = _bootstrap_post(
+        "faucet", base_url, fields, transport=transport, timeout=timeout, sleep=_sleep
+    )
     return DEPLOYED.parse_faucet_claim(answer)
 
 
@@ -987,6 +1003,7 @@ async def aclaim_faucet(
 ) -> FaucetClaim:
     """:func:`claim_faucet` for asyncio."""
     fields = {"agent_casino_id": _check_agent(agent_casino_id)}
-    answer = await _abootstrap_post("faucet", base_url, fields, transport=transport,
-                                    timeout=timeout, sleep=_sleep)
+    answer = await _abootstrap_post(
+        "faucet", base_url, fields, transport=transport, timeout=timeout, sleep=_sleep
+    )
     return DEPLOYED.parse_faucet_claim(answer)

@@ -120,7 +120,8 @@ class MeteredCallbackHandler(BaseCallbackHandler):
         if unit == "call":
             if stream is None or input_stream is not None or output_stream is not None:
                 raise InvalidInput(
-                    "stream", 'unit="call" needs exactly one stream (input/output streams '
+                    "stream",
+                    'unit="call" needs exactly one stream (input/output streams '
                     'price tokens: use unit="token")',
                 )
         elif stream is None and input_stream is None and output_stream is None:
@@ -234,7 +235,9 @@ class MeteredCallbackHandler(BaseCallbackHandler):
         if over:
             _log.warning(
                 "budget exhausted: %d token(s) of LLM run %s could not be paid; further calls "
-                "will be refused", over, run_id,
+                "will be refused",
+                over,
+                run_id,
             )
 
     def _missing(self, run_id: UUID) -> None:

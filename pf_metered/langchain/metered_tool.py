@@ -68,9 +68,7 @@ class PaidTool(BaseTool):
             ) from exc
         return stream
 
-    def _run(
-        self, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any
-    ) -> Any:
+    def _run(self, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any) -> Any:
         stream = self._reserve()
         try:
             result = self.inner.invoke(

@@ -37,9 +37,7 @@ def count_words(messages: Sequence[BaseMessage]) -> int:
     """The fake's token count for messages: whitespace-separated words (at least 1 each)."""
     total = 0
     for message in messages:
-        text = message.content if isinstance(message.content, str) else json.dumps(
-            message.content
-        )
+        text = message.content if isinstance(message.content, str) else json.dumps(message.content)
         total += max(len(text.split()), 1)
     return total
 
@@ -97,10 +95,14 @@ class ScriptedChatModel(BaseChatModel):
         if self.usage and message.usage_metadata is None:
             tokens_in = count_words(messages)
             tokens_out = len(str(message.content).split()) + 10 * len(message.tool_calls)
-            usage = cast("UsageMetadata", {
-                "input_tokens": tokens_in, "output_tokens": tokens_out,
-                "total_tokens": tokens_in + tokens_out,
-            })
+            usage = cast(
+                "UsageMetadata",
+                {
+                    "input_tokens": tokens_in,
+                    "output_tokens": tokens_out,
+                    "total_tokens": tokens_in + tokens_out,
+                },
+            )
             message = message.model_copy(update={"usage_metadata": usage})
         return message
 

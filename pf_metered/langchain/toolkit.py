@@ -73,7 +73,8 @@ def resolve_allowed(allowed: Iterable[str] | None) -> frozenset[str]:
             names.add(item)
         else:
             raise InvalidInput(
-                "allowed", f"names no tool or family: {item!r}; tools: {list(ALL_TOOL_NAMES)}, "
+                "allowed",
+                f"names no tool or family: {item!r}; tools: {list(ALL_TOOL_NAMES)}, "
                 f"families: {sorted(_FAMILIES)}",
             )
     return frozenset(names)
@@ -114,8 +115,11 @@ class PurpleFleaToolkit(BaseToolkit):
         elif caps is not None or kwargs:
             raise InvalidInput("context", "already carries its caps; pass caps to ToolContext")
         super().__init__(
-            client=context.client, async_client=context.async_client, caps=context.caps,
-            allowed=resolve_allowed(allowed), context=context,
+            client=context.client,
+            async_client=context.async_client,
+            caps=context.caps,
+            allowed=resolve_allowed(allowed),
+            context=context,
         )
 
     @property

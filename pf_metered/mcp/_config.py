@@ -29,7 +29,7 @@ _INSTRUCTIONS: Final = (
     "token, data point or second) open a stream with stream_open, count units with "
     "stream_record (or let a metered tool count them), check it with stream_status, and close "
     "it with stream_close when done: unused budget is refunded. For one-off jobs use "
-    "escrow_create and escrow_release. Amounts are USDC as decimal strings (\"0.25\")."
+    'escrow_create and escrow_release. Amounts are USDC as decimal strings ("0.25").'
 )
 
 
@@ -57,7 +57,7 @@ def context_from_env(caps: Caps | None = None, *, base_url: str | None = None) -
     if not key:
         raise ConfigError(
             "no API key: set PF_API_KEY in the MCP server's environment (the runtime's "
-            "\"env\": {\"PF_API_KEY\": \"pf_live_...\"}), or run 'pf-metered mcp --sandbox' to "
+            '"env": {"PF_API_KEY": "pf_live_..."}), or run \'pf-metered mcp --sandbox\' to '
             "try the tools with no key"
         )
     client = EscrowClient(key, base_url=base_url)

@@ -99,8 +99,11 @@ def build(
         except ToolError as exc:
             return _error(exc.message, exc.kind)
         except Exception as exc:  # a bug must not take the agent's session down
-            _log.error("tool %s failed unexpectedly: %s", params.name,
-                       redact(f"{type(exc).__name__}: {exc}"))
+            _log.error(
+                "tool %s failed unexpectedly: %s",
+                params.name,
+                redact(f"{type(exc).__name__}: {exc}"),
+            )
             return _error(
                 f"{params.name} failed with an unexpected {type(exc).__name__}; nothing more is "
                 "known. Check with a status tool before retrying anything that moves money.",
@@ -116,8 +119,9 @@ def build(
         version=__version__,
         title="Purple Flea metered payments",
         instructions=instructions,
-        get_tool_input_schema=lambda tool: by_name[tool].input_schema() if tool in by_name
-        else None,
+        get_tool_input_schema=lambda tool: (
+            by_name[tool].input_schema() if tool in by_name else None
+        ),
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
@@ -140,8 +144,7 @@ async def close_open_streams(ctx: ToolContext) -> int:
             await close.acall_answer(ctx, {"stream_id": entry.handle})
             closed += 1
         except Exception as exc:
-            _log.error("could not close stream %s at shutdown: %s", entry.handle,
-                       redact(str(exc)))
+            _log.error("could not close stream %s at shutdown: %s", entry.handle, redact(str(exc)))
     return closed
 
 

@@ -372,8 +372,8 @@ class Meter:
     def _bind(self, escrow_id: str) -> None:
         self.escrow_id = escrow_id
         make = getattr(self.store, "counter", None)
-        counter: UnitCounter = make(self.stream_id) if make else _LocalCounter(
-            self.store, self.config
+        counter: UnitCounter = (
+            make(self.stream_id) if make else _LocalCounter(self.store, self.config)
         )
         state = self.store.load(self.stream_id)
         claimed = state.claimed_units if state else 0
@@ -406,8 +406,10 @@ class Meter:
         """Whether another live meter in this process has intent ``seq`` in flight (call
         under the shared lock)."""
         for peer in list(self._peers.meters):
-            if peer is not self and peer._inflight is not None and (
-                peer._inflight.intent.seq == seq
+            if (
+                peer is not self
+                and peer._inflight is not None
+                and (peer._inflight.intent.seq == seq)
             ):
                 return True
         return False
@@ -434,8 +436,7 @@ class Meter:
         return intent
 
     def _hold(self, intent: Intent, *, adopted: bool = False) -> ReleaseDue:
-        action = ReleaseDue(intent, intent_amount_micro(self.rate, intent), _memo(intent),
-                            adopted)
+        action = ReleaseDue(intent, intent_amount_micro(self.rate, intent), _memo(intent), adopted)
         self._inflight = action
         self._handed = False
         if intent.final:
@@ -623,12 +624,23 @@ class Meter:
         state = self.store.load(self.stream_id)
         if state is None:
             return StatusReport(
-                self.stream_id, "new", None, self.rate.decimal, 0, 0, 0,
-                self.config.budget_micro, (),
+                self.stream_id,
+                "new",
+                None,
+                self.rate.decimal,
+                0,
+                0,
+                0,
+                self.config.budget_micro,
+                (),
             )
         history = tuple(
             ReleaseRecord(
-                i.seq, i.units_from, i.units_to, amt, i.final,
+                i.seq,
+                i.units_from,
+                i.units_to,
+                amt,
+                i.final,
                 self._memos.get(i.seq) or _memo(i),
             )
             for i, amt in state.settled

@@ -45,7 +45,7 @@ def open_store(spec: object) -> Store:
 
             return RedisStore(text)
         if text.startswith("sqlite:///"):
-            text = text[len("sqlite:///"):]
+            text = text[len("sqlite:///") :]
         elif "://" in text:
             raise InvalidInput("store", f"unknown store URL scheme: {text.split('://')[0]!r}")
         path, _, query = text.partition("?")

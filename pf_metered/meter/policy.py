@@ -69,8 +69,9 @@ def parse_seconds(value: object, field: str = "every") -> Decimal:
     return sec
 
 
-def every(*, units: int | None = None, seconds: float | int | str | Decimal | None = None
-          ) -> BatchPolicy:
+def every(
+    *, units: int | None = None, seconds: float | int | str | Decimal | None = None
+) -> BatchPolicy:
     """A batch policy: ``every(units=100)``, ``every(seconds=60)``, or both (first wins)."""
     if units is None and seconds is None:
         raise InvalidInput("every", "needs units= or seconds=")

@@ -64,7 +64,10 @@ end
 """
 
 # KEYS: st, sess, op. ARGV[5] = config JSON, ARGV[6] = max units.
-CREATE: Final = PRELUDE + DEDUP + r"""
+CREATE: Final = (
+    PRELUDE
+    + DEDUP
+    + r"""
 local r = replayed(); if r then return r end
 if redis.call('EXISTS', KEYS[1]) == 1 then return remember('exists') end
 redis.call('HSET', KEYS[1], 'cfg', ARGV[5], 'status', 'new', 'units', '0', 'reserved', '0',
@@ -72,9 +75,12 @@ redis.call('HSET', KEYS[1], 'cfg', ARGV[5], 'status', 'new', 'units', '0', 'rese
   'late', '0', 'lost', '0', 'revoked', '0')
 return remember('ok')
 """
+)
 
 # KEYS: st. ARGV[1] = escrow id.
-SET_ESCROW: Final = PRELUDE + r"""
+SET_ESCROW: Final = (
+    PRELUDE
+    + r"""
 local st = redis.call('HMGET', KEYS[1], 'status', 'escrow')
 if not st[1] then return 'unknown' end
 if st[2] and st[2] ~= ARGV[1] then return 'other' end
@@ -82,6 +88,7 @@ redis.call('HSET', KEYS[1], 'escrow', ARGV[1])
 if st[1] == 'new' then redis.call('HSET', KEYS[1], 'status', 'open') end
 return 'ok'
 """
+)
 
 # Sweep leases whose server-side expiry has passed: their unused units go back to the pool
 # and are reported as ``revoked`` (the worker is dead or cut off; what it consumed and never
@@ -104,7 +111,11 @@ end
 SWEEP: Final = SWEEP_DEF
 
 # KEYS: st, sess, op, leases. ARGV[5] = units to add.
-ADD: Final = PRELUDE + DEDUP + SWEEP_DEF + r"""
+ADD: Final = (
+    PRELUDE
+    + DEDUP
+    + SWEEP_DEF
+    + r"""
 local r = replayed(); if r then return r end
 local st = redis.call('HMGET', KEYS[1], 'status', 'units', 'reserved', 'max', 'revoked')
 if not st[1] then return 'unknown' end
@@ -124,13 +135,18 @@ if n > left then return remember('budget|' .. fmt(left)) end
 local total = redis.call('HINCRBY', KEYS[1], 'units', ARGV[5])
 return remember('ok|' .. fmt(total))
 """
+)
 
 
 # KEYS: st, sess, op, leases. ARGV[5] = worker, [6] = used (consumed since the last push),
 # [7] = want (lease size to top up to), [8] = lease TTL ms, [9] = '1' to give the lease back,
 # [10] = need (units the caller needs right now), [11] = '1' to shrink the lease to ``want``.
 # Reply: ok|status|units|lease remaining|granted|ttl ms|available in the pool
-LEASE: Final = PRELUDE + DEDUP + SWEEP + r"""
+LEASE: Final = (
+    PRELUDE
+    + DEDUP
+    + SWEEP
+    + r"""
 local r = replayed(); if r then return r end
 local st = redis.call('HMGET', KEYS[1], 'status', 'units', 'reserved', 'max', 'late', 'lost',
   'revoked')
@@ -213,9 +229,12 @@ local avail = max - units - reserved
 return remember('ok|' .. status .. '|' .. fmt(units) .. '|' .. fmt(rem) .. '|' .. fmt(granted)
   .. '|' .. fmt(ttl) .. '|' .. fmt(avail))
 """
+)
 
 # KEYS: st. Moves open -> draining: no new leases; live leases may still commit.
-BEGIN_CLOSE: Final = PRELUDE + r"""
+BEGIN_CLOSE: Final = (
+    PRELUDE
+    + r"""
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'unknown' end
 if status == 'open' then
@@ -224,9 +243,12 @@ if status == 'open' then
 end
 return status
 """
+)
 
 # KEYS: leases. The number of leases whose server-side expiry is still ahead.
-LIVE_LEASES: Final = PRELUDE + r"""
+LIVE_LEASES: Final = (
+    PRELUDE
+    + r"""
 local now = now_ms()
 local n = 0
 local all = redis.call('HGETALL', KEYS[1])
@@ -236,11 +258,16 @@ for i = 1, #all, 2 do
 end
 return n
 """
+)
 
 # KEYS: st, sess, op, pending, leases. ARGV[5] = min units, [6] = '1' final, [7] = owner,
 # [8] = most whole batches per intent (0 = no cap).
 # Reply: none | pending (another intent is unsettled) | intent|seq|from|to|final
-CLAIM: Final = PRELUDE + DEDUP + SWEEP + r"""
+CLAIM: Final = (
+    PRELUDE
+    + DEDUP
+    + SWEEP
+    + r"""
 local r = replayed(); if r then return r end
 local st = redis.call('HMGET', KEYS[1], 'status', 'units', 'claimed', 'seq', 'reserved',
   'revoked')
@@ -282,12 +309,15 @@ redis.call('HSET', KEYS[4], fmt(seq),
 redis.call('HSET', KEYS[1], 'claimed', fmt(to), 'seq', fmt(seq + 1))
 return remember('intent|' .. fmt(seq) .. '|' .. fmt(claimed) .. '|' .. fmt(to) .. '|' .. flag)
 """
+)
 
 # KEYS: st, pending. ARGV[1] = owner, [2] = lease ms. Hands a pending intent whose claim is
 # older than the lease (its owner is presumed dead) to ``owner``; an intent ``owner`` already
 # holds is handed back again, so a re-sent take-over is harmless.
 # Reply: none | intent|seq|from|to|final
-TAKE_OVER: Final = PRELUDE + r"""
+TAKE_OVER: Final = (
+    PRELUDE
+    + r"""
 if not redis.call('HGET', KEYS[1], 'status') then return 'unknown' end
 local now = now_ms()
 local all = redis.call('HGETALL', KEYS[2])
@@ -307,10 +337,13 @@ for i = 1, #all, 2 do
 end
 return 'none'
 """
+)
 
 # KEYS: st, pending, settled. ARGV[1] = seq, [2] = amount in micro-USDC (a decimal string:
 # money never becomes a Lua number). Idempotent: an intent no longer pending is left alone.
-SETTLE: Final = PRELUDE + r"""
+SETTLE: Final = (
+    PRELUDE
+    + r"""
 local v = redis.call('HGET', KEYS[2], ARGV[1])
 if not v then return 'noop' end
 local p1 = string.find(v, '|', 1, true)
@@ -322,19 +355,26 @@ if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[1], 'releases', 1) end
 redis.call('RPUSH', KEYS[3], ARGV[1] .. '|' .. string.sub(v, 1, p3 - 1) .. '|' .. ARGV[2])
 return 'ok'
 """
+)
 
 # KEYS: st. ARGV[1] = refunded micro-USDC (a decimal string). Idempotent.
-MARK_CLOSED: Final = PRELUDE + r"""
+MARK_CLOSED: Final = (
+    PRELUDE
+    + r"""
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'unknown' end
 if status == 'closed' then return 'noop' end
 redis.call('HSET', KEYS[1], 'status', 'closed', 'refunded', ARGV[1])
 return 'ok'
 """
+)
 
 # KEYS: st, pending, settled, leases. One consistent snapshot of the whole stream.
-LOAD: Final = PRELUDE + r"""
+LOAD: Final = (
+    PRELUDE
+    + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
   redis.call('LRANGE', KEYS[3], 0, -1), redis.call('HGETALL', KEYS[4]), fmt(now_ms())}
 """
+)

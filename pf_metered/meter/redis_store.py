@@ -347,9 +347,7 @@ class RedisStore:
         k = self._keys(stream_id)
         dedup = self._dedup_args(op_id)
         opkey = k["op"] + (op_id if op_id is not None else "-")
-        reply = _s(
-            self._eval(lua.ADD, [k["st"], k["sess"], opkey, k["leases"]], [*dedup, units])
-        )
+        reply = _s(self._eval(lua.ADD, [k["st"], k["sess"], opkey, k["leases"]], [*dedup, units]))
         kind, _, rest = reply.partition("|")
         if kind == "ok":
             return int(rest)
@@ -416,9 +414,7 @@ class RedisStore:
         if isinstance(amount_micro, bool) or not isinstance(amount_micro, int) or amount_micro < 0:
             raise InvalidInput("amount_micro", f"must be a whole number >= 0, got {amount_micro!r}")
         k = self._keys(stream_id)
-        self._eval(
-            lua.SETTLE, [k["st"], k["pending"], k["settled"]], [str(seq), str(amount_micro)]
-        )
+        self._eval(lua.SETTLE, [k["st"], k["pending"], k["settled"]], [str(seq), str(amount_micro)])
 
     def mark_closed(self, stream_id: str, refunded_micro: int) -> None:
         self._check_id(stream_id)
@@ -451,9 +447,7 @@ class RedisStore:
         """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
         return self._intent_lease
 
-    def take_over(
-        self, stream_id: str, *, lease_seconds: float | None = None
-    ) -> Intent | None:
+    def take_over(self, stream_id: str, *, lease_seconds: float | None = None) -> Intent | None:
         """Take a pending intent whose owner has not settled it within ``lease_seconds``
         (default: the store's ``intent_lease``).
 
@@ -470,8 +464,12 @@ class RedisStore:
                 [k["st"], k["pending"]],
                 [
                     self._worker,
-                    max(0, int((self._intent_lease if lease_seconds is None else lease_seconds)
-                               * 1000)),
+                    max(
+                        0,
+                        int(
+                            (self._intent_lease if lease_seconds is None else lease_seconds) * 1000
+                        ),
+                    ),
                 ],
             )
         )

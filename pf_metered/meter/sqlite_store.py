@@ -180,8 +180,10 @@ class SQLiteStore:
     ) -> None:
         if durability not in ("per_record", "group"):
             raise InvalidInput("durability", f"must be 'per_record' or 'group', not {durability!r}")
-        if isinstance(group_interval, bool) or not isinstance(group_interval, int | float) or not (
-            0 < group_interval <= 60
+        if (
+            isinstance(group_interval, bool)
+            or not isinstance(group_interval, int | float)
+            or not (0 < group_interval <= 60)
         ):
             raise InvalidInput("group_interval", "must be a number of seconds in (0, 60]")
         if isinstance(lease_units, bool) or not isinstance(lease_units, int) or lease_units < 1:
@@ -193,8 +195,10 @@ class SQLiteStore:
         self.group_interval = float(group_interval)  # ok: seconds
         self.group_wait = bool(group_wait)
         self.lease_units = lease_units
-        if isinstance(intent_lease, bool) or not isinstance(intent_lease, int | float) or not (
-            0 <= intent_lease <= 86_400
+        if (
+            isinstance(intent_lease, bool)
+            or not isinstance(intent_lease, int | float)
+            or not (0 <= intent_lease <= 86_400)
         ):
             raise InvalidInput("intent_lease", "must be a number of seconds in [0, 86400]")
         self.intent_lease = float(intent_lease)  # ok: seconds
@@ -269,7 +273,8 @@ class SQLiteStore:
     @staticmethod
     def _row(db: sqlite3.Connection, stream_id: str) -> sqlite3.Row:
         row = db.execute(
-            f"SELECT {_STREAM_COLS} FROM streams WHERE stream_id = ?", (stream_id,)  # noqa: S608
+            f"SELECT {_STREAM_COLS} FROM streams WHERE stream_id = ?",  # noqa: S608
+            (stream_id,),
         ).fetchone()
         if row is None:
             raise InvalidInput("stream_id", f"is not a known stream: {stream_id!r}")
@@ -307,9 +312,15 @@ class SQLiteStore:
                     f"INSERT INTO streams ({_STREAM_COLS}) VALUES "  # noqa: S608
                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, 'new', NULL, 0, 0, 0, 0, NULL, 1)",
                     (
-                        config.stream_id, config.to_agent_id, config.rate, config.budget_micro,
-                        config.max_units, config.memo, config.auto_release_hours,
-                        config.batch_units, config.every_seconds,
+                        config.stream_id,
+                        config.to_agent_id,
+                        config.rate,
+                        config.budget_micro,
+                        config.max_units,
+                        config.memo,
+                        config.auto_release_hours,
+                        config.batch_units,
+                        config.every_seconds,
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -336,11 +347,34 @@ class SQLiteStore:
                 ).fetchall()
             finally:
                 db.execute("COMMIT")
-        (sid, to_agent, rate, budget, max_units, memo, arh, batch, every_s, status, escrow,
-         units, claimed, paid, releases, refunded, next_seq) = tuple(row)
+        (
+            sid,
+            to_agent,
+            rate,
+            budget,
+            max_units,
+            memo,
+            arh,
+            batch,
+            every_s,
+            status,
+            escrow,
+            units,
+            claimed,
+            paid,
+            releases,
+            refunded,
+            next_seq,
+        ) = tuple(row)
         config = StreamConfig(
-            stream_id=sid, to_agent_id=to_agent, rate=rate, budget_micro=budget,
-            max_units=max_units, memo=memo, auto_release_hours=arh, batch_units=batch,
+            stream_id=sid,
+            to_agent_id=to_agent,
+            rate=rate,
+            budget_micro=budget,
+            max_units=max_units,
+            memo=memo,
+            auto_release_hours=arh,
+            batch_units=batch,
             every_seconds=every_s,
         )
         pending: list[Intent] = []
@@ -353,9 +387,16 @@ class SQLiteStore:
                 pending.append(intent)
         state_status: StreamStatus = status
         return StreamState(
-            config=config, status=state_status, escrow_id=escrow, units=units,
-            claimed_units=claimed, paid_micro=paid, releases=releases,
-            pending=tuple(pending), refunded_micro=refunded, next_seq=next_seq,
+            config=config,
+            status=state_status,
+            escrow_id=escrow,
+            units=units,
+            claimed_units=claimed,
+            paid_micro=paid,
+            releases=releases,
+            pending=tuple(pending),
+            refunded_micro=refunded,
+            next_seq=next_seq,
             settled=tuple(settled),
         )
 
@@ -417,8 +458,15 @@ class SQLiteStore:
             db.execute(
                 "INSERT INTO intents (stream_id, seq, units_from, units_to, final, owner, "
                 "claimed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (stream_id, intent.seq, intent.units_from, intent.units_to, int(final),
-                 self._owner, time.time()),
+                (
+                    stream_id,
+                    intent.seq,
+                    intent.units_from,
+                    intent.units_to,
+                    int(final),
+                    self._owner,
+                    time.time(),
+                ),
             )
             db.execute(
                 "UPDATE streams SET claimed_units = ?, next_seq = ?, status = ? "
@@ -571,7 +619,9 @@ class SQLiteStore:
                     left = int(row["max_units"]) - int(row["units"])
                     left -= self._leased(db, buf.stream_id)
                     raise self._refusal(
-                        buf.stream_id, "open" if buf.open else str(row["status"]), units,
+                        buf.stream_id,
+                        "open" if buf.open else str(row["status"]),
+                        units,
                         left + buf.lease,
                     )
                 buf.lease -= units
@@ -614,7 +664,10 @@ class SQLiteStore:
             self.refused_units += pending
             log.error(
                 "pf_metered: %d units counted in this process could not be committed: "
-                "stream %s is %s (closed by another process)", pending, buf.stream_id, status,
+                "stream %s is %s (closed by another process)",
+                pending,
+                buf.stream_id,
+                status,
             )
             return
         db.execute(

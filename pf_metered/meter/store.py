@@ -194,8 +194,20 @@ class _Record:
     """
 
     __slots__ = (
-        "claimed_units", "config", "escrow_id", "lock", "max_units", "next_seq", "paid_micro",
-        "pending", "refunded_micro", "releases", "reserved", "settled", "status", "stream_id",
+        "claimed_units",
+        "config",
+        "escrow_id",
+        "lock",
+        "max_units",
+        "next_seq",
+        "paid_micro",
+        "pending",
+        "refunded_micro",
+        "releases",
+        "reserved",
+        "settled",
+        "status",
+        "stream_id",
         "units",
     )
 
@@ -267,10 +279,16 @@ class _Record:
 
     def snapshot(self) -> StreamState:
         return StreamState(
-            config=self.config, status=self.status, escrow_id=self.escrow_id,
-            units=self.units, claimed_units=self.claimed_units, paid_micro=self.paid_micro,
-            releases=self.releases, pending=(self.pending,) if self.pending else (),
-            refunded_micro=self.refunded_micro, next_seq=self.next_seq,
+            config=self.config,
+            status=self.status,
+            escrow_id=self.escrow_id,
+            units=self.units,
+            claimed_units=self.claimed_units,
+            paid_micro=self.paid_micro,
+            releases=self.releases,
+            pending=(self.pending,) if self.pending else (),
+            refunded_micro=self.refunded_micro,
+            next_seq=self.next_seq,
             settled=tuple(self.settled),
         )
 

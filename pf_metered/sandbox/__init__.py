@@ -145,8 +145,11 @@ class Sandbox:
             raise InvalidInput("dialect", f"must be 'v1' or 'deployed', got {dialect!r}")
         self.dialect = dialect
         self._deployed, casino, faucet = deployed_mounts(
-            db=self._db, ledger=self._ledger, clock=self.clock,
-            rate_limits=deployed_rate_limits, list_path=deployed_list_path,
+            db=self._db,
+            ledger=self._ledger,
+            clock=self.clock,
+            rate_limits=deployed_rate_limits,
+            list_path=deployed_list_path,
         )
         self._dispatcher.mount("/deployed", self._deployed)
         self._dispatcher.mount("/casino", casino)

@@ -321,10 +321,15 @@ class DeployedApp:
             name, want = "GET list", "GET"
         elif parts == ["escrow", "create"]:
             name = "POST /escrow/create"
-        elif len(parts) == 3 and parts[0] == "escrow" and parts[1] in (
-            "release",
-            "complete",
-            "dispute",
+        elif (
+            len(parts) == 3
+            and parts[0] == "escrow"
+            and parts[1]
+            in (
+                "release",
+                "complete",
+                "dispute",
+            )
         ):
             name, escrow_id = f"POST /escrow/{parts[1]}/{{id}}", parts[2]
         elif len(parts) == 2 and parts[0] == "escrow":
@@ -349,9 +354,7 @@ class DeployedApp:
         api_key = parse_bearer(request.headers.get("authorization"))
         try:
             with self._db.transaction() as conn:
-                agent = (
-                    self._ledger.agent_for_key(conn, hash_key(api_key)) if api_key else None
-                )
+                agent = self._ledger.agent_for_key(conn, hash_key(api_key)) if api_key else None
                 if agent is None:
                     return _error(401, "unauthorized", "a valid API key is required")
                 now = self._clock.now_us()
@@ -446,8 +449,10 @@ class DeployedApp:
                 400, "invalid_request", f"description must be a string of ≤{MAX_DESCRIPTION}"
             )
         hours = body.get("timeout_hours", DEFAULT_TIMEOUT_HOURS)
-        if isinstance(hours, bool) or not isinstance(hours, int) or not (
-            1 <= hours <= MAX_TIMEOUT_HOURS
+        if (
+            isinstance(hours, bool)
+            or not isinstance(hours, int)
+            or not (1 <= hours <= MAX_TIMEOUT_HOURS)
         ):
             raise _Refusal(
                 400,
@@ -455,8 +460,13 @@ class DeployedApp:
                 f"timeout_hours must be a whole number 1..{MAX_TIMEOUT_HOURS}",
             )
         esc = self._ledger.lock(
-            conn, payer=agent, payee=counterparty, amount=amount, memo=description,
-            auto_release_at=None, now_us=now,
+            conn,
+            payer=agent,
+            payee=counterparty,
+            amount=amount,
+            memo=description,
+            auto_release_at=None,
+            now_us=now,
         )
         conn.execute(
             "INSERT INTO deployed_escrows (escrow_id, timeout_hours, timeout_at) VALUES (?, ?, ?)",

@@ -171,8 +171,9 @@ class Dispatcher:
         try:
             answer = self._dispatch(request)
         except Exception:
-            _log.exception("sandbox: %s %s failed [request %s]", request.method, request.path,
-                           request_id)
+            _log.exception(
+                "sandbox: %s %s failed [request %s]", request.method, request.path, request_id
+            )
             answer = error_response(500, "internal_error", "the sandbox failed on this request")
         headers = (
             ("content-type", "application/json"),
@@ -188,10 +189,14 @@ class Dispatcher:
             )
         for prefix, app in self._mounts:
             if request.path == prefix or request.path.startswith(prefix + "/"):
-                sub = request.path[len(prefix):] or "/"
+                sub = request.path[len(prefix) :] or "/"
                 return app.handle(
                     AppRequest(
-                        request.method, sub, request.headers, request.body, request.client,
+                        request.method,
+                        sub,
+                        request.headers,
+                        request.body,
+                        request.client,
                         request.query,
                     )
                 )

@@ -528,8 +528,7 @@ class Ledger:
         sums = {
             str(r[0]): (int(r[1]), int(r[2]), int(r[3]))
             for r in conn.execute(
-                "SELECT escrow_id, SUM(amount), SUM(fee), COUNT(*) FROM releases "
-                "GROUP BY escrow_id"
+                "SELECT escrow_id, SUM(amount), SUM(fee), COUNT(*) FROM releases GROUP BY escrow_id"
             ).fetchall()
         }
         counts = {
@@ -654,6 +653,4 @@ class Ledger:
             (amount, account_id, amount),
         )
         if cur.rowcount != 1:
-            raise LedgerError(
-                "insufficient_balance", "the balance cannot cover this escrow"
-            )
+            raise LedgerError("insufficient_balance", "the balance cannot cover this escrow")

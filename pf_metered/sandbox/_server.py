@@ -111,9 +111,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if length > MAX_BODY_BYTES:
-            self._send(error_response(
-                413, "invalid_request", f"the body is larger than {MAX_BODY_BYTES} bytes"
-            ))
+            self._send(
+                error_response(
+                    413, "invalid_request", f"the body is larger than {MAX_BODY_BYTES} bytes"
+                )
+            )
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
@@ -165,8 +167,10 @@ class SandboxServer:
         self.base_url = f"{self.url}/api/v1"
         self._closed = False
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"pf-metered-sandbox:{self.port}", daemon=True,
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"pf-metered-sandbox:{self.port}",
+            daemon=True,
         )
         self._thread.start()
 

@@ -30,7 +30,11 @@ class SandboxTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _app_request(request: httpx.Request, body: bytes) -> AppRequest:
         headers = {k.lower(): v for k, v in request.headers.items()}
         return AppRequest(
-            request.method, request.url.path, headers, body, "in-process",
+            request.method,
+            request.url.path,
+            headers,
+            body,
+            "in-process",
             request.url.query.decode("ascii", "replace"),
         )
 

@@ -147,7 +147,7 @@ def _amount(body: dict[str, Any]) -> int:
     value = body["amount"]
     if not isinstance(value, str):
         raise _Refusal(
-            400, "invalid_amount", "amount must be a decimal string such as \"1.50\", not a number"
+            400, "invalid_amount", 'amount must be a decimal string such as "1.50", not a number'
         )
     try:
         return parse_amount(value, "amount")
@@ -230,7 +230,9 @@ class V1App:
             return error_response(404, "not_found", "no such endpoint")
         if method not in allowed:
             return error_response(
-                405, "invalid_request", f"use {' or '.join(allowed)} on this path",
+                405,
+                "invalid_request",
+                f"use {' or '.join(allowed)} on this path",
                 (("allow", ", ".join(allowed)),),
             )
         if escrow_id is not None and not _ID.match(escrow_id):
@@ -256,7 +258,9 @@ class V1App:
             )
             if retry_after is not None:
                 return error_response(
-                    429, "rate_limited", f"too many requests; retry in {retry_after} s",
+                    429,
+                    "rate_limited",
+                    f"too many requests; retry in {retry_after} s",
                     (("retry-after", str(retry_after)),),
                 )
         if agent is None or key_hash is None:
@@ -271,8 +275,10 @@ class V1App:
                 idem_key = request.headers.get("idempotency-key")
                 if idem_key is not None and not _IDEM_KEY.match(idem_key):
                     return error_response(
-                        400, "invalid_request",
-                        "Idempotency-Key must be 1-255 printable ASCII characters", extra,
+                        400,
+                        "invalid_request",
+                        "Idempotency-Key must be 1-255 printable ASCII characters",
+                        extra,
                     )
         if idem_key is None or self._idem is None:
             self._before(request)
@@ -281,13 +287,19 @@ class V1App:
             return AppResponse(answer.status, answer.body, answer.headers + extra)
         if not self._idem.begin(key_hash, idem_key):
             return error_response(
-                409, "request_in_progress",
-                "a request with this Idempotency-Key is still being handled", extra,
+                409,
+                "request_in_progress",
+                "a request with this Idempotency-Key is still being handled",
+                extra,
             )
         try:
             self._before(request)
             return self._idempotent(
-                route, request=request, agent=agent, key_hash=key_hash, idem_key=idem_key,
+                route,
+                request=request,
+                agent=agent,
+                key_hash=key_hash,
+                idem_key=idem_key,
                 extra=extra,
             )
         finally:
@@ -321,8 +333,10 @@ class V1App:
             if stored is not None:
                 if stored.fingerprint != digest:
                     return error_response(
-                        422, "idempotency_key_reused",
-                        "this Idempotency-Key was used with a different request", extra,
+                        422,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used with a different request",
+                        extra,
                     )
                 return AppResponse(
                     stored.status, stored.body, (("idempotent-replayed", "true"), *extra)
@@ -404,7 +418,9 @@ class V1App:
             _only(body, frozenset())
             claim_id = ledger.claim_faucet(conn, agent, now)
             return 200, {
-                "credited": format_usdc(FAUCET_MICRO), "claim_id": claim_id, "agent_id": agent
+                "credited": format_usdc(FAUCET_MICRO),
+                "claim_id": claim_id,
+                "agent_id": agent,
             }
         raise AssertionError(f"unrouted {name}")  # pragma: no cover
 
@@ -428,13 +444,19 @@ class V1App:
             or not 1 <= hours <= MAX_AUTO_RELEASE_HOURS
         ):
             raise _Refusal(
-                400, "invalid_request",
+                400,
+                "invalid_request",
                 f"auto_release_hours must be a whole number 1..{MAX_AUTO_RELEASE_HOURS} or null",
             )
         due = None if hours is None else now + hours * 3600 * 1_000_000
         esc = self._ledger.lock(
-            conn, payer=agent, payee=to_agent, amount=amount, memo=memo,
-            auto_release_at=due, now_us=now,
+            conn,
+            payer=agent,
+            payee=to_agent,
+            amount=amount,
+            memo=memo,
+            auto_release_at=due,
+            now_us=now,
         )
         return escrow_json(esc, [], 0)
 

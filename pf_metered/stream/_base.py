@@ -54,12 +54,19 @@ class EscrowAPI(Protocol):
     """The four calls a stream needs from ``EscrowClient`` (structural, for typing)."""
 
     def create_escrow(
-        self, to_agent_id: str, amount: AmountLike, memo: str = ...,
-        auto_release_hours: int | None = ..., idempotency_key: str | None = ...,
+        self,
+        to_agent_id: str,
+        amount: AmountLike,
+        memo: str = ...,
+        auto_release_hours: int | None = ...,
+        idempotency_key: str | None = ...,
     ) -> Escrow: ...
 
     def release_partial(
-        self, escrow_id: str, amount: AmountLike, memo: str = ...,
+        self,
+        escrow_id: str,
+        amount: AmountLike,
+        memo: str = ...,
         idempotency_key: str | None = ...,
     ) -> Escrow: ...
 
@@ -72,12 +79,19 @@ class AsyncEscrowAPI(Protocol):
     """The same four calls on ``AsyncEscrowClient``."""
 
     async def create_escrow(
-        self, to_agent_id: str, amount: AmountLike, memo: str = ...,
-        auto_release_hours: int | None = ..., idempotency_key: str | None = ...,
+        self,
+        to_agent_id: str,
+        amount: AmountLike,
+        memo: str = ...,
+        auto_release_hours: int | None = ...,
+        idempotency_key: str | None = ...,
     ) -> Escrow: ...
 
     async def release_partial(
-        self, escrow_id: str, amount: AmountLike, memo: str = ...,
+        self,
+        escrow_id: str,
+        amount: AmountLike,
+        memo: str = ...,
         idempotency_key: str | None = ...,
     ) -> Escrow: ...
 
@@ -145,8 +159,16 @@ class StreamBase:
         ):
             raise InvalidInput("close_wait", "must be a number of seconds in (0, 86400]")
         config, policy = plan_stream(
-            to_agent_id, rate, batch=batch, every_=every, budget=budget, max_units=max_units,
-            auto_release_hours=auto_release_hours, memo=memo, per=per, stream_id=stream_id,
+            to_agent_id,
+            rate,
+            batch=batch,
+            every_=every,
+            budget=budget,
+            max_units=max_units,
+            auto_release_hours=auto_release_hours,
+            memo=memo,
+            per=per,
+            stream_id=stream_id,
         )
         _check_escrow_minimum(client, config.budget_micro, given=budget is not None)
         self._store: Store = open_store(store)  # None, a path, a redis:// URL or a Store

@@ -108,7 +108,9 @@ def reconcile(store: Store, state: StreamState, escrow: Escrow) -> StreamState:
         if released == state.paid_micro + amount:
             log.info(
                 "resume: release %s (units %d-%d) had landed; settled from the escrow",
-                intent.idempotency_key, intent.units_from + 1, intent.units_to,
+                intent.idempotency_key,
+                intent.units_from + 1,
+                intent.units_to,
             )
             store.settle(state.config.stream_id, intent.seq, amount)
         elif released != state.paid_micro:
@@ -116,12 +118,16 @@ def reconcile(store: Store, state: StreamState, escrow: Escrow) -> StreamState:
                 f"escrow {escrow.escrow_id} shows {released} micro-USDC released; the journal "
                 f"has {state.paid_micro} paid and {amount} pending: refusing to guess",
                 idempotency_key=intent.idempotency_key,
-                released_micro=released, paid_micro=state.paid_micro, pending_micro=amount,
+                released_micro=released,
+                paid_micro=state.paid_micro,
+                pending_micro=amount,
             )
     if not state.pending and released != state.paid_micro:
         log.warning(
             "resume: escrow %s shows %d micro-USDC released, the journal %d paid",
-            escrow.escrow_id, released, state.paid_micro,
+            escrow.escrow_id,
+            released,
+            state.paid_micro,
         )
     after = store.load(state.config.stream_id)
     assert after is not None
@@ -141,11 +147,19 @@ def _rebuild(
     per = kw.pop("per", "unit")
     clock: Callable[[], float] = kw.pop("clock", time.monotonic)
     stream = cls(
-        client, cfg.to_agent_id, cfg.rate,
-        batch=cfg.batch_units, every=cfg.every_seconds, max_units=cfg.max_units,
+        client,
+        cfg.to_agent_id,
+        cfg.rate,
+        batch=cfg.batch_units,
+        every=cfg.every_seconds,
+        max_units=cfg.max_units,
         budget=micro_to_decimal(cfg.budget_micro),
-        auto_release_hours=cfg.auto_release_hours, memo=cfg.memo, store=store,
-        stream_id=cfg.stream_id, clock=clock, **kw,
+        auto_release_hours=cfg.auto_release_hours,
+        memo=cfg.memo,
+        store=store,
+        stream_id=cfg.stream_id,
+        clock=clock,
+        **kw,
     )
     # The stored config (rate already per unit, budget as locked) is the truth.
     stream._meter = Meter(store, cfg, stream._meter.policy, per=per, clock=clock)
@@ -170,8 +184,10 @@ def resume_sync(
         except PFMeteredError as exc:
             if not is_transient(exc):
                 raise
-            log.warning("resume: could not read the escrow (%s); resending with the same keys",
-                        type(exc).__name__)
+            log.warning(
+                "resume: could not read the escrow (%s); resending with the same keys",
+                type(exc).__name__,
+            )
         else:
             state = reconcile(store_obj, state, escrow)
     stream = _rebuild(cls, client, store_obj, state, dict(kw))
@@ -208,8 +224,10 @@ async def resume_async(
         except PFMeteredError as exc:
             if not is_transient(exc):
                 raise
-            log.warning("resume: could not read the escrow (%s); resending with the same keys",
-                        type(exc).__name__)
+            log.warning(
+                "resume: could not read the escrow (%s); resending with the same keys",
+                type(exc).__name__,
+            )
         else:
             state = reconcile(store_obj, state, escrow)
     stream = _rebuild(cls, client, store_obj, state, dict(kw))
@@ -267,8 +285,11 @@ def _flush_all() -> None:
         try:
             stream.flush()
         except Exception as exc:  # shutdown goes on; the journal keeps the rest
-            log.warning("shutdown: stream %s not flushed (%s); journaled for resume",
-                        stream.stream_id[:12], type(exc).__name__)
+            log.warning(
+                "shutdown: stream %s not flushed (%s); journaled for resume",
+                stream.stream_id[:12],
+                type(exc).__name__,
+            )
     from sys import modules
 
     sqlite_mod = modules.get("pf_metered.meter.sqlite_store")

@@ -66,9 +66,20 @@ class PaymentStream(StreamBase):
         close_wait: float = CLOSE_WAIT,
     ) -> None:
         super().__init__(
-            to_agent_id, rate, batch=batch, every=every, budget=budget, max_units=max_units,
-            auto_release_hours=auto_release_hours, memo=memo, store=store, per=per,
-            background=background, clock=clock, stream_id=stream_id, close_wait=close_wait,
+            to_agent_id,
+            rate,
+            batch=batch,
+            every=every,
+            budget=budget,
+            max_units=max_units,
+            auto_release_hours=auto_release_hours,
+            memo=memo,
+            store=store,
+            per=per,
+            background=background,
+            clock=clock,
+            stream_id=stream_id,
+            close_wait=close_wait,
             client=client,
         )
         # full-release dialect: a chain of tranches behind the same face (_tranches.py)
@@ -241,9 +252,7 @@ class PaymentStream(StreamBase):
                 self._failure = None
                 self._drain(final=True)
                 if not self._await_closer():
-                    self._receipt = adjust_receipt(
-                        self._client, self._meter.finished_elsewhere()
-                    )
+                    self._receipt = adjust_receipt(self._client, self._meter.finished_elsewhere())
                     return self._receipt
                 refunded = self._refund()
                 self._receipt = adjust_receipt(self._client, self._meter.finished(refunded))

@@ -407,7 +407,9 @@ class _ChainBase:
                 log.warning(
                     "tranche %d (%s USDC) may or may not have been locked: its answer was lost "
                     "and could not be reconciled (nonce %s); locking a fresh tranche instead",
-                    step.seq, format_usdc(step.amount_micro), exc.idempotency_key,
+                    step.seq,
+                    format_usdc(step.amount_micro),
+                    exc.idempotency_key,
                 )
                 if book.ambiguous_count > MAX_AMBIGUOUS:
                     raise TrancheFailure(
@@ -425,8 +427,9 @@ class _ChainBase:
             if escrow.status == "released":
                 book.released(tranche)
             elif escrow.status == "refunded":
-                log.warning("tranche %s expired before its release; replacing it",
-                            tranche.escrow_id)
+                log.warning(
+                    "tranche %s expired before its release; replacing it", tranche.escrow_id
+                )
                 book.set_aside(tranche, "expired")
             elif escrow.status == "disputed":
                 log.warning("tranche %s is disputed; its money stays locked", tranche.escrow_id)
@@ -484,14 +487,20 @@ class _ChainBase:
             log.warning(
                 "tranche stream %s owes %s USDC, under the service's minimum escrow of %s: "
                 "it cannot be paid on this dialect and is reported as unpaid",
-                self._meter.stream_id[:12], format_usdc(unpaid),
+                self._meter.stream_id[:12],
+                format_usdc(unpaid),
                 format_usdc(book.plan.minimum_micro),
             )
         let = sum(t.amount_micro for t in let_go)
         if let:
-            log.info("tranche stream %s: %s USDC in %d unused tranche(s) left to expire "
-                     "(returned less 1%% after %d h)", self._meter.stream_id[:12],
-                     format_usdc(let), len(let_go), self._hours)
+            log.info(
+                "tranche stream %s: %s USDC in %d unused tranche(s) left to expire "
+                "(returned less 1%% after %d h)",
+                self._meter.stream_id[:12],
+                format_usdc(let),
+                len(let_go),
+                self._hours,
+            )
 
     def _refunded_micro(self) -> int:
         assert self.book is not None
@@ -532,15 +541,23 @@ class TrancheChain(_ChainBase):
     # -- EscrowAPI ---------------------------------------------------------------------
 
     def create_escrow(
-        self, to_agent_id: str, amount: Any, memo: str = "",
-        auto_release_hours: int | None = None, idempotency_key: str | None = None,
+        self,
+        to_agent_id: str,
+        amount: Any,
+        memo: str = "",
+        auto_release_hours: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Escrow:
         self._run(self._open_plan(self._budget))
         self.pump()  # the next tranche, ahead of need (a transient failure waits)
         return self._view()
 
     def release_partial(
-        self, escrow_id: str, amount: Any, memo: str = "", idempotency_key: str | None = None,
+        self,
+        escrow_id: str,
+        amount: Any,
+        memo: str = "",
+        idempotency_key: str | None = None,
     ) -> Escrow:
         if self.book is None:
             raise _no_book("release")
@@ -602,15 +619,23 @@ class AsyncTrancheChain(_ChainBase):
                 outcome, error = None, exc
 
     async def create_escrow(
-        self, to_agent_id: str, amount: Any, memo: str = "",
-        auto_release_hours: int | None = None, idempotency_key: str | None = None,
+        self,
+        to_agent_id: str,
+        amount: Any,
+        memo: str = "",
+        auto_release_hours: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Escrow:
         await self._run(self._open_plan(self._budget))
         await self.pump()
         return self._view()
 
     async def release_partial(
-        self, escrow_id: str, amount: Any, memo: str = "", idempotency_key: str | None = None,
+        self,
+        escrow_id: str,
+        amount: Any,
+        memo: str = "",
+        idempotency_key: str | None = None,
     ) -> Escrow:
         if self.book is None:
             raise _no_book("release")

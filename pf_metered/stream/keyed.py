@@ -83,12 +83,21 @@ class KeyedStreams:
             return existing
         rate = self._prices.get(feed_type)
         if rate is None:
-            raise InvalidInput("feed_type", f"has no price: {feed_type!r} (known: "
-                               f"{', '.join(sorted(self._prices))})")
+            raise InvalidInput(
+                "feed_type",
+                f"has no price: {feed_type!r} (known: {', '.join(sorted(self._prices))})",
+            )
         stream = PaymentStream(
-            self._client, provider, rate, batch=self._batch, every=self._every, budget=budget,
-            max_units=max_units, auto_release_hours=self._auto_release_hours,
-            memo=f"data_feed:{feed_type}:rate={rate}/point", store=self._store,
+            self._client,
+            provider,
+            rate,
+            batch=self._batch,
+            every=self._every,
+            budget=budget,
+            max_units=max_units,
+            auto_release_hours=self._auto_release_hours,
+            memo=f"data_feed:{feed_type}:rate={rate}/point",
+            store=self._store,
             background=self._background,
         )
         stream.open()
@@ -157,7 +166,11 @@ class DataFeedPayments(KeyedStreams):
         background: bool = True,
     ) -> None:
         super().__init__(
-            client, dict(prices if prices is not None else DEFAULT_FEED_PRICES), batch=batch,
-            every=every, auto_release_hours=auto_release_hours, store=store,
+            client,
+            dict(prices if prices is not None else DEFAULT_FEED_PRICES),
+            batch=batch,
+            every=every,
+            auto_release_hours=auto_release_hours,
+            store=store,
             background=background,
         )

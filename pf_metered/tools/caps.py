@@ -75,14 +75,24 @@ class Caps:
         release_any_escrow: bool = False,
     ) -> None:
         set_ = object.__setattr__
-        set_(self, "max_budget_micro",
-             None if max_budget is None else parse_amount(max_budget, "max_budget"))
+        set_(
+            self,
+            "max_budget_micro",
+            None if max_budget is None else parse_amount(max_budget, "max_budget"),
+        )
         set_(self, "max_rate", None if max_rate is None else parse_rate(max_rate, "max_rate"))
-        set_(self, "max_total_micro",
-             None if max_total is None else parse_amount(max_total, "max_total"))
-        set_(self, "max_open_streams",
-             None if max_open_streams is None
-             else parse_count(max_open_streams, "max_open_streams", allow_zero=False))
+        set_(
+            self,
+            "max_total_micro",
+            None if max_total is None else parse_amount(max_total, "max_total"),
+        )
+        set_(
+            self,
+            "max_open_streams",
+            None
+            if max_open_streams is None
+            else parse_count(max_open_streams, "max_open_streams", allow_zero=False),
+        )
         tools = None if allowed_tools is None else _names(allowed_tools, "allowed_tools")
         if tools is not None:
             unknown = sorted(tools - set(ALL_TOOL_NAMES))
@@ -91,8 +101,11 @@ class Caps:
                     "allowed_tools", f"names unknown tools {unknown}; known: {list(ALL_TOOL_NAMES)}"
                 )
         set_(self, "allowed_tools", tools)
-        set_(self, "allowed_providers",
-             None if allowed_providers is None else _names(allowed_providers, "allowed_providers"))
+        set_(
+            self,
+            "allowed_providers",
+            None if allowed_providers is None else _names(allowed_providers, "allowed_providers"),
+        )
         if not isinstance(release_any_escrow, bool):
             raise InvalidInput("release_any_escrow", "must be True or False")
         set_(self, "release_any_escrow", release_any_escrow)

@@ -66,7 +66,8 @@ def format_validation_error(tool_name: str, exc: ValidationError) -> str:
         else:
             problems.append(f"{loc}: {err.get('msg', 'invalid')}")
     return redact(
-        f"Invalid arguments for {tool_name}: " + "; ".join(problems)
+        f"Invalid arguments for {tool_name}: "
+        + "; ".join(problems)
         + ". Fix these arguments and call the tool again."
     )[:_MAX]
 

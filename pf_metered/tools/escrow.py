@@ -71,8 +71,10 @@ def escrow_figures(escrow: Escrow, *, history: bool = False) -> Answer:
 
 def _sync(ctx: ToolContext) -> EscrowClient:
     if ctx.client is None:
-        raise ToolError("This tool set was configured for async use only; call it "
-                        "asynchronously.", kind="config")
+        raise ToolError(
+            "This tool set was configured for async use only; call it asynchronously.",
+            kind="config",
+        )
     return ctx.client
 
 
@@ -94,7 +96,9 @@ def _create(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     amount = _create_prepare(ctx, args)
     with ctx.locking(amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"):
         escrow = client.create_escrow(
-            args.to_agent_id, format_usdc(amount), memo=args.memo,
+            args.to_agent_id,
+            format_usdc(amount),
+            memo=args.memo,
             auto_release_hours=args.auto_release_hours,
         )
     return _created(ctx, escrow)
@@ -112,7 +116,9 @@ async def _acreate(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     amount = _create_prepare(ctx, args)
     with ctx.locking(amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"):
         escrow = await client.create_escrow(
-            args.to_agent_id, format_usdc(amount), memo=args.memo,
+            args.to_agent_id,
+            format_usdc(amount),
+            memo=args.memo,
             auto_release_hours=args.auto_release_hours,
         )
     return _created(ctx, escrow)
@@ -204,8 +210,7 @@ ESCROW_STATUS: ToolDefinition[EscrowStatusArgs] = ToolDefinition(
     name="escrow_status",
     family="escrow",
     description=(
-        "Read one escrow: status, amount, released, remaining, refunded and its latest "
-        "releases."
+        "Read one escrow: status, amount, released, remaining, refunded and its latest releases."
     ),
     args_schema=EscrowStatusArgs,
     run=_status,
@@ -221,7 +226,7 @@ def _list_answer(escrows: list[Escrow] | tuple[Escrow, ...], args: EscrowListArg
     chosen = [e for e in escrows if args.status is None or e.status == args.status]
     return {
         "count": len(chosen),
-        "escrows": [escrow_figures(e) for e in chosen[-args.limit:]],
+        "escrows": [escrow_figures(e) for e in chosen[-args.limit :]],
         **({"shown": args.limit} if len(chosen) > args.limit else {}),
     }
 

@@ -74,19 +74,30 @@ _AgentId = Annotated[
 ]
 _EscrowId = Annotated[
     str,
-    Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$",
-          description="The escrow's id, as returned by escrow_create or escrow_list "
-                      "(e.g. \"esc_3f2a\")."),
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:\-]+$",
+        description="The escrow's id, as returned by escrow_create or escrow_list "
+        '(e.g. "esc_3f2a").',
+    ),
 ]
 _StreamId = Annotated[
     str,
-    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$",
-          description="The stream's id, as returned by stream_open or stream_list (e.g. \"s1\")."),
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_\-]+$",
+        description='The stream\'s id, as returned by stream_open or stream_list (e.g. "s1").',
+    ),
 ]
 _Memo = Annotated[
     str,
-    Field(default="", max_length=200,
-          description="Optional short note stored with the payment, e.g. what it pays for."),
+    Field(
+        default="",
+        max_length=200,
+        description="Optional short note stored with the payment, e.g. what it pays for.",
+    ),
 ]
 
 
@@ -103,17 +114,19 @@ class EscrowCreateArgs(_Args):
 
     to_agent_id: _AgentId = Field(
         description="The agent id of the provider who will be paid from this escrow "
-                    "(e.g. \"agent_b7\")."
+        '(e.g. "agent_b7").'
     )
     amount: AmountText = Field(
         description="USDC to lock, as a decimal string with at most 6 decimal places, "
-                    "at least \"1.00\" (e.g. \"5.00\")."
+        'at least "1.00" (e.g. "5.00").'
     )
     memo: _Memo = ""
     auto_release_hours: int | None = Field(
-        default=None, ge=1, le=8760,
+        default=None,
+        ge=1,
+        le=8760,
         description="Optional: hours after which whatever is still locked goes to the provider. "
-                    "Leave empty unless asked.",
+        "Leave empty unless asked.",
     )
 
 
@@ -123,7 +136,7 @@ class EscrowReleaseArgs(_Args):
     escrow_id: _EscrowId
     amount: AmountText = Field(
         description="USDC to release to the provider now, a decimal string with at most 6 "
-                    "decimal places, no more than what remains locked (e.g. \"0.25\")."
+        'decimal places, no more than what remains locked (e.g. "0.25").'
     )
     memo: _Memo = ""
 
@@ -138,12 +151,17 @@ class EscrowListArgs(_Args):
     """List the caller's escrows."""
 
     status: str | None = Field(
-        default=None, pattern=r"^(locked|completed|released|refunded|disputed)$",
+        default=None,
+        pattern=r"^(locked|completed|released|refunded|disputed)$",
         description="Optional filter: only escrows in this status "
-                    "(locked, completed, released, refunded or disputed).",
+        "(locked, completed, released, refunded or disputed).",
     )
-    limit: int = Field(default=20, ge=1, le=100, description="At most this many escrows, newest "
-                                                             "first (1-100, default 20).")
+    limit: int = Field(
+        default=20,
+        ge=1,
+        le=100,
+        description="At most this many escrows, newest first (1-100, default 20).",
+    )
 
 
 class FaucetClaimArgs(NoArgs):
@@ -154,26 +172,29 @@ class StreamOpenArgs(_Args):
     """Open a metered payment stream to a provider."""
 
     provider: _AgentId = Field(
-        description="The agent id of the provider to pay per unit of work (e.g. \"agent_b7\")."
+        description='The agent id of the provider to pay per unit of work (e.g. "agent_b7").'
     )
     rate: AmountText = Field(
         description="USDC paid per unit (per call, token, data point or second), a decimal "
-                    "string with up to 18 decimal places (e.g. \"0.001\")."
+        'string with up to 18 decimal places (e.g. "0.001").'
     )
     budget: AmountText | None = Field(
         default=None,
-        description="USDC to lock for the whole stream (e.g. \"2.00\"). Give budget or "
-                    "max_units; unused budget is refunded when the stream closes.",
+        description='USDC to lock for the whole stream (e.g. "2.00"). Give budget or '
+        "max_units; unused budget is refunded when the stream closes.",
     )
     max_units: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Alternatively, the most units the stream may pay for; the budget locked "
-                    "is then rate x max_units.",
+        "is then rate x max_units.",
     )
     batch: int | None = Field(
-        default=None, ge=1, le=1_000_000,
+        default=None,
+        ge=1,
+        le=1_000_000,
         description="Pay the provider every this many units (e.g. 10). Leave empty to pay at "
-                    "close only.",
+        "close only.",
     )
     memo: _Memo = ""
 
@@ -196,7 +217,9 @@ class StreamRecordArgs(StreamIdArgs):
     """Count units the agent measured itself."""
 
     units: int = Field(
-        default=1, ge=1, le=1_000_000_000,
+        default=1,
+        ge=1,
+        le=1_000_000_000,
         description="How many units to count on the stream now (e.g. 25 data points received).",
     )
 

@@ -106,7 +106,7 @@ def _open_prepare(ctx: ToolContext, args: StreamOpenArgs) -> tuple[Rate, int]:
             )
     else:
         raise ToolError(
-            "Invalid arguments for stream_open: give budget (USDC to lock, e.g. \"2.00\") or "
+            'Invalid arguments for stream_open: give budget (USDC to lock, e.g. "2.00") or '
             "max_units (the most units to pay for), and call stream_open again.",
             kind="invalid_argument",
         )
@@ -140,20 +140,30 @@ def _stream_kwargs(ctx: ToolContext, args: StreamOpenArgs, budget_micro: int) ->
 
 
 def _opened(
-    ctx: ToolContext, stream: Any, args: StreamOpenArgs, rate: Rate, budget_micro: int,
-    *, is_async: bool,
+    ctx: ToolContext,
+    stream: Any,
+    args: StreamOpenArgs,
+    rate: Rate,
+    budget_micro: int,
+    *,
+    is_async: bool,
 ) -> Answer:
     entry = ctx.register(
-        stream, provider=args.provider, rate=rate, budget_micro=budget_micro,
-        max_units=args.max_units, is_async=is_async,
+        stream,
+        provider=args.provider,
+        rate=rate,
+        budget_micro=budget_micro,
+        max_units=args.max_units,
+        is_async=is_async,
     )
     return status_figures(entry, stream.status())
 
 
 def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     if ctx.client is None:
-        raise ToolError("This tool set is configured for async use; call it asynchronously.",
-                        kind="config")
+        raise ToolError(
+            "This tool set is configured for async use; call it asynchronously.", kind="config"
+        )
     rate, budget_micro = _open_prepare(ctx, args)
     with ctx.locking(budget_micro, stream=True, provider=args.provider, tool_name="stream_open"):
         try:
@@ -173,7 +183,9 @@ async def _aopen(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     with ctx.locking(budget_micro, stream=True, provider=args.provider, tool_name="stream_open"):
         try:
             stream = AsyncPaymentStream(
-                ctx.async_client, args.provider, str(rate),
+                ctx.async_client,
+                args.provider,
+                str(rate),
                 **_stream_kwargs(ctx, args, budget_micro),
             )
             await stream.open()
@@ -188,7 +200,7 @@ STREAM_OPEN: ToolDefinition[StreamOpenArgs] = ToolDefinition(
     description=(
         "Open a metered payment stream to a provider agent: locks a budget in escrow, then pays "
         "the provider a fixed rate per unit of work (per call, token, data point or second) in "
-        "batches as units are counted. Returns a stream_id (e.g. \"s1\") to use with "
+        'batches as units are counted. Returns a stream_id (e.g. "s1") to use with '
         "stream_record, stream_status and stream_close. Close the stream when done: the unused "
         "budget is refunded."
     ),
@@ -232,7 +244,8 @@ def _record(ctx: ToolContext, args: StreamRecordArgs) -> Answer:
     if entry.receipt is not None or entry.closing:
         raise ToolError(
             f"Stream {entry.handle} is closed; open a new stream with stream_open to pay for "
-            "more units.", kind="stream_closed",
+            "more units.",
+            kind="stream_closed",
         )
     result = entry.stream.record(args.units)
     if inspect.isawaitable(result):  # pragma: no cover - record() does no I/O on either stream
@@ -270,7 +283,8 @@ def _begin_close(ctx: ToolContext, args: StreamCloseArgs) -> tuple[StreamEntry, 
         if entry.closing:
             raise ToolError(
                 f"Stream {entry.handle} is being closed by another call; check it with "
-                "stream_status in a moment.", kind="closing",
+                "stream_status in a moment.",
+                kind="closing",
             )
         entry.closing = True
         return entry, True
@@ -341,10 +355,19 @@ def _list(ctx: ToolContext, args: StreamListArgs) -> Answer:
         if entry.receipt is not None and not args.include_closed:
             continue
         figures = _figures(entry)
-        rows.append({k: figures[k] for k in (
-            "stream_id", "provider", "status", "units", "budget",
-            "paid" if "paid" in figures else "released",
-        )})
+        rows.append(
+            {
+                k: figures[k]
+                for k in (
+                    "stream_id",
+                    "provider",
+                    "status",
+                    "units",
+                    "budget",
+                    "paid" if "paid" in figures else "released",
+                )
+            }
+        )
     return {**ctx.streams_summary(), "streams": rows}
 
 
