@@ -1,6 +1,6 @@
 """Fleet throughput on one Redis-backed stream: units/s and Redis round trips per unit.
 
-    python benchmarks/redis_fleet.py [--units 20000] [--chunk 256] [--batch 1000]
+    python benchmarks/redis_fleet.py [--units 20000] [--chunk 256] [--batch 1000] [--redis-url URL]
 
 For 1, 2, 4 and 8 worker processes on ONE stream, each worker counts units through the
 stream's hot path (``store.counter(sid).add(1)``, what ``PaymentStream.record()`` calls) and
@@ -13,6 +13,9 @@ itself is left out: this measures the meter and Redis, not the escrow service). 
 Round trips are counted twice: by the stores (script calls sent) and by the server
 (``INFO commandstats`` deltas of EVALSHA/EVAL/SCRIPT LOAD; other clients of the same server
 would add to it). Prints one table.
+
+Without ``--redis-url`` it starts a private ``redis-server`` on a free loopback port (no
+persistence) and stops it afterwards, so the server's counts are this benchmark's alone.
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import redis
 
 from pf_metered.meter.redis_store import RedisStore, purge_prefix
 from pf_metered.meter.store import StreamConfig, intent_amount_micro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from redis_server import RedisServer  # the tests' private-server helper
 
 CTX = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
@@ -112,9 +120,20 @@ def main() -> None:
     p.add_argument("--units", type=int, default=20_000, help="units per process")
     p.add_argument("--chunk", type=int, default=256, help="lease size in leased mode")
     p.add_argument("--batch", type=int, default=1_000, help="units per release")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument(
+        "--redis-url", default=None, help="use this server (default: start a private one)"
+    )
     p.add_argument("--procs", default="1,2,4,8")
     args = p.parse_args()
+    if args.redis_url is None:
+        with RedisServer() as server:
+            print(f"private redis-server on {server.url}")
+            table(args, server.url)
+    else:
+        table(args, args.redis_url)
+
+
+def table(args: argparse.Namespace, url: str) -> None:
     print(f"{os.cpu_count()} CPUs; {args.units:,} units per process; batch {args.batch}")
     print(
         f"{'mode':<14}{'procs':>6}{'units/s':>12}{'trips/unit':>12}{'server/unit':>12}"
@@ -124,7 +143,7 @@ def main() -> None:
         mode = "direct" if chunk == 0 else f"leased({chunk})"
         units = args.units if chunk else max(args.units // 4, args.batch)
         for n in (int(x) for x in args.procs.split(",")):
-            r = run(args.redis_url, n, units, chunk, args.batch)
+            r = run(url, n, units, chunk, args.batch)
             print(
                 f"{mode:<14}{n:>6}{r['units_per_s']:>12,.0f}{r['store_trips_per_unit']:>12.4f}"
                 f"{r['server_cmds_per_unit']:>12.4f}{r['seconds']:>9.2f}"

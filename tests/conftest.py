@@ -134,22 +134,60 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., Client
         facade.close()
 
 
-# -- redis (tests/test_redis_*.py) -------------------------------------------------------
+# -- redis (tests/test_redis_*.py, and the redis variants in test_stream*.py) ------------
 
-REDIS_URL_DEFAULT = "redis://127.0.0.1:6379/0"
+REDIS_URL_ENV = "PFM_REDIS_URL"
+"""Point the Redis tests at this server instead of starting one. The tests then only touch
+keys under their own prefix and only their own connections; the few that change server-wide
+state (SCRIPT FLUSH) start a private server for themselves."""
+
+
+def _redis_unavailable(reason: str) -> None:
+    """Unavailable Redis: FAIL when ``CI`` is set (these tests must run in CI), otherwise skip
+    with the reason printed in the summary."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so the Redis tests must run)")
+    _REDIS_SKIPPED.append(reason)
+    pytest.skip(reason)
+
+
+def _start_private_redis() -> Any:
+    from redis_server import RedisServer, RedisServerUnavailable
+
+    try:
+        return RedisServer().start()
+    except RedisServerUnavailable as exc:
+        _redis_unavailable(f"cannot start a private Redis: {exc}")
+        raise  # unreachable: _redis_unavailable always raises
+
+
+class RedisTarget:
+    """The server the Redis tests use: ``url``, and ``owned`` when this session started it."""
+
+    def __init__(self, url: str, server: Any = None) -> None:
+        self.url = url
+        self.server = server
+
+    @property
+    def owned(self) -> bool:
+        return self.server is not None
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The Redis server the fleet tests use (``PFM_REDIS_URL``, else 127.0.0.1:6379).
+def redis_target() -> Iterator[RedisTarget]:
+    """A ``redis-server`` this test session starts on a free loopback port (no persistence,
+    its own directory) and stops at the end; or the server ``PFM_REDIS_URL`` names.
 
-    Unreachable: the test FAILS when ``CI`` is set (these tests must run in CI), otherwise it
-    is skipped with the reason printed.
+    The suite never depends on, reads or disturbs the server at 127.0.0.1:6379.
     """
-    import os
-    import sys
-
-    url = os.environ.get("PFM_REDIS_URL", REDIS_URL_DEFAULT)
+    url = os.environ.get(REDIS_URL_ENV)
+    if not url:
+        server = _start_private_redis()
+        try:
+            yield RedisTarget(server.url, server)
+        finally:
+            server.stop()
+        return
     try:
         import redis
 
@@ -157,21 +195,35 @@ def redis_url() -> str:
         client.ping()
         client.close()
     except Exception as exc:
-        reason = f"Redis unreachable at {url}: {type(exc).__name__}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI is set, so the Redis tests must run)")
-        print(f"\nSKIP redis tests: {reason}", file=sys.stderr)
-        _REDIS_SKIPPED.append(reason)
-        pytest.skip(reason)
-    return url
+        _redis_unavailable(f"Redis unreachable at {url}: {type(exc).__name__}: {exc}")
+    yield RedisTarget(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_target: RedisTarget) -> str:
+    """The URL of the Redis server the tests use (see ``redis_target``)."""
+    return redis_target.url
+
+
+@pytest.fixture
+def owned_redis_url(redis_target: RedisTarget) -> Iterator[str]:
+    """A Redis server this session owns, for a test that changes server-wide state: the
+    session's own one, or (with ``PFM_REDIS_URL`` set) a private one just for this test."""
+    if redis_target.owned:
+        yield redis_target.url
+        return
+    server = _start_private_redis()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 _REDIS_SKIPPED: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Say why the Redis tests were skipped even without ``-rs`` (the fixture's own print is
-    captured)."""
+    """Say why the Redis tests were skipped even without ``-rs``."""
     if _REDIS_SKIPPED:
         terminalreporter.write_line(f"SKIPPED the Redis tests: {_REDIS_SKIPPED[0]}", yellow=True)
 

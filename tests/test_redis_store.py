@@ -177,11 +177,14 @@ def test_op_id_makes_a_callers_retry_exact_once(make_store):
     assert store.load("s1").units == 10
 
 
-def test_script_cache_flushed_like_after_a_restart(make_store, redis_url):
-    store = make_store()
+def test_script_cache_flushed_like_after_a_restart(make_store, owned_redis_url):
+    """SCRIPT FLUSH is server-wide: done on a server this session owns, never a shared one."""
+    store = make_store(url=owned_redis_url)
     _open(store)
     store.add_units("s1", 1)
-    redis.Redis.from_url(redis_url).script_flush()
+    admin = redis.Redis.from_url(owned_redis_url)
+    admin.script_flush()
+    admin.close()
     assert store.add_units("s1", 1) == 2  # NOSCRIPT -> SCRIPT LOAD -> EVALSHA
 
 
@@ -299,29 +302,98 @@ def test_dropped_connection_during_claim_hands_out_one_intent(make_store, proxy)
     assert state.pending == (first,) and state.claimed_units == 100 and state.next_seq == 2
 
 
-def test_client_kill_mid_traffic_never_counts_twice(make_store, redis_url, redis_prefix):
-    """CLIENT KILL from another connection while a worker counts as fast as it can."""
-    store = make_store(worker=f"{redis_prefix}-w")
-    _open(store)
+STORE_RETRIES = 5
+"""The store's own retry budget for one operation (``RedisStore(retries=5)``, the default):
+``retries + 1`` attempts, each of which redis-py may itself retry, before ``StoreUnavailable``."""
+
+KILLS_PER_OPERATION = 1
+"""The kill test kills at most one connection per store operation; below the retry budget, so
+the test cannot fail by running out of retries, only by counting wrong."""
+
+assert KILLS_PER_OPERATION < STORE_RETRIES + 1
+
+
+class KillPlan:
+    """Kills the connection that carries the next script call, after the call was sent.
+
+    ``arm()`` (the test does so every N operations) makes the next EVALSHA sent on a
+    connection of the store's own pool go like this: ``CLIENT ID`` on that connection, then the
+    EVALSHA, then ``CLIENT KILL ID <conn_id>`` from a separate admin connection. Whether Redis
+    ran the script before the kill (its answer then lost) or not is the server's race; either
+    way the store must count the units once. Nothing but that one connection is killed.
+    """
+
+    def __init__(self, admin: redis.Redis) -> None:
+        self._admin = admin
+        self._lock = threading.Lock()
+        self._armed = 0
+        self.killed_ids: list[int] = []
+        self.kill_replies: list[int] = []
+
+    def arm(self) -> None:
+        with self._lock:
+            self._armed += 1
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self._armed == 0:
+                return False
+            self._armed -= 1
+            return True
+
+    def connection_class(self) -> type:
+        plan = self
+
+        class KillMidCommand(redis.connection.Connection):
+            def send_command(self, *args, **kwargs):
+                if not (args and str(args[0]).upper() == "EVALSHA" and plan._take()):
+                    return super().send_command(*args, **kwargs)
+                super().send_command("CLIENT", "ID")
+                conn_id = int(self.read_response())
+                super().send_command(*args, **kwargs)  # the script is on its way ...
+                plan.killed_ids.append(conn_id)  # ... and its connection is killed
+                plan.kill_replies.append(int(plan._admin.client_kill_filter(_id=conn_id)))
+                return None
+
+        return KillMidCommand
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._armed
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_client_kill_by_id_mid_traffic_never_counts_twice(redis_url, redis_prefix, chunk):
+    """CLIENT KILL ID <conn_id> of the store's own connection in every 25th operation."""
     admin = redis.Redis.from_url(redis_url)
-    stop = threading.Event()
-    kills = [0]
-
-    def killer() -> None:
-        while not stop.is_set():
-            kills[0] += int(admin.client_kill_filter(_type="normal", skipme=True) or 0)
-            time.sleep(0.003)
-
-    t = threading.Thread(target=killer)
-    t.start()
+    plan = KillPlan(admin)
+    pool = redis.ConnectionPool.from_url(
+        redis_url,
+        connection_class=plan.connection_class(),
+        socket_timeout=5.0,
+        socket_connect_timeout=2.0,
+    )
+    client = redis.Redis(connection_pool=pool)
+    store = RedisStore(client=client, prefix=redis_prefix, chunk=chunk, retries=STORE_RETRIES)
     try:
-        for _ in range(1_500):
+        _open(store)
+        ops, every = 1_500, 25
+        for i in range(ops):
+            if i % every == 0:
+                plan.arm()
             store.add_units("s1", 1)
+            if chunk == 0:
+                assert plan.pending == 0  # direct mode: that very operation carried the kill
+        store.flush("s1")  # leased mode: the last armed kill lands on a push by now
+        assert plan.pending == 0
+        assert store.load("s1").units == ops
     finally:
-        stop.set()
-        t.join()
-    assert kills[0] > 0
-    assert store.load("s1").units == 1_500
+        store.close()
+        client.close()
+        admin.close()
+    assert plan.kill_replies == [1] * (ops // every)  # each kill found its one connection
+    assert len(set(plan.killed_ids)) == ops // every  # and the store reconnected every time
 
 
 # -- leases: client-side batching -----------------------------------------------------------
@@ -432,25 +504,65 @@ def test_bad_input_is_refused_before_any_io(make_store):
 pytest_plugins = ["pytester"]
 
 
-def test_unreachable_redis_fails_in_ci_and_skips_with_the_reason_printed_outside(
-    pytester, monkeypatch
-) -> None:
-    """The ``redis_url`` fixture every Redis test uses: with ``CI`` set an unreachable server
-    is a failure (these tests must run there); without, a skip whose reason is printed."""
+def _run_inner(pytester, monkeypatch, *, ci: bool):
     from pathlib import Path
 
     pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(test_needs_redis="def test_it(redis_url):\n    assert redis_url\n")
+    if ci:
+        monkeypatch.setenv("CI", "true")
+    else:
+        monkeypatch.delenv("CI", raising=False)
+    return pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+
+
+def test_unreachable_redis_fails_in_ci_and_skips_with_the_reason_printed_outside(
+    pytester, monkeypatch
+) -> None:
+    """The ``redis_url`` fixture every Redis test uses: with ``CI`` set an unreachable server
+    is a failure (these tests must run there); without, a skip whose reason is printed."""
     monkeypatch.setenv("PFM_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
-    monkeypatch.delenv("CI", raising=False)
-    outside = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    outside = _run_inner(pytester, monkeypatch, ci=False)
     outside.assert_outcomes(skipped=1)
     outside.stdout.fnmatch_lines(
         ["*SKIPPED the Redis tests: Redis unreachable at redis://127.0.0.1:1/0*"]
     )
-    monkeypatch.setenv("CI", "true")
-    in_ci = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    in_ci = _run_inner(pytester, monkeypatch, ci=True)
     in_ci.assert_outcomes(errors=1)
     in_ci.stdout.fnmatch_lines(["*CI is set, so the Redis tests must run*"])
     assert in_ci.ret != 0
+
+
+def test_no_redis_server_binary_fails_in_ci_and_skips_with_the_reason_printed_outside(
+    pytester, monkeypatch, tmp_path
+) -> None:
+    """Without ``PFM_REDIS_URL`` the suite starts its own server; no binary: the same rule."""
+    missing = str(tmp_path / "no-such-redis-server")
+    monkeypatch.delenv("PFM_REDIS_URL", raising=False)
+    monkeypatch.setenv("PFM_REDIS_SERVER", missing)
+    outside = _run_inner(pytester, monkeypatch, ci=False)
+    outside.assert_outcomes(skipped=1)
+    outside.stdout.fnmatch_lines(
+        [f"*SKIPPED the Redis tests: cannot start a private Redis: *(tried {missing})*"]
+    )
+    in_ci = _run_inner(pytester, monkeypatch, ci=True)
+    in_ci.assert_outcomes(errors=1)
+    in_ci.stdout.fnmatch_lines(["*CI is set, so the Redis tests must run*"])
+
+
+def test_the_session_server_is_private_and_keeps_nothing(redis_target) -> None:
+    """Unless ``PFM_REDIS_URL`` says otherwise, the tests talk to a server of their own: not
+    6379, loopback only, no RDB snapshots, no AOF, and its own working directory."""
+    if not redis_target.owned:
+        pytest.skip("PFM_REDIS_URL names the server; this session started none")
+    admin = redis.Redis.from_url(redis_target.url)
+    try:
+        port = int(admin.config_get("port")["port"])
+        assert port == redis_target.server.port != 6379
+        assert admin.config_get("bind")["bind"] == "127.0.0.1"
+        assert admin.config_get("save")["save"] == ""
+        assert admin.config_get("appendonly")["appendonly"] == "no"
+        assert admin.config_get("dir")["dir"] == redis_target.server.dir
+    finally:
+        admin.close()
