@@ -551,18 +551,23 @@ def test_no_redis_server_binary_fails_in_ci_and_skips_with_the_reason_printed_ou
     in_ci.stdout.fnmatch_lines(["*CI is set, so the Redis tests must run*"])
 
 
-def test_the_session_server_is_private_and_keeps_nothing(redis_target) -> None:
-    """Unless ``PFM_REDIS_URL`` says otherwise, the tests talk to a server of their own: not
-    6379, loopback only, no RDB snapshots, no AOF, and its own working directory."""
-    if not redis_target.owned:
-        pytest.skip("PFM_REDIS_URL names the server; this session started none")
-    admin = redis.Redis.from_url(redis_target.url)
+def test_the_servers_the_suite_starts_are_private_and_keep_nothing(owned_redis_url) -> None:
+    """The server the suite starts (the session's own unless ``PFM_REDIS_URL`` names one;
+    then a private one for this test): not 6379, loopback only, no RDB snapshots, no AOF, and
+    a working directory of its own."""
+    import tempfile
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    admin = redis.Redis.from_url(owned_redis_url)
     try:
         port = int(admin.config_get("port")["port"])
-        assert port == redis_target.server.port != 6379
+        assert port == urlsplit(owned_redis_url).port != 6379
         assert admin.config_get("bind")["bind"] == "127.0.0.1"
         assert admin.config_get("save")["save"] == ""
         assert admin.config_get("appendonly")["appendonly"] == "no"
-        assert admin.config_get("dir")["dir"] == redis_target.server.dir
+        workdir = Path(admin.config_get("dir")["dir"])
+        assert workdir.name.startswith("pfm-redis-")
+        assert workdir.parent == Path(tempfile.gettempdir()).resolve()
     finally:
         admin.close()
