@@ -216,6 +216,15 @@ class Rate:
         """The rate as an exact Decimal (for display and the wire)."""
         return Decimal(self._text)
 
+    def scaled_down(self, places: int) -> Rate:
+        """This rate divided by ``10**places``, exactly (a rate per second as a rate per
+        millisecond). Integer work only: no Decimal context may round it."""
+        if places < 0:
+            raise ValueError("places must not be negative")
+        coefficient, exponent = _coefficient(Decimal(self._text))
+        text = _plain(coefficient, exponent - places)
+        return Rate(self._num, self._den * 10**places, text)
+
     def micro_floor(self, units: int) -> int:
         """micro-USDC owed for ``units``, rounded down: what batches may pay so far."""
         return (units * self._num * MICRO) // self._den
@@ -270,5 +279,9 @@ def parse_rate(value: object, field: str = "rate", *, allow_zero: bool = False) 
         num, den = coefficient, 10**-exponent
     if num * MICRO > MAX_AMOUNT_MICRO * den:
         raise InvalidInput(field, f"is absurdly large: {dec}")
-    text = format(Decimal((0, tuple(int(c) for c in str(coefficient)), exponent)), "f")
-    return Rate(num, den, text)
+    return Rate(num, den, _plain(coefficient, exponent))
+
+
+def _plain(coefficient: int, exponent: int) -> str:
+    """``coefficient × 10**exponent`` written out as a plain decimal (no exponent), exactly."""
+    return format(Decimal((0, tuple(int(c) for c in str(coefficient)), exponent)), "f")

@@ -185,3 +185,25 @@ def test_threads_count_exactly_and_claims_never_overlap():
     assert covered[0][0] == 0 and covered[-1][1] == 64_000
     assert all(b[0] == a[1] for a, b in itertools.pairwise(covered))
     assert sum(a.amount_micro for a in sent) == 64_000_000
+
+
+# -- the caller's decimal context never prices anything (issue 13 item 5) -----------------
+
+
+@pytest.mark.parametrize(
+    ("per", "units"), [("second", 60_000), ("minute", 10_000), ("hour", 1_000_000)]
+)
+def test_a_small_decimal_context_does_not_change_time_prices(per: str, units: int) -> None:
+    import decimal
+
+    with decimal.localcontext() as ctx:
+        ctx.prec = 6
+        ctx.rounding = decimal.ROUND_DOWN
+        config, _policy = plan_stream("ag_B", "0.123456789", budget="100", per=per)
+        store = MemoryStore()
+        meter = Meter(store, config, _policy, per=per)
+        receipt_text = str(meter.build_receipt().rows())
+    # 60 s, 1 min or 1 h at 0.123456789 per second/minute/hour = 7.40740734 / 0.123456789
+    expected = {"second": 7_407_407, "minute": 123_457, "hour": 123_457}[per]
+    assert config.parsed_rate.micro_half_up(units) == expected
+    assert "0.123456789 USDC / " + per in receipt_text

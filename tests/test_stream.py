@@ -604,3 +604,21 @@ def test_a_budget_under_the_escrow_minimum_is_refused_at_construction(agents, kw
     assert info.value.field == "budget"
     assert "at least 1.00" in str(info.value) and shown in str(info.value)
     assert not agents.client.list_escrows()  # nothing was locked
+
+
+def test_the_callers_decimal_context_does_not_change_what_is_billed(agents):
+    # issue 13 item 5: with getcontext().prec = 6, 60 s at 0.123456789/s billed 7.407420
+    import decimal
+
+    t = [0]
+    with decimal.localcontext() as ctx:
+        ctx.prec = 6
+        with PaymentStream(
+            agents.client, agents.provider.agent_id, "0.123456789", per="second", budget="10.5"
+        ) as s:
+            assert s.budget == Decimal("10.5")
+            c = s.clock(source=lambda: t[0], background=False).start()
+            t[0] = 60 * 10**9
+            assert c.tick()
+    assert s.receipt.paid == Decimal("7.407407")
+    assert s.receipt.refunded == Decimal("10.5") - Decimal("7.407407")

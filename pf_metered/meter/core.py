@@ -150,7 +150,8 @@ def plan_stream(
     else:
         parsed = parse_rate(rate, "rate")
         if shift:
-            parsed = parse_rate(format(parsed.decimal.scaleb(-shift).normalize(), "f"), "rate")
+            # exact: Decimal's scaleb/normalize would round to the caller's context precision
+            parsed = parse_rate(str(parsed.scaled_down(shift)), "rate")
     policy = BatchPolicy()
     if isinstance(batch, BatchPolicy):
         policy = policy | batch

@@ -7,13 +7,16 @@ Nothing here counts, prices or does I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Context, Decimal
 
 from pf_metered.money import FEE_PERCENT, fee_micro, format_usdc, micro_to_decimal
 
 __all__ = ["Receipt", "ReleaseRecord", "StatusReport"]
 
 _PER_SHIFT = {"second": 3, "minute": 4, "hour": 6}
+_EXACT = Context(prec=60)
+"""Room for every rate (18 places, 13 integer digits) after a shift: the caller's context,
+whatever its precision, never rounds a price shown on a receipt."""
 _QUANTUM_NOTE = {"second": " ms", "minute": " × 6 ms", "hour": " µh (3.6 ms each)"}
 
 
@@ -110,7 +113,11 @@ class Receipt:
 
     def _rate_text(self) -> str:
         shift = _PER_SHIFT.get(self.per, 0)
-        shown = format(self.rate.scaleb(shift).normalize(), "f") if shift else str(self.rate)
+        shown = (
+            format(_EXACT.normalize(_EXACT.scaleb(self.rate, shift)), "f")
+            if shift
+            else str(self.rate)
+        )
         return f"{shown} USDC / {self.per}"
 
     def rows(self) -> list[tuple[str, str]]:

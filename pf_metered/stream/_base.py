@@ -30,7 +30,7 @@ from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.meter.store import Store
 from pf_metered.models import Escrow
-from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, parse_count
+from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, micro_to_decimal, parse_count
 
 __all__ = ["CLOSE_WAIT", "AsyncEscrowAPI", "EscrowAPI", "StreamBase", "is_transient"]
 
@@ -205,7 +205,7 @@ class StreamBase:
 
     @property
     def budget(self) -> Decimal:
-        return Decimal(self._meter.config.budget_micro).scaleb(-6)
+        return micro_to_decimal(self._meter.config.budget_micro)  # exact, in any context
 
     @property
     def max_units(self) -> int:
