@@ -16,7 +16,8 @@ except the error types.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 from typing import Final
 
 from pf_metered.errors import InvalidInput
@@ -26,6 +27,7 @@ __all__ = [
     "MAX_AMOUNT_MICRO",
     "MAX_RATE_PLACES",
     "MICRO",
+    "PLAIN_DECIMAL",
     "AmountLike",
     "Rate",
     "decimal_to_micro",
@@ -73,21 +75,43 @@ def _to_decimal(value: object, field: str) -> Decimal:
     elif isinstance(value, int):
         dec = Decimal(value)
     elif isinstance(value, str):
-        text = value.strip()
-        if not text or len(text) > 64:
-            raise InvalidInput(field, f"is not a decimal number: {value[:40]!r}")
-        if "e" in text or "E" in text:
-            # "1e3" is a thousand USDC to Decimal and a typo to a human: money is written out.
-            raise InvalidInput(field, f"must be written as a plain decimal, not {value[:40]!r}")
-        try:
-            dec = Decimal(text)
-        except InvalidOperation:
-            raise InvalidInput(field, f"is not a decimal number: {value[:40]!r}") from None
+        dec = _plain_decimal(value, field)
     else:
         raise InvalidInput(field, f"must be a str, int or Decimal, not {type(value).__name__}")
     if not dec.is_finite():
         raise InvalidInput(field, f"must be finite, got {dec}")
     return dec
+
+
+PLAIN_DECIMAL: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+"""The only money text there is: ASCII digits, optionally a point and more ASCII digits.
+
+Why so narrow: ``Decimal()`` also reads ``"1_0"``, ``"١٠"`` (Arabic-Indic), ``"１０"``
+(full-width), ``"+10"``, ``" 10 "`` and ``"1e3"`` — each a different text for a human, a log
+line or another service than the number we would pay. Use with ``fullmatch``."""
+
+_SPECIALS: Final = frozenset({"nan", "snan", "inf", "infinity"})
+
+
+def _plain_decimal(value: str, field: str) -> Decimal:
+    """A money string as a Decimal, accepted only when :data:`PLAIN_DECIMAL` matches all of it
+    (``-`` first is refused as negative, NaN/Infinity as not finite, to say what is wrong)."""
+    shown = value[:40]
+    if len(value) <= 64 and PLAIN_DECIMAL.fullmatch(value):
+        return Decimal(value)  # exact: the constructor never rounds
+    if not value or len(value) > 64:
+        raise InvalidInput(field, f"is not a decimal number: {shown!r}")
+    if value[0] == "-" and PLAIN_DECIMAL.fullmatch(value[1:]):
+        raise InvalidInput(field, f"must not be negative, got {shown}")
+    if value.lstrip("+-").lower() in _SPECIALS:
+        raise InvalidInput(field, f"must be finite, got {shown!r}")
+    if "e" in value or "E" in value:
+        # "1e3" is a thousand USDC to Decimal and a typo to a human: money is written out.
+        raise InvalidInput(field, f"must be written as a plain decimal, not {shown!r}")
+    raise InvalidInput(
+        field,
+        f'is not a decimal number written in plain ASCII digits (like "1.50"): {shown!r}',
+    )
 
 
 def parse_amount(value: object, field: str = "amount", *, allow_zero: bool = False) -> int:

@@ -30,7 +30,6 @@ from pf_metered.money import (
         ("1", 1_000_000),
         (7, 7_000_000),
         (Decimal("2.5"), 2_500_000),
-        (" 3.25 ", 3_250_000),
         ("1.5000000", 1_500_000),  # trailing zeros beyond six places are exact, not extra precision
     ],
 )
@@ -240,3 +239,22 @@ def test_huge_exponents_are_refused_quickly() -> None:
         parse_rate(Decimal("1E-999999"))
     assert parse_amount(Decimal("1E+3")) == 1_000 * MICRO
     assert parse_amount(Decimal("1.000000000000000000000000000000000")) == MICRO
+
+
+# -- only plain ASCII decimals are money (issue 13 item 10) -------------------------------
+
+NOT_PLAIN = ["1_0", "١٠", "１０", "+10", " 10 ", "10 ", "\t10", "10\n", "1e3", "1.", ".5", "0x10"]
+
+
+@pytest.mark.parametrize("text", NOT_PLAIN)
+def test_money_text_must_be_plain_ascii_digits(text: str) -> None:
+    for parse, field in ((parse_amount, "budget"), (parse_rate, "rate")):
+        with pytest.raises(InvalidInput) as info:
+            parse(text, field)
+        assert info.value.field == field
+        assert str(info.value).startswith(field + " ")
+
+
+@pytest.mark.parametrize("text", ["10", "0.5", "10.000000", "007.25"])
+def test_plain_decimals_still_parse(text: str) -> None:
+    assert parse_amount(text) == int(Decimal(text) * 1_000_000)

@@ -599,3 +599,20 @@ def test_ids_with_a_trailing_newline_are_refused(sb: Sandbox, trio) -> None:
         r = c.post(f"/escrow/{eid}%0A/release-partial", json={"amount": "1.00"})
         assert r.status_code in (400, 404)
     assert sb.escrow(eid).released_micro == 0
+
+
+@pytest.mark.parametrize("amount", ["1_0", "١٠", "１０", "+10", " 10 ", "1e3", "10.", ".5"])
+def test_money_text_that_is_not_a_plain_ascii_decimal_is_refused(sb: Sandbox, trio, amount) -> None:
+    # issue 13 item 10: Decimal() reads all of these as ten (or a thousand)
+    payer, provider, _ = trio
+    with api(sb, payer) as c:
+        r = create(c, provider.agent_id, amount)
+        assert error(r) == (400, "invalid_amount")
+        assert "amount" in r.json()["message"]
+        deployed = c.post(
+            "http://localhost/deployed/escrow/create",
+            json={"amount_usd": amount, "counterparty_agent_id": provider.agent_id},
+        )
+        assert error(deployed) == (400, "invalid_amount")
+        assert "amount_usd" in deployed.json()["message"]
+    assert sb.balance(payer.agent_id) == 50

@@ -481,3 +481,32 @@ async def test_an_unknown_provider_is_named_as_such(pf_world, dialect):
     ctx.close_all()
     client.close()
     await aclient.aclose()
+
+
+# -- integer arguments are strict (issue 13 item 10) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "field"),
+    [
+        ("stream_record", {"stream_id": "s1", "units": "5"}, "units"),
+        ("stream_record", {"stream_id": "s1", "units": True}, "units"),
+        ("stream_record", {"stream_id": "s1", "units": 5.0}, "units"),
+        ("stream_open", {"provider": "a", "rate": "0.1", "max_units": "5"}, "max_units"),
+        ("stream_open", {"provider": "a", "rate": "0.1", "max_units": True}, "max_units"),
+        ("stream_open", {"provider": "a", "rate": "0.1", "budget": "1", "batch": "5"}, "batch"),
+        ("stream_open", {"provider": "a", "rate": "0.1", "budget": "1", "batch": True}, "batch"),
+        ("escrow_create", {"to_agent_id": "a", "amount": "1", "auto_release_hours": "2"}, "auto"),
+        ("escrow_list", {"limit": "5"}, "limit"),
+    ],
+)
+def test_integer_arguments_refuse_strings_bools_and_floats(tool, args, field):
+    with pytest.raises(ToolError) as info:
+        get_definition(tool).parse(args)
+    assert info.value.kind == "invalid_argument"
+    assert field in str(info.value)
+
+
+def test_integer_arguments_accept_ints():
+    args = get_definition("stream_record").parse({"stream_id": "s1", "units": 5})
+    assert args.units == 5

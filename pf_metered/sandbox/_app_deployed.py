@@ -44,10 +44,10 @@ import re
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, ClassVar, Final
 
-from pf_metered.money import MICRO, decimal_to_micro, fee_micro, format_usdc
+from pf_metered.money import MICRO, PLAIN_DECIMAL, decimal_to_micro, fee_micro, format_usdc
 from pf_metered.sandbox._clock import Clock, isoformat_us
 from pf_metered.sandbox._db import Database
 from pf_metered.sandbox._http import (
@@ -151,10 +151,10 @@ def _wire_amount(value: object) -> int:
     elif isinstance(value, Decimal):
         dec = value
     elif isinstance(value, str):
-        try:
-            dec = Decimal(value.strip())
-        except InvalidOperation:
-            raise _Refusal(400, "invalid_amount", "amount_usd must be a number") from None
+        # only plain ASCII decimals: Decimal() would also read "1_0", "١٠", " 10 " or "1e3"
+        if len(value) > 64 or not PLAIN_DECIMAL.fullmatch(value):
+            raise _Refusal(400, "invalid_amount", "amount_usd must be a number")
+        dec = Decimal(value)
     else:
         raise _Refusal(400, "invalid_amount", "amount_usd must be a number")
     if not dec.is_finite() or dec <= 0:

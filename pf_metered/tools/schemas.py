@@ -5,7 +5,10 @@ MCP server builds ``inputSchema`` from ``model_json_schema()`` of the same class
 name, type, bounds and description exist once. Descriptions are written for the language model
 that reads them: what the value means, its unit, and an example.
 
-Validation here is shape only (types, bounds, id syntax, no unknown fields). Money is checked
+Validation here is shape only (types, bounds, id syntax, no unknown fields). Counts are
+strict ints (``strict=True``): ``"5"``, ``5.0`` and ``true`` are refused, never coerced — a
+model that writes a count as text or a bool has misread the schema, and guessing is how a
+count goes wrong. Money is checked
 exactly by :mod:`pf_metered.money` in the handlers, and caps by :mod:`pf_metered.tools.caps`,
 so a clever argument cannot slip past a limit by satisfying the schema.
 
@@ -123,6 +126,7 @@ class EscrowCreateArgs(_Args):
     memo: _Memo = ""
     auto_release_hours: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
         le=8760,
         description="Optional: hours after which whatever is still locked goes to the provider. "
@@ -158,6 +162,7 @@ class EscrowListArgs(_Args):
     )
     limit: int = Field(
         default=20,
+        strict=True,
         ge=1,
         le=100,
         description="At most this many escrows, newest first (1-100, default 20).",
@@ -185,12 +190,14 @@ class StreamOpenArgs(_Args):
     )
     max_units: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
         description="Alternatively, the most units the stream may pay for; the budget locked "
         "is then rate x max_units.",
     )
     batch: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
         le=1_000_000,
         description="Pay the provider every this many units (e.g. 10). Leave empty to pay at "
@@ -218,6 +225,7 @@ class StreamRecordArgs(StreamIdArgs):
 
     units: int = Field(
         default=1,
+        strict=True,
         ge=1,
         le=1_000_000_000,
         description="How many units to count on the stream now (e.g. 25 data points received).",
