@@ -4,6 +4,7 @@
 
     PFMeteredError
     ├── ConfigError                  missing key, insecure base URL, bad option
+    │   └── MissingExtra (ImportError)  an optional extra is not installed; says what to pip install
     ├── InvalidInput (ValueError)    an argument refused before any I/O; names the field
     ├── APIError                     the escrow service answered with an error
     │   ├── InvalidRequest           400 (invalid_amount, ...)
@@ -23,7 +24,12 @@
     │   └── AmbiguousCreate
     ├── UnsupportedByDialect         the server's dialect has no such call
     ├── BudgetExhausted              a unit would exceed the stream's budget
-    └── StreamClosed                 the stream no longer takes units
+    ├── StreamClosed                 the stream no longer takes units
+    └── StoreUnavailable             a shared store (Redis) could not be reached, even after retries
+
+Raised elsewhere, on the same root: ``TrancheFailure`` (``pf_metered.stream``: a deployed-dialect
+chain of escrows cannot go on), ``LedgerInvariantError`` (``pf_metered.sandbox``: the sandbox's
+books do not add up, a bug) and ``ToolError`` (``pf_metered.tools``: what a tool tells a model).
 
 What never happens here: an exception that carries the API key. Messages are built from
 status, code, server message and request id only; the server's message is truncated and any
@@ -51,11 +57,13 @@ __all__ = [
     "InvalidInput",
     "InvalidRequest",
     "InvalidResponse",
+    "MissingExtra",
     "NotFound",
     "PFMeteredError",
     "PermissionDenied",
     "RateLimited",
     "ServerError",
+    "StoreUnavailable",
     "StreamClosed",
     "UnsupportedByDialect",
     "redact",
@@ -76,6 +84,23 @@ class PFMeteredError(Exception):
 
 class ConfigError(PFMeteredError):
     """The library was configured in a way it cannot work with (no key, http to a remote)."""
+
+
+class MissingExtra(ConfigError, ImportError):
+    """An optional extra is not installed; the message is the ``pip install`` line that fixes it.
+
+    Why an ``ImportError`` too: code that probes for an extra (``pytest.importorskip``, a
+    ``try: import ... except ImportError``) keeps working, while the command line reports it
+    as a configuration error (exit 4) with the line to run.
+    """
+
+    def __init__(self, extra: str, what: str, *, missing: str | None = None) -> None:
+        self.extra = extra
+        message = f"{what} needs the optional extra: pip install 'pf-metered[{extra}]'"
+        if missing:
+            message += f" (no module named {missing!r})"
+        super().__init__(message)
+        self.name = missing
 
 
 class InvalidInput(PFMeteredError, ValueError):
@@ -193,3 +218,14 @@ class BudgetExhausted(PFMeteredError):
 
 class StreamClosed(PFMeteredError):
     """The stream is closed (or closing) and takes no more units."""
+
+
+class StoreUnavailable(PFMeteredError):
+    """A shared store (Redis) could not be reached, even after retries; the effect is unknown.
+
+    ``transient``: a stream's background sender retries later (Redis may be restarting); the
+    operations it retries are idempotent or settle a claim left pending by the lost answer.
+    Defined here, beside the rest of the tree, so it can be caught without the redis extra.
+    """
+
+    transient = True

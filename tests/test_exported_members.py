@@ -26,7 +26,6 @@ EXPORTED = {
         "DataFeedPayments",
         "Escrow",
         "EscrowClient",
-        "EscrowList",
         "FaucetClaim",
         "IdempotencyConflict",
         "InsufficientFunds",
@@ -34,35 +33,36 @@ EXPORTED = {
         "InvalidRequest",
         "InvalidResponse",
         "KeyedStreams",
+        "LedgerInvariantError",
         "MemoryStore",
         "Metered",
+        "MissingExtra",
         "NotFound",
         "PFMeteredError",
         "PaymentStream",
         "PermissionDenied",
-        "Rate",
-        "RateLimit",
         "RateLimited",
         "Receipt",
+        "RedisStore",
+        "Registration",
         "Release",
         "SQLiteStore",
         "Sandbox",
         "ServerError",
         "StatusReport",
         "Store",
+        "StoreUnavailable",
         "StreamClosed",
+        "TrancheFailure",
         "UnsupportedByDialect",
         "__version__",
-        "aclaim_faucet",
-        "aregister",
-        "claim_faucet",
+        "aclaim_faucet_for",
+        "aregister_agent",
+        "claim_faucet_for",
         "every",
         "format_usdc",
         "metered",
-        "open_store",
-        "parse_amount",
-        "parse_rate",
-        "register",
+        "register_agent",
     },
     "pf_metered.client": {
         "AsyncEscrowClient",
@@ -179,3 +179,95 @@ def test_optional_extras_load_lazily() -> None:
     import pf_metered
 
     assert pf_metered.RedisStore.__name__ == "RedisStore"
+
+
+def _package_modules() -> list[str]:
+    import pkgutil
+
+    import pf_metered
+
+    return sorted(
+        m.name
+        for m in pkgutil.walk_packages(pf_metered.__path__, "pf_metered.")
+        if not m.name.startswith("pf_metered.mcp")  # the mcp extra may be absent
+    )
+
+
+OWN_SURFACE = {"ToolError": "pf_metered.tools"}
+"""Exceptions that belong to a subpackage's surface rather than the top level, and why:
+``ToolError`` is what a tool answers a model with, raised to LangChain/MCP, not to callers."""
+
+
+def test_every_exception_a_caller_can_catch_is_exported() -> None:
+    import pf_metered
+    from pf_metered.errors import PFMeteredError
+
+    found: dict[str, str] = {}
+    for name in _package_modules():
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, PFMeteredError)
+                and not attr.startswith("_")
+                and value.__module__ == name
+            ):
+                found[attr] = name
+    assert {"TrancheFailure", "LedgerInvariantError", "StoreUnavailable"} <= set(found)
+    for attr, module in found.items():
+        if attr in OWN_SURFACE:
+            assert attr in importlib.import_module(OWN_SURFACE[attr]).__all__
+            continue
+        assert attr in pf_metered.__all__, f"{module}.{attr} is raised but not exported"
+        assert getattr(pf_metered, attr) is getattr(importlib.import_module(module), attr)
+
+
+@pytest.mark.parametrize(
+    ("module_name", "name"),
+    [
+        ("pf_metered.money", "parse_amount"),
+        ("pf_metered.money", "parse_rate"),
+        ("pf_metered.money", "Rate"),
+        ("pf_metered.meter.open", "open_store"),
+        ("pf_metered.models", "EscrowList"),
+        ("pf_metered.client._ratelimit", "RateLimit"),
+        ("pf_metered.meter.redis_store", "StoreUnavailable"),
+    ],
+)
+def test_names_taken_off_the_top_level_stay_importable_from_their_modules(
+    module_name: str, name: str
+) -> None:
+    import pf_metered
+
+    assert hasattr(importlib.import_module(module_name), name)
+    if name != "StoreUnavailable":
+        assert name not in pf_metered.__all__
+
+
+def test_one_name_for_one_faucet() -> None:
+    """``claim_faucet`` is the client's keyed call; the agent-id faucet has its own name."""
+    import pf_metered
+
+    assert not hasattr(pf_metered, "claim_faucet")
+    assert callable(pf_metered.EscrowClient.claim_faucet)
+    assert pf_metered.claim_faucet_for is pf_metered.client.claim_faucet_for
+    assert pf_metered.register_agent is pf_metered.client.register_agent
+
+
+def test_redis_store_without_the_extra_names_the_pip_line() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['redis'] = None\n"  # as if the redis extra were not installed
+        "import pf_metered\n"
+        "try:\n"
+        "    pf_metered.RedisStore\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__name__, isinstance(exc, pf_metered.ConfigError), exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.startswith("MissingExtra True RedisStore needs the optional extra")
+    assert "pip install 'pf-metered[redis]'" in out

@@ -57,10 +57,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-from redis.exceptions import NoScriptError
+from pf_metered.errors import (
+    BudgetExhausted,
+    InvalidInput,
+    MissingExtra,
+    PFMeteredError,
+    StoreUnavailable,
+    StreamClosed,
+)
 
-from pf_metered.errors import BudgetExhausted, InvalidInput, PFMeteredError, StreamClosed
+try:
+    import redis
+    from redis.exceptions import NoScriptError
+except ModuleNotFoundError as exc:  # the optional extra is not installed
+    raise MissingExtra("redis", "RedisStore", missing=exc.name) from None
+
 from pf_metered.meter import redis_lua as lua
 from pf_metered.meter.store import Intent, StreamConfig, StreamState, StreamStatus
 
@@ -70,16 +81,6 @@ log = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _NET_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-
-class StoreUnavailable(PFMeteredError):
-    """Redis could not be reached, even after retries; the operation's effect is unknown.
-
-    ``transient``: a stream's background sender retries later (Redis may be restarting); the
-    operations it retries are idempotent or settle a claim left pending by the lost answer.
-    """
-
-    transient = True
 
 
 @dataclass(frozen=True, slots=True)
