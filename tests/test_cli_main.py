@@ -174,7 +174,10 @@ def test_unreachable_service_is_an_api_error(
     monkeypatch.setattr(time, "sleep", lambda _s: None)  # skip the client's backoff
     assert main(["escrow", "list", "--base-url", "http://127.0.0.1:9/api/v1"]) == 3
     err = capsys.readouterr().err
-    assert err.startswith("pf-metered: error: ") and "Traceback" not in err
+    *waits, last = err.strip().splitlines()
+    assert last.startswith("pf-metered: error: ") and "Traceback" not in err
+    assert "http://127.0.0.1:9/api/v1" in last and "pf-metered sandbox serve" in last
+    assert [w.split(" in ")[0] for w in waits] == ["pf-metered: retrying GET /escrow"] * 3
     assert "unreachable0123" not in err
 
 
@@ -245,6 +248,7 @@ def test_stream_watch_redraws_in_place_on_a_terminal(monkeypatch: pytest.MonkeyP
             client.refund(escrow_id)
         monkeypatch.setenv("PF_BASE_URL", server.base_url)
         monkeypatch.setenv("PF_API_KEY", payer.api_key)
+        monkeypatch.setenv("COLUMNS", "200")  # wide enough for the full line (30-column bar)
         screen, err = TTY(), io.StringIO()
         monkeypatch.setattr("sys.stdout", screen)
         monkeypatch.setattr("sys.stderr", err)

@@ -16,8 +16,11 @@ through the scrubber), or show a traceback for a failure the user can fix.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pf_metered.cli._exit import (
@@ -26,6 +29,7 @@ from pf_metered.cli._exit import (
     EXIT_USAGE,
     CLIError,
     exit_code_for,
+    message_for,
 )
 from pf_metered.cli._format import Output
 from pf_metered.cli._secrets import forbid_key_arguments
@@ -70,6 +74,64 @@ def _kind(exc: BaseException, code: int) -> str:
     return {2: "usage", 3: "api", 4: "config"}.get(code, "unexpected")
 
 
+def _service_url(args: argparse.Namespace) -> str | None:
+    """The service a command talks to, for messages about reaching it (never carries a key)."""
+    from pf_metered.client import DEFAULT_BASE_URL
+    from pf_metered.client.deployed import (
+        CASINO_BASE_URL,
+        ENV_CASINO_URL,
+        ENV_FAUCET_URL,
+        FAUCET_BASE_URL,
+    )
+
+    if args.command in ("sandbox", "mcp"):
+        return None
+    if args.command == "register":
+        return os.environ.get(ENV_CASINO_URL) or CASINO_BASE_URL
+    if args.command == "faucet" and getattr(args, "agent_id", None):
+        return (
+            getattr(args, "faucet_url", None) or os.environ.get(ENV_FAUCET_URL) or FAUCET_BASE_URL
+        )
+    return getattr(args, "base_url", None) or os.environ.get("PF_BASE_URL") or DEFAULT_BASE_URL
+
+
+class _NoteHandler(logging.Handler):
+    """The library's INFO records (retries, pacing, what a long wait waits for) as notes."""
+
+    def __init__(self, out: Output) -> None:
+        super().__init__(logging.INFO)
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._out.note(f"pf-metered: {record.getMessage()}")
+        except Exception:  # a note must never break the command
+            self.handleError(record)
+
+
+@contextmanager
+def _show_waits(out: Output) -> Iterator[None]:
+    """While a command runs, show why it waits: the library logs each retry and pause at INFO.
+
+    Silent under ``--json`` (stderr stays one JSON object per failure). The library's own
+    redaction filter has already run on each record, and ``note`` scrubs again.
+    """
+    if out.json:
+        yield
+        return
+    logger = logging.getLogger("pf_metered")
+    handler = _NoteHandler(out)
+    previous = logger.level
+    logger.addHandler(handler)
+    if previous == logging.NOTSET or previous > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
     try:
@@ -100,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return _run(args, out)
+        with _show_waits(out):
+            return _run(args, out)
     except KeyboardInterrupt:
         out.note("interrupted")
         return EXIT_INTERRUPTED
@@ -109,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as exc:
         code = exit_code_for(exc)
-        message = exc.message if isinstance(exc, CLIError) else str(exc)
+        message = message_for(exc, _service_url(args))
         if code == EXIT_UNEXPECTED:
             message = (
                 f"unexpected {type(exc).__name__}: {message} "

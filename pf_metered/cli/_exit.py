@@ -23,15 +23,22 @@ What this module must never do: put an API key into a message. Every message pas
 from __future__ import annotations
 
 from typing import Final
+from urllib.parse import urlsplit
 
 from pf_metered.errors import (
     AmbiguousOutcome,
     APIConnectionError,
     APIError,
+    APITimeout,
+    AuthError,
     BudgetExhausted,
     ConfigError,
+    InsufficientFunds,
     InvalidInput,
+    NotFound,
+    PermissionDenied,
     PFMeteredError,
+    RateLimited,
     StreamClosed,
     UnsupportedByDialect,
 )
@@ -45,6 +52,7 @@ __all__ = [
     "EXIT_USAGE",
     "CLIError",
     "exit_code_for",
+    "message_for",
 ]
 
 EXIT_OK: Final = 0
@@ -80,3 +88,52 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     return EXIT_UNEXPECTED
+
+
+_LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "::1")
+
+
+def message_for(exc: BaseException, url: str | None = None) -> str:
+    """The one line shown for ``exc``: what happened, then where to look.
+
+    Why not ``str(exc)`` alone: the library's messages say what the server answered; a person
+    at the command line needs to know which setting to check. ``url`` is the service the
+    command talked to (for the unreachable and refused-key cases).
+    """
+    text = exc.message if isinstance(exc, CLIError) else str(exc)
+    where = f" at {url}" if url else ""
+    if (
+        isinstance(exc, AuthError)
+        and not isinstance(exc, PermissionDenied)
+        and exc.status in (None, 401)
+    ):
+        return (
+            f"API key refused (HTTP 401): check PF_API_KEY: it must be a key of the "
+            f"service{where} (server said {exc.code or 'no code'}: {exc.message})"
+        )
+    if isinstance(exc, InsufficientFunds):
+        return (
+            f"{text}: the payer's balance cannot cover it; a new agent's registration credits "
+            "1 USDC (the faucet grant), more must be deposited with Purple Flea"
+        )
+    if isinstance(exc, NotFound):
+        what = "agent id" if exc.code == "counterparty_not_found" else "id"
+        return (
+            f"{text}: check the {what}, and that the service{where} is the one that holds it "
+            "(PF_BASE_URL; a host answers 404 to every path of a dialect it does not speak)"
+        )
+    if isinstance(exc, RateLimited):
+        return f"{text}: the service's rate limit (per path, per minute); wait a minute and retry"
+    if isinstance(exc, APIConnectionError):
+        what = (
+            "no answer within the timeout from" if isinstance(exc, APITimeout) else "cannot reach"
+        )
+        target = url or "the escrow service"
+        host = urlsplit(url).hostname if url else None
+        hint = (
+            "is `pf-metered sandbox serve` running?"
+            if host in _LOOPBACK_HOSTS
+            else "check the network and PF_BASE_URL"
+        )
+        return f"{what} {target} ({text}): {hint}"
+    return text

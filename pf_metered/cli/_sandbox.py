@@ -15,6 +15,7 @@ What this module must never do: bind anything but a loopback address, print a ke
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from pf_metered.cli._secrets import ENV_BASE_URL, ENV_KEY, remember_secret
 from pf_metered.money import format_usdc, parse_amount
 
 if TYPE_CHECKING:
-    from pf_metered.sandbox import SandboxAgent
+    from pf_metered.sandbox import Sandbox, SandboxAgent, SandboxServer
 
 __all__ = ["open_keys_file", "run_sandbox_serve", "write_keys", "write_keys_file"]
 
@@ -110,7 +111,7 @@ def run_sandbox_serve(args: argparse.Namespace, out: Output) -> int:
             provider = sandbox.add_agent()
             remember_secret(payer.api_key)
             remember_secret(provider.api_key)
-            server = sandbox.serve(args.host, args.port)
+            server = _serve(sandbox, args.host, args.port)
             base_url = server.base_url
             if args.keys_file:
                 write_keys_file(
@@ -140,6 +141,22 @@ def run_sandbox_serve(args: argparse.Namespace, out: Output) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
+
+
+def _serve(sandbox: Sandbox, host: str, port: int) -> SandboxServer:
+    """Bind the port, or say how to pick another: a port in use is a usage error (exit 2)."""
+    try:
+        return sandbox.serve(host, port)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            why = "is in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
+            raise CLIError(
+                f"port {port} on {host} {why}: choose another with --port N, or --port 0 "
+                "to have a free one picked (the URL is printed on start)",
+                EXIT_USAGE,
+                kind="usage",
+            ) from None
+        raise
 
 
 def _service_urls(base_url: str) -> list[tuple[str, str]]:

@@ -83,16 +83,23 @@ def resolve_api_key(*, prompt: bool = True) -> str:
     if prompt and sys.stdin is not None and sys.stdin.isatty():
         try:
             key = getpass.getpass(f"Purple Flea API key ({ENV_KEY} is not set; input hidden): ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl-D; Ctrl-C (KeyboardInterrupt) goes up: exit 130
             key = ""
         key = key.strip()
         if key:
             remember_secret(key)
             return key
+        raise CLIError(
+            f"no API key entered: type it at the prompt, or set {ENV_KEY} (e.g. export "
+            f"{ENV_KEY}=pf_live_...; 'pf-metered register --keys-file agent.env' makes one). "
+            "To try things with no key, start a local sandbox: pf-metered sandbox serve",
+            EXIT_CONFIG,
+            kind="config",
+        )
     raise CLIError(
-        f"no API key: set {ENV_KEY} (e.g. export {ENV_KEY}=pf_live_...), or run in a terminal "
-        "to be prompted. To try things with no key, start a local sandbox: "
-        "pf-metered sandbox serve",
+        f"no API key: set {ENV_KEY} (e.g. export {ENV_KEY}=pf_live_...; 'pf-metered register "
+        "--keys-file agent.env' makes one), or run in a terminal to be prompted. To try things "
+        "with no key, start a local sandbox: pf-metered sandbox serve",
         EXIT_CONFIG,
         kind="config",
     )

@@ -18,39 +18,68 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
-from typing import Any
+from typing import Any, Final
 
 from pf_metered.cli._commands import escrow_block, open_client
 from pf_metered.cli._exit import EXIT_OK
-from pf_metered.cli._format import Output, escrow_row, progress_bar, share_text
+from pf_metered.cli._format import BAR_WIDTH, Output, escrow_row, progress_bar, share_text
 from pf_metered.cli._secrets import scrub
 from pf_metered.errors import APIConnectionError, RateLimited, ServerError
 from pf_metered.models import Escrow
 from pf_metered.money import format_usdc
 
-__all__ = ["run_stream_watch", "status_line"]
+__all__ = ["MIN_BAR", "run_stream_watch", "status_line"]
+
+MIN_BAR: Final = 10
+"""The narrowest progress bar ``stream watch`` draws before it leaves figures out."""
 
 _TRANSIENT = (APIConnectionError, RateLimited, ServerError)
 
 
-def status_line(escrow: Escrow, speed_micro_per_min: int | None = None) -> str:
-    """One line: id, status, bar, share released, figures, releases, and speed if known."""
+def status_line(
+    escrow: Escrow, speed_micro_per_min: int | None = None, width: int | None = None
+) -> str:
+    """One line: id, status, bar, share released, figures, releases, and speed if known.
+
+    ``width`` (a terminal's columns) makes the line fit: the bar shrinks from
+    :data:`BAR_WIDTH` to :data:`MIN_BAR` characters, then the least needed parts are left out
+    (speed, release count, remaining, the id the user typed, refunded), and what still does not
+    fit is cut. A line that fits never wraps, so ``\r`` redraws it in place.
+    """
     amount = escrow.amount_micro
-    parts = [
-        escrow.escrow_id,
-        escrow.status.ljust(8),
-        progress_bar(escrow.released_micro, escrow.refunded_micro, amount),
-        share_text(escrow.released_micro, amount).rjust(6),
-        f"released {format_usdc(escrow.released_micro)} / {format_usdc(amount)} USDC",
-        f"remaining {format_usdc(escrow.remaining_micro)}",
+    head = [("id", escrow.escrow_id), ("status", escrow.status.ljust(8))]
+    tail = [
+        ("share", share_text(escrow.released_micro, amount).rjust(6)),
+        ("released", f"released {format_usdc(escrow.released_micro)} / {format_usdc(amount)} USDC"),
+        ("remaining", f"remaining {format_usdc(escrow.remaining_micro)}"),
     ]
     if escrow.refunded_micro:
-        parts.append(f"refunded {format_usdc(escrow.refunded_micro)}")
-    parts.append(f"releases {escrow.total_releases}")
+        tail.append(("refunded", f"refunded {format_usdc(escrow.refunded_micro)}"))
+    tail.append(("releases", f"releases {escrow.total_releases}"))
     if speed_micro_per_min is not None and escrow.is_open:
-        parts.append(f"+{format_usdc(speed_micro_per_min)}/min")
-    return "  ".join(parts)
+        tail.append(("speed", f"+{format_usdc(speed_micro_per_min)}/min"))
+
+    def line(bar_width: int) -> str:
+        bar = progress_bar(escrow.released_micro, escrow.refunded_micro, amount, width=bar_width)
+        return "  ".join([*(t for _, t in head), bar, *(t for _, t in tail)])
+
+    if width is None:
+        return line(BAR_WIDTH)
+    for drop in (None, "speed", "releases", "remaining", "id", "refunded"):
+        if drop is not None:
+            head = [(k, t) for k, t in head if k != drop]
+            tail = [(k, t) for k, t in tail if k != drop]
+        spare = width - len(line(MIN_BAR))
+        if spare >= 0:
+            return line(min(BAR_WIDTH, MIN_BAR + spare))
+    return line(MIN_BAR)[:width]
+
+
+def _columns() -> int:
+    """Usable columns of the terminal: one less than its width, so the cursor never wraps."""
+    return max(20, shutil.get_terminal_size().columns - 1)
 
 
 def _snapshot(escrow: Escrow) -> dict[str, Any]:
@@ -104,7 +133,7 @@ def run_stream_watch(args: argparse.Namespace, out: Output) -> int:
                 if figures != last:
                     out.write(json.dumps(_snapshot(escrow), ensure_ascii=False))
             elif tty:
-                line = status_line(escrow, speed.per_minute(escrow, now))
+                line = status_line(escrow, speed.per_minute(escrow, now), width=_columns())
                 out.out.write("\r\x1b[2K" + scrub(line))
                 out.out.flush()
                 drawn = True

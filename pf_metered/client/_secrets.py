@@ -24,7 +24,10 @@ __all__ = ["LOGGERS", "RedactingFilter", "Secret", "install_log_redaction", "red
 
 _KEY_RE: Final = re.compile(r"^[\x21-\x7e]{8,512}$")
 _HEADERISH: Final = re.compile(
-    r"((?:proxy-)?authorization|x-api-key|api[-_]key|cookie)(['\"]?\s*[:=,]\s*b?['\"]?)"
+    r"((?:proxy-)?authorization|x-api-key|api[-_]key|cookie)"
+    # the separator, a bytes literal's b' (only before a quote: the B of "Bearer" is no
+    # prefix), and an auth scheme, all kept so the message still says what was expected
+    r"(['\"]?\s*[:=,]\s*(?:b?['\"])?(?:(?:bearer|basic|token)\s+)?)"
     r"[^\r\n'\"]*",
     re.IGNORECASE,
 )

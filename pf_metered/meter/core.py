@@ -259,6 +259,17 @@ def _not_open_none(units: int = 1) -> None:
     raise StreamClosed("the stream is not open: call open() (or use `with`) first")
 
 
+_CLOSED_MESSAGE: Final = "the stream is closed and takes no more units: open a new stream"
+
+
+def _closed(units: int = 1) -> int:
+    raise StreamClosed(_CLOSED_MESSAGE)
+
+
+def _closed_none(units: int = 1) -> None:
+    raise StreamClosed(_CLOSED_MESSAGE)
+
+
 _NEVER: Final = MAX_UNITS * 2
 
 _ADOPT_EVERY: Final = 1.0
@@ -576,8 +587,8 @@ class Meter:
     def finished_elsewhere(self) -> Receipt:
         """Another worker closed the stream: the receipt from the store, nothing sent."""
         self.receipt = self.build_receipt()
-        self.add, self.commit = _not_open, _not_open
-        self.reserve, self.cancel = _not_open_none, _not_open_none
+        self.add, self.commit = _closed, _closed
+        self.reserve, self.cancel = _closed_none, _closed_none
         return self.receipt
 
     def close_state(self) -> Literal["mine", "closed", "refunding", "closing", "open"]:
@@ -601,8 +612,8 @@ class Meter:
         if self.store.load(self.stream_id) is not None:
             self.store.mark_closed(self.stream_id, refunded_micro)
         self.receipt = self.build_receipt()
-        self.add, self.commit = _not_open, _not_open
-        self.reserve, self.cancel = _not_open_none, _not_open_none
+        self.add, self.commit = _closed, _closed
+        self.reserve, self.cancel = _closed_none, _closed_none
         return self.receipt
 
     def build_receipt(self) -> Receipt:
