@@ -32,14 +32,20 @@ chain of escrows cannot go on), ``LedgerInvariantError`` (``pf_metered.sandbox``
 books do not add up, a bug) and ``ToolError`` (``pf_metered.tools``: what a tool tells a model).
 
 What never happens here: an exception that carries the API key. Messages are built from
-status, code, server message and request id only; the server's message is truncated and any
-``pf_live_``/``pf_test_``-shaped token in it is redacted before it is stored.
+status, code, server message and request id only, and every one of those server-supplied
+strings passes :func:`redact` *before* it is truncated or stored: any ``pf_live_``/``pf_test_``
+/``pf_sbx_``-shaped token, bearer token, and any run of :data:`MIN_KEY_FRAGMENT` or more
+characters of a live key (one held by a client's ``Secret``, registered with
+:func:`register_secret`), in any letter case — so a server that echoes the key as its error
+code, lower-cased or cut to 40 characters, cannot put it into ``str(exc)``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+import threading
+import weakref
+from typing import Any, Final, Protocol
 
 __all__ = [
     "APIConnectionError",
@@ -67,15 +73,93 @@ __all__ = [
     "StreamClosed",
     "UnsupportedByDialect",
     "redact",
+    "register_secret",
 ]
 
 _KEYLIKE = re.compile(r"(pf_(?:live|test|sbx)_)[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.IGNORECASE)
 _MAX_MESSAGE = 300
+_MAX_CODE = 64
+_MAX_REQUEST_ID = 128
+
+MIN_KEY_FRAGMENT: Final = 10
+"""A run of this many characters of a live key (in any letter case) is masked wherever it
+appears: a server or a truncation that keeps only part of a key (its first 40 characters, say)
+must not show that part. Shorter runs are left alone: nine characters of a random key say
+little, and a shorter limit would start masking the ``pf_live_`` every key begins with."""
+
+_GRAM: Final = MIN_KEY_FRAGMENT // 2
+"""Every run of ``2 * _GRAM - 1 <= MIN_KEY_FRAGMENT`` key characters contains one of the key's
+``_GRAM``-long pieces at offsets ``0, _GRAM, 2 * _GRAM, ...``: those are what is searched for."""
+
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+class SecretHolder(Protocol):
+    """What :func:`register_secret` watches: an object that can reveal the key it holds."""
+
+    def reveal(self) -> str: ...
+
+
+_holders: weakref.WeakKeyDictionary[SecretHolder, tuple[str, tuple[tuple[int, str], ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+_holders_lock = threading.Lock()
+
+
+def register_secret(holder: SecretHolder) -> None:
+    """Make :func:`redact` mask ``holder``'s key (and runs of it) for as long as it lives.
+
+    Why here, below the client: every exception and every printed line already passes
+    :func:`redact`, so a key registered once is masked everywhere, in every layer.
+    """
+    key = holder.reveal().translate(_ASCII_LOWER)
+    pieces = tuple((i, key[i : i + _GRAM]) for i in range(0, len(key) - _GRAM + 1, _GRAM))
+    with _holders_lock:
+        _holders[holder] = (key, pieces)
+
+
+def _mask_live_keys(text: str) -> str:
+    with _holders_lock:
+        keys = list(_holders.values())
+    if not keys or len(text) < MIN_KEY_FRAGMENT:
+        return text
+    low = text.translate(_ASCII_LOWER)  # the same length as text: spans carry over
+    spans: list[tuple[int, int]] = []
+    for key, pieces in keys:
+        for offset, piece in pieces:
+            at = low.find(piece)
+            while at != -1:
+                start, end, k_start, k_end = at, at + _GRAM, offset, offset + _GRAM
+                while start > 0 and k_start > 0 and low[start - 1] == key[k_start - 1]:
+                    start, k_start = start - 1, k_start - 1
+                while end < len(low) and k_end < len(key) and low[end] == key[k_end]:
+                    end, k_end = end + 1, k_end + 1
+                if end - start >= MIN_KEY_FRAGMENT:
+                    spans.append((start, end))
+                at = low.find(piece, at + 1)
+    if not spans:
+        return text
+    out: list[str] = []
+    pos = 0
+    for start, end in sorted(spans):
+        if end <= pos:
+            continue
+        if start > pos or not out:
+            out += [text[pos:start], "***"]
+        pos = end  # a span overlapping (or touching) the one before extends its marker
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def redact(text: str) -> str:
-    """Replace anything shaped like an API key or bearer token with a marker."""
-    return _KEYLIKE.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+    """Replace anything shaped like an API key or bearer token, and any run of
+    :data:`MIN_KEY_FRAGMENT` or more characters of a live key (any case), with a marker."""
+    return _KEYLIKE.sub(lambda m: (m.group(1) or m.group(2)) + "***", _mask_live_keys(text))
+
+
+def _server_text(value: str | None, limit: int) -> str | None:
+    """A server-supplied string as an exception may keep it: redacted first, then cut."""
+    return None if value is None else redact(value)[:limit]
 
 
 class PFMeteredError(Exception):
@@ -124,9 +208,10 @@ class APIError(PFMeteredError):
         request_id: str | None = None,
     ) -> None:
         self.status = status
-        self.code = code
-        self.request_id = request_id
+        self.code = _server_text(code, _MAX_CODE)
+        self.request_id = _server_text(request_id, _MAX_REQUEST_ID)
         self.message = redact(message)[:_MAX_MESSAGE]
+        code, request_id = self.code, self.request_id
         parts = [self.message]
         if status is not None:
             parts.append(f"(HTTP {status}{', ' + code if code else ''})")

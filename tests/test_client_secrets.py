@@ -227,3 +227,67 @@ def test_a_logged_traceback_is_redacted_when_formatted(debug_logs) -> None:
     assert_clean(formatted)
     assert_clean(debug_logs.text)
     assert_clean(records_text(debug_logs.records))
+
+
+# -- issue 13 item 7: every server-supplied string, in any case, cut anywhere -------------
+
+
+def _echo_lowered(kind: str) -> Any:
+    key = CANARY_KEY.lower()
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if kind == "code":  # lower-case passes the code's syntax check
+            return httpx.Response(400, json={"error": key, "message": "no"})
+        if kind == "code-cut":
+            return httpx.Response(400, json={"error": key[:30], "message": "no"})
+        if kind == "message-cut":  # the key straddles the 1000-character cut
+            return httpx.Response(400, json={"error": "bad", "message": "m" * 985 + CANARY_KEY})
+        if kind == "request-id":
+            return httpx.Response(404, headers={"X-Request-Id": key}, json={"error": "not_found"})
+        raise AssertionError(kind)
+
+    return handler
+
+
+@pytest.mark.parametrize("kind", ["code", "code-cut", "message-cut", "request-id"])
+def test_server_strings_are_redacted_even_lowercased_or_cut(make_client, kind: str) -> None:
+    rec = Recorder(_echo_lowered(kind))
+    client = make_client(transport=rec.transport, max_retries=0)
+    with pytest.raises(errors.APIError) as info:
+        client.get_escrow("esc_1")
+    text = (exception_text(info.value) + repr(vars(info.value))).lower()
+    middle = CANARY_KEY.lower()[len("pf_live_") : -4]
+    for start in range(0, len(middle) - 10 + 1):
+        assert middle[start : start + 10] not in text, text
+
+
+def test_a_key_of_no_known_shape_cut_to_40_characters_is_still_masked(make_client) -> None:
+    # the deployed dialect quotes a bad status cut to 40 characters: the exact key is gone,
+    # its 40-character prefix is not
+    odd = "sk-odd-shaped-0123456789abcdefghijklmnopq"
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            json={
+                "escrow_id": "esc_1",
+                "status": odd,
+                "amount_usd": 2,
+                "commission_usd": 0.02,
+                "net_to_counterparty": 1.98,
+                "counterparty_agent_id": "agent_b",
+                "creator_agent_id": "agent_a",
+                "description": "",
+                "timeout_hours": 24,
+            },
+        )
+
+    rec = Recorder(handler)
+    client = make_client(
+        api_key=odd, transport=rec.transport, dialect="deployed", base_url="http://localhost/d"
+    )
+    with pytest.raises(errors.InvalidResponse) as info:
+        client.get_escrow("esc_1")
+    text = exception_text(info.value) + repr(vars(info.value))
+    assert "status" in text
+    assert odd[:10] not in text and odd[10:20] not in text, text

@@ -58,3 +58,50 @@ def test_rate_limited_carries_retry_after() -> None:
 def test_package_reexports_the_tree() -> None:
     assert pf_metered.PFMeteredError is errors.PFMeteredError
     assert pf_metered.BudgetExhausted is errors.BudgetExhausted
+
+
+# -- every server-supplied string is redacted before it reaches an exception (issue 13 #7) --
+
+ODD_KEY = "sk-odd-shaped-0123456789abcdefghijklmnopq"
+"""A key of no known shape: only the registry of live keys can recognise it."""
+
+
+def _texts(exc: BaseException) -> str:
+    return "\n".join([str(exc), repr(exc), repr(exc.args), repr(vars(exc))])
+
+
+def _assert_no_fragment(text: str, key: str) -> None:
+    low = text.lower()
+    for size in (len(key), 40, 20, 12, 10):
+        for start in range(0, len(key) - size + 1):
+            assert key[start : start + size].lower() not in low, (size, start)
+
+
+@pytest.mark.parametrize("key", [ODD_KEY, ODD_KEY.upper(), "pf_live_canary0123456789abcdefsecret"])
+def test_code_request_id_and_message_are_redacted_in_any_case(key: str) -> None:
+    from pf_metered.client._secrets import Secret
+
+    holder = Secret(key)  # what a client holds while it lives
+    for echoed in (key, key.lower(), key.upper(), key[:40], key.lower()[:40]):
+        exc = errors.InvalidRequest(f"bad {echoed}", status=400, code=echoed, request_id=echoed)
+        _assert_no_fragment(_texts(exc), key)
+        _assert_no_fragment(_texts(exc).lower(), key)  # the CLI prints the code lower-cased
+        assert exc.code is not None and exc.request_id is not None  # redacted, not dropped
+    del holder
+
+
+def test_truncation_cannot_defeat_masking() -> None:
+    from pf_metered.client._secrets import Secret
+
+    holder = Secret(ODD_KEY)
+    # the key straddles the 300-character cut of the message, and a 40-character cut
+    exc = errors.ServerError("x" * 290 + ODD_KEY, status=500, code=ODD_KEY[:40])
+    _assert_no_fragment(_texts(exc), ODD_KEY)
+    assert errors.redact("prefix " + ODD_KEY[:10]) == "prefix ***"
+    assert errors.redact("nine " + ODD_KEY[:9]) == "nine " + ODD_KEY[:9]  # too short to mean much
+    del holder
+
+
+def test_key_shaped_codes_are_redacted_without_a_live_key() -> None:
+    exc = errors.AuthError("no", status=401, code="pf_live_unregistered0123456789")
+    assert "unregistered" not in str(exc) and "unregistered" not in repr(vars(exc))

@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import weakref
 from typing import Final, NoReturn
 
-from pf_metered.errors import ConfigError, redact
+from pf_metered.errors import ConfigError, redact, register_secret
 
 __all__ = ["LOGGERS", "RedactingFilter", "Secret", "install_log_redaction", "redact_text"]
 
@@ -57,7 +56,6 @@ LOGGERS: Final = (
 logger itself (not its children's), so every logger of this package and httpcore's children
 are named one by one (a test checks that every ``getLogger`` in the package is listed)."""
 
-_live: weakref.WeakSet[Secret] = weakref.WeakSet()
 _lock = threading.Lock()
 
 
@@ -74,8 +72,7 @@ class Secret:
                 "(the value is not shown)"
             )
         self.__value = value
-        with _lock:
-            _live.add(self)
+        register_secret(self)  # redact() masks it (and runs of it) everywhere while we live
 
     def reveal(self) -> str:
         """The key itself: for the ``Authorization`` header and nothing else."""
@@ -97,14 +94,9 @@ class Secret:
 
 def redact_text(text: str) -> str:
     """``text`` with every header-, bearer-, key-shaped token and every live key masked."""
-    with _lock:
-        keys = [s.reveal() for s in _live]
-    for key in keys:
-        if key in text:
-            text = text.replace(key, "***" + key[-4:])
     text = _HEADERISH.sub(lambda m: m.group(1) + m.group(2) + "[redacted]", text)
     text = _BEARER.sub(lambda m: m.group(1) + "***", text)
-    return redact(text)
+    return redact(text)  # and every run of a live key (any case) the patterns left
 
 
 class RedactingFilter(logging.Filter):
