@@ -291,3 +291,58 @@ def test_a_key_of_no_known_shape_cut_to_40_characters_is_still_masked(make_clien
     text = exception_text(info.value) + repr(vars(info.value))
     assert "status" in text
     assert odd[:10] not in text and odd[10:20] not in text, text
+
+
+# -- issue 13 item 8: proxy environment variables never receive the key -------------------
+
+PROXY_VARS = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"]
+
+
+def _recording_proxy(conn: Any, listener: Any) -> None:
+    listener.read_request_head(conn)
+    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+@pytest.fixture
+def proxy(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from loopkit import Listener
+
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with Listener(_recording_proxy) as listener:
+        yield listener
+
+
+@pytest.mark.parametrize("var", PROXY_VARS)
+def test_a_loopback_base_url_never_goes_through_a_proxy(make_client, monkeypatch, proxy, var):
+    from pf_metered.sandbox import Sandbox
+
+    monkeypatch.setenv(var, proxy.url)
+    with Sandbox() as sb:
+        payer = sb.add_agent(balance="10")
+        server = sb.serve()
+        client = make_client(api_key=payer.api_key, base_url=server.base_url)
+        assert client.list_escrows() == []
+        https = make_client(
+            api_key=payer.api_key,
+            base_url=server.base_url.replace("http", "https"),
+            max_retries=0,
+        )
+        with pytest.raises(errors.APIConnectionError):  # TLS to a plain-http port: refused
+            https.list_escrows()
+        from pf_metered.client import register_agent
+
+        agent = register_agent(base_url=server.url + "/casino")  # its answer carries a key
+        assert agent.agent_id
+    assert proxy.connections == 0 and bytes(proxy.received) == b""
+
+
+def test_a_remote_https_base_url_may_use_a_proxy_by_connect_only(monkeypatch, proxy):
+    # https elsewhere: the proxy is told only where to connect; the key travels inside TLS
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    client = EscrowClient(CANARY_KEY, base_url="https://escrow.invalid/api/v1", max_retries=0)
+    with client, pytest.raises(errors.APIConnectionError):
+        client.list_escrows()
+    seen = bytes(proxy.received)
+    assert seen.startswith(b"CONNECT escrow.invalid:443 ")
+    assert CANARY_KEY.encode() not in seen and b"authorization" not in seen.lower()

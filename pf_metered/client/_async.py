@@ -24,6 +24,7 @@ from pf_metered.models import Escrow, FaucetClaim, Release, ReleasePage
 from ._base import HISTORY_PAGE, Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
 from ._dialect import Dialect, RequestSpec
 from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._secrets import trust_env_for
 
 __all__ = ["AsyncEscrowClient"]
 
@@ -69,6 +70,7 @@ class AsyncEscrowClient(BaseEscrowClient):
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=self._timeout,
+            trust_env=trust_env_for(self._base_url),  # never a proxy for http or loopback
             follow_redirects=False,
             headers=self._default_headers(),
         )

@@ -12,14 +12,24 @@ not in ``str``, not in an error message, not in a log record. It keeps no key af
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import threading
 from typing import Final, NoReturn
 
+import httpx
+
 from pf_metered.errors import ConfigError, redact, register_secret
 
-__all__ = ["LOGGERS", "RedactingFilter", "Secret", "install_log_redaction", "redact_text"]
+__all__ = [
+    "LOGGERS",
+    "RedactingFilter",
+    "Secret",
+    "install_log_redaction",
+    "redact_text",
+    "trust_env_for",
+]
 
 _KEY_RE: Final = re.compile(r"^[\x21-\x7e]{8,512}$")
 _HEADERISH: Final = re.compile(
@@ -139,3 +149,29 @@ def install_log_redaction() -> None:
             if _FILTER not in logger.filters:
                 logger.addFilter(_FILTER)
         _installed = True
+
+
+def trust_env_for(url: str) -> bool:
+    """Whether an httpx client for ``url`` may read the environment (``HTTP_PROXY``,
+    ``HTTPS_PROXY``, ``ALL_PROXY`` and their lower-case twins, ``NO_PROXY``, ``SSL_CERT_FILE``,
+    netrc): only for https to a host that is not loopback.
+
+    Why: httpx trusts the environment by default, and a proxy for a plain-http URL is sent the
+    whole request, ``Authorization: Bearer <key>`` included. Plain http is allowed only to
+    loopback (``check_base_url``), and loopback never goes through a proxy, so neither ever
+    does. For https elsewhere a proxy is acceptable: httpx opens a ``CONNECT`` tunnel, the
+    proxy learns the host and port, and the key travels inside TLS to the server itself.
+    """
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return False
+    if parsed.scheme != "https":
+        return False
+    host = (parsed.host or "").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True

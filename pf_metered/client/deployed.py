@@ -883,7 +883,14 @@ def _bootstrap_post(
     from ._base import BodyCollector
 
     url, body = _bootstrap_request(kind, base_url, fields)
-    with httpx.Client(transport=transport, timeout=timeout, follow_redirects=False) as http:
+    from ._secrets import trust_env_for  # no proxy for http or loopback: answers carry keys
+
+    with httpx.Client(
+        transport=transport,
+        timeout=timeout,
+        follow_redirects=False,
+        trust_env=trust_env_for(url),
+    ) as http:
 
         def send() -> Any:  # the body streamed, read no further than MAX_ANSWER_BYTES
             request = http.build_request("POST", url, content=body, headers=_HEADERS)
@@ -919,8 +926,10 @@ async def _abootstrap_post(
     from ._base import BodyCollector
 
     url, body = _bootstrap_request(kind, base_url, fields)
+    from ._secrets import trust_env_for  # no proxy for http or loopback: answers carry keys
+
     async with httpx.AsyncClient(
-        transport=transport, timeout=timeout, follow_redirects=False
+        transport=transport, timeout=timeout, follow_redirects=False, trust_env=trust_env_for(url)
     ) as http:
 
         async def send() -> Any:
