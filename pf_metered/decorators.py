@@ -48,10 +48,10 @@ from typing import Any, Final, TypeVar, cast
 
 import wrapt
 
-from pf_metered.errors import BudgetExhausted, InvalidInput
+from pf_metered.errors import InvalidInput
 from pf_metered.meter.core import PER_QUANTA
 from pf_metered.meter.policy import BatchPolicy
-from pf_metered.meter.store import Store, _Record
+from pf_metered.meter.store import Store
 from pf_metered.money import AmountLike, parse_count
 from pf_metered.stream._async import AsyncPaymentStream
 from pf_metered.stream._base import StreamBase
@@ -66,10 +66,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 UnitsSpec = int | Callable[[Any], int]
 
 _TIME_PERS: Final = ("second", "minute", "hour")
-
-
-def _noop() -> None:
-    return None
 
 
 class _TimeCarry:
@@ -203,7 +199,7 @@ class Metered:
 
     def _ensure_open_sync(self) -> StreamBase:
         s = self._stream or self._make_stream(async_=False)
-        if not s._opened:
+        if not s.is_open and not s.closed:
             if isinstance(s, AsyncPaymentStream):
                 raise InvalidInput(
                     "client", "an async client's stream can only meter async functions"
@@ -214,7 +210,7 @@ class Metered:
 
     async def _ensure_open_async(self) -> StreamBase:
         s = self._stream or self._make_stream(async_=True)
-        if not s._opened:
+        if not s.is_open and not s.closed:
             if isinstance(s, AsyncPaymentStream):
                 await s.open()
             else:
@@ -227,6 +223,7 @@ class Metered:
         return cast(Any, self.stream).close()
 
     # -------------------------------------------------------------- counting
+    # Everything goes through the stream's public counting API (reserve → commit/cancel).
     def _units_of(self, result: Any) -> int:
         spec = self.units
         if callable(spec):
@@ -234,52 +231,20 @@ class Metered:
             return parse_count(n, "units")
         return spec
 
-    def _settle(self, s: StreamBase, reserved: int, result: Any, elapsed_ns: int) -> None:
+    def _settle(self, s: StreamBase, token: int, result: Any, elapsed_ns: int) -> None:
         """After a successful call: turn the reservation into the call's real units."""
-        meter = s._meter
         if self._carry is not None:
-            meter.cancel(reserved)
             n = self._carry.units_for(elapsed_ns)
-            if n:
-                self._bill_up_to(s, n)
-            return
-        n = self._units_of(result)
-        if n == reserved:
-            s._committed(meter.commit(n))
-            return
-        meter.cancel(reserved)
-        if n:
-            self._bill_up_to(s, n)
-
-    def _bill_up_to(self, s: StreamBase, n: int) -> None:
-        """Bill work that has already happened, as far as the budget goes.
-
-        Units known only after the call (its wall time, the tokens in its result) cannot be
-        refused in advance. Raising here would throw away a result the budget mostly paid for,
-        so the units that fit are paid, the rest is counted in ``overflow_units`` and logged,
-        and the next call is refused before it runs (the LangChain callback does the same).
-        """
-        meter = s._meter
-        try:
-            s._committed(meter.add(n))
-            return
-        except BudgetExhausted as exc:
-            left = exc.remaining_units or 0
-        paid = 0
-        if left:
+        else:
             try:
-                s._committed(meter.add(left))
-                paid = left
-            except BudgetExhausted:  # another thread took the rest first
-                paid = 0
-        with self._lock:
-            self.overflow_units += n - paid
-        _log.warning(
-            "budget exhausted: %d of %d unit(s) of a finished call could not be paid; "
-            "further calls will be refused",
-            n - paid,
-            n,
-        )
+                n = self._units_of(result)
+            except BaseException:
+                s.cancel(token)  # a bad units= answer must not leak the reservation
+                raise
+        unpaid = s.commit(token, n)
+        if unpaid:
+            with self._lock:
+                self.overflow_units += unpaid
 
     def _reserve_count(self) -> int:
         spec = self.units
@@ -309,65 +274,39 @@ class Metered:
         wrapper.metered = self
         return cast(F, wrapper)
 
+    def _count_unpaid(self, unpaid: int) -> None:
+        with self._lock:
+            self.overflow_units += unpaid
+
     def _sync_body(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         ensure = self._ensure_open_sync
         reserve_n = self._reserve_count()
         charge = self.charge_errors
-        plain = self._carry is None and isinstance(self.units, int)
+        if not (self._carry is None and isinstance(self.units, int)):
+            return self._generic_sync(fn, reserve_n, charge)
+        count_unpaid = self._count_unpaid
+        lane: tuple[Callable[[int], int], Callable[..., int], Callable[[int], None]] | None = None
 
-        if plain:
-            fast: tuple[StreamBase, Any, Callable[[], Any], Callable[[], None], Any] | None = None
-
-            def prepare() -> tuple[StreamBase, Any, Callable[[], Any], Callable[[], None], Any]:
-                nonlocal fast
+        def metered_call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal lane
+            if lane is None:
                 s = ensure()
-                if s._failure is not None:
-                    s._raise_failure()
-                meter = s._meter
-                counter = meter.counter
-                if isinstance(counter, _Record):
-                    fast = (s, counter, counter.lock.acquire, counter.lock.release, meter)
-                    return fast
-                return (s, None, _noop, _noop, meter)
+                lane = (s.reserve, s.commit, s.cancel)
+            reserve, commit, cancel = lane
+            token = reserve(reserve_n)  # refuses before the call runs
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                if charge:
+                    commit(token)
+                else:
+                    cancel(token)
+                raise
+            if commit(token):
+                count_unpaid(reserve_n)
+            return result
 
-            def metered_call(*args: Any, **kwargs: Any) -> Any:
-                fp = fast
-                if fp is None or fp[0]._failure is not None:
-                    fp = prepare()
-                s, rec, acq, rel, meter = fp
-                if rec is None:  # a store without the in-memory fast lane
-                    return generic(*args, **kwargs)
-                # Reserve (inline _Record.reserve): refuse before the call runs.
-                acq()
-                held = rec.reserved + reserve_n
-                if rec.status != "open" or rec.units + held > rec.max_units:
-                    refusal = rec._refuse(reserve_n)
-                    rel()
-                    raise refusal
-                rec.reserved = held
-                rel()
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException:
-                    if charge:
-                        s._committed(meter.commit(reserve_n))
-                    else:
-                        meter.cancel(reserve_n)
-                    raise
-                # Commit (inline _Record.commit).
-                acq()
-                rec.reserved -= reserve_n
-                total = rec.units + reserve_n
-                rec.units = total
-                rel()
-                if total >= meter.due_at:
-                    s._committed(total)
-                return result
-
-            generic = self._generic_sync(fn, reserve_n, charge)
-            return metered_call
-
-        return self._generic_sync(fn, reserve_n, charge)
+        return metered_call
 
     def _generic_sync(
         self, fn: Callable[..., Any], reserve_n: int, charge: bool
@@ -378,19 +317,17 @@ class Metered:
 
         def metered_call_general(*args: Any, **kwargs: Any) -> Any:
             s = ensure()
-            if s._failure is not None:
-                s._raise_failure()
-            s._meter.reserve(reserve_n)
+            token = s.reserve(reserve_n)
             t0 = perf()
             try:
                 result = fn(*args, **kwargs)
             except BaseException:
                 if charge:
-                    settle(s, reserve_n, None, perf() - t0)
+                    settle(s, token, None, perf() - t0)
                 else:
-                    s._meter.cancel(reserve_n)
+                    s.cancel(token)
                 raise
-            settle(s, reserve_n, result, perf() - t0)
+            settle(s, token, result, perf() - t0)
             return result
 
         return metered_call_general
@@ -402,61 +339,37 @@ class Metered:
         settle = self._settle
         perf = self._timer
         plain = self._carry is None and isinstance(self.units, int)
-
-        fast: tuple[StreamBase, Any, Callable[[], Any], Callable[[], None], Any] | None = None
-
-        async def prepare() -> tuple[StreamBase, Any, Callable[[], Any], Callable[[], None], Any]:
-            nonlocal fast
-            s = await ensure()
-            if s._failure is not None:
-                s._raise_failure()
-            counter = s._meter.counter
-            if plain and isinstance(counter, _Record):
-                fast = (s, counter, counter.lock.acquire, counter.lock.release, s._meter)
-                return fast
-            return (s, None, _noop, _noop, s._meter)
+        count_unpaid = self._count_unpaid
+        opened: StreamBase | None = None
 
         async def metered_async(*args: Any, **kwargs: Any) -> Any:
-            fp = fast
-            if fp is None or fp[0]._failure is not None:
-                fp = await prepare()
-            s, rec, acq, rel, meter = fp
-            if rec is not None:  # plain units with the in-memory fast lane (inlined)
-                acq()
-                held = rec.reserved + reserve_n
-                if rec.status != "open" or rec.units + held > rec.max_units:
-                    refusal = rec._refuse(reserve_n)
-                    rel()
-                    raise refusal
-                rec.reserved = held
-                rel()
+            nonlocal opened
+            s = opened
+            if s is None:
+                s = opened = await ensure()
+            token = s.reserve(reserve_n)
+            if plain:
                 try:
                     result = await fn(*args, **kwargs)
                 except BaseException:
                     if charge:
-                        s._committed(meter.commit(reserve_n))
+                        s.commit(token)
                     else:
-                        meter.cancel(reserve_n)
+                        s.cancel(token)
                     raise
-                acq()
-                rec.reserved -= reserve_n
-                total = rec.units + reserve_n
-                rec.units = total
-                rel()
-                if total >= meter.due_at:
-                    s._committed(total)
+                if s.commit(token):
+                    count_unpaid(reserve_n)
                 return result
-            meter.reserve(reserve_n)
             t0 = perf()
             try:
                 result = await fn(*args, **kwargs)
             except BaseException:
                 if charge:
-                    settle(s, reserve_n, None, perf() - t0)
+                    settle(s, token, None, perf() - t0)
                 else:
-                    meter.cancel(reserve_n)
+                    s.cancel(token)
                 raise
-            settle(s, reserve_n, result, perf() - t0)
+            settle(s, token, result, perf() - t0)
             return result
 
         return metered_async
@@ -473,19 +386,17 @@ class Metered:
             op: Callable[[Any], Any] = gen.send
             arg: Any = None
             while True:
-                if s._failure is not None:
-                    s._raise_failure()
-                s._meter.reserve(reserve_n)
+                token = s.reserve(reserve_n)
                 t0 = perf()
                 try:
                     item = op(arg)
                 except StopIteration as stop:
-                    s._meter.cancel(reserve_n)
+                    s.cancel(token)
                     return stop.value
                 except BaseException:
-                    s._meter.cancel(reserve_n)
+                    s.cancel(token)
                     raise
-                settle(s, reserve_n, item, perf() - t0)
+                settle(s, token, item, perf() - t0)
                 try:
                     arg = yield item
                     op = gen.send
@@ -509,19 +420,17 @@ class Metered:
             op: Callable[[Any], Any] = agen.asend
             arg: Any = None
             while True:
-                if s._failure is not None:
-                    s._raise_failure()
-                s._meter.reserve(reserve_n)
+                token = s.reserve(reserve_n)
                 t0 = perf()
                 try:
                     item = await op(arg)
                 except StopAsyncIteration:
-                    s._meter.cancel(reserve_n)
+                    s.cancel(token)
                     return
                 except BaseException:
-                    s._meter.cancel(reserve_n)
+                    s.cancel(token)
                     raise
-                settle(s, reserve_n, item, perf() - t0)
+                settle(s, token, item, perf() - t0)
                 try:
                     arg = yield item
                     op = agen.asend
@@ -535,20 +444,18 @@ class Metered:
 
     # ------------------------------------------------------- context manager
     def _enter(self, s: StreamBase) -> None:
-        if s._failure is not None:
-            s._raise_failure()
         n = self._reserve_count()
-        s._meter.reserve(n)
-        self._cm.set((*self._cm.get(), (n, self._timer())))
+        token = s.reserve(n)
+        self._cm.set((*self._cm.get(), (token, self._timer())))
 
     def _exit(self, s: StreamBase, failed: bool) -> None:
         stack = self._cm.get()
-        n, t0 = stack[-1]
+        token, t0 = stack[-1]
         self._cm.set(stack[:-1])
         if failed and not self.charge_errors:
-            s._meter.cancel(n)
+            s.cancel(token)
         else:
-            self._settle(s, n, None, self._timer() - t0)
+            self._settle(s, token, None, self._timer() - t0)
 
     def __enter__(self) -> Metered:
         self._enter(self._ensure_open_sync())
@@ -642,7 +549,7 @@ def _register_for_exit(stream: StreamBase) -> None:
 
 def _close_at_exit() -> None:
     for stream in list(_EXIT_STREAMS):
-        if stream.closed or not stream._opened:
+        if not stream.is_open:
             continue
         with contextlib.suppress(Exception):
             if isinstance(stream, PaymentStream):

@@ -25,7 +25,9 @@
     ├── UnsupportedByDialect         the server's dialect has no such call
     ├── BudgetExhausted              a unit would exceed the stream's budget
     ├── StreamClosed                 the stream no longer takes units
-    └── StoreUnavailable             a shared store (Redis) could not be reached, even after retries
+    ├── StreamBusy                   a live process holds the stream's pending release
+    └── StoreError                   the meter's store failed (``transient``: a retry may work)
+        └── StoreUnavailable         the store could not be reached (transient)
 
 Raised elsewhere, on the same root: ``TrancheFailure`` (``pf_metered.stream``: a deployed-dialect
 chain of escrows cannot go on), ``LedgerInvariantError`` (``pf_metered.sandbox``: the sandbox's
@@ -69,7 +71,9 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "ServerError",
+    "StoreError",
     "StoreUnavailable",
+    "StreamBusy",
     "StreamClosed",
     "UnsupportedByDialect",
     "redact",
@@ -305,12 +309,32 @@ class StreamClosed(PFMeteredError):
     """The stream is closed (or closing) and takes no more units."""
 
 
-class StoreUnavailable(PFMeteredError):
-    """A shared store (Redis) could not be reached, even after retries; the effect is unknown.
+class StreamBusy(PFMeteredError):
+    """``resume`` refused: a process that is still alive holds the stream's pending release.
+
+    Taking it over could pay the batch twice (a server that ignores idempotency keys would
+    accept both sends). ``owner`` names the holder; ``retry_after`` is the number of seconds
+    after which its claim lapses if it stops renewing it (``None``: retry once it has exited).
+    """
+
+    def __init__(self, message: str, *, owner: str, retry_after: float | None = None) -> None:
+        self.owner = owner
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class StoreError(PFMeteredError):
+    """The meter's store (SQLite file, Redis) failed. ``transient``: a later retry may work
+    (the stream's background sender then backs off and retries instead of stopping)."""
+
+    transient: bool = False
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached, even after retries; the operation's effect is unknown.
 
     ``transient``: a stream's background sender retries later (Redis may be restarting); the
     operations it retries are idempotent or settle a claim left pending by the lost answer.
-    Defined here, beside the rest of the tree, so it can be caught without the redis extra.
     """
 
     transient = True

@@ -50,6 +50,7 @@ LOGGERS: Final = (
     "pf_metered.sandbox.server",
     "pf_metered.meter.sqlite",
     "pf_metered.meter.redis_store",
+    "pf_metered.stream",
     "pf_metered.stream.recovery",
     "pf_metered.stream.tranches",
     "pf_metered.langchain",

@@ -12,39 +12,37 @@ sends), or count a unit the budget cannot pay.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
-from pf_metered.errors import BudgetExhausted
+from typing import Protocol
 
 __all__ = ["Meterable", "cancel", "commit", "record_up_to", "reserve"]
 
 
 class Meterable(Protocol):
-    """What this module needs of a stream (``PaymentStream`` or ``AsyncPaymentStream``)."""
+    """What this module needs of a stream: ``StreamBase``'s public counting API."""
 
-    @property
-    def meter(self) -> Any: ...
+    def reserve(self, units: int = 1) -> int: ...
 
-    def record(self, units: int = 1) -> int: ...
+    def commit(self, token: int, units: int | None = None) -> int: ...
+
+    def cancel(self, token: int) -> None: ...
+
+    def record_up_to(self, units: int) -> int: ...
 
 
-def reserve(stream: Meterable, units: int) -> None:
+def reserve(stream: Meterable, units: int) -> int:
     """Hold ``units`` of the budget; ``BudgetExhausted`` or ``StreamClosed`` if it cannot."""
-    stream.meter.reserve(units)
+    return stream.reserve(units)
 
 
-def commit(stream: Meterable, units: int) -> int:
-    """Count ``units`` held by :func:`reserve` and wake the stream's sender if a batch is due."""
-    total: int = stream.meter.commit(units)
-    woken = getattr(stream, "_committed", None)
-    if woken is not None:
-        woken(total)
-    return total
+def commit(stream: Meterable, token: int) -> int:
+    """Count what ``token`` holds (the stream wakes its sender if a batch is due); return the
+    units not paid (the stream closed while the call ran)."""
+    return stream.commit(token)
 
 
-def cancel(stream: Meterable, units: int) -> None:
-    """Give back ``units`` held by :func:`reserve` (the call they were for failed)."""
-    stream.meter.cancel(units)
+def cancel(stream: Meterable, token: int) -> None:
+    """Give back what :func:`reserve` held (the call it was for failed)."""
+    stream.cancel(token)
 
 
 def record_up_to(stream: Meterable, units: int) -> int:
@@ -54,18 +52,4 @@ def record_up_to(stream: Meterable, units: int) -> int:
     The work is done; paying for what the budget covers (and reporting the rest) is fairer to
     the provider than paying nothing, and never exceeds the budget.
     """
-    left = units
-    while left > 0:
-        try:
-            stream.record(left)
-            return 0
-        except BudgetExhausted as exc:
-            fits = exc.remaining_units or 0
-            if fits <= 0 or fits >= left:
-                return left
-            try:
-                stream.record(fits)
-                left -= fits
-            except BudgetExhausted:
-                continue
-    return 0
+    return stream.record_up_to(units) if units > 0 else 0

@@ -29,6 +29,7 @@ from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
 from pf_metered.meter.policy import BatchPolicy, every, parse_seconds
 from pf_metered.meter.receipt import Receipt, ReleaseRecord, StatusReport
 from pf_metered.meter.store import (
+    CallGate,
     Intent,
     MemoryStore,
     Store,
@@ -53,6 +54,7 @@ __all__ = [
     "Per",
     "RefundRest",
     "ReleaseDue",
+    "held_in_process",
     "plan_stream",
 ]
 
@@ -251,6 +253,93 @@ class _LocalCounter:
             self._reserved -= units
 
 
+class _Gate:
+    """A :class:`~pf_metered.meter.store.CallGate` around a store's plain ``UnitCounter``.
+
+    Counts the units held by running calls (reserved, not yet committed or cancelled) so that
+    ``close`` can wait for them, and the commits under way so that ``seal`` can let them land
+    before the final claim. The store stays the authority on the budget: a commit it refuses
+    because the stream closed is counted late too.
+    """
+
+    __slots__ = ("_c", "_committing", "_cond", "_held", "_state", "add", "late_units")
+
+    def __init__(self, counter: UnitCounter) -> None:
+        self._c = counter
+        self.add = counter.add
+        self._cond = threading.Condition(threading.Lock())
+        self._held = 0
+        self._committing = 0
+        self._state = 0  # 0 open, 1 draining (no new reservation), 2 sealed (commits late)
+        self.late_units = 0
+
+    def reserve(self, units: int) -> None:
+        with self._cond:
+            if self._state:
+                raise StreamClosed("the stream is closing; it takes no new calls")
+            self._held += units
+        try:
+            self._c.reserve(units)
+        except BaseException:
+            self._done(units, 0)
+            raise
+
+    def commit(self, units: int) -> int:
+        with self._cond:
+            late = self._state == 2
+            if not late:
+                self._committing += 1
+        if late:
+            try:
+                self._c.cancel(units)
+            finally:
+                self._done(units, 0, late=True)
+            raise StreamClosed("the stream closed before this call finished")
+        try:
+            total = self._c.commit(units)
+        except StreamClosed:
+            self._done(units, 1, late=True)
+            raise
+        except BaseException:
+            self._done(units, 1)
+            raise
+        self._done(units, 1)
+        return total
+
+    def cancel(self, units: int) -> None:
+        try:
+            self._c.cancel(units)
+        finally:
+            self._done(units, 0)
+
+    def _done(self, units: int, committing: int, *, late: bool = False) -> None:
+        with self._cond:
+            self._held -= units
+            self._committing -= committing
+            if late:
+                self.late_units += units
+            if self._state and (not self._held or not self._committing):
+                self._cond.notify_all()
+
+    def stop_calls(self) -> None:
+        with self._cond:
+            self._state = max(self._state, 1)
+
+    def wait_calls(self, timeout: float) -> int:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held, timeout)
+            return self._held
+
+    def seal(self, timeout: float) -> None:
+        with self._cond:
+            self._state = 2
+            self._cond.wait_for(lambda: not self._committing, timeout)
+
+    def units_left(self) -> int | None:
+        left = getattr(self._c, "units_left", None)
+        return left() if callable(left) else None
+
+
 def _not_open(units: int = 1) -> int:
     raise StreamClosed("the stream is not open: call open() (or use `with`) first")
 
@@ -291,6 +380,20 @@ class _Peers:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.meters: weakref.WeakSet[Meter] = weakref.WeakSet()
+
+
+_METERS: weakref.WeakSet[Meter] = weakref.WeakSet()
+"""Every live meter of this process (``held_in_process`` looks through them)."""
+
+
+def held_in_process(stream_id: str, seq: int) -> bool:
+    """Whether a live meter in this process holds intent ``seq`` of the stream in flight
+    (handed to its driver, not settled): it may be on the wire right now."""
+    for meter in list(_METERS):
+        action = meter._inflight
+        if meter.stream_id == stream_id and action is not None and action.intent.seq == seq:
+            return True
+    return False
 
 
 _PEERS: weakref.WeakKeyDictionary[object, dict[str, _Peers]] = weakref.WeakKeyDictionary()
@@ -338,6 +441,7 @@ class Meter:
         self._period = float(policy.seconds) if policy.seconds is not None else None  # ok: seconds
         self._peers = _peers_of(store, config.stream_id)
         self._peers.meters.add(self)
+        _METERS.add(self)
         self._lock = self._peers.lock
         self._inflight: ReleaseDue | None = None
         self._handed = False  # the in-flight release was handed out at least once
@@ -353,7 +457,7 @@ class Meter:
         self.commit: Callable[[int], int] = _not_open
         self.cancel: Callable[[int], None] = _not_open_none
         self.receipt: Receipt | None = None
-        self.counter: UnitCounter | None = None
+        self.counter: CallGate | None = None
 
     # ----------------------------------------------------------------- open
     def begin_open(self) -> OpenEscrow | None:
@@ -384,9 +488,10 @@ class Meter:
     def _bind(self, escrow_id: str) -> None:
         self.escrow_id = escrow_id
         make = getattr(self.store, "counter", None)
-        counter: UnitCounter = (
+        plain: UnitCounter = (
             make(self.stream_id) if make else _LocalCounter(self.store, self.config)
         )
+        counter: CallGate = plain if isinstance(plain, CallGate) else _Gate(plain)
         state = self.store.load(self.stream_id)
         claimed = state.claimed_units if state else 0
         if state is not None and state.pending:
@@ -587,9 +692,48 @@ class Meter:
     def finished_elsewhere(self) -> Receipt:
         """Another worker closed the stream: the receipt from the store, nothing sent."""
         self.receipt = self.build_receipt()
-        self.add, self.commit = _closed, _closed
-        self.reserve, self.cancel = _closed_none, _closed_none
+        self._after_close()
         return self.receipt
+
+    def _after_close(self) -> None:
+        # ``commit``/``cancel`` stay bound to the gate: a call still running finds its
+        # reservation given back and its unit counted late, never a confusing "not open".
+        counter = self.counter
+        if counter is not None:
+            counter.stop_calls()
+            counter.seal(0.0)
+        self.add, self.reserve = _closed, _closed_none
+
+    # ---------------------------------------------------- calls under way at close
+    def stop_calls(self) -> None:
+        """Close began: refuse new reservations (running calls still commit)."""
+        if self.counter is not None:
+            self.counter.stop_calls()
+
+    def wait_calls(self, timeout: float) -> int:
+        """Wait (at most ``timeout`` s) for running calls to commit or cancel; units still held."""
+        return self.counter.wait_calls(timeout) if self.counter is not None else 0
+
+    def seal(self, timeout: float) -> None:
+        """From now on a commit is late (see :class:`~pf_metered.meter.store.CallGate`)."""
+        if self.counter is not None:
+            self.counter.seal(timeout)
+
+    @property
+    def late_units(self) -> int:
+        """Units of calls that finished after the final claim (not counted, not paid)."""
+        return self.counter.late_units if self.counter is not None else 0
+
+    def units_left(self) -> int:
+        """Units the budget still pays for (counted and held units subtracted)."""
+        left = self.counter.units_left() if self.counter is not None else None
+        if left is not None:
+            return left
+        state = self.store.load(self.stream_id)
+        units = state.units if state is not None else 0
+        if state is not None and state.status != "open":
+            return 0
+        return max(0, self.config.max_units - units)
 
     def close_state(self) -> Literal["mine", "closed", "refunding", "closing", "open"]:
         """For a driver whose ``next_release(final=True)`` gave nothing more: ``mine`` (this
@@ -612,8 +756,7 @@ class Meter:
         if self.store.load(self.stream_id) is not None:
             self.store.mark_closed(self.stream_id, refunded_micro)
         self.receipt = self.build_receipt()
-        self.add, self.commit = _closed, _closed
-        self.reserve, self.cancel = _closed_none, _closed_none
+        self._after_close()
         return self.receipt
 
     def build_receipt(self) -> Receipt:

@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -73,7 +72,13 @@ except ModuleNotFoundError as exc:  # the optional extra is not installed
     raise MissingExtra("redis", "RedisStore", missing=exc.name) from None
 
 from pf_metered.meter import redis_lua as lua
-from pf_metered.meter.store import Intent, StreamConfig, StreamState, StreamStatus
+from pf_metered.meter.store import (
+    Intent,
+    StreamConfig,
+    StreamState,
+    StreamStatus,
+    new_owner_id,
+)
 
 __all__ = ["FleetStatus", "LeaseInfo", "RedisStore", "StoreUnavailable", "purge_prefix"]
 
@@ -195,7 +200,7 @@ class RedisStore:
         self._op_ttl = op_ttl
         self._retries = retries
         self._intent_lease = intent_lease
-        self._worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._worker = worker or new_owner_id()
         self._shas: dict[str, str] = {}
         self._mu = threading.Lock()
         self._sync_locks: dict[str, threading.Lock] = {}
@@ -215,7 +220,7 @@ class RedisStore:
         re-sends of the parent's (and be dropped as replays), or let it consume the parent's
         lease.
         """
-        self._worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._worker = new_owner_id()
         self._mu = threading.Lock()
         self._sync_locks = {}
         self._locals = {}
@@ -477,6 +482,20 @@ class RedisStore:
         if reply == "unknown":
             raise self._unknown(stream_id)
         return _intent(stream_id, reply)
+
+    def pending_owner(self, stream_id: str) -> tuple[str | None, float] | None:
+        """The owner of the stream's pending intent and its claim's age in seconds, or
+        ``None`` when nothing is pending (``resume`` asks before taking it over)."""
+        status = self.fleet_status(stream_id)
+        if status is None or not status.owners:
+            return None
+        _seq, owner, age_ms = status.owners[0]
+        return (owner or None), age_ms / 1000
+
+    @property
+    def owner(self) -> str:
+        """This store's owner id on intents and leases (its ``worker``)."""
+        return self._worker
 
     def fleet_status(self, stream_id: str) -> FleetStatus | None:
         """The shared stream as any worker sees it: state, leases, and what was lost."""

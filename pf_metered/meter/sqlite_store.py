@@ -53,7 +53,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +66,8 @@ from pf_metered.meter.store import (
     StreamState,
     StreamStatus,
     UnitCounter,
+    new_owner_id,
+    owner_alive,
 )
 
 __all__ = ["Durability", "SQLiteStore"]
@@ -204,7 +205,7 @@ class SQLiteStore:
         self.intent_lease = float(intent_lease)  # ok: seconds
         """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
         self._busy_ms = int(busy_timeout * 1000)
-        self._owner = uuid.uuid4().hex
+        self._owner = new_owner_id()
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -248,7 +249,7 @@ class SQLiteStore:
             if self._pid not in (-1, pid):
                 self._buffers = {}
                 self._flusher = None
-                self._owner = uuid.uuid4().hex
+                self._owner = new_owner_id()
             self._conn = self._connect()
             self._pid = pid
         return self._conn
@@ -553,15 +554,45 @@ class SQLiteStore:
             )
             return Intent(stream_id, int(seq), int(u_from), int(u_to), bool(final))
 
+    def pending_owner(self, stream_id: str) -> tuple[str | None, float] | None:
+        """The owner of the stream's pending intent and its claim's age in seconds, or
+        ``None`` when nothing is pending (``resume`` asks before taking it over)."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT owner, claimed_at FROM intents WHERE stream_id = ? AND settled = 0",
+                    (stream_id,),
+                )
+                .fetchone()
+            )
+        if row is None:
+            return None
+        owner, claimed_at = row[0], row[1]
+        age = float("inf") if claimed_at is None else time.time() - float(claimed_at)  # ok: s
+        return (None if owner is None else str(owner)), age
+
+    @property
+    def owner(self) -> str:
+        """This store object's owner id (``host:pid:nonce``) on intents and leases."""
+        return self._owner
+
     def reclaim(self, stream_id: str) -> None:
-        """Give back every lease on the stream (the processes that held them are gone).
+        """Give back the leases of processes that are gone (or cannot be told alive).
 
         Called by ``resume``, which takes the stream over: a lease holds only budget, never
-        units, so dropping a dead process's lease loses nothing.
+        units, so dropping a dead process's lease loses nothing. A lease of a process known
+        to be alive on this host is kept: its buffered units still need it.
         """
         with self._tx() as db:
             self._row(db, stream_id)
-            db.execute("DELETE FROM leases WHERE stream_id = ?", (stream_id,))
+            for (owner,) in db.execute(
+                "SELECT owner FROM leases WHERE stream_id = ?", (stream_id,)
+            ).fetchall():
+                if owner == self._owner or owner_alive(str(owner)) is not True:
+                    db.execute(
+                        "DELETE FROM leases WHERE stream_id = ? AND owner = ?", (stream_id, owner)
+                    )
         with self._buffers_lock:
             buf = self._buffers.pop(stream_id, None)
         if buf is not None and (buf.pending or buf.reserved):

@@ -39,7 +39,10 @@ intent only when ``take_over`` hands it over: never one another live worker is s
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -47,6 +50,7 @@ from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
 from pf_metered.money import Rate, parse_rate
 
 __all__ = [
+    "CallGate",
     "Intent",
     "MemoryStore",
     "Store",
@@ -56,6 +60,9 @@ __all__ = [
     "UnitCounter",
     "intent_amount_micro",
     "intent_key",
+    "new_owner_id",
+    "owner_alive",
+    "owner_in_this_process",
 ]
 
 StreamStatus = Literal["new", "open", "closing", "closed"]
@@ -117,6 +124,44 @@ class StreamState:
 def intent_key(stream_id: str, seq: int) -> str:
     """The idempotency key of intent ``seq``: stable across retries, restarts and hosts."""
     return f"pfm-{stream_id}-r{seq}"
+
+
+def new_owner_id() -> str:
+    """A fresh owner id for intents and leases: ``host:pid:nonce``.
+
+    Why host and pid in it: ``resume`` must tell a live owner (whose release may be on the
+    wire right now) from a dead one (whose release it must finish) without waiting out a
+    lease; on the owner's own host the pid answers that (:func:`owner_alive`).
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process behind an owner id is alive: ``True``/``False`` when it ran on this
+    host (checked by pid), ``None`` when that cannot be told (another host, an id of an older
+    version or one a user chose)."""
+    host, sep, rest = owner.partition(":")
+    pid_text, sep2, _nonce = rest.partition(":")
+    if not (sep and sep2) or host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return None
+    return True
+
+
+def owner_in_this_process(owner: str) -> bool:
+    """Whether an owner id was made in this process (another store object, maybe)."""
+    host, _, rest = owner.partition(":")
+    return host == socket.gethostname() and rest.partition(":")[0] == str(os.getpid())
 
 
 def intent_amount_micro(rate: Rate, intent: Intent) -> int:
@@ -183,11 +228,42 @@ class UnitCounter(Protocol):
         """Give back ``units`` held by ``reserve`` (the metered call failed)."""
 
 
+@runtime_checkable
+class CallGate(UnitCounter, Protocol):
+    """A ``UnitCounter`` that also lets ``close`` wait for the calls holding a reservation.
+
+    Why: a call reserved before close began must be paid (its body ran on the budget's
+    promise), and a call that commits after the final claim must not count a unit no release
+    will pay. The meter wraps a store's plain counter in one (:mod:`pf_metered.meter.core`);
+    the in-memory record is one natively, on its own lock (the fast lane).
+
+    Phases: open → ``stop_calls`` (new reservations refused with ``StreamClosed``; running
+    calls still commit) → ``wait_calls`` (bounded) → ``seal`` (a commit from now on is *late*:
+    it gives its reservation back, is counted in ``late_units`` and raises ``StreamClosed``)
+    → the final claim.
+    """
+
+    late_units: int
+
+    def stop_calls(self) -> None:
+        """Refuse new reservations from now on (``record``/``add`` still counts)."""
+
+    def wait_calls(self, timeout: float) -> int:
+        """Wait at most ``timeout`` seconds until no reservation is held; return what still is."""
+
+    def seal(self, timeout: float) -> None:
+        """Make every later commit late; wait (at most ``timeout``) for commits under way."""
+
+    def units_left(self) -> int | None:
+        """Units the budget still pays (counted and reserved subtracted), if known locally."""
+
+
 class _Record:
     """One stream's mutable state in a :class:`MemoryStore`, guarded by its own lock.
 
-    It is also the stream's ``UnitCounter``; ``pf_metered.decorators`` inlines ``reserve`` /
-    ``commit`` on it for plain functions (same lock, same checks) to save two calls per call.
+    It is also the stream's :class:`CallGate` (the fast lane lives here, beside the state it
+    is fast on): one lock guards the count, the reservations and the close phases, so "a call
+    committed before the final claim is in it; one after is late" is exact.
 
     Why mutable: the frozen ``StreamState`` + ``dataclasses.replace`` on every unit cost
     microseconds; the hot path here is a lock, two integer compares and an add.
@@ -196,7 +272,10 @@ class _Record:
     __slots__ = (
         "claimed_units",
         "config",
+        "draining",
         "escrow_id",
+        "idle",
+        "late_units",
         "lock",
         "max_units",
         "next_seq",
@@ -220,6 +299,9 @@ class _Record:
         self.escrow_id: str | None = None
         self.units = 0
         self.reserved = 0
+        self.draining = False  # close began: no new reservation
+        self.idle = threading.Event()  # set once draining and no reservation is held
+        self.late_units = 0
         self.claimed_units = 0
         self.paid_micro = 0
         self.releases = 0
@@ -231,6 +313,8 @@ class _Record:
     def _refuse(self, units: int) -> BudgetExhausted | StreamClosed:
         if self.status != "open":
             return StreamClosed(f"stream {self.stream_id} is {self.status}; it takes no units")
+        if self.draining:
+            return StreamClosed(f"stream {self.stream_id} is closing; it takes no new calls")
         left = self.max_units - self.units - self.reserved
         return BudgetExhausted(
             f"{units} more units would exceed the budget; {max(left, 0)} left",
@@ -255,7 +339,7 @@ class _Record:
         lock = self.lock
         lock.acquire()
         held = self.reserved + units
-        if self.status != "open" or self.units + held > self.max_units:
+        if self.status != "open" or self.draining or self.units + held > self.max_units:
             refusal = self._refuse(units)
             lock.release()
             raise refusal
@@ -265,17 +349,47 @@ class _Record:
     def commit(self, units: int) -> int:
         lock = self.lock
         lock.acquire()
-        self.reserved -= units
+        held = self.reserved - units
+        self.reserved = held
+        if self.status != "open":  # after the final claim: no release would pay it
+            self.late_units += units
+            if not held:
+                self.idle.set()
+            lock.release()
+            raise StreamClosed(f"stream {self.stream_id} closed before this call finished")
         total = self.units + units
         self.units = total
+        if self.draining and not held:
+            self.idle.set()
         lock.release()
         return total
 
     def cancel(self, units: int) -> None:
         lock = self.lock
         lock.acquire()
-        self.reserved -= units
+        held = self.reserved - units
+        self.reserved = held
+        if self.draining and not held:
+            self.idle.set()
         lock.release()
+
+    # CallGate: close's phases (the final claim itself seals: it moves status off "open").
+    def stop_calls(self) -> None:
+        with self.lock:
+            self.draining = True
+            if not self.reserved:
+                self.idle.set()
+
+    def wait_calls(self, timeout: float) -> int:
+        self.idle.wait(timeout)
+        with self.lock:
+            return self.reserved
+
+    def seal(self, timeout: float) -> None:
+        return None
+
+    def units_left(self) -> int | None:
+        return max(0, self.max_units - self.units - self.reserved)
 
     def snapshot(self) -> StreamState:
         return StreamState(
@@ -325,8 +439,8 @@ class MemoryStore:
         with rec.lock:
             return rec.snapshot()
 
-    def counter(self, stream_id: str) -> UnitCounter:
-        """The stream's hot-path handle (see :class:`UnitCounter`)."""
+    def counter(self, stream_id: str) -> CallGate:
+        """The stream's hot-path handle (see :class:`CallGate`)."""
         return self._get(stream_id)
 
     def set_escrow(self, stream_id: str, escrow_id: str) -> None:

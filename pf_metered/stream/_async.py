@@ -250,6 +250,13 @@ class AsyncPaymentStream(StreamBase):
         async with self._close_lock:
             if self._receipt is not None:
                 return self._receipt
+            if self._opened:
+                if self._wait_for_calls():
+                    # Calls on this loop must run to commit: wait off the loop.
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self._meter.wait_calls, self._close_wait
+                    )
+                self._calls_waited()
             self._stopping = True
             if self._wakeup is not None and self._stop_evt is not None:
                 self._wakeup.set()

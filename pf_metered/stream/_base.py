@@ -10,6 +10,7 @@ while it waits on the network. ``record`` touches only the store's counter.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -19,6 +20,7 @@ from pf_metered.client._base import memo_tag
 from pf_metered.errors import (
     AmbiguousOutcome,
     APIConnectionError,
+    BudgetExhausted,
     InvalidInput,
     RateLimited,
     ServerError,
@@ -34,9 +36,14 @@ from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, micro_to_
 
 __all__ = ["CLOSE_WAIT", "AsyncEscrowAPI", "EscrowAPI", "StreamBase", "is_transient"]
 
+log = logging.getLogger("pf_metered.stream")
+
 CLOSE_WAIT: Final = 60.0
-"""Seconds a second closer of a shared stream waits for the closer's refund (the final release
-already settled) before it gives up with ``StreamClosed`` (``close_wait=`` per stream)."""
+"""Seconds ``close()`` waits for others before it goes on (``close_wait=`` per stream): for
+metered calls still running on this stream to commit or cancel (their units are then paid by
+the final release; a call finishing later keeps its result, its unit is counted in
+``late_units``, not paid, and logged), and, as a second closer of a shared stream, for the
+closer's refund after the final release settled (then ``StreamClosed``)."""
 
 _TRANSIENT = (APIConnectionError, RateLimited, ServerError, AmbiguousOutcome)
 
@@ -231,6 +238,137 @@ class StreamBase:
     def last_error(self) -> BaseException | None:
         """The most recent background send failure (transient ones are retried)."""
         return self._last_error
+
+    # ------------------------------------------------------- counting API
+    # The one public way every layer counts on a stream (the decorator, the LangChain
+    # handler, the tools, recovery): reserve before the work, commit or cancel after.
+    def can_pay(self, units: int = 1) -> bool:
+        """Whether the budget still pays for ``units`` more (a hint: ``reserve`` decides)."""
+        return self.is_open and units <= self._meter.units_left()
+
+    @property
+    def units_left(self) -> int:
+        """Units the budget still pays for (counted and reserved units subtracted)."""
+        return self._meter.units_left() if self._opened else self.max_units
+
+    @property
+    def batch_due(self) -> bool:
+        """Whether the counted units have reached the next batch (the sender is woken)."""
+        return self._woken
+
+    def reserve(self, units: int = 1) -> int:
+        """Hold ``units`` of budget for work about to run; return the token for commit/cancel.
+
+        Raises ``BudgetExhausted`` (holding nothing) when the budget cannot pay for them,
+        ``StreamClosed`` when the stream is not open or its close began, and the background
+        sender's permanent failure, if any. Nothing is counted until ``commit``.
+        """
+        if self._failure is not None:
+            self._raise_failure()
+        if units.__class__ is not int or units < 1 or units > MAX_UNITS:
+            units = parse_count(units, "units", allow_zero=False)
+        self._meter.reserve(units)
+        return units
+
+    def commit(self, token: int, units: int | None = None) -> int:
+        """The work ``token`` was reserved for succeeded: count it; return the units NOT paid.
+
+        ``units`` (default: what was reserved) is what the work really cost, known only now
+        (tokens in an answer, wall time): the reservation is given back and ``units`` paid as
+        far as the budget goes. A finished call is never failed here: what cannot be paid
+        (budget spent, or the stream closed while the call ran past ``close_wait``) is logged
+        and returned, and the next call is refused before it runs.
+        """
+        meter = self._meter
+        if units is None or units == token:
+            try:
+                total = meter.commit(token)
+            except StreamClosed:
+                log.warning(
+                    "stream %s: %d unit(s) of a call that finished after close were not paid "
+                    "(close_wait=%g s)",
+                    self.stream_id[:12],
+                    token,
+                    self._close_wait,
+                )
+                return token
+            if total >= meter.due_at and not self._woken:
+                self._woken = True
+                self._wake()
+            return 0
+        meter.cancel(token)
+        if units.__class__ is not int or units < 0 or units > MAX_UNITS:
+            units = parse_count(units, "units")
+        return self.record_up_to(units)
+
+    def cancel(self, token: int) -> None:
+        """The work ``token`` was reserved for failed: give the budget back, count nothing."""
+        self._meter.cancel(token)
+
+    def record_up_to(self, units: int) -> int:
+        """Count ``units`` of work already done, as far as the budget goes; return the rest.
+
+        Why not all-or-nothing: the work happened. Paying what the budget covers (and
+        reporting the rest) is fairer to the provider than paying nothing, and never
+        exceeds the budget.
+        """
+        left = units
+        while left > 0:
+            try:
+                self.record(left)
+                return 0
+            except BudgetExhausted as exc:
+                fits = exc.remaining_units or 0
+                if fits <= 0 or fits >= left:
+                    break
+                try:
+                    self.record(fits)
+                    left -= fits
+                except BudgetExhausted:
+                    continue
+            except StreamClosed:
+                break
+        log.warning(
+            "stream %s: %d of %d unit(s) of finished work could not be paid (budget spent or "
+            "stream closed); further calls will be refused",
+            self.stream_id[:12],
+            left,
+            units,
+        )
+        return left
+
+    @property
+    def late_units(self) -> int:
+        """Units of calls that finished after close had waited ``close_wait`` s (not paid)."""
+        return self._meter.late_units
+
+    def _wait_for_calls(self) -> bool:
+        """Close, step one: refuse new calls; ``True`` if some still run (then wait)."""
+        meter = self._meter
+        meter.stop_calls()
+        held = meter.wait_calls(0.0)
+        if held:
+            log.info(
+                "stream %s: close waits for %d running call(s) (at most %g s, close_wait)",
+                self.stream_id[:12],
+                held,
+                self._close_wait,
+            )
+        return bool(held)
+
+    def _calls_waited(self) -> None:
+        """Close, step two: after the wait, a commit is late; log what is still running."""
+        meter = self._meter
+        held = meter.wait_calls(0.0)
+        if held:
+            log.warning(
+                "stream %s: %d unit(s) of running calls still held after %g s; closing "
+                "without them (they will not be paid)",
+                self.stream_id[:12],
+                held,
+                self._close_wait,
+            )
+        meter.seal(self._close_wait)
 
     # ------------------------------------------------------------ hot path
     def record(self, units: int = 1) -> int:

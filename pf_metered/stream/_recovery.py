@@ -45,10 +45,17 @@ from pf_metered.errors import (
     InvalidInput,
     InvalidResponse,
     PFMeteredError,
+    StreamBusy,
 )
-from pf_metered.meter.core import Meter
+from pf_metered.meter.core import Meter, held_in_process
 from pf_metered.meter.open import open_store
-from pf_metered.meter.store import Store, StreamState, intent_amount_micro
+from pf_metered.meter.store import (
+    Store,
+    StreamState,
+    intent_amount_micro,
+    owner_alive,
+    owner_in_this_process,
+)
 from pf_metered.models import Escrow
 from pf_metered.money import micro_to_decimal
 from pf_metered.stream._base import StreamBase, is_transient
@@ -81,15 +88,70 @@ def _prepare(store_spec: object, stream_id: object) -> tuple[Store, StreamState]
     state = store.load(stream_id)
     if state is None:
         raise InvalidInput("stream_id", f"is not a stream in this store: {stream_id!r}")
+    take_over = getattr(store, "take_over", None)
+    if callable(take_over) and state.pending:
+        take_over(stream_id, lease_seconds=_takeover_lease(store, stream_id, state))
     reclaim = getattr(store, "reclaim", None)
     if callable(reclaim):
         reclaim(stream_id)
-    take_over = getattr(store, "take_over", None)
-    if callable(take_over) and state.pending:
-        take_over(stream_id, lease_seconds=0)
     reloaded = store.load(stream_id)
     assert reloaded is not None
     return store, reloaded
+
+
+def _takeover_lease(store: Store, stream_id: str, state: StreamState) -> float:
+    """How stale the pending intent must be for this resume to take it over: ``0`` when its
+    owner is gone (or is this store), else :class:`StreamBusy` — never a live owner's.
+
+    Why refuse rather than take over: the live owner may have the release on the wire right
+    now; reading the escrow back cannot see a send that has not landed yet, and a server that
+    ignores idempotency keys would then pay the batch twice. On this host the owner's pid
+    says whether it is alive; for another host's owner its claim must be older than the
+    store's ``intent_lease`` (an owner renews it before every retry).
+    """
+    info_of = getattr(store, "pending_owner", None)
+    info = info_of(stream_id) if callable(info_of) else None
+    if info is None:
+        return 0.0
+    owner, age = info
+    if owner is None or owner == getattr(store, "owner", None):
+        return 0.0
+    intent = state.pending[0]
+    if owner_in_this_process(owner):
+        # Another store object of this process: alive only if a meter here is sending it.
+        if not held_in_process(stream_id, intent.seq):
+            return 0.0
+        raise StreamBusy(
+            f"stream {stream_id}: release {intent.idempotency_key} is being sent by a stream "
+            "of this process that is still alive; close that stream (or let its send finish) "
+            "and retry resume.",
+            owner=owner,
+        )
+    alive = owner_alive(owner)
+    if alive is False:
+        return 0.0
+    lease = float(getattr(store, "intent_lease", 30.0))  # ok: seconds
+    what = (
+        f"stream {stream_id}: release {intent.idempotency_key} (units {intent.units_from + 1}-"
+        f"{intent.units_to}) is held by {owner}"
+    )
+    if alive is True:
+        raise StreamBusy(
+            f"{what}, a process that is still alive on this host: it may be sending it now, "
+            "so resume will not take it over. Stop that process (or let it close the stream) "
+            "and retry resume.",
+            owner=owner,
+        )
+    if age < lease:
+        wait = lease - age
+        raise StreamBusy(
+            f"{what} on another host, claimed {age:.0f} s ago: resume will not take over a "
+            f"release whose owner may be alive. Retry in {wait:.0f} s (intent_lease="
+            f"{lease:g} s): if its owner has not renewed the claim by then it is presumed gone.",
+            owner=owner,
+            retry_after=wait,
+        )
+    return lease
 
 
 def reconcile(store: Store, state: StreamState, escrow: Escrow) -> StreamState:

@@ -240,6 +240,10 @@ class PaymentStream(StreamBase):
         with self._close_lock:
             if self._receipt is not None:
                 return self._receipt
+            if self._opened:
+                if self._wait_for_calls():
+                    self._meter.wait_calls(self._close_wait)
+                self._calls_waited()
             self._stop.set()
             self._wakeup.set()
             worker = self._worker
