@@ -37,9 +37,10 @@ What never happens here: an exception that carries the API key. Messages are bui
 status, code, server message and request id only, and every one of those server-supplied
 strings passes :func:`redact` *before* it is truncated or stored: any ``pf_live_``/``pf_test_``
 /``pf_sbx_``-shaped token, bearer token, and any run of :data:`MIN_KEY_FRAGMENT` or more
-characters of a live key (one held by a client's ``Secret``, registered with
-:func:`register_secret`), in any letter case — so a server that echoes the key as its error
-code, lower-cased or cut to 40 characters, cannot put it into ``str(exc)``.
+characters of a live key, or its first :data:`MIN_KEY_PREFIX` (one held by a client's
+``Secret``, registered with :func:`register_secret`), in any letter case — so a server
+that echoes the key as its error code, lower-cased or cut to 40 characters, cannot put it
+into ``str(exc)``.
 """
 
 from __future__ import annotations
@@ -85,15 +86,21 @@ _MAX_MESSAGE = 300
 _MAX_CODE = 64
 _MAX_REQUEST_ID = 128
 
-MIN_KEY_FRAGMENT: Final = 10
-"""A run of this many characters of a live key (in any letter case) is masked wherever it
-appears: a server or a truncation that keeps only part of a key (its first 40 characters, say)
-must not show that part. Shorter runs are left alone: nine characters of a random key say
-little, and a shorter limit would start masking the ``pf_live_`` every key begins with."""
+MIN_KEY_PREFIX: Final = 10
+"""The first this-many characters of a live key (or more of them), in any letter case, are
+masked wherever they appear: a server or a truncation that keeps only the start of a key (its
+first 40 characters, say) must not show it. Nine say little, and fewer would start masking
+the ``pf_live_`` every key begins with."""
 
-_GRAM: Final = MIN_KEY_FRAGMENT // 2
-"""Every run of ``2 * _GRAM - 1 <= MIN_KEY_FRAGMENT`` key characters contains one of the key's
-``_GRAM``-long pieces at offsets ``0, _GRAM, 2 * _GRAM, ...``: those are what is searched for."""
+MIN_KEY_FRAGMENT: Final = 16
+"""A run of this many characters from anywhere in a live key is masked too. Longer than the
+prefix limit because keys made of words (test keys) share shorter runs with ordinary text
+("connection")."""
+
+_GRAM: Final = MIN_KEY_PREFIX // 2
+"""Every run of ``2 * _GRAM - 1`` or more key characters contains one of the key's
+``_GRAM``-long pieces at offsets ``0, _GRAM, 2 * _GRAM, ...`` (a prefix contains the first):
+those are what is searched for."""
 
 _ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -125,7 +132,7 @@ def register_secret(holder: SecretHolder) -> None:
 def _mask_live_keys(text: str) -> str:
     with _holders_lock:
         keys = list(_holders.values())
-    if not keys or len(text) < MIN_KEY_FRAGMENT:
+    if not keys or len(text) < MIN_KEY_PREFIX:
         return text
     low = text.translate(_ASCII_LOWER)  # the same length as text: spans carry over
     spans: list[tuple[int, int]] = []
@@ -138,7 +145,7 @@ def _mask_live_keys(text: str) -> str:
                     start, k_start = start - 1, k_start - 1
                 while end < len(low) and k_end < len(key) and low[end] == key[k_end]:
                     end, k_end = end + 1, k_end + 1
-                if end - start >= MIN_KEY_FRAGMENT:
+                if end - start >= (MIN_KEY_PREFIX if k_start == 0 else MIN_KEY_FRAGMENT):
                     spans.append((start, end))
                 at = low.find(piece, at + 1)
     if not spans:
@@ -157,7 +164,8 @@ def _mask_live_keys(text: str) -> str:
 
 def redact(text: str) -> str:
     """Replace anything shaped like an API key or bearer token, and any run of
-    :data:`MIN_KEY_FRAGMENT` or more characters of a live key (any case), with a marker."""
+    :data:`MIN_KEY_FRAGMENT` or more characters of a live key or its first
+    :data:`MIN_KEY_PREFIX` (any case), with a marker."""
     return _KEYLIKE.sub(lambda m: (m.group(1) or m.group(2)) + "***", _mask_live_keys(text))
 
 

@@ -72,7 +72,8 @@ def _texts(exc: BaseException) -> str:
 
 def _assert_no_fragment(text: str, key: str) -> None:
     low = text.lower()
-    for size in (len(key), 40, 20, 12, 10):
+    assert key[:10].lower() not in low  # a prefix of meaningful length
+    for size in (len(key), 40, 20, 16):  # and a run of 16 from anywhere
         for start in range(0, len(key) - size + 1):
             assert key[start : start + size].lower() not in low, (size, start)
 
@@ -99,6 +100,18 @@ def test_truncation_cannot_defeat_masking() -> None:
     _assert_no_fragment(_texts(exc), ODD_KEY)
     assert errors.redact("prefix " + ODD_KEY[:10]) == "prefix ***"
     assert errors.redact("nine " + ODD_KEY[:9]) == "nine " + ODD_KEY[:9]  # too short to mean much
+    assert errors.redact("mid " + ODD_KEY[5:21]) == "mid ***"
+    assert errors.redact("mid " + ODD_KEY[5:20]) == "mid " + ODD_KEY[5:20]
+    del holder
+
+
+def test_a_key_made_of_words_does_not_mask_those_words() -> None:
+    from pf_metered.client._secrets import Secret
+
+    holder = Secret("pf_test_refused_connection_0123")
+    assert errors.redact("APIConnectionError: connection refused") == (
+        "APIConnectionError: connection refused"
+    )
     del holder
 
 
