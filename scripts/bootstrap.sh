@@ -23,13 +23,20 @@ want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 exec 9>"$venv/.install.lock"
 flock 9
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "bootstrap: installing pf_metered and its dev tools into .venv (about 30 s)" >&2
+  echo "bootstrap: installing pf_metered, its extras and dev tools into .venv (about 100" \
+    "packages: 1-3 min the first time, pip's progress below; a copy goes to .venv/pip-install.log)" >&2
   log="$venv/pip-install.log"
-  if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[all,dev]" >"$log" 2>&1; then
-    tail -n 40 "$log" >&2
+  started=$SECONDS
+  # pip's own lines (Collecting, Downloading, Installing) on stderr as they come, so a first
+  # run shows it is moving (less a pip.conf's notes about absent local indexes); stdout stays
+  # clean for whatever sourced this script
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[all,dev]" 2>&1 \
+      | tee "$log" | sed -u -e "/^WARNING: Location '.*' is ignored: it is neither a file nor a/d" \
+        -e 's/^/  pip: /' >&2; then
     echo "bootstrap: pip install failed; full log in $log" >&2
     exit 2
   fi
+  echo "bootstrap: installed in $((SECONDS - started)) s" >&2
   echo "$want" > "$stamp"
 fi
 flock -u 9

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from pf_metered.cli._exit import EXIT_USAGE
 from pf_metered.cli._secrets import ENV_BASE_URL, ENV_KEY, scrub
+from pf_metered.client import DEFAULT_BASE_URL
 from pf_metered.client.deployed import (
     CASINO_BASE_URL,
     ENV_CASINO_URL,
@@ -48,7 +49,7 @@ _ENVIRONMENT = f"""\
 environment:
   {ENV_KEY}      the API key (pf_live_... or a sandbox's pf_test_...). Never passed as an
                   argument; when unset and run in a terminal, you are prompted without echo.
-  {ENV_BASE_URL}     the escrow API base URL (default https://escrow.purpleflea.com/api/v1);
+  {ENV_BASE_URL}     the escrow API base URL (default: the live service, {DEFAULT_BASE_URL});
                   --base-url overrides it. Plain http is refused except to loopback.
   {ENV_FAUCET_URL}   the faucet service, for 'faucet claim --agent-id' (default
                   {FAUCET_BASE_URL})

@@ -403,8 +403,8 @@ class DeployedDialect:
     def claim_faucet(self, *, idempotency_key: str) -> RequestSpec:
         raise UnsupportedByDialect(
             "on the deployed services the faucet is its own service: use "
-            "pf_metered.client.deployed.claim_faucet(agent_casino_id=...) (or "
-            "client.claim_faucet_for(agent_id))"
+            "pf_metered.claim_faucet_for(agent_id) (or "
+            "pf-metered faucet claim --agent-id AGENT_ID)"
         )
 
     def faucet_claim_request(self, agent_casino_id: str) -> RequestSpec:
