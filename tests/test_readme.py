@@ -255,8 +255,10 @@ def test_going_live_in_three_steps_against_a_served_sandbox(served: Served) -> N
     keys = (served.workdir / "agent.env").read_text(encoding="utf-8")
     assert (served.workdir / "agent.env").stat().st_mode & 0o077 == 0  # only the owner reads it
     assert "export PF_API_KEY=" in keys and "PF_API_KEY" not in registered.stdout
-    # 2. fund it: the live registration credits the faucet grant; a sandbox that does not yet
-    # (its registration is being brought in line, issue 11) is funded by the faucet service
+    # 2. fund it: registration credits the faucet grant on the live service. A sandbox whose
+    # registration does not yet (it is being brought in line, issue 11) is funded by the faucet
+    # service; once it does, the faucet refuses a second grant (409, or 429 once a day per
+    # address), and the stream below shows the grant is there either way.
     claim = subprocess.run(
         ["bash", "-c", f"source demo.env && pf-metered faucet claim --agent-id {agent.group(1)}"],
         cwd=served.workdir,
@@ -267,7 +269,8 @@ def test_going_live_in_three_steps_against_a_served_sandbox(served: Served) -> N
         timeout=60,
         check=False,
     )
-    assert claim.returncode == 0 or "already_claimed" in claim.stderr, claim.stderr
+    refused = ("already_claimed", "ip_rate_limited")
+    assert claim.returncode == 0 or any(r in claim.stderr for r in refused), claim.stderr
     # 3. the same stream, on the new agent's key: source agent.env after demo.env (its URLs)
     ran = served.sh(
         _demo_argv("./scripts/demo --calls 200 --budget 1.00"),

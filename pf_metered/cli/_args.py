@@ -49,8 +49,9 @@ _ENVIRONMENT = f"""\
 environment:
   {ENV_KEY}      the API key (pf_live_... or a sandbox's pf_test_...). Never passed as an
                   argument; when unset and run in a terminal, you are prompted without echo.
-  {ENV_BASE_URL}     the escrow API base URL (default: the live service, {DEFAULT_BASE_URL});
-                  --base-url overrides it. Plain http is refused except to loopback.
+  {ENV_BASE_URL}     the escrow API base URL; --base-url overrides it. Default: the live
+                  service, {DEFAULT_BASE_URL}.
+                  Plain http is refused except to loopback.
   {ENV_FAUCET_URL}   the faucet service, for 'faucet claim --agent-id' (default
                   {FAUCET_BASE_URL})
   {ENV_CASINO_URL}   the registration service, for 'register' (default
