@@ -51,13 +51,13 @@ def test_wrong_key_says_check_pf_api_key(
 ) -> None:
     _, url = served
     monkeypatch.setenv("PF_BASE_URL", url)
-    monkeypatch.setenv("PF_API_KEY", "pf_test_not_a_key_of_this_sandbox_0123")
+    monkeypatch.setenv("PF_API_KEY", "pf_test_Qm4Tz8Wc1Yh6Jn3Fs0")
     assert main(["escrow", "list"]) == 3
     err = _last_error(capsys.readouterr().err)
     assert "API key refused (HTTP 401): check PF_API_KEY" in err
     assert url in err
     assert "B[redacted]" not in err and "Bearer" in err  # the scrubber no longer eats the scheme
-    assert "not_a_key_of_this" not in err
+    assert "Qm4Tz8Wc1Y" not in err
 
 
 def test_redaction_keeps_the_auth_scheme_and_hides_the_value() -> None:
@@ -77,7 +77,7 @@ def test_refused_connection_names_the_url_and_the_sandbox(
     with socket.socket() as sock:  # bound, never listening: connections to it are refused
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/api/v1"
-        monkeypatch.setenv("PF_API_KEY", "pf_test_refused_connection_0123")
+        monkeypatch.setenv("PF_API_KEY", "pf_test_Zx9Qw7Lp3Kd8Vb2Nr5")
         monkeypatch.setattr(time, "sleep", lambda _s: None)  # the client's backoff, skipped
         assert main(["escrow", "list", "--base-url", url]) == 3
     err = capsys.readouterr().err
