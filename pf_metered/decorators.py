@@ -32,15 +32,12 @@ count a unit for a call that raised (unless asked to).
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
 import contextvars
 import functools
 import inspect
 import logging
 import threading
 import time
-import weakref
 from collections.abc import AsyncGenerator, Callable, Generator
 from decimal import Decimal
 from types import TracebackType
@@ -48,6 +45,7 @@ from typing import Any, Final, TypeVar, cast
 
 import wrapt
 
+from pf_metered import _lifecycle
 from pf_metered.errors import InvalidInput
 from pf_metered.meter.core import PER_QUANTA
 from pf_metered.meter.policy import BatchPolicy
@@ -532,30 +530,10 @@ class _StreamHandle:
         return repr(self._m.stream)
 
 
-_EXIT_STREAMS: weakref.WeakSet[StreamBase] = weakref.WeakSet()
-_EXIT_LOCK = threading.Lock()
-_EXIT_REGISTERED = False
-
-
 def _register_for_exit(stream: StreamBase) -> None:
-    """Own streams are closed at interpreter exit (last partial batch paid, rest refunded)."""
-    global _EXIT_REGISTERED  # noqa: PLW0603 - one atexit hook for the process
-    with _EXIT_LOCK:
-        _EXIT_STREAMS.add(stream)
-        if not _EXIT_REGISTERED:
-            atexit.register(_close_at_exit)
-            _EXIT_REGISTERED = True
-
-
-def _close_at_exit() -> None:
-    for stream in list(_EXIT_STREAMS):
-        if not stream.is_open:
-            continue
-        with contextlib.suppress(Exception):
-            if isinstance(stream, PaymentStream):
-                stream.close()
-            elif isinstance(stream, AsyncPaymentStream):
-                asyncio.run(stream.close())
+    """Own streams are closed at exit (last partial batch paid, rest refunded): phase CLOSE
+    of :mod:`pf_metered._lifecycle`."""
+    _lifecycle.track(stream, close_at_exit=True)
 
 
 def metered(

@@ -19,12 +19,13 @@ from urllib.parse import urlsplit
 import pytest
 from faultkit import run_crash
 
+from pf_metered import _lifecycle
 from pf_metered.client import EscrowClient
 from pf_metered.meter.sqlite_store import SQLiteStore
 from pf_metered.meter.store import intent_amount_micro
 from pf_metered.money import format_usdc, parse_rate
 from pf_metered.sandbox import Sandbox
-from pf_metered.stream import PaymentStream, _recovery
+from pf_metered.stream import PaymentStream
 
 RUNS = int(os.environ.get("PFM_CRASH_RUNS", "18"))
 
@@ -104,7 +105,7 @@ def test_a_release_cut_off_mid_request_by_a_kill_is_resent_under_its_key(tmp_pat
                 while s.recv(65536):  # until the server is done with what it got
                     pass
             store.close()
-            _recovery._STREAMS.discard(stream)  # the child is dead: no exit flush of its own
+            _lifecycle.forget(stream)  # the child is dead: no exit flush of its own
         # the parent: resume and close
         with EscrowClient(payer.api_key, base_url=server.base_url) as client:
             receipt = PaymentStream.resume(journal, "cut-off", client).close()

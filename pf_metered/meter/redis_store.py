@@ -43,10 +43,8 @@ import time.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -56,6 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pf_metered import _lifecycle
 from pf_metered.errors import (
     BudgetExhausted,
     InvalidInput,
@@ -853,7 +852,7 @@ def _reset_after_fork() -> None:
     _LIVE.clear()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+_lifecycle.on(_lifecycle.FORK, _reset_after_fork)
 
 
 def _pusher_loop(ref: weakref.ref[RedisStore], stop: threading.Event, interval: float) -> None:
@@ -865,14 +864,16 @@ def _pusher_loop(ref: weakref.ref[RedisStore], stop: threading.Event, interval: 
         del store
 
 
-@atexit.register
 def _close_all() -> None:
-    """Return leases and push consumption at interpreter exit (in-memory counts die with it)."""
+    """Exit, phase STORES: return leases and push consumption (in-memory counts die with it)."""
     for store in list(_LIVE):
         try:
             store.close()
         except Exception as exc:  # pragma: no cover - best effort at exit
             log.warning("closing %r at exit failed: %s", store, exc)
+
+
+_lifecycle.on(_lifecycle.STORES, _close_all)
 
 
 _STATUSES: dict[str, StreamStatus] = {

@@ -46,7 +46,6 @@ claimed for units that are not committed.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -59,6 +58,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+from pf_metered import _lifecycle
 from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
 from pf_metered.meter.store import (
     Intent,
@@ -129,7 +129,7 @@ _LIVE: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
 
 def _sync_all_at_exit() -> None:
-    """Interpreter exit: make every buffered unit durable (group mode)."""
+    """Exit, phase STORES: make every buffered unit durable (group mode), give leases back."""
     for store in list(_LIVE):
         try:
             store.close()
@@ -137,7 +137,7 @@ def _sync_all_at_exit() -> None:
             log.exception("pf_metered: could not flush a SQLite store at exit")
 
 
-atexit.register(_sync_all_at_exit)
+_lifecycle.on(_lifecycle.STORES, _sync_all_at_exit)
 
 
 class _Buffer:

@@ -135,6 +135,7 @@ class AsyncPaymentStream(StreamBase):
                 )
                 self._meter.opened(escrow.escrow_id)
             self._opened = True
+            _recovery.track(self)  # exit: closed (memory store) or flushed and reported
             if self._background and (self.policy.units or self.policy.seconds):
                 self._worker = asyncio.get_running_loop().create_task(
                     self._run(), name=f"pf-metered-{self.stream_id[:8]}"

@@ -16,12 +16,13 @@ store and finish what was started:
    closed (final release, refund: both with their stable keys, so never twice); a closed stream
    is returned with its receipt and no request.
 
-Shutdown: every opened ``PaymentStream`` is tracked (weakly). At interpreter exit, and on
-SIGTERM (a handler is installed only when the main thread opens a stream and SIGTERM still has
-its default action; ``PF_METERED_SIGTERM=0`` opts out), due releases are flushed within
-``PF_METERED_EXIT_TIMEOUT`` seconds (default 5) on a helper thread; what cannot be sent in
-that time stays journaled in a durable store for ``resume``. The SIGTERM handler then restores
-the default action and re-raises the signal, so the process still dies of SIGTERM.
+Shutdown: every opened stream is tracked (weakly) by :mod:`pf_metered._lifecycle`, whose one
+exit hook (and SIGTERM handler) runs the phases in order; this module supplies the stream
+layer's three: CLOSE (streams nothing else could finish — an in-memory store, ``@metered``'s
+own — are closed: counted units paid, the rest refunded), FLUSH (journaled streams send their
+due batches; the rest stays journaled for ``resume``) and REPORT (a stream still open is
+logged with its escrow id and the commands that free its money). All within
+``PF_METERED_EXIT_TIMEOUT`` seconds (default 5).
 
 What this module must never do: send a release with a key the store did not derive, settle an
 intent it has not seen on the escrow, refund twice, or block shutdown past its deadline.
@@ -29,17 +30,13 @@ intent it has not seen on the escrow, refund twice, or block shutdown past its d
 
 from __future__ import annotations
 
-import atexit
-import contextlib
+import asyncio
 import logging
-import os
-import signal
-import threading
 import time
-import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from pf_metered import _lifecycle
 from pf_metered.errors import (
     AmbiguousRelease,
     InvalidInput,
@@ -50,6 +47,7 @@ from pf_metered.errors import (
 from pf_metered.meter.core import Meter, held_in_process
 from pf_metered.meter.open import open_store
 from pf_metered.meter.store import (
+    MemoryStore,
     Store,
     StreamState,
     intent_amount_micro,
@@ -57,7 +55,7 @@ from pf_metered.meter.store import (
     owner_in_this_process,
 )
 from pf_metered.models import Escrow
-from pf_metered.money import micro_to_decimal
+from pf_metered.money import format_usdc, micro_to_decimal
 from pf_metered.stream._base import StreamBase, is_transient
 
 if TYPE_CHECKING:
@@ -310,40 +308,65 @@ async def resume_async(
 
 
 # ---------------------------------------------------------------------------- shutdown
-_STREAMS: weakref.WeakSet[PaymentStream] = weakref.WeakSet()
-_REGISTERED = False
-_REG_LOCK = threading.Lock()
+# Exit and SIGTERM run the phases of :mod:`pf_metered._lifecycle`; these are the stream
+# layer's hooks in them.
+
+
+def track(stream: StreamBase, *, close_at_exit: bool | None = None) -> None:
+    """Remember an opened stream for exit and SIGTERM (see :mod:`pf_metered._lifecycle`).
+
+    ``close_at_exit`` (default: when nothing else could finish it, i.e. its store is in
+    memory) closes it at exit; otherwise its due releases are flushed and, if it is still
+    open, it is reported with the commands that free its escrow.
+    """
+    if close_at_exit is None:
+        close_at_exit = isinstance(stream.store, MemoryStore)
+    _lifecycle.track(stream, close_at_exit=close_at_exit)
+    _lifecycle.install_sigterm()
 
 
 def exit_timeout() -> float:
-    """Seconds shutdown may spend flushing (``PF_METERED_EXIT_TIMEOUT``, default 5)."""
-    try:
-        value = float(os.environ.get("PF_METERED_EXIT_TIMEOUT", "5"))  # ok: seconds
-    except ValueError:
-        return 5.0
-    return value if 0 <= value <= 600 else 5.0
+    """Seconds shutdown may spend (``PF_METERED_EXIT_TIMEOUT``, default 5)."""
+    return _lifecycle.exit_timeout()
 
 
-def track(stream: PaymentStream) -> None:
-    """Remember an opened stream so exit and SIGTERM flush its due releases."""
-    global _REGISTERED  # noqa: PLW0603 - one process-wide registration
-    _STREAMS.add(stream)
-    if _REGISTERED:
-        return
-    with _REG_LOCK:
-        if _REGISTERED:
-            return
-        _REGISTERED = True
-        # Registered after the stream's store exists, so this runs before the store's own
-        # exit hook (atexit is last-in, first-out) and the store is still open.
-        atexit.register(shutdown)
-        _install_sigterm()
+def shutdown(timeout: float | None = None) -> bool:
+    """Run the exit phases now (close, flush, report, stores) within ``timeout`` seconds."""
+    return _lifecycle.run_exit(timeout)
 
 
-def _flush_all() -> None:
-    for stream in list(_STREAMS):
-        if not stream.is_open:
-            continue
+def _live(kind: Literal["close", "flush"]) -> list[StreamBase]:
+    return [s for s in _lifecycle.tracked(kind) if isinstance(s, StreamBase) and s.is_open]
+
+
+def _close_one(stream: StreamBase) -> None:
+    from pf_metered.stream._async import AsyncPaymentStream
+    from pf_metered.stream._sync import PaymentStream
+
+    if isinstance(stream, PaymentStream):
+        stream.close()
+    elif isinstance(stream, AsyncPaymentStream):
+        asyncio.run(stream.close())
+
+
+def _phase_close() -> None:
+    """Phase CLOSE: streams nothing else could finish are closed (paid, rest refunded)."""
+    for stream in _live("close"):
+        try:
+            _close_one(stream)
+        except Exception as exc:  # reported in phase REPORT
+            log.warning(
+                "shutdown: stream %s not closed (%s)", stream.stream_id[:12], type(exc).__name__
+            )
+
+
+def _phase_flush() -> None:
+    """Phase FLUSH: journaled streams send the batches that are due."""
+    from pf_metered.stream._sync import PaymentStream
+
+    for stream in _live("flush"):
+        if not isinstance(stream, PaymentStream):
+            continue  # an async stream needs its loop: reported below
         try:
             stream.flush()
         except Exception as exc:  # shutdown goes on; the journal keeps the rest
@@ -352,38 +375,37 @@ def _flush_all() -> None:
                 stream.stream_id[:12],
                 type(exc).__name__,
             )
-    from sys import modules
-
-    sqlite_mod = modules.get("pf_metered.meter.sqlite_store")
-    if sqlite_mod is not None:
-        for store in list(sqlite_mod._LIVE):
-            with contextlib.suppress(Exception):
-                store.sync()
 
 
-def shutdown(timeout: float | None = None) -> bool:
-    """Flush due releases of every live stream within ``timeout`` seconds; True if done."""
-    limit = exit_timeout() if timeout is None else timeout
-    worker = threading.Thread(target=_flush_all, name="pf-metered-shutdown", daemon=True)
-    worker.start()
-    worker.join(limit)
-    if worker.is_alive():
-        log.warning("shutdown: flushing took more than %.1f s; the rest stays journaled", limit)
-        return False
-    return True
+def _phase_report() -> None:
+    """Phase REPORT: every stream still open is named with the way to free its money."""
+    for stream in _live("close") + _live("flush"):
+        try:
+            status = stream.status()
+            locked = format_usdc(max(0, stream.meter.config.budget_micro - status.released_micro))
+        except Exception:  # the store may be gone: say what is known
+            locked = "?"
+        escrow = stream.escrow_id or "?"
+        durable = not isinstance(stream.store, MemoryStore)
+        where = getattr(stream.store, "path", None) or stream.store
+        how = (
+            f"finish it with PaymentStream.resume({where!r}, {stream.stream_id!r}, "
+            "client).close() (pays the counted units, refunds the rest), or"
+            if durable
+            else "its counted units were held in memory only;"
+        )
+        log.warning(
+            "pf_metered: stream %s was not closed before exit: escrow %s keeps %s USDC locked "
+            "(to %s). To free it, %s refund what is left with `pf-metered escrow refund %s`.",
+            stream.stream_id,
+            escrow,
+            locked,
+            stream.meter.config.to_agent_id,
+            how,
+            escrow,
+        )
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    shutdown()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _install_sigterm() -> None:
-    if os.environ.get("PF_METERED_SIGTERM", "1") == "0":
-        return
-    if threading.current_thread() is not threading.main_thread():
-        return
-    with contextlib.suppress(ValueError, OSError):
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _on_sigterm)
+_lifecycle.on(_lifecycle.CLOSE, _phase_close)
+_lifecycle.on(_lifecycle.FLUSH, _phase_flush)
+_lifecycle.on(_lifecycle.REPORT, _phase_report)

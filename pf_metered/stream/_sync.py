@@ -125,7 +125,7 @@ class PaymentStream(StreamBase):
                 )
                 self._meter.opened(escrow.escrow_id)
             self._opened = True
-            _recovery.track(self)  # exit / SIGTERM flush due releases (bounded)
+            _recovery.track(self)  # exit / SIGTERM: closed (memory store) or flushed, reported
             if self._background and (self.policy.units or self.policy.seconds):
                 self._worker = threading.Thread(
                     target=self._run, name=f"pf-metered-{self.stream_id[:8]}", daemon=True
