@@ -28,8 +28,11 @@ arguments with defaults, and extra methods):
   consumes from a lease past its own (earlier) local expiry. A crashed worker therefore strands
   at most ``chunk`` units of headroom for at most ``lease_ttl`` seconds (reported as
   ``revoked_units``) and loses at most the units it consumed since its last push (at most
-  ``chunk``, about ``push_interval`` seconds' worth; a push that arrives after its lease was
-  revoked is accepted if the budget still has room, else reported as ``lost_units``).
+  ``chunk``: a worker pushes before its unpushed count would pass a chunk, and a count larger
+  than a chunk goes to Redis at once; the one exception is a single call that *holds* more
+  than a chunk, whose units are at risk only while its own push is in flight; a push that
+  arrives after its lease was revoked is accepted if the budget still has room, else
+  reported as ``lost_units``). ``tests/test_redis_leased_loss.py`` kills workers to check it.
 * Closing for the fleet: the final :meth:`claim` first moves the stream to *draining* (no new
   leases; every worker's next push returns its lease and marks the stream closed locally, so
   its next ``add_units`` raises ``StreamClosed``), waits for the leases to come back (bounded by
@@ -347,7 +350,9 @@ class RedisStore:
         self._check_id(stream_id)
         if isinstance(units, bool) or not isinstance(units, int) or units < 0:
             raise InvalidInput("units", f"must be a whole number >= 0, got {units!r}")
-        if self._chunk and op_id is None:
+        if self._chunk and op_id is None and units <= self._chunk:
+            # A count larger than a chunk goes to Redis at once (below): consumed locally it
+            # would put more than a chunk at risk if this worker died before its next push.
             return self._add_leased(stream_id, units)
         k = self._keys(stream_id)
         dedup = self._dedup_args(op_id)
@@ -630,7 +635,10 @@ class RedisStore:
                 loc = self._local(stream_id)
                 if loc.closed is not None:
                     raise StreamClosed(f"stream {stream_id} is closing; it takes no units")
-                if loc.remaining >= units and time.monotonic() < loc.expiry:
+                # Push first when these units would take the unpushed count past a chunk:
+                # what a killed worker loses is its unpushed count, at most one chunk.
+                push_first = not hold and loc.consumed and loc.consumed + units > self._chunk
+                if not push_first and loc.remaining >= units and time.monotonic() < loc.expiry:
                     loc.remaining -= units
                     if hold:
                         loc.held += units
@@ -638,6 +646,9 @@ class RedisStore:
                         loc.consumed += units
                     loc.active = True
                     return loc.total + loc.consumed
+            if push_first:
+                self._sync(stream_id, need=0, release=False)
+                continue
             avail = self._sync(stream_id, need=units, release=False)
             with self._mu:
                 if loc.closed is None and loc.remaining < units and avail < units - loc.remaining:
@@ -654,11 +665,16 @@ class RedisStore:
     def _commit_held(self, stream_id: str, units: int) -> int:
         with self._mu:
             loc = self._local(stream_id)
+            push_first = bool(self._chunk and loc.consumed and loc.consumed + units > self._chunk)
+        if push_first:  # keep the unpushed count within a chunk (see ``_add_leased``)
+            self._sync(stream_id, need=0, release=False)
+        with self._mu:
             loc.held -= units
             loc.consumed += units
             loc.active = True
             total = loc.total + loc.consumed
-        if not self._chunk:
+            push_now = bool(self._chunk and loc.consumed > self._chunk)  # one call > a chunk
+        if not self._chunk or push_now:
             self._sync(stream_id, need=0, release=False)
             with self._mu:
                 total = max(total, loc.total)
