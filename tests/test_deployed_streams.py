@@ -65,8 +65,9 @@ def check(world: World, stream, rate: str, units: int) -> None:
     assert r.units == units
     assert r.paid == exact(rate, units) <= r.budget
     assert r.fee + r.provider_net == r.paid
-    assert r.refunded == r.budget - r.paid
-    for value in (r.paid, r.fee, r.provider_net, r.refunded):
+    if world.dialect == "v1":
+        assert r.refunded == r.budget - r.paid and r.still_locked == ()
+    for value in (r.paid, r.fee, r.provider_net, r.refunded, r.still_locked_amount):
         assert no_float_tail(value)
     assert not any(re.search(r"\d\.\d{7,}", v) for k, v in r.rows() if k != "rate")
     assert world.balance("provider") == r.provider_net
@@ -82,6 +83,15 @@ def check(world: World, stream, rate: str, units: int) -> None:
         locked_now = sum(a for _, a, rel, st in escrows if st == "locked")
         kept_now = sum(fee_micro(a) for _, a, _, st in escrows if st == "refunded")
         assert world.balance() == START - r.paid - micro_to_decimal(locked_now + kept_now)
+        # the receipt says the same: what came back, what the service kept, what is locked
+        # (a tranche whose create's answer was lost is locked but unknown to the receipt)
+        unknown = sum(a for a, _ in report.ambiguous)
+        assert r.still_locked_micro + unknown == locked_now
+        assert r.kept_by_service_micro == kept_now
+        assert r.refunded == micro_to_decimal(
+            sum(a - fee_micro(a) for _, a, _, st in escrows if st == "refunded")
+        )
+        assert world.balance() == START - r.debited - micro_to_decimal(unknown)
         world.clock.advance(25 * 3600)  # unused tranches come back, less 1%
         world.sandbox.tick()
         kept = sum(fee_micro(a) for _, a, _, st in world.escrows() if st == "refunded")
@@ -174,13 +184,13 @@ def test_chain_shape_lock_ahead_release_whole_final_right_sized(dep):
     chain = s.client
     assert isinstance(chain, TrancheChain)
     states = lambda: [t.state for t in chain.report().tranches]  # noqa: E731
-    assert states() == ["live", "live"]  # the current tranche and the next, at open
+    assert states() == ["live"]  # one tranche, ahead of need, at open
     s.record(60)
     s.pump()
-    assert states() == ["live", "live"]  # no batch yet: nothing to do
+    assert states() == ["live"]  # no batch yet: nothing to do
     s.record(40)
     s.pump()  # batch 1 (0.10 owed): one more locked ahead, nothing released (hold-back)
-    assert states() == ["live", "live", "live"]
+    assert states() == ["live", "live"]
     s.record(110)
     s.pump()  # 210 units: 0.21 owed ≥ 0.10 + hold-back 0.10 → tranche 1 released whole
     rep = chain.report()
@@ -354,3 +364,89 @@ def test_a_chain_not_opened_here_says_so(dep):
         chain.get_escrow("chain:esc_x")
     with pytest.raises(UnsupportedByDialect):
         chain.finish()
+
+
+# -- honest receipts (issue 11 item 4): checked against the sandbox ledger's own balances ---
+
+
+def _run_by_units(world: World, rate: str, batch: int, budget: str, units: int, *, chunk: int = 1):
+    """A stream fed ``chunk`` units at a time, its sender pumped after each (deterministic)."""
+    s = PaymentStream(
+        world.client(), world.provider.agent_id, rate, batch=batch, budget=budget, background=False
+    ).open()
+    done = 0
+    while done < units:
+        k = min(chunk, units - done)
+        s.record(k)
+        s.pump()
+        done += k
+        rep = s.client.report()
+        due = rep.owed_micro - rep.paid_micro
+        covered, ahead = 0, 0
+        for t in (t for t in rep.tranches if t.state == "live"):
+            if covered >= due:
+                ahead += 1  # no unit counted so far needs any of this tranche
+            covered += t.amount_micro
+        assert ahead <= 1, f"{ahead} tranches locked ahead of need at {done} units"
+    return s
+
+
+@pytest.mark.parametrize(
+    ("rate", "batch", "budget", "units", "chunk"),
+    [
+        ("0.01", 25, "10", 337, 1),  # the sandbox case of issue 11
+        ("0.01", 25, "10", 337, 7),
+        ("0.001", 100, "5", 1234, 1),  # the issue's other case
+        ("0.001", 100, "5", 1234, 100),
+    ],
+)
+def test_receipt_says_what_left_the_payer_and_what_is_still_locked(
+    dep, rate, batch, budget, units, chunk
+):
+    start = dep.balance()
+    s = _run_by_units(dep, rate, batch, budget, units, chunk=chunk)
+    before_close = {e[0] for e in dep.escrows()}
+    r = s.close()
+    # close() locked only escrows it released (the final one): none was left locked by it
+    made_at_close = [e for e in dep.escrows() if e[0] not in before_close]
+    assert all(st == "released" for _, _, _, st in made_at_close)
+    assert len(made_at_close) <= 1
+    assert r.paid == exact(rate, units)
+    assert r.refunded == 0  # on this dialect nothing locked came back (yet)
+    # the bar: the payer's balance change is paid + still locked, to the micro-USDC
+    assert start - dep.balance() == r.paid + r.still_locked_amount
+    assert dep.balance("provider") == r.provider_net
+    ledger = {e[0]: e for e in dep.escrows()}
+    assert r.still_locked, "one tranche is locked ahead of need, so one is left at close"
+    assert len(r.still_locked) <= 2
+    for held in r.still_locked:
+        _, amount, released, status = ledger[held.escrow_id]
+        assert status == "locked" and released == 0 and amount == held.amount_micro
+        assert held.returns_micro == amount - fee_micro(amount)
+        assert held.until is not None
+        assert dep.client().get_escrow(held.escrow_id).auto_release_at == held.until
+    text = str(r)
+    assert "still locked" in text and r.still_locked[0].escrow_id in text
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1  # still one aligned table
+    # once their timeout passes the service returns them less its 1% commission
+    dep.clock.advance(25 * 3600)
+    dep.sandbox.tick()
+    kept = sum(h.amount_micro - h.returns_micro for h in r.still_locked)
+    assert start - dep.balance() == r.paid + micro_to_decimal(kept)
+    dep.sandbox.audit()
+
+
+def test_v1_receipt_has_nothing_locked_and_refunds_the_rest():
+    w = World("v1")
+    try:
+        start = w.balance()
+        with PaymentStream(w.client(), w.provider.agent_id, "0.01", batch=25, budget="10") as s:
+            s.record(337)
+        r = s.receipt
+        assert r.still_locked == () and r.still_locked_amount == 0
+        assert r.refunded == Decimal("6.63") and r.paid == Decimal("3.37")
+        assert start - w.balance() == r.paid
+        assert "still locked" not in str(r)
+    finally:
+        w.close()

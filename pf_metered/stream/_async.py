@@ -271,6 +271,9 @@ class AsyncPaymentStream(StreamBase):
                     self._receipt = self._empty_receipt()
                     return self._receipt
                 self._failure = None
+                stop_locking = getattr(self._client, "closing", None)  # tranche chain
+                if stop_locking is not None:
+                    stop_locking()  # close never locks a tranche it will not release
                 await self._drain(final=True)
                 if not await self._await_closer():
                     self._receipt = adjust_receipt(self._client, self._meter.finished_elsewhere())

@@ -13,9 +13,17 @@ exactness argument):
   key) into what the stream owes; then every whole tranche whose units are used is released and
   the next one is locked ahead of need. Recording never waits on any of it (the stream calls
   this from its background sender);
-* ``finish()`` at close pays exactly what is still owed from live tranches and one right-sized
-  final escrow (≥ the minimum), and lets the unused tranches go (the service hands them back,
-  less 1%, when their ``timeout_hours`` pass).
+* ``closing()`` (the stream calls it before its final release) stops locking: from then on
+  the chain only releases, so close never locks a tranche it will not release;
+* ``finish()`` at close reads every live tranche back (one may have timed out, been released
+  or disputed under the stream), pays exactly what is still owed from live tranches and one
+  right-sized final escrow (≥ the minimum), and lets the unused tranches go (the service hands
+  them back, less 1%, when their ``timeout_hours`` pass). The receipt says so: such money is
+  *still locked* (which escrows, until when, what comes back), never "refunded".
+
+At most one tranche is locked ahead of need (:data:`LOCK_AHEAD_TRANCHES`): the next batch's
+units are covered before they are counted, and at close that one tranche is all that is left
+locked (plus, at most, the partly used current one).
 
 Failures: transient ones (429, 5xx, lost answers) leave the book as it was and are retried at
 the next batch, ``flush()`` or ``close()``; a create whose answer was lost and could not be
@@ -48,7 +56,7 @@ from pf_metered.errors import (
     ServerError,
     UnsupportedByDialect,
 )
-from pf_metered.meter.receipt import Receipt
+from pf_metered.meter.receipt import LockedEscrow, Receipt
 from pf_metered.models import Escrow, Release
 from pf_metered.money import fee_micro, format_usdc, micro_to_decimal
 from pf_metered.stream._tranche_plan import (
@@ -71,6 +79,8 @@ __all__ = [
     "adapt_client",
     "adjust_receipt",
     "needs_tranches",
+    "returned_micro",
+    "still_locked",
 ]
 
 log = logging.getLogger("pf_metered.stream.tranches")
@@ -79,9 +89,9 @@ MAX_AMBIGUOUS: Final = 2
 """Creates whose outcome stayed unknown before the stream stops locking tranches."""
 
 LOCK_AHEAD_TRANCHES: Final = 1
-"""Whole tranches kept locked beyond the one being used, so the next batch's units are covered
-before they are counted (the chain only hears of units a batch at a time). Each costs at most
-1% of a tranche at close, when it is let go."""
+"""Whole tranches kept locked ahead of need (beyond what counted units use), so the next
+batch's units are covered before they are counted (the chain only hears of units a batch at a
+time). It is left locked at close, and comes back less 1% after ``timeout_hours``."""
 
 DEFAULT_TRANCHE_TIMEOUT_HOURS: Final = 24
 """``timeout_hours`` of each tranche when the stream sets no ``auto_release_hours``."""
@@ -104,6 +114,8 @@ class Tranche:
     state: TrancheState
     final: bool = False
     nonce: str | None = None
+    until: str | None = None
+    """When the service hands it back if it is not released (its ``auto_release_at``)."""
 
     @property
     def amount(self) -> Decimal:
@@ -183,6 +195,8 @@ class TrancheBook:
     accrued: dict[str, tuple[int, str]] = field(default_factory=dict)
     unpaid_micro: int = 0
     finished: bool = False
+    closing: bool = False
+    """Set by :meth:`_ChainBase.closing`: only releases from now on, no more locks."""
     last_error: BaseException | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -217,8 +231,10 @@ class TrancheBook:
                 if releasable(self.owed_micro, self.paid_micro, t.amount_micro, self.plan):
                     return _Release(t)
                 break  # oldest first: a younger tranche never overtakes
+            if self.closing:
+                return None  # close pays the rest with one final escrow it releases at once
             ahead = self.live_micro - due  # locked for units not counted yet
-            if ahead < (1 + LOCK_AHEAD_TRANCHES) * self.plan.tranche_micro:
+            if ahead < LOCK_AHEAD_TRANCHES * self.plan.tranche_micro:
                 size = next_lock_micro(
                     self.plan,
                     owed_micro=self.owed_micro,
@@ -249,9 +265,13 @@ class TrancheBook:
 
     # -- outcomes ------------------------------------------------------------------------
 
-    def locked(self, step: _Lock, escrow_id: str, nonce: str | None) -> Tranche:
+    def locked(
+        self, step: _Lock, escrow_id: str, nonce: str | None, until: str | None = None
+    ) -> Tranche:
         with self.lock:
-            tranche = Tranche(step.seq, step.amount_micro, escrow_id, "live", step.final, nonce)
+            tranche = Tranche(
+                step.seq, step.amount_micro, escrow_id, "live", step.final, nonce, until
+            )
             self.tranches.append(tranche)
             return tranche
 
@@ -416,7 +436,12 @@ class _ChainBase:
                         f"{book.ambiguous_count} tranche creates ended ambiguous; stopping"
                     ) from exc
                 return
-            book.locked(step, escrow.escrow_id, getattr(escrow, "nonce", None))
+            book.locked(
+                step,
+                escrow.escrow_id,
+                getattr(escrow, "nonce", None),
+                getattr(escrow, "auto_release_at", None),
+            )
             return
         tranche = step.tranche
         assert tranche.escrow_id is not None
@@ -463,6 +488,7 @@ class _ChainBase:
         book = self.book
         if book.finished:
             return
+        yield from self._refresh_live()
         steps, let_go, unpaid = book.close_plan()
         for step in steps:
             if isinstance(step, _Lock):
@@ -502,9 +528,39 @@ class _ChainBase:
                 self._hours,
             )
 
-    def _refunded_micro(self) -> int:
+    def _refresh_live(self) -> _Plan:
+        """Read every live tranche back before settling a close: one may have timed out back
+        to the payer, been released (a lost answer) or disputed under the stream. Reads are
+        not rate limited on this service; a read that fails leaves the tranche as it was."""
         assert self.book is not None
-        return max(0, self._budget - self.book.paid_micro)
+        book = self.book
+        for tranche in book.live():
+            assert tranche.escrow_id is not None
+            try:
+                escrow = yield ("get", {"escrow_id": tranche.escrow_id})
+            except PFMeteredError:
+                continue
+            if escrow.status == "released":
+                book.released(tranche)
+            elif escrow.status == "refunded":
+                log.warning("tranche %s timed out back to the payer (less 1%%)", tranche.escrow_id)
+                book.set_aside(tranche, "expired")
+            elif escrow.status == "disputed":
+                book.set_aside(tranche, "disputed")
+            elif escrow.auto_release_at:
+                tranche.until = escrow.auto_release_at
+
+    def closing(self) -> None:
+        """The stream is closing: lock nothing more (see the module docstring)."""
+        if self.book is not None:
+            with self.book.lock:
+                self.book.closing = True
+
+    def _refunded_micro(self) -> int:
+        """What came back to the payer: tranches the service handed back at timeout, less
+        its commission. Let-go tranches are still locked, never refunded."""
+        assert self.book is not None
+        return returned_micro(self.book.report())
 
 
 def _no_book(what: str) -> UnsupportedByDialect:
@@ -696,16 +752,63 @@ def adapt_client(client: Any, meter: Any, *, is_async: bool = False) -> Any:
     return AsyncTrancheChain(client, meter) if is_async else TrancheChain(client, meter)
 
 
+def returned_micro(report: TrancheReport) -> int:
+    """What the service handed back to the payer: expired tranches less its commission."""
+    return sum(
+        t.amount_micro - fee_micro(t.amount_micro) for t in report.tranches if t.state == "expired"
+    )
+
+
+def still_locked(report: TrancheReport) -> tuple[LockedEscrow, ...]:
+    """The tranches of a settled chain that still hold the payer's money."""
+    held = []
+    for t in report.tranches:
+        if t.escrow_id is None:
+            continue
+        if t.state in ("let_go", "live"):
+            back = t.amount_micro - fee_micro(t.amount_micro)
+            held.append(LockedEscrow(t.escrow_id, t.amount_micro, t.until, back))
+        elif t.state == "disputed":
+            held.append(LockedEscrow(t.escrow_id, t.amount_micro, None, None, "disputed"))
+    return tuple(held)
+
+
 def adjust_receipt(client: Any, receipt: Receipt) -> Receipt:
-    """The receipt of a tranche stream: what the provider was really paid, in how many
-    releases. Identical to the meter's figures unless some of it was under the minimum."""
+    """The receipt of a tranche stream, from the chain's own book: what the provider was paid
+    (and the fee, escrow by escrow, as the service charged it), what came back to the payer
+    (expired tranches, less the commission the service kept), and which tranches are still
+    locked — never the unused budget counted as a refund (it never left the payer)."""
     if not isinstance(client, _ChainBase) or client.book is None:
         return receipt
     report = client.book.report()
     paid = report.paid_micro
+    expired = [t for t in report.tranches if t.state == "expired"]
+    notes = []
+    if expired:
+        notes.append(
+            f"{len(expired)} tranche(s) of {format_usdc(sum(t.amount_micro for t in expired))} "
+            "USDC timed out before release and went back to the payer less the service's 1% "
+            "commission"
+        )
+    for amount, nonce in report.ambiguous:
+        notes.append(
+            f"a tranche create of {format_usdc(amount)} USDC may have happened (its answer was "
+            f"lost; description nonce {nonce}): if it did, it is locked until its timeout and "
+            "comes back less 1%"
+        )
+    if report.unpaid_micro:
+        notes.append(
+            f"{format_usdc(report.unpaid_micro)} USDC owed is under the service's minimum "
+            "escrow and could not be paid"
+        )
     return replace(
         receipt,
         paid_micro=paid,
         releases=report.releases,
-        refunded_micro=max(0, receipt.budget_micro - paid),
+        refunded_micro=returned_micro(report),
+        kept_by_service_micro=sum(fee_micro(t.amount_micro) for t in expired),
+        still_locked=still_locked(report),
+        unpaid_micro=report.unpaid_micro,
+        fee_override_micro=paid - report.provider_net_micro,
+        notes=receipt.notes + tuple(notes),
     )

@@ -240,12 +240,18 @@ class ToolContext:
                     return entry
         return None
 
-    def closed(self, entry: StreamEntry, receipt: Receipt, refunded_micro: int) -> None:
-        """Record a stream's receipt and return its refund to the ``max_total`` room."""
+    def closed(self, entry: StreamEntry, receipt: Receipt) -> None:
+        """Record a stream's receipt; from now on it holds what it took from the payer.
+
+        The stream's reservation was its budget; what it really took is the receipt's
+        ``debited`` (paid, plus any money still locked or kept by the service). The difference
+        goes back to the ``max_total`` room — on the deployed dialect the unused budget never
+        left the payer, and a tranche still locked keeps its place until it comes back.
+        """
         with self._lock:
             if entry.receipt is None:
                 entry.receipt = receipt
-                self._locked_micro -= refunded_micro
+                self._locked_micro -= entry.budget_micro - receipt.debited_micro
 
     def close_all(self) -> list[Receipt]:
         """Close every stream the agent left open (pay what it used, refund the rest).

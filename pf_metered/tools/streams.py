@@ -66,8 +66,13 @@ def status_figures(entry: StreamEntry, report: StatusReport) -> Answer:
 
 
 def receipt_figures(entry: StreamEntry, receipt: Receipt) -> Answer:
-    """A closed stream's receipt as the model reads it."""
-    return {
+    """A closed stream's receipt as the model reads it.
+
+    Beyond paid and refunded, only the figures that apply: money still locked (each escrow,
+    until when, what comes back to the payer), what the service released or kept on its own,
+    and what the payer's balance went down by when that differs from paid.
+    """
+    answer: Answer = {
         "stream_id": entry.handle,
         "provider": entry.provider,
         "status": "closed",
@@ -80,6 +85,29 @@ def receipt_figures(entry: StreamEntry, receipt: Receipt) -> Answer:
         "refunded": format_usdc(receipt.refunded_micro),
         "escrow_id": receipt.escrow_id,
     }
+    if receipt.auto_released_micro:
+        answer["auto_released"] = format_usdc(receipt.auto_released_micro)
+    if receipt.kept_by_service_micro:
+        answer["kept_by_service"] = format_usdc(receipt.kept_by_service_micro)
+    if receipt.unpaid_micro:
+        answer["unpaid"] = format_usdc(receipt.unpaid_micro)
+    if receipt.still_locked:
+        answer["still_locked"] = format_usdc(receipt.still_locked_micro)
+        answer["still_locked_escrows"] = [
+            {
+                "escrow_id": h.escrow_id,
+                "amount": format_usdc(h.amount_micro),
+                "until": h.until,
+                "returns": None if h.returns_micro is None else format_usdc(h.returns_micro),
+                "why": h.why,
+            }
+            for h in receipt.still_locked
+        ]
+    if receipt.debited_micro != receipt.paid_micro:
+        answer["debited"] = format_usdc(receipt.debited_micro)
+    if receipt.notes:
+        answer["notes"] = list(receipt.notes)
+    return answer
 
 
 def _figures(entry: StreamEntry) -> Answer:
@@ -291,7 +319,7 @@ def _begin_close(ctx: ToolContext, args: StreamCloseArgs) -> tuple[StreamEntry, 
 
 
 def _finish_close(ctx: ToolContext, entry: StreamEntry, receipt: Receipt) -> Answer:
-    ctx.closed(entry, receipt, receipt.refunded_micro)
+    ctx.closed(entry, receipt)
     entry.closing = False
     return receipt_figures(entry, receipt)
 
@@ -337,8 +365,10 @@ STREAM_CLOSE: ToolDefinition[StreamCloseArgs] = ToolDefinition(
     family="stream",
     description=(
         "Close a payment stream when you are done with the provider: pays for every unit "
-        "counted, refunds the unused budget to you, and returns the receipt (units, paid, fee, "
-        "provider_net, refunded). Closing an already closed stream returns its receipt again."
+        "counted, gives the unused budget back to you, and returns the receipt (units, paid, "
+        "fee, provider_net, refunded, and still_locked: escrows still holding your money, "
+        "until when, and what comes back then). Closing an already closed stream returns its "
+        "receipt again."
     ),
     args_schema=StreamCloseArgs,
     run=_close,
