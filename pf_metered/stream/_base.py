@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from decimal import Decimal
 from typing import Final, Protocol
 
@@ -34,7 +35,15 @@ from pf_metered.meter.store import Store
 from pf_metered.models import Escrow
 from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, micro_to_decimal, parse_count
 
-__all__ = ["CLOSE_WAIT", "AsyncEscrowAPI", "EscrowAPI", "StreamBase", "is_transient"]
+__all__ = [
+    "CLOSE_WAIT",
+    "AsyncEscrowAPI",
+    "EscrowAPI",
+    "StreamBase",
+    "auto_released",
+    "is_transient",
+    "receipt_after",
+]
 
 log = logging.getLogger("pf_metered.stream")
 
@@ -119,6 +128,27 @@ def release_found(escrow: Escrow, memo: str, idempotency_key: str) -> bool:
     return any(r.memo == memo or r.memo.endswith(tag) for r in escrow.releases)
 
 
+def auto_released(escrow: Escrow | None) -> bool:
+    """Whether the service released all of ``escrow`` to the provider on its own (its
+    ``auto_release_hours`` passed): a release still due then was paid by that, not refused."""
+    return escrow is not None and escrow.status == "released" and escrow.remaining_micro == 0
+
+
+def receipt_after(receipt: Receipt, escrow: Escrow | None) -> Receipt:
+    """The receipt, told what the escrow says at close: money the service auto-released to
+    the provider beyond what the counted units cost (nothing of it was refunded)."""
+    if escrow is None:
+        return receipt
+    extra = escrow.released_micro - receipt.paid_micro
+    if extra <= 0:
+        return receipt
+    note = (
+        f"the escrow auto-released at its timeout: {format_usdc(extra)} USDC beyond what the "
+        "counted units cost went to the provider, and nothing was refunded"
+    )
+    return replace(receipt, auto_released_micro=extra, notes=(*receipt.notes, note))
+
+
 def _check_escrow_minimum(client: object, budget_micro: int, *, given: bool) -> None:
     """Refuse, at construction, a budget the service would refuse at ``open()``.
 
@@ -187,6 +217,7 @@ class StreamBase:
         self._last_error: BaseException | None = None
         self._woken = False
         self._close_wait = float(close_wait)  # ok: seconds
+        self._closing_escrow: Escrow | None = None  # the escrow as the refund left it
 
     # ------------------------------------------------------------ identity
     @property

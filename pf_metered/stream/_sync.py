@@ -24,9 +24,18 @@ from pf_metered.meter.core import ReleaseDue
 from pf_metered.meter.open import StoreSpec
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt
+from pf_metered.models import Escrow
 from pf_metered.money import AmountLike, Rate
 from pf_metered.stream import _recovery
-from pf_metered.stream._base import CLOSE_WAIT, EscrowAPI, StreamBase, is_transient, release_found
+from pf_metered.stream._base import (
+    CLOSE_WAIT,
+    EscrowAPI,
+    StreamBase,
+    auto_released,
+    is_transient,
+    receipt_after,
+    release_found,
+)
 from pf_metered.stream._tranches import adapt_client, adjust_receipt
 
 if TYPE_CHECKING:
@@ -202,12 +211,12 @@ class PaymentStream(StreamBase):
                 raise
             # The answer was lost or refused: did the release land anyway?
             try:
-                seen = release_found(
-                    self._client.get_escrow(escrow_id), action.memo, action.idempotency_key
-                )
+                escrow: Escrow | None = self._client.get_escrow(escrow_id)
+                assert escrow is not None
+                seen = release_found(escrow, action.memo, action.idempotency_key)
             except PFMeteredError:
-                seen = False
-            if not seen:
+                escrow, seen = None, False
+            if not seen and not auto_released(escrow):  # auto-release paid these units
                 raise
         self._meter.settled(action)
 
@@ -262,7 +271,8 @@ class PaymentStream(StreamBase):
                     self._receipt = adjust_receipt(self._client, self._meter.finished_elsewhere())
                     return self._receipt
                 refunded = self._refund()
-                self._receipt = adjust_receipt(self._client, self._meter.finished(refunded))
+                receipt = receipt_after(self._meter.finished(refunded), self._closing_escrow)
+                self._receipt = adjust_receipt(self._client, receipt)
             return self._receipt
 
     def _await_closer(self) -> bool:
@@ -294,12 +304,14 @@ class PaymentStream(StreamBase):
         action = self._meter.refund_action()
         if action is None:
             return 0
+        escrow: Escrow
         try:
             escrow = self._client.refund(action.escrow_id, idempotency_key=action.idempotency_key)
         except PFMeteredError:
             escrow = self._client.get_escrow(action.escrow_id)
             if escrow.is_open:
                 raise
+        self._closing_escrow = escrow  # what the receipt reads: an auto-release, say
         return escrow.refunded_micro
 
     # ----------------------------------------------------------------- clock
