@@ -510,3 +510,60 @@ def test_integer_arguments_refuse_strings_bools_and_floats(tool, args, field):
 def test_integer_arguments_accept_ints():
     args = get_definition("stream_record").parse({"stream_id": "s1", "units": 5})
     assert args.units == 5
+
+
+# -- a create whose answer was lost (issue 13 item 4) ----------------------------------------
+
+
+def test_a_lost_create_keeps_its_reservation_and_close_all_settles_it(pf_world):
+    from conftest import LoseAnswers
+
+    lose = LoseAnswers(pf_world.sandbox.transport())
+    client = pf_world.sandbox.client(pf_world.payer.api_key, transport=lose, max_retries=1)
+    ctx = ToolContext(client, caps=Caps(max_total="30"))
+    p = pf_world.provider.agent_id
+    lose.rules[("POST", "/api/v1/escrow")] = 4  # every attempt's answer lost: landed, unknown
+    err = error_of(ctx, "escrow_create", to_agent_id=p, amount="20")
+    assert err.kind == "ambiguous" and "20.00" in str(err) and "again" in str(err)
+    lose.rules[("POST", "/api/v1/escrow")] = 4
+    err = error_of(ctx, "stream_open", provider=p, rate="0.01", budget="5")
+    assert err.kind == "ambiguous"
+    lose.rules.clear()
+    assert pf_world.balance() == Decimal("75")  # both escrows were in fact made
+    # the room they may hold is still held: 20 more would pass max_total (40 of 30)
+    assert ctx.locked_micro == 25_000_000
+    assert error_of(ctx, "escrow_create", to_agent_id=p, amount="20").kind == "cap_exceeded"
+    pending = ctx.pending_creates()
+    assert [(c.tool, c.amount_micro) for c in pending] == [
+        ("escrow_create", 20_000_000),
+        ("stream_open", 5_000_000),
+    ]
+    assert call(ctx, "stream_list")["unsettled_creates"] == 2
+    ctx.close_all()  # reconciles each by its key: the stream is closed, the escrow refunded
+    assert ctx.pending_creates() == []
+    assert ctx.locked_micro == 0
+    assert pf_world.balance() == Decimal("100")
+    assert all(e.status == "refunded" for e in client.list_escrows())
+    pf_world.sandbox.audit()
+    client.close()
+
+
+def test_a_lost_create_that_cannot_be_reconciled_stays_held_and_reported(caplog):
+    from conftest import DeployedWorld, LoseAnswers
+
+    w = DeployedWorld(balance="100")
+    try:
+        lose = LoseAnswers(w.sandbox.transport(), {("POST", "/escrow/create"): 4})
+        client = w.client(transport=lose, max_retries=1)
+        ctx = ToolContext(client, caps=Caps(max_total="30"))
+        p = w.provider.agent_id
+        assert error_of(ctx, "escrow_create", to_agent_id=p, amount="20").kind == "ambiguous"
+        lose.rules.clear()
+        assert error_of(ctx, "escrow_create", to_agent_id=p, amount="20").kind == "cap_exceeded"
+        caplog.set_level("WARNING", "pf_metered.tools")
+        ctx.close_all()  # no listing and no refund on this dialect: held, and said so
+        [left] = ctx.pending_creates()
+        assert left.amount_micro == 20_000_000 and ctx.locked_micro == 20_000_000
+        assert any("20.00" in m and "may" in m for m in caplog.messages)
+    finally:
+        w.close()

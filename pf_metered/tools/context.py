@@ -7,7 +7,12 @@ MCP server of one session. Stream ids handed to the model are short and sequenti
 
 Bookkeeping of what is locked is reserved *before* any I/O under one lock and given back if
 the call fails, so parallel tool calls cannot together exceed ``max_total`` or
-``max_open_streams``.
+``max_open_streams``. A create whose answer was lost (``AmbiguousOutcome``: the escrow may
+exist) is *not* a failure: its reservation stays, and it is remembered as a
+:class:`PendingCreate` until :meth:`ToolContext.settle_pending` (run by ``close_all``)
+reconciles it by its idempotency key — closing the stream, refunding the escrow — or says
+why it cannot (a service with no listing and no refund hands such an escrow back by itself
+at its timeout).
 
 What this module must never do: hold a lock across I/O, expose the API key (``repr`` names
 no secret), or hand a stream to a caller of the other colour (an async stream's close is never
@@ -16,14 +21,16 @@ run from sync code).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pf_metered.errors import NotFound
+from pf_metered.errors import AmbiguousOutcome, NotFound, PFMeteredError
 from pf_metered.money import Rate, format_usdc
 from pf_metered.tools.caps import Caps
 from pf_metered.tools.errors import ToolError, unknown_provider
@@ -34,7 +41,9 @@ if TYPE_CHECKING:
     from pf_metered.meter.store import Store
     from pf_metered.stream import AsyncPaymentStream, PaymentStream
 
-__all__ = ["StreamEntry", "ToolContext"]
+__all__ = ["PendingCreate", "StreamEntry", "ToolContext"]
+
+log = logging.getLogger("pf_metered.tools")
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +64,43 @@ class StreamEntry:
     @property
     def escrow_id(self) -> str | None:
         return self.stream.escrow_id
+
+
+@dataclass(slots=True, eq=False)
+class PendingCreate:
+    """A create whose answer was lost: its money may be locked, so its reservation is kept.
+
+    ``tool`` is ``escrow_create`` or ``stream_open``; ``stream`` the stream that was being
+    opened (``open()`` again uses the same key, so it finds the escrow, never a second one);
+    ``problem`` why the last attempt to settle it failed.
+    """
+
+    tool: Literal["escrow_create", "stream_open"]
+    provider: str
+    amount_micro: int
+    idempotency_key: str | None
+    stream: PaymentStream | AsyncPaymentStream | None = None
+    memo: str = ""
+    auto_release_hours: int | None = None
+    problem: str = ""
+
+    def describe(self) -> str:
+        what = "stream budget" if self.tool == "stream_open" else "escrow"
+        return (
+            f"{self.tool}: a {what} of {format_usdc(self.amount_micro)} USDC for "
+            f"{self.provider} may be locked (its answer was lost; key {self.idempotency_key})"
+        )
+
+
+class _Attempt:
+    """What :meth:`ToolContext.locking` needs to remember a create that ended ambiguous."""
+
+    __slots__ = ("auto_release_hours", "memo", "stream")
+
+    def __init__(self) -> None:
+        self.stream: PaymentStream | AsyncPaymentStream | None = None
+        self.memo = ""
+        self.auto_release_hours: int | None = None
 
 
 class ToolContext:
@@ -89,6 +135,7 @@ class ToolContext:
         self._created_escrows: set[str] = set()
         self._locked_micro = 0
         self._opening = 0
+        self._pending: list[PendingCreate] = []
 
     def __repr__(self) -> str:
         return (
@@ -152,15 +199,38 @@ class ToolContext:
     @contextlib.contextmanager
     def locking(
         self, amount_micro: int, *, stream: bool, provider: str, tool_name: str
-    ) -> Iterator[None]:
+    ) -> Iterator[_Attempt]:
         """While a reservation's money is being locked for ``provider`` (sync or async body):
-        any failure gives the reservation back, and a ``NotFound`` means the provider agent is
-        unknown (the only id the request carries), not some escrow."""
+        a failure gives the reservation back, and a ``NotFound`` means the provider agent is
+        unknown (the only id the request carries), not some escrow. An ambiguous outcome
+        keeps the reservation and remembers the create (the body sets ``attempt.stream``, and
+        for an escrow its memo and hours, so it can be settled later)."""
+        attempt = _Attempt()
         try:
-            yield
+            yield attempt
         except NotFound as exc:
             self.unreserve(amount_micro, stream=stream)
             raise unknown_provider(exc, provider=provider, tool_name=tool_name) from None
+        except AmbiguousOutcome as exc:
+            pending = PendingCreate(
+                "stream_open" if stream else "escrow_create",
+                provider,
+                amount_micro,
+                exc.idempotency_key,
+                attempt.stream,
+                attempt.memo,
+                attempt.auto_release_hours,
+            )
+            with self._lock:
+                self._pending.append(pending)
+            log.warning("%s; kept against the caps until it is settled", pending.describe())
+            raise ToolError(
+                f"{tool_name} may or may not have locked {format_usdc(amount_micro)} USDC for "
+                f"{provider}: its answer was lost. Do NOT call {tool_name} again for this "
+                "payment. The amount stays counted against the operator's limits until this "
+                "session reconciles it (an escrow found then is refunded, a stream closed).",
+                kind="ambiguous",
+            ) from None
         except BaseException:
             self.unreserve(amount_micro, stream=stream)
             raise
@@ -240,6 +310,88 @@ class ToolContext:
                     return entry
         return None
 
+    # -- creates whose answer was lost ---------------------------------------------------
+
+    def pending_creates(self) -> list[PendingCreate]:
+        """Creates that ended ambiguous and are not settled yet (their money may be locked)."""
+        with self._lock:
+            return list(self._pending)
+
+    def _settled(self, pending: PendingCreate, debited_micro: int) -> None:
+        with self._lock:
+            if pending in self._pending:
+                self._pending.remove(pending)
+                self._locked_micro -= pending.amount_micro - debited_micro
+                if pending.tool == "stream_open":
+                    self._opening -= 1
+
+    def _unsettled(self, pending: PendingCreate, exc: BaseException) -> None:
+        pending.problem = str(exc)
+        log.warning("%s; not settled: %s", pending.describe(), pending.problem)
+
+    def settle_pending(self) -> list[PendingCreate]:
+        """Reconcile every ambiguous create by its idempotency key; returns those left.
+
+        A stream is opened again (the same key finds its escrow) and closed: what it did not
+        use is refunded. An escrow is looked up the same way and refunded (the agent never
+        learned of it, so it would otherwise go to the provider at auto-release). Async
+        streams need :meth:`asettle_pending`.
+        """
+        for pending in self.pending_creates():
+            try:
+                if pending.stream is not None:
+                    from pf_metered.stream import PaymentStream
+
+                    if not isinstance(pending.stream, PaymentStream):
+                        continue
+                    pending.stream.open()
+                    self._settled(pending, pending.stream.close().debited_micro)
+                elif self.client is not None:
+                    escrow = self.client.create_escrow(
+                        pending.provider,
+                        format_usdc(pending.amount_micro),
+                        memo=pending.memo,
+                        auto_release_hours=pending.auto_release_hours,
+                        idempotency_key=pending.idempotency_key,
+                    )
+                    refunded = self.client.refund(escrow.escrow_id).refunded_micro
+                    self._settled(pending, pending.amount_micro - refunded)
+            except PFMeteredError as exc:
+                self._unsettled(pending, exc)
+        return self.pending_creates()
+
+    async def asettle_pending(self) -> list[PendingCreate]:
+        """:meth:`settle_pending` for async code (sync and async streams alike)."""
+        for pending in self.pending_creates():
+            try:
+                stream = pending.stream
+                if stream is not None:
+                    from pf_metered.stream import AsyncPaymentStream
+
+                    if isinstance(stream, AsyncPaymentStream):
+                        await stream.open()
+                        receipt = await stream.close()
+                    else:
+                        await asyncio.to_thread(stream.open)
+                        receipt = await asyncio.to_thread(stream.close)
+                    self._settled(pending, receipt.debited_micro)
+                elif self.async_client is not None:
+                    escrow = await self.async_client.create_escrow(
+                        pending.provider,
+                        format_usdc(pending.amount_micro),
+                        memo=pending.memo,
+                        auto_release_hours=pending.auto_release_hours,
+                        idempotency_key=pending.idempotency_key,
+                    )
+                    answer = await self.async_client.refund(escrow.escrow_id)
+                    self._settled(pending, pending.amount_micro - answer.refunded_micro)
+                else:
+                    await asyncio.to_thread(self.settle_pending)
+                    break
+            except PFMeteredError as exc:
+                self._unsettled(pending, exc)
+        return self.pending_creates()
+
     def closed(self, entry: StreamEntry, receipt: Receipt) -> None:
         """Record a stream's receipt; from now on it holds what it took from the payer.
 
@@ -267,6 +419,7 @@ class ToolContext:
                 STREAM_CLOSE.call(self, {"stream_id": entry.handle})
             if entry.receipt is not None:
                 receipts.append(entry.receipt)
+        self.settle_pending()  # what is left is logged, and kept in pending_creates()
         return receipts
 
     async def aclose_all(self) -> list[Receipt]:
@@ -279,10 +432,17 @@ class ToolContext:
                 await STREAM_CLOSE.acall(self, {"stream_id": entry.handle})
             if entry.receipt is not None:
                 receipts.append(entry.receipt)
+        await self.asettle_pending()
         return receipts
 
     def streams_summary(self) -> dict[str, Any]:
         """How many streams are open and how much is locked (for stream_list)."""
         with self._lock:
             open_n = sum(1 for e in self._streams.values() if e.receipt is None)
-            return {"open_streams": open_n, "locked": format_usdc(self._locked_micro)}
+            summary: dict[str, Any] = {
+                "open_streams": open_n,
+                "locked": format_usdc(self._locked_micro),
+            }
+            if self._pending:
+                summary["unsettled_creates"] = len(self._pending)
+            return summary

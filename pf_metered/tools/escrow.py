@@ -94,7 +94,10 @@ def _create_prepare(ctx: ToolContext, args: EscrowCreateArgs) -> int:
 def _create(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     client = _sync(ctx)
     amount = _create_prepare(ctx, args)
-    with ctx.locking(amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"):
+    with ctx.locking(
+        amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"
+    ) as attempt:
+        attempt.memo, attempt.auto_release_hours = args.memo, args.auto_release_hours
         escrow = client.create_escrow(
             args.to_agent_id,
             format_usdc(amount),
@@ -114,7 +117,10 @@ async def _acreate(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     if client is None:
         return await asyncio.to_thread(_create, ctx, args)
     amount = _create_prepare(ctx, args)
-    with ctx.locking(amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"):
+    with ctx.locking(
+        amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"
+    ) as attempt:
+        attempt.memo, attempt.auto_release_hours = args.memo, args.auto_release_hours
         escrow = await client.create_escrow(
             args.to_agent_id,
             format_usdc(amount),

@@ -193,11 +193,14 @@ def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
             "This tool set is configured for async use; call it asynchronously.", kind="config"
         )
     rate, budget_micro = _open_prepare(ctx, args)
-    with ctx.locking(budget_micro, stream=True, provider=args.provider, tool_name="stream_open"):
+    with ctx.locking(
+        budget_micro, stream=True, provider=args.provider, tool_name="stream_open"
+    ) as attempt:
         try:
             stream = PaymentStream(
                 ctx.client, args.provider, str(rate), **_stream_kwargs(ctx, args, budget_micro)
             )
+            attempt.stream = stream  # opened again by the same key if the answer is lost
             stream.open()
         except InvalidInput as exc:
             raise _budget_problem(exc) from None
@@ -208,18 +211,21 @@ async def _aopen(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     if ctx.async_client is None:
         return await asyncio.to_thread(_open, ctx, args)
     rate, budget_micro = _open_prepare(ctx, args)
-    with ctx.locking(budget_micro, stream=True, provider=args.provider, tool_name="stream_open"):
+    with ctx.locking(
+        budget_micro, stream=True, provider=args.provider, tool_name="stream_open"
+    ) as attempt:
         try:
-            stream = AsyncPaymentStream(
+            astream = AsyncPaymentStream(
                 ctx.async_client,
                 args.provider,
                 str(rate),
                 **_stream_kwargs(ctx, args, budget_micro),
             )
-            await stream.open()
+            attempt.stream = astream  # opened again by the same key if the answer is lost
+            await astream.open()
         except InvalidInput as exc:
             raise _budget_problem(exc) from None
-    return _opened(ctx, stream, args, rate, budget_micro, is_async=True)
+    return _opened(ctx, astream, args, rate, budget_micro, is_async=True)
 
 
 STREAM_OPEN: ToolDefinition[StreamOpenArgs] = ToolDefinition(
