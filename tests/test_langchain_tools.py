@@ -4,6 +4,7 @@ caps, errors as tool messages, and the key kept out of every repr."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -123,7 +124,7 @@ def test_tool_classes_mirror_the_shared_definitions(pf_world):
     for cls, definition in zip(TOOL_CLASSES, TOOLS, strict=True):
         tool = cls(context=ctx)
         assert tool.name == definition.name
-        assert tool.description == definition.description
+        assert tool.description == definition.describe(ctx)  # as the MCP server says it
         assert tool.args_schema is definition.args_schema
         assert tool.handle_tool_error is True
         assert type(tool)._arun is not BaseTool._arun  # native async
@@ -292,3 +293,38 @@ def test_import_pf_metered_does_not_import_langchain_or_langgraph():
         "sys.exit(1 if any(m.startswith('langgraph') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# -- the deployed dialect (issue 11 item 5) --------------------------------------------------
+
+
+def test_escrow_tools_on_the_deployed_dialect_release_whole():
+    from conftest import DeployedWorld
+
+    w = DeployedWorld(balance="100")
+    try:
+        toolkit = PurpleFleaToolkit(client=w.client())
+        release = toolkit.get_tool("escrow_release")
+        assert "only whole escrows" in release.description
+        p = w.provider.agent_id
+        made = json.loads(
+            _call(toolkit.get_tool("escrow_create"), to_agent_id=p, amount="3").content
+        )
+        msg = _call(release, escrow_id=made["escrow_id"], amount="1")  # a part: refused
+        assert msg.status == "error" and "whole" in msg.content and "3.00" in msg.content
+        paid = json.loads(_call(release, escrow_id=made["escrow_id"]).content)
+        assert paid["released_now"] == "3.00" and paid["status"] == "released"
+        opened = json.loads(
+            _call(
+                toolkit.get_tool("stream_open"), provider=p, rate="0.01", budget="1", batch=10
+            ).content
+        )
+        _call(toolkit.get_tool("stream_record"), stream_id=opened["stream_id"], units=17)
+        closed = json.loads(
+            _call(toolkit.get_tool("stream_close"), stream_id=opened["stream_id"]).content
+        )
+        assert closed["paid"] == "0.17" and closed["refunded"] == "0.00"
+        assert w.balance("provider") == Decimal("2.97") + Decimal(closed["provider_net"])
+        w.sandbox.audit()
+    finally:
+        w.close()

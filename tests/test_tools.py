@@ -567,3 +567,79 @@ def test_a_lost_create_that_cannot_be_reconciled_stays_held_and_reported(caplog)
         assert any("20.00" in m and "may" in m for m in caplog.messages)
     finally:
         w.close()
+
+
+# -- the deployed dialect (issue 11 item 5) ----------------------------------------------------
+
+
+def test_escrow_release_describes_what_it_does_on_each_dialect(pf_world):
+    from conftest import DeployedWorld
+
+    v1 = get_definition("escrow_release").describe(ToolContext(pf_world.client))
+    assert "part" in v1 and "whole" not in v1
+    w = DeployedWorld()
+    try:
+        dep = get_definition("escrow_release").describe(ToolContext(w.client()))
+        assert "whole" in dep and "part" not in dep
+        generic = get_definition("escrow_release").describe()
+        assert "whole" in generic and "part" in generic
+    finally:
+        w.close()
+
+
+def test_escrow_and_stream_tools_end_to_end_on_the_deployed_dialect():
+    from conftest import DeployedWorld
+
+    w = DeployedWorld(balance="100")
+    try:
+        client = w.client()
+        ctx = ToolContext(client)
+        p = w.provider.agent_id
+        start = w.balance()
+        made = call(ctx, "escrow_create", to_agent_id=p, amount="2", memo="one job")
+        assert made["status"] == "locked" and made["amount"] == "2.00"
+        paid = call(ctx, "escrow_release", escrow_id=made["escrow_id"])  # whole, no amount
+        assert paid["released_now"] == "2.00" and paid["status"] == "released"
+        assert w.balance("provider") == Decimal("1.98")
+        other = call(ctx, "escrow_create", to_agent_id=p, amount="1")
+        err = error_of(ctx, "escrow_release", escrow_id=other["escrow_id"], amount="0.50")
+        assert err.kind == "invalid_argument" and "whole" in str(err) and "1.00" in str(err)
+        again = call(ctx, "escrow_release", escrow_id=other["escrow_id"], amount="1.00")
+        assert again["released_now"] == "1.00"
+        assert w.balance("provider") == Decimal("2.97")
+        # a stream: open, record, status, close, all on tranches
+        opened = call(ctx, "stream_open", provider=p, rate="0.01", budget="2", batch=10)
+        handle = opened["stream_id"]
+        for _ in range(7):
+            call(ctx, "stream_record", stream_id=handle, units=5)
+        assert call(ctx, "stream_status", stream_id=handle)["units"] == 35
+        receipt = call(ctx, "stream_close", stream_id=handle)
+        assert receipt["paid"] == "0.35" and receipt["refunded"] == "0.00"
+        locked = Decimal(receipt.get("still_locked", "0"))
+        debited = Decimal(receipt.get("debited", receipt["paid"]))
+        assert debited == Decimal("0.35") + locked
+        # the sandbox ledger agrees: 3.00 of escrows + the stream's debit left the payer
+        assert start - w.balance() == Decimal("3.00") + debited
+        assert w.balance("provider") == Decimal("2.97") + Decimal(receipt["provider_net"])
+        assert ctx.locked_micro == 3_000_000 + int(debited * 10**6)
+        w.sandbox.audit()
+    finally:
+        w.close()
+
+
+async def test_escrow_release_whole_on_the_deployed_dialect_async():
+    from conftest import DeployedWorld
+
+    w = DeployedWorld(balance="100")
+    try:
+        ctx = ToolContext(async_client=w.aclient())
+        p = w.provider.agent_id
+        made = await acall(ctx, "escrow_create", to_agent_id=p, amount="1")
+        paid = await acall(ctx, "escrow_release", escrow_id=made["escrow_id"])
+        assert paid["released_now"] == "1.00" and w.balance("provider") == Decimal("0.99")
+        opened = await acall(ctx, "stream_open", provider=p, rate="0.01", budget="1", batch=10)
+        await acall(ctx, "stream_record", stream_id=opened["stream_id"], units=12)
+        receipt = await acall(ctx, "stream_close", stream_id=opened["stream_id"])
+        assert receipt["paid"] == "0.12" and receipt["refunded"] == "0.00"
+    finally:
+        w.close()

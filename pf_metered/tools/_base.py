@@ -52,13 +52,20 @@ class ToolDefinition(Generic[A]):
     arun: Callable[[ToolContext, A], Awaitable[Answer]]
     uses_caps: bool = False
     read_only: bool = False
+    by_dialect: Mapping[str, str] | None = None
+    """Descriptions for a tool that does different things on different API dialects (keyed by
+    dialect name); ``description`` then covers them all, for a caller with no context."""
 
     def describe(self, ctx: ToolContext | None = None) -> str:
-        """The description for the model, with the operator's caps when they bind this tool."""
+        """The description for the model: what the tool does on the context's dialect, with the
+        operator's caps when they bind this tool."""
+        text = self.description
+        if ctx is not None and self.by_dialect:
+            text = self.by_dialect.get(ctx.dialect or "", text)
         if ctx is None or not self.uses_caps:
-            return self.description
+            return text
         caps = ctx.caps.describe()
-        return self.description if caps == "no caps" else f"{self.description} Limits: {caps}."
+        return text if caps == "no caps" else f"{text} Limits: {caps}."
 
     def input_schema(self) -> dict[str, Any]:
         """The JSON schema of the arguments (what MCP advertises as ``inputSchema``)."""

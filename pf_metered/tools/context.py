@@ -143,6 +143,14 @@ class ToolContext:
             f"caps={self.caps.describe()!r})"
         )
 
+    @property
+    def dialect(self) -> str | None:
+        """The API dialect the clients speak (``"v1"``, ``"deployed"``), as they declare it."""
+        for client in (self.client, self.async_client):
+            if client is not None:
+                return client.capabilities.dialect
+        return None  # pragma: no cover - the constructor requires a client
+
     # -- money at risk -------------------------------------------------------------------
 
     @property

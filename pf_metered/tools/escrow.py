@@ -148,8 +148,8 @@ ESCROW_CREATE: ToolDefinition[EscrowCreateArgs] = ToolDefinition(
 # -- escrow_release ---------------------------------------------------------------------
 
 
-def _release_prepare(ctx: ToolContext, args: EscrowReleaseArgs) -> int:
-    amount = parse_amount(args.amount, "amount")
+def _release_prepare(ctx: ToolContext, args: EscrowReleaseArgs) -> int | None:
+    amount = None if args.amount is None else parse_amount(args.amount, "amount")
     owner = ctx.owner_of_escrow(args.escrow_id)
     if owner is not None:
         raise ToolError(
@@ -167,11 +167,35 @@ def _release_prepare(ctx: ToolContext, args: EscrowReleaseArgs) -> int:
     return amount
 
 
+def _whole_amount(escrow: Escrow, amount: int | None, partial: bool) -> None:
+    """On a service that releases only whole escrows, an ``amount`` must be all of it."""
+    if partial or amount is None or amount == escrow.remaining_micro:
+        return
+    raise ToolError(
+        f"Invalid argument amount: this escrow service releases only whole escrows, and "
+        f"escrow {escrow.escrow_id} holds {format_usdc(escrow.remaining_micro)} USDC. Call "
+        "escrow_release again without amount (or with the whole amount) to pay all of it.",
+        kind="invalid_argument",
+    )
+
+
+def _released(before: Escrow, after: Escrow) -> Answer:
+    return {
+        "released_now": format_usdc(after.released_micro - before.released_micro),
+        **escrow_figures(after),
+    }
+
+
 def _release(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
     client = _sync(ctx)
     amount = _release_prepare(ctx, args)
-    escrow = client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
-    return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
+    partial = client.capabilities.supports_partial_release
+    if partial and amount is not None:
+        escrow = client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
+        return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
+    before = client.get_escrow(args.escrow_id)
+    _whole_amount(before, amount, partial)
+    return _released(before, client.release(args.escrow_id, memo=args.memo))
 
 
 async def _arelease(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
@@ -179,22 +203,45 @@ async def _arelease(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
     if client is None:
         return await asyncio.to_thread(_release, ctx, args)
     amount = _release_prepare(ctx, args)
-    escrow = await client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
-    return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
+    partial = client.capabilities.supports_partial_release
+    if partial and amount is not None:
+        escrow = await client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
+        return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
+    before = await client.get_escrow(args.escrow_id)
+    _whole_amount(before, amount, partial)
+    return _released(before, await client.release(args.escrow_id, memo=args.memo))
 
+
+_RELEASE_RULES = (
+    "A stream's escrow is refused, and so are other escrows unless the operator allows them. "
+    "The 1% fee is taken from what is released. Returns the escrow's figures after the "
+    "release. Do not repeat a release whose outcome was unclear: check escrow_status first."
+)
 
 ESCROW_RELEASE: ToolDefinition[EscrowReleaseArgs] = ToolDefinition(
     name="escrow_release",
     family="escrow",
     description=(
-        "Pay part (or all) of an escrow you created with escrow_create to its provider; a "
-        "stream's escrow is refused, and so are other escrows unless the operator allows them. "
-        "The 1% fee is taken from what is released. Returns the escrow's figures after the "
-        "release. Do not repeat a release whose outcome was unclear: check escrow_status first."
+        "Pay an escrow you created with escrow_create to its provider. Where the escrow "
+        "service allows partial releases, give amount to pay part of it (or leave amount out "
+        "to pay all that remains); where it releases only whole escrows, the whole amount is "
+        "paid at once. " + _RELEASE_RULES
     ),
     args_schema=EscrowReleaseArgs,
     run=_release,
     arun=_arelease,
+    by_dialect={
+        "v1": (
+            "Pay part (or all) of an escrow you created with escrow_create to its provider: "
+            "give amount to release that much now, or leave it out to release all that "
+            "remains. " + _RELEASE_RULES
+        ),
+        "deployed": (
+            "Pay an escrow you created with escrow_create to its provider. This escrow "
+            "service releases only whole escrows: all of it goes to the provider at once "
+            "(leave amount out, or give the escrow's whole amount). " + _RELEASE_RULES
+        ),
+    },
 )
 
 

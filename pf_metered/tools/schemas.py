@@ -135,12 +135,15 @@ class EscrowCreateArgs(_Args):
 
 
 class EscrowReleaseArgs(_Args):
-    """Pay part of an escrow to its provider."""
+    """Pay an escrow (or, where the service allows it, part of one) to its provider."""
 
     escrow_id: _EscrowId
-    amount: AmountText = Field(
+    amount: AmountText | None = Field(
+        default=None,
         description="USDC to release to the provider now, a decimal string with at most 6 "
-        'decimal places, no more than what remains locked (e.g. "0.25").'
+        'decimal places, no more than what remains locked (e.g. "0.25"). Leave it out to '
+        "release all that remains. On a service that releases only whole escrows it must be "
+        "the escrow's whole amount, or left out.",
     )
     memo: _Memo = ""
 
