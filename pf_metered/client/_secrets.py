@@ -53,6 +53,7 @@ LOGGERS: Final = (
     "pf_metered.stream",
     "pf_metered.stream.recovery",
     "pf_metered.stream.tranches",
+    "pf_metered.tools",
     "pf_metered.langchain",
     "pf_metered.mcp",
     "httpx",
