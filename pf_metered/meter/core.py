@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final, Literal
 
-from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
+from pf_metered.errors import InvalidInput, StreamClosed
 from pf_metered.meter.policy import BatchPolicy, every, parse_seconds
 from pf_metered.meter.receipt import Receipt, ReleaseRecord, StatusReport
 from pf_metered.meter.store import (
@@ -199,58 +199,6 @@ def plan_stream(
         every_seconds=str(policy.seconds) if policy.seconds is not None else None,
     )
     return config, policy
-
-
-class _LocalCounter:
-    """The hot path over a store without the ``counter`` extension.
-
-    Reservations are held here, per process, and checked against the last total the store
-    reported; ``add_units`` remains the authority on the budget.
-    """
-
-    __slots__ = ("_known", "_lock", "_max", "_reserved", "_sid", "_store")
-
-    def __init__(self, store: Store, config: StreamConfig) -> None:
-        self._store = store
-        self._sid = config.stream_id
-        self._max = config.max_units
-        self._lock = threading.Lock()
-        self._reserved = 0
-        state = store.load(config.stream_id)
-        self._known = state.units if state else 0
-
-    def _check(self, units: int) -> None:
-        left = self._max - self._known - self._reserved
-        if units > left:
-            raise BudgetExhausted(
-                f"{units} more units would exceed the budget; {max(left, 0)} left",
-                remaining_units=max(left, 0),
-            )
-
-    def add(self, units: int) -> int:
-        with self._lock:
-            self._check(units)
-        total = self._store.add_units(self._sid, units)
-        self._known = max(self._known, total)
-        return total
-
-    def reserve(self, units: int) -> None:
-        with self._lock:
-            self._check(units)
-            self._reserved += units
-
-    def commit(self, units: int) -> int:
-        try:
-            total = self._store.add_units(self._sid, units)
-        finally:
-            with self._lock:
-                self._reserved -= units
-        self._known = max(self._known, total)
-        return total
-
-    def cancel(self, units: int) -> None:
-        with self._lock:
-            self._reserved -= units
 
 
 class _Gate:
@@ -487,10 +435,7 @@ class Meter:
 
     def _bind(self, escrow_id: str) -> None:
         self.escrow_id = escrow_id
-        make = getattr(self.store, "counter", None)
-        plain: UnitCounter = (
-            make(self.stream_id) if make else _LocalCounter(self.store, self.config)
-        )
+        plain: UnitCounter = self.store.counter(self.stream_id)
         counter: CallGate = plain if isinstance(plain, CallGate) else _Gate(plain)
         state = self.store.load(self.stream_id)
         claimed = state.claimed_units if state else 0
@@ -539,10 +484,7 @@ class Meter:
         ``take_over`` has no owners: the pending intent found at bind (``legacy``) is taken,
         as before.
         """
-        take_over = getattr(self.store, "take_over", None)
-        if take_over is None:
-            return legacy
-        intent: Intent | None = take_over(self.stream_id)
+        intent = self.store.take_over(self.stream_id)
         if intent is None or self._held_by_peer(intent.seq):
             return None
         if legacy is None or legacy.seq != intent.seq:
@@ -563,10 +505,7 @@ class Meter:
     def _still_ours(self, action: ReleaseDue) -> bool:
         """Renew the claim on a release being retried; ``False`` if another worker took it
         over meanwhile (our lease ran out), so it must not be sent from here any more."""
-        take_over = getattr(self.store, "take_over", None)
-        if take_over is None:
-            return True
-        intent: Intent | None = take_over(self.stream_id)
+        intent = self.store.take_over(self.stream_id)
         return intent is not None and intent.seq == action.intent.seq
 
     @property

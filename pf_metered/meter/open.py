@@ -4,8 +4,9 @@ Why: ``PaymentStream(..., store="meter.db")`` should just work. ``None`` is a fr
 :class:`~pf_metered.meter.store.MemoryStore`; a ``str`` or ``os.PathLike`` is a
 :class:`~pf_metered.meter.sqlite_store.SQLiteStore` file (``"sqlite:///path"`` too, and
 ``"path?durability=group"`` picks group commit); ``"redis://…"``/``"rediss://…"``/
-``"unix://…"`` is a :class:`~pf_metered.meter.redis_store.RedisStore`; anything that already
-implements the store contract is returned as is.
+``"unix://…"`` is a :class:`~pf_metered.meter.redis_store.RedisStore` (:data:`FACTORIES` maps
+each URL scheme to its factory); an object that ``isinstance(obj, Store)`` (the whole contract;
+subclass :class:`~pf_metered.meter.store.BaseStore`) is returned as is.
 
 What it must never do: import ``redis`` unless a Redis URL was asked for, or guess: an
 unrecognised object is refused with ``InvalidInput("store", …)`` before anything is locked.
@@ -14,18 +15,49 @@ unrecognised object is refused with ``InvalidInput("store", …)`` before anythi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from pf_metered.errors import InvalidInput
 from pf_metered.meter.store import MemoryStore, Store
 
-__all__ = ["StoreSpec", "open_store"]
+__all__ = ["FACTORIES", "StoreSpec", "open_store"]
 
 StoreSpec = Store | str | os.PathLike[str] | None
 """What ``store=`` accepts."""
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-_CONTRACT = ("create", "load", "set_escrow", "add_units", "claim", "settle", "mark_closed")
+
+def _redis(url: str) -> Store:
+    from pf_metered.meter.redis_store import RedisStore
+
+    return RedisStore(url)
+
+
+def _sqlite(text: str) -> Store:
+    """``path`` or ``sqlite:///path``, with ``?durability=per_record|group``."""
+    if text.startswith("sqlite:///"):
+        text = text[len("sqlite:///") :]
+    path, _, query = text.partition("?")
+    from pf_metered.meter.sqlite_store import SQLiteStore
+
+    options = dict(parse_qsl(query, strict_parsing=False)) if query else {}
+    unknown = set(options) - {"durability"}
+    if unknown:
+        raise InvalidInput("store", f"unknown SQLite option(s): {sorted(unknown)}")
+    durability = options.get("durability", "per_record")
+    if durability not in ("per_record", "group"):
+        raise InvalidInput("store", f"durability must be per_record or group: {durability!r}")
+    return SQLiteStore(path, durability="group" if durability == "group" else "per_record")
+
+
+FACTORIES: dict[str, Callable[[str], Store]] = {
+    "redis": _redis,
+    "rediss": _redis,
+    "unix": _redis,
+    "sqlite": _sqlite,
+}
+"""URL scheme → factory of the store it names (given the whole text). A new store module adds
+its scheme here (one line); a text with no scheme is a SQLite path."""
 
 
 def open_store(spec: object) -> Store:
@@ -40,28 +72,17 @@ def open_store(spec: object) -> Store:
         text = spec.strip()
         if not text:
             raise InvalidInput("store", "must be a path, a redis:// URL or a store object")
-        if text.startswith(_REDIS_SCHEMES):
-            from pf_metered.meter.redis_store import RedisStore
-
-            return RedisStore(text)
-        if text.startswith("sqlite:///"):
-            text = text[len("sqlite:///") :]
-        elif "://" in text:
-            raise InvalidInput("store", f"unknown store URL scheme: {text.split('://')[0]!r}")
-        path, _, query = text.partition("?")
-        from pf_metered.meter.sqlite_store import SQLiteStore
-
-        options = dict(parse_qsl(query, strict_parsing=False)) if query else {}
-        unknown = set(options) - {"durability"}
-        if unknown:
-            raise InvalidInput("store", f"unknown SQLite option(s): {sorted(unknown)}")
-        durability = options.get("durability", "per_record")
-        if durability not in ("per_record", "group"):
-            raise InvalidInput("store", f"durability must be per_record or group: {durability!r}")
-        return SQLiteStore(path, durability="group" if durability == "group" else "per_record")
-    if all(callable(getattr(spec, name, None)) for name in _CONTRACT):
-        store: Store = spec  # type: ignore[assignment]
-        return store
+        scheme, sep, _ = text.partition("://")
+        if not sep:
+            return _sqlite(text)
+        factory = FACTORIES.get(scheme)
+        if factory is None:
+            raise InvalidInput("store", f"unknown store URL scheme: {scheme!r}")
+        return factory(text)
+    if isinstance(spec, Store):
+        return spec
     raise InvalidInput(
-        "store", f"must be None, a path, a redis:// URL or a store, not {type(spec).__name__}"
+        "store",
+        f"must be None, a path, a redis:// URL or a Store (subclass "
+        f"pf_metered.meter.store.BaseStore), not {type(spec).__name__}",
     )

@@ -75,6 +75,7 @@ except ModuleNotFoundError as exc:  # the optional extra is not installed
 
 from pf_metered.meter import redis_lua as lua
 from pf_metered.meter.store import (
+    BaseStore,
     Intent,
     StreamConfig,
     StreamState,
@@ -151,7 +152,7 @@ def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-class RedisStore:
+class RedisStore(BaseStore):
     """Meter state in Redis, shared by every process that opens the same stream id.
 
     ``url`` or ``client`` (a ``redis.Redis``); ``prefix`` namespaces every key. See the module
@@ -202,6 +203,8 @@ class RedisStore:
         self._op_ttl = op_ttl
         self._retries = retries
         self._intent_lease = intent_lease
+        self.intent_lease = float(intent_lease)  # ok: seconds
+        """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
         self._worker = worker or new_owner_id()
         self._shas: dict[str, str] = {}
         self._mu = threading.Lock()
@@ -451,11 +454,6 @@ class RedisStore:
         return _RedisCounter(self, stream_id)
 
     # ------------------------------------------------------------------ fleet extensions
-
-    @property
-    def intent_lease(self) -> float:
-        """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
-        return self._intent_lease
 
     def take_over(self, stream_id: str, *, lease_seconds: float | None = None) -> Intent | None:
         """Take a pending intent whose owner has not settled it within ``lease_seconds``

@@ -61,6 +61,7 @@ from typing import Literal
 from pf_metered import _lifecycle
 from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
 from pf_metered.meter.store import (
+    BaseStore,
     Intent,
     StreamConfig,
     StreamState,
@@ -161,7 +162,7 @@ class _Buffer:
         self.open = is_open
 
 
-class SQLiteStore:
+class SQLiteStore(BaseStore):
     """The durable store (see the module docstring). ``SQLiteStore("meter.db")``.
 
     Safe to share between threads (one connection, one lock) and between processes opening

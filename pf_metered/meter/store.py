@@ -19,21 +19,27 @@ checks the budget and counts in one step (no overspend however many threads or p
 What a store must never do: perform HTTP, compute money with floats, hand out a second intent
 for units already claimed, or forget an intent it handed out before it is settled.
 
-Optional extension (backward compatible; the meter works without it): a store MAY offer
-``counter(stream_id) -> UnitCounter``, a handle bound to one stream whose ``add`` /
-``reserve`` / ``commit`` / ``cancel`` are the hot path. ``reserve(n)`` holds budget for a
-call that has not finished yet (so a metered call is refused *before* it runs, and a call that
-raises gives its reservation back); reserved units count against ``max_units`` in ``add_units``
-and ``reserve`` but are never claimed. A store without ``counter`` gets a generic adapter in
-:mod:`pf_metered.meter.core` that reserves locally (per process) and counts with ``add_units``.
+The contract is code: :class:`Store` (a ``runtime_checkable`` Protocol: the whole contract,
+core and extensions) and :class:`BaseStore` (a base class with the defaults of every extension,
+so a new store writes only the seven core methods). ``open_store`` accepts an object only if
+``isinstance(obj, Store)``. The extensions and their defaults:
 
-Optional extension (owners): a store shared by processes MAY offer ``take_over(stream_id, *,
-lease_seconds=None) -> Intent | None`` and ``intent_lease`` (seconds). ``claim`` records the
-claiming process as the intent's owner; ``take_over`` returns the pending intent if this
-process owns it or its owner has not settled it within ``lease_seconds`` (default: the store's
-``intent_lease``), making this process its owner with a fresh claim time (so an owner that
-calls it before each retry renews its lease); else ``None``. The meter (re)sends a pending
-intent only when ``take_over`` hands it over: never one another live worker is sending.
+* ``counter(stream_id) -> UnitCounter``: the hot path of one stream (``add`` / ``reserve`` /
+  ``commit`` / ``cancel``). ``reserve(n)`` holds budget for a call that has not finished yet
+  (so a metered call is refused *before* it runs, and a call that raises gives its
+  reservation back); reserved units count against ``max_units`` but are never claimed.
+  Default: :class:`AddUnitsCounter`, which reserves per process and counts with
+  ``add_units``.
+* owners: ``claim`` records the claiming process as the intent's owner; ``take_over(stream_id,
+  *, lease_seconds=None)`` returns the pending intent if this store object owns it or its
+  owner has not settled it within ``lease_seconds`` (default ``intent_lease``), making this
+  one its owner with a fresh claim time; else ``None``. ``pending_owner`` says who holds the
+  pending intent and for how long (``resume`` refuses to take over a live owner's), ``owner``
+  is this store object's id (``host:pid:nonce``), ``reclaim`` gives back the budget leases of
+  processes that are gone. Defaults: no owners (``take_over`` hands out the pending intent,
+  ``pending_owner`` is ``None``, ``reclaim`` does nothing).
+* ``close()``: give back what the process holds; default: nothing to do.
+
 ``MemoryStore`` lives in one process, so it owns every intent it holds.
 """
 
@@ -50,6 +56,8 @@ from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
 from pf_metered.money import Rate, parse_rate
 
 __all__ = [
+    "AddUnitsCounter",
+    "BaseStore",
     "CallGate",
     "Intent",
     "MemoryStore",
@@ -172,7 +180,31 @@ def intent_amount_micro(rate: Rate, intent: Intent) -> int:
 
 @runtime_checkable
 class Store(Protocol):
-    """The contract of a meter store. Every method is atomic per stream."""
+    """The whole contract of a meter store (see the module docstring). Every method is
+    atomic per stream. Subclass :class:`BaseStore` to get the extensions' defaults."""
+
+    @property
+    def intent_lease(self) -> float:
+        """Seconds after which an unsettled intent's owner is presumed gone."""
+
+    @property
+    def owner(self) -> str:
+        """This store object's owner id on intents and leases (``""``: no owners)."""
+
+    def counter(self, stream_id: str) -> UnitCounter:
+        """The stream's hot-path handle."""
+
+    def take_over(self, stream_id: str, *, lease_seconds: float | None = None) -> Intent | None:
+        """The pending intent if it is ours to send (see the module docstring), else ``None``."""
+
+    def pending_owner(self, stream_id: str) -> tuple[str | None, float] | None:
+        """``(owner, age in seconds)`` of the pending intent, or ``None``."""
+
+    def reclaim(self, stream_id: str) -> None:
+        """Give back the budget leases of processes that are gone."""
+
+    def close(self) -> None:
+        """Give back what this process holds (leases, connections); idempotent."""
 
     def create(self, config: StreamConfig) -> None:
         """Register a new stream (status ``new``); ``InvalidInput`` if the id exists."""
@@ -256,6 +288,93 @@ class CallGate(UnitCounter, Protocol):
 
     def units_left(self) -> int | None:
         """Units the budget still pays (counted and reserved subtracted), if known locally."""
+
+
+class AddUnitsCounter:
+    """The default ``UnitCounter``: reservations held here (per process), counts through the
+    store's ``add_units``, which stays the authority on the budget."""
+
+    __slots__ = ("_known", "_lock", "_max", "_reserved", "_sid", "_store")
+
+    def __init__(self, store: Store, stream_id: str) -> None:
+        state = store.load(stream_id)
+        if state is None:
+            raise InvalidInput("stream_id", f"is not a known stream: {stream_id!r}")
+        self._store = store
+        self._sid = stream_id
+        self._max = state.config.max_units
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._known = state.units
+
+    def _check(self, units: int) -> None:
+        left = self._max - self._known - self._reserved
+        if units > left:
+            raise BudgetExhausted(
+                f"{units} more units would exceed the budget; {max(left, 0)} left",
+                remaining_units=max(left, 0),
+            )
+
+    def add(self, units: int) -> int:
+        with self._lock:
+            self._check(units)
+        total = self._store.add_units(self._sid, units)
+        self._known = max(self._known, total)
+        return total
+
+    def reserve(self, units: int) -> None:
+        with self._lock:
+            self._check(units)
+            self._reserved += units
+
+    def commit(self, units: int) -> int:
+        try:
+            total = self._store.add_units(self._sid, units)
+        finally:
+            with self._lock:
+                self._reserved -= units
+        self._known = max(self._known, total)
+        return total
+
+    def cancel(self, units: int) -> None:
+        with self._lock:
+            self._reserved -= units
+
+
+class BaseStore:
+    """The defaults of every extension of the :class:`Store` contract; subclass it and write
+    the seven core methods (``create``, ``load``, ``set_escrow``, ``add_units``, ``claim``,
+    ``settle``, ``mark_closed``). A store with owners overrides ``take_over``,
+    ``pending_owner``, ``owner`` and ``claim`` together."""
+
+    intent_lease: float = 30.0
+
+    @property
+    def owner(self) -> str:
+        return ""
+
+    def load(self, stream_id: str) -> StreamState | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_units(self, stream_id: str, units: int) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def counter(self, stream_id: str) -> UnitCounter:
+        return AddUnitsCounter(self, stream_id)  # type: ignore[arg-type]
+
+    def take_over(self, stream_id: str, *, lease_seconds: float | None = None) -> Intent | None:
+        """No owners: the pending intent, if any, is anyone's to send."""
+        state = self.load(stream_id)
+        return state.pending[0] if state is not None and state.pending else None
+
+    def pending_owner(self, stream_id: str) -> tuple[str | None, float] | None:
+        return None
+
+    def reclaim(self, stream_id: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 class _Record:
@@ -407,7 +526,7 @@ class _Record:
         )
 
 
-class MemoryStore:
+class MemoryStore(BaseStore):
     """The default store: one locked record per stream. Fast, and gone when the process is.
 
     Offers the ``counter`` extension: the meter counts straight into the stream's record, and

@@ -31,7 +31,7 @@ from pf_metered.meter.core import Meter, plan_stream
 from pf_metered.meter.open import StoreSpec, open_store
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt, StatusReport
-from pf_metered.meter.store import Store
+from pf_metered.meter.store import Store, StreamConfig
 from pf_metered.models import Escrow
 from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, micro_to_decimal, parse_count
 
@@ -432,6 +432,25 @@ class StreamBase:
         failure = self._failure
         assert failure is not None
         raise failure.with_traceback(None)
+
+    # ------------------------------------------------------------- resume
+    def adopt_stored(
+        self, config: StreamConfig, *, per: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Count on ``config`` exactly as the store holds it (``resume``, before ``open``).
+
+        Why: the stored config is the truth (rate already per unit, budget as locked); the
+        constructor's arguments only rebuilt its shape. The new meter finishes a close that
+        dead holders started without waiting for them.
+        """
+        if self._opened:
+            raise StreamClosed("adopt_stored() is for a stream that is not open yet")
+        self._meter = Meter(self._store, config, self._meter.policy, per=per, clock=clock)
+        self._meter.takeover = True
+
+    def note_transient(self, exc: BaseException) -> None:
+        """Remember a failure that a later send retries with the same key (``last_error``)."""
+        self._last_error = exc
 
     def _background_failed(self, exc: BaseException) -> None:
         self._last_error = exc

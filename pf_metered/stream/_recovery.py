@@ -44,7 +44,7 @@ from pf_metered.errors import (
     PFMeteredError,
     StreamBusy,
 )
-from pf_metered.meter.core import Meter, held_in_process
+from pf_metered.meter.core import held_in_process
 from pf_metered.meter.open import open_store
 from pf_metered.meter.store import (
     MemoryStore,
@@ -86,12 +86,9 @@ def _prepare(store_spec: object, stream_id: object) -> tuple[Store, StreamState]
     state = store.load(stream_id)
     if state is None:
         raise InvalidInput("stream_id", f"is not a stream in this store: {stream_id!r}")
-    take_over = getattr(store, "take_over", None)
-    if callable(take_over) and state.pending:
-        take_over(stream_id, lease_seconds=_takeover_lease(store, stream_id, state))
-    reclaim = getattr(store, "reclaim", None)
-    if callable(reclaim):
-        reclaim(stream_id)
+    if state.pending:
+        store.take_over(stream_id, lease_seconds=_takeover_lease(store, stream_id, state))
+    store.reclaim(stream_id)
     reloaded = store.load(stream_id)
     assert reloaded is not None
     return store, reloaded
@@ -107,12 +104,11 @@ def _takeover_lease(store: Store, stream_id: str, state: StreamState) -> float:
     says whether it is alive; for another host's owner its claim must be older than the
     store's ``intent_lease`` (an owner renews it before every retry).
     """
-    info_of = getattr(store, "pending_owner", None)
-    info = info_of(stream_id) if callable(info_of) else None
+    info = store.pending_owner(stream_id)
     if info is None:
         return 0.0
     owner, age = info
-    if owner is None or owner == getattr(store, "owner", None):
+    if owner is None or owner == store.owner:
         return 0.0
     intent = state.pending[0]
     if owner_in_this_process(owner):
@@ -128,7 +124,7 @@ def _takeover_lease(store: Store, stream_id: str, state: StreamState) -> float:
     alive = owner_alive(owner)
     if alive is False:
         return 0.0
-    lease = float(getattr(store, "intent_lease", 30.0))  # ok: seconds
+    lease = float(store.intent_lease)  # ok: seconds
     what = (
         f"stream {stream_id}: release {intent.idempotency_key} (units {intent.units_from + 1}-"
         f"{intent.units_to}) is held by {owner}"
@@ -222,8 +218,7 @@ def _rebuild(
         **kw,
     )
     # The stored config (rate already per unit, budget as locked) is the truth.
-    stream._meter = Meter(store, cfg, stream._meter.policy, per=per, clock=clock)
-    stream._meter.takeover = True  # its holders are gone: finish a close they started
+    stream.adopt_stored(cfg, per=per, clock=clock)
     return stream
 
 
@@ -263,7 +258,7 @@ def resume_sync(
         except PFMeteredError as exc:
             if not is_transient(exc):
                 raise
-            stream._last_error = exc  # the worker (or close) retries with the same key
+            stream.note_transient(exc)  # the worker (or close) retries with the same key
     return stream
 
 
@@ -303,7 +298,7 @@ async def resume_async(
         except PFMeteredError as exc:
             if not is_transient(exc):
                 raise
-            stream._last_error = exc
+            stream.note_transient(exc)
     return stream
 
 

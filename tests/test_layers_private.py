@@ -1,0 +1,76 @@
+"""No layer reads another's private attributes (issue 14.2): contracts are public methods.
+
+The decorator, the LangChain handler, the tools and recovery count through ``StreamBase``'s
+public counting API (``reserve`` / ``commit`` / ``cancel`` / ``record_up_to`` / ``can_pay`` /
+``units_left``); stores are reached through the ``Store`` contract. This test greps the package
+for the reaches that existed before (``stream._meter``, ``s._committed``, ``_Record`` fields,
+SQLite's ``_LIVE``) and for their shapes in general.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pf_metered
+
+ROOT = Path(pf_metered.__file__).parent
+
+# (pattern, the only module allowed to use it (relative to the package), why)
+RULES: list[tuple[str, str | None, str]] = [
+    (r"(?<![.\w])(?:stream|s|st|streams?\[\w+\])\._[a-z]\w*", None, "a stream's private attribute"),
+    (r"(?<!self)\._meter\b", None, "a stream's private meter"),
+    (r"\._committed\b", None, "the stream's old private wake-up"),
+    (r"\b_Record\b", "meter/store.py", "the in-memory store's private record"),
+    (r"\b_LIVE\b", None, "a store module's private registry"),
+    (r"getattr\(\s*\w+\s*,\s*['\"]_[a-z]", None, "a private attribute probed by name"),
+]
+
+_DEFINES_LIVE = {"meter/sqlite_store.py", "meter/redis_store.py"}
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """Source lines without comments and docstring-ish prose lines (``>>>``-free heuristic:
+    a line whose stripped text starts with a quote or is inside a triple-quoted block)."""
+    out: list[tuple[int, str]] = []
+    in_doc = False
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0] if "#" in line and '"' not in line.split("#", 1)[0] else line
+        quotes = text.count('"""') + text.count("'''")
+        if in_doc:
+            if quotes % 2:
+                in_doc = False
+            continue
+        if quotes % 2:
+            in_doc = True
+            continue
+        if quotes:  # a one-line docstring
+            continue
+        out.append((no, text))
+    return out
+
+
+def test_no_cross_module_private_reaches() -> None:
+    found: list[str] = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for no, text in _code_lines(path):
+            for pattern, allowed, why in RULES:
+                if allowed == rel or (pattern == r"\b_LIVE\b" and rel in _DEFINES_LIVE):
+                    continue
+                for match in re.finditer(pattern, text):
+                    found.append(f"{rel}:{no}: {match.group(0)!r} ({why})")
+    assert not found, "\n".join(found)
+
+
+def test_the_rules_catch_what_they_name() -> None:
+    """The patterns are live: each one matches the reach it was written for."""
+    samples = [
+        "meter = stream._meter",
+        "s._committed(total)",
+        "if isinstance(counter, _Record):",
+        "for store in list(sqlite_mod._LIVE):",
+        'woken = getattr(stream, "_committed", None)',
+    ]
+    for sample in samples:
+        assert any(re.search(p, sample) for p, _, _ in RULES), sample
