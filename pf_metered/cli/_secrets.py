@@ -83,8 +83,11 @@ def resolve_api_key(*, prompt: bool = True) -> str:
     if prompt and sys.stdin is not None and sys.stdin.isatty():
         try:
             key = getpass.getpass(f"Purple Flea API key ({ENV_KEY} is not set; input hidden): ")
-        except EOFError:  # Ctrl-D; Ctrl-C (KeyboardInterrupt) goes up: exit 130
+        except EOFError:  # Ctrl-D
             key = ""
+        except KeyboardInterrupt:  # Ctrl-C: end the prompt's line, then exit 130 (main)
+            sys.stderr.write("\n")
+            raise
         key = key.strip()
         if key:
             remember_secret(key)
