@@ -288,8 +288,7 @@ class Metered:
         def metered_call(*args: Any, **kwargs: Any) -> Any:
             nonlocal lane
             if lane is None:
-                s = ensure()
-                lane = (s.reserve, s.commit, s.cancel)
+                lane = ensure().lane()
             reserve, commit, cancel = lane
             token = reserve(reserve_n)  # refuses before the call runs
             try:
@@ -339,6 +338,29 @@ class Metered:
         plain = self._carry is None and isinstance(self.units, int)
         count_unpaid = self._count_unpaid
         opened: StreamBase | None = None
+        lane: tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]] | None
+        lane = None
+
+        async def metered_plain(*args: Any, **kwargs: Any) -> Any:
+            nonlocal lane
+            if lane is None:
+                lane = (await ensure()).lane()
+            reserve, commit, cancel = lane
+            token = reserve(reserve_n)  # refuses before the coroutine runs
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException:
+                if charge:
+                    commit(token)
+                else:
+                    cancel(token)
+                raise
+            if commit(token):
+                count_unpaid(reserve_n)
+            return result
+
+        if plain:
+            return metered_plain
 
         async def metered_async(*args: Any, **kwargs: Any) -> Any:
             nonlocal opened
@@ -346,18 +368,6 @@ class Metered:
             if s is None:
                 s = opened = await ensure()
             token = s.reserve(reserve_n)
-            if plain:
-                try:
-                    result = await fn(*args, **kwargs)
-                except BaseException:
-                    if charge:
-                        s.commit(token)
-                    else:
-                        s.cancel(token)
-                    raise
-                if s.commit(token):
-                    count_unpaid(reserve_n)
-                return result
             t0 = perf()
             try:
                 result = await fn(*args, **kwargs)

@@ -155,3 +155,42 @@ def test_call_finishing_after_the_wait_is_logged_not_raised(
     assert receipt.units == 0 and receipt.paid_micro == 0
     assert stream.late_units == 1
     assert any("after close" in r.getMessage() for r in caplog.records)
+
+
+def test_async_stream_close_waits_for_a_running_coroutine(
+    agents: Any, announced: _Announced
+) -> None:
+    """The async twin: the running coroutine is on the same loop as close(), so close waits
+    off the loop; the coroutine then finishes and its unit is paid."""
+    import asyncio
+
+    from pf_metered import AsyncPaymentStream
+
+    async def main() -> None:
+        stream = await AsyncPaymentStream(
+            agents.aclient, agents.provider.agent_id, RATE, batch=2, budget="10"
+        ).open()
+        inside, leave = asyncio.Event(), asyncio.Event()
+
+        @metered(stream=stream)
+        async def work(x: int) -> int:
+            if x == 21:
+                inside.set()
+                await leave.wait()
+            return x * 2
+
+        for i in range(5):
+            assert await work(i) == i * 2
+        call = asyncio.ensure_future(work(21))
+        await inside.wait()
+        closing = asyncio.ensure_future(stream.close())
+        loop = asyncio.get_running_loop()  # the loop runs close() while this waits
+        assert await loop.run_in_executor(None, announced.event.wait, 10)
+        leave.set()
+        assert await call == 42
+        receipt = await closing
+        assert receipt.units == 6 and receipt.paid_micro == 6 * RATE_MICRO
+        escrow = agents.escrow(stream.escrow_id)
+        assert escrow.released_micro == receipt.paid_micro
+
+    asyncio.run(main())

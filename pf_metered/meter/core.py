@@ -30,6 +30,7 @@ from pf_metered.meter.policy import BatchPolicy, every, parse_seconds
 from pf_metered.meter.receipt import Receipt, ReleaseRecord, StatusReport
 from pf_metered.meter.store import (
     CallGate,
+    FastLane,
     Intent,
     MemoryStore,
     Store,
@@ -399,7 +400,7 @@ class Meter:
         self._next_adopt_at = 0.0
         self._last_release_at = clock()
         self._memos: dict[int, str] = {}
-        self.due_at: int = _NEVER
+        self._due_at: int = _NEVER
         self.add: Callable[[int], int] = _not_open
         self.reserve: Callable[[int], None] = _not_open_none
         self.commit: Callable[[int], int] = _not_open
@@ -448,11 +449,36 @@ class Meter:
                     intent = self._adoptable(legacy=state.pending[0])
                     if intent is not None:
                         self._hold(intent, adopted=True)
+        self.counter = counter
         self.due_at = claimed + self._batch if self._batch else _NEVER
         self._last_release_at = self._clock()
-        self.counter = counter
         self.add, self.reserve = counter.add, counter.reserve
         self.commit, self.cancel = counter.commit, counter.cancel
+
+    @property
+    def due_at(self) -> int:
+        """The unit total at which a batch is due (the driver wakes its sender)."""
+        return self._due_at
+
+    @due_at.setter
+    def due_at(self, value: int) -> None:
+        self._due_at = value
+        counter = self.counter
+        if isinstance(counter, FastLane):
+            counter.due_at = value  # the lane's own pre-check of "a batch is due"
+
+    def block_calls(self, failure: BaseException | None) -> None:
+        """Refuse new reservations with ``failure`` (the stream's permanent failure), or stop."""
+        counter = self.counter
+        if isinstance(counter, FastLane):
+            counter.blocked = failure
+
+    def lane(
+        self, on_due: Callable[[int], None], on_late: Callable[[int], None]
+    ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]] | None:
+        """The counter's closures when it has a fast lane (see ``FastLane``), else ``None``."""
+        counter = self.counter
+        return counter.lane(on_due, on_late) if isinstance(counter, FastLane) else None
 
     # ------------------------------------------------------------- batching
     def seconds_until_due(self) -> float | None:

@@ -49,6 +49,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -59,6 +60,7 @@ __all__ = [
     "AddUnitsCounter",
     "BaseStore",
     "CallGate",
+    "FastLane",
     "Intent",
     "MemoryStore",
     "Store",
@@ -290,6 +292,28 @@ class CallGate(UnitCounter, Protocol):
         """Units the budget still pays (counted and reserved subtracted), if known locally."""
 
 
+@runtime_checkable
+class FastLane(Protocol):
+    """A gate that can hand out its hot path as three plain closures (the in-memory record).
+
+    ``lane(on_due, on_late)`` returns ``(reserve, commit, cancel)`` with the semantics of
+    ``StreamBase.reserve`` / ``commit`` / ``cancel`` for plain calls: ``reserve(n)`` returns
+    the token (``n``) or raises (``blocked`` first, then ``StreamClosed`` / ``BudgetExhausted``);
+    ``commit(token)`` counts it and returns the units not paid (``0``; ``token`` when the stream
+    closed while the call ran: ``on_late(token)`` is told), calling ``on_due(total)`` once the
+    total reaches ``due_at``; ``cancel(token)`` gives it back. Why closures: each is one Python
+    call over one lock, with no layer in between.
+    """
+
+    due_at: int
+    blocked: BaseException | None
+
+    def lane(
+        self, on_due: Callable[[int], None], on_late: Callable[[int], None]
+    ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]]:
+        """The three closures (see the class docstring)."""
+
+
 class AddUnitsCounter:
     """The default ``UnitCounter``: reservations held here (per process), counts through the
     store's ``add_units``, which stays the authority on the budget."""
@@ -389,9 +413,11 @@ class _Record:
     """
 
     __slots__ = (
+        "blocked",
         "claimed_units",
         "config",
         "draining",
+        "due_at",
         "escrow_id",
         "idle",
         "late_units",
@@ -421,6 +447,8 @@ class _Record:
         self.draining = False  # close began: no new reservation
         self.idle = threading.Event()  # set once draining and no reservation is held
         self.late_units = 0
+        self.blocked: BaseException | None = None  # a stream's permanent failure: refuse calls
+        self.due_at = 1 << 62  # the meter's batch threshold (``FastLane``)
         self.claimed_units = 0
         self.paid_micro = 0
         self.releases = 0
@@ -491,6 +519,59 @@ class _Record:
         if self.draining and not held:
             self.idle.set()
         lock.release()
+
+    # FastLane: the same reserve/commit/cancel as closures over this record's lock.
+    def lane(
+        self, on_due: Callable[[int], None], on_late: Callable[[int], None]
+    ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]]:
+        rec = self
+        lock = self.lock
+        acquire, release = lock.acquire, lock.release
+        idle = self.idle
+
+        def reserve(units: int) -> int:
+            blocked = rec.blocked
+            if blocked is not None:
+                raise blocked.with_traceback(None)
+            acquire()
+            held = rec.reserved + units
+            if rec.status != "open" or rec.draining or rec.units + held > rec.max_units:
+                refusal = rec._refuse(units)
+                release()
+                raise refusal
+            rec.reserved = held
+            release()
+            return units
+
+        def commit(units: int) -> int:
+            acquire()
+            held = rec.reserved - units
+            rec.reserved = held
+            if rec.status != "open":  # after the final claim: counted late, not paid
+                rec.late_units += units
+                if not held:
+                    idle.set()
+                release()
+                on_late(units)
+                return units
+            total = rec.units + units
+            rec.units = total
+            if rec.draining and not held:
+                idle.set()
+            release()
+            if total >= rec.due_at:
+                on_due(total)
+            return 0
+
+        def cancel(units: int) -> None:
+            acquire()
+            held = rec.reserved - units
+            rec.reserved = held
+            if rec.draining and not held:
+                idle.set()
+            release()
+
+        return reserve, commit, cancel
 
     # CallGate: close's phases (the final claim itself seals: it moves status off "open").
     def stop_calls(self) -> None:

@@ -241,7 +241,7 @@ class AsyncPaymentStream(StreamBase):
         if not self._opened:
             return
         async with self._bind_loop():
-            self._failure = None
+            self._reset_failure()
             await self._drain(flush=True)
 
     # ----------------------------------------------------------------- close
@@ -273,7 +273,7 @@ class AsyncPaymentStream(StreamBase):
                 if not self._opened:
                     self._receipt = self._empty_receipt()
                     return self._receipt
-                self._failure = None
+                self._reset_failure()
                 stop_locking = getattr(self._client, "closing", None)  # tranche chain
                 if stop_locking is not None:
                     stop_locking()  # close never locks a tranche it will not release

@@ -336,6 +336,39 @@ class StreamBase:
         """The work ``token`` was reserved for failed: give the budget back, count nothing."""
         self._meter.cancel(token)
 
+    def lane(
+        self,
+    ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]]:
+        """The counting API's fast lane: ``(reserve, commit, cancel)`` for plain calls.
+
+        Same semantics as :meth:`reserve`, :meth:`commit` (without ``units``) and
+        :meth:`cancel`, as three callables bound once (``@metered`` takes them on its first
+        call). On the in-memory store they are the record's own closures — one Python call
+        over one lock each, no layer between; elsewhere they are these methods. Valid while
+        the stream is open; after close they refuse (reserve) or count late (commit).
+        """
+        fast = self._meter.lane(self._lane_due, self._lane_late) if self._opened else None
+        return fast if fast is not None else (self.reserve, self.commit, self.cancel)
+
+    def _lane_due(self, total: int) -> None:
+        if total >= self._meter.due_at and not self._woken:
+            self._woken = True
+            self._wake()
+
+    def _lane_late(self, units: int) -> None:
+        log.warning(
+            "stream %s: %d unit(s) of a call that finished after close were not paid "
+            "(close_wait=%g s)",
+            self.stream_id[:12],
+            units,
+            self._close_wait,
+        )
+
+    def _reset_failure(self) -> None:
+        """A flush or close tries again: calls are no longer refused for the old failure."""
+        self._failure = None
+        self._meter.block_calls(None)
+
     def record_up_to(self, units: int) -> int:
         """Count ``units`` of work already done, as far as the budget goes; return the rest.
 
@@ -456,6 +489,7 @@ class StreamBase:
         self._last_error = exc
         if not is_transient(exc):
             self._failure = exc
+            self._meter.block_calls(exc)
 
     def _closer_gone(self, state: str, since: float | None) -> float | None:
         """While waiting for another worker's close: when the wait for its refund began

@@ -234,7 +234,7 @@ class PaymentStream(StreamBase):
         if not self._opened:
             return
         with self._send_lock:
-            self._failure = None
+            self._reset_failure()
             self._drain(flush=True)
 
     # ----------------------------------------------------------------- close
@@ -262,7 +262,7 @@ class PaymentStream(StreamBase):
                 if not self._opened:
                     self._receipt = self._empty_receipt()
                     return self._receipt
-                self._failure = None
+                self._reset_failure()
                 stop_locking = getattr(self._client, "closing", None)  # tranche chain
                 if stop_locking is not None:
                     stop_locking()  # close never locks a tranche it will not release
