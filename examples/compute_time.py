@@ -46,8 +46,10 @@ def main() -> None:
     def sim_ns() -> int:  # simulated time: the wall clock, sped up
         return int((time.monotonic_ns() - start) * args.speedup)
 
+    fail_after_ns = int(args.fail_after * 3600 * 10**9)  # simulated hours, as ns
+
     def heartbeat() -> bool:
-        return sim_ns() < args.fail_after * 3600 * 10**9
+        return sim_ns() < fail_after_ns
 
     stopped = threading.Event()
     s = PaymentStream(

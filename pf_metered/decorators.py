@@ -41,7 +41,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Generator
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast, overload
 
 import wrapt
 
@@ -546,8 +546,58 @@ def _register_for_exit(stream: StreamBase) -> None:
     _lifecycle.track(stream, close_at_exit=True)
 
 
+# Typing: ``@metered`` (bare) and ``metered(f, ...)`` give back the function with its own type
+# (so a caller's ``mypy --strict`` keeps checking its arguments and result); ``metered(...)``
+# gives the ``Metered`` object, a decorator (``Metered.__call__`` keeps the type too) and a
+# context manager.
+@overload
 def metered(
-    func: Callable[..., Any] | None = None,
+    func: F,
+    /,
+    *,
+    stream: StreamBase | None = ...,
+    rate: AmountLike | None = ...,
+    batch: int | BatchPolicy | None = ...,
+    every: float | int | str | Decimal | BatchPolicy | None = ...,
+    to: str | None = ...,
+    budget: AmountLike | None = ...,
+    max_units: int | None = ...,
+    client: Any = ...,
+    units: UnitsSpec = ...,
+    per: str = ...,
+    charge_errors: bool = ...,
+    auto_release_hours: int | None = ...,
+    memo: str | None = ...,
+    store: Store | None = ...,
+    timer: Callable[[], int] = ...,
+) -> F: ...
+
+
+@overload
+def metered(
+    func: None = None,
+    /,
+    *,
+    stream: StreamBase | None = ...,
+    rate: AmountLike | None = ...,
+    batch: int | BatchPolicy | None = ...,
+    every: float | int | str | Decimal | BatchPolicy | None = ...,
+    to: str | None = ...,
+    budget: AmountLike | None = ...,
+    max_units: int | None = ...,
+    client: Any = ...,
+    units: UnitsSpec = ...,
+    per: str = ...,
+    charge_errors: bool = ...,
+    auto_release_hours: int | None = ...,
+    memo: str | None = ...,
+    store: Store | None = ...,
+    timer: Callable[[], int] = ...,
+) -> Metered: ...
+
+
+def metered(
+    func: F | None = None,
     /,
     *,
     stream: StreamBase | None = None,
@@ -565,7 +615,7 @@ def metered(
     memo: str | None = None,
     store: Store | None = None,
     timer: Callable[[], int] = time.perf_counter_ns,
-) -> Any:
+) -> F | Metered:
     """Meter a callable (``@metered(...)``) or a block (``with metered(...):``).
 
     ``stream=`` pays through an existing stream; otherwise ``rate``, ``to`` and ``budget``
