@@ -15,6 +15,7 @@ close, against the sandbox, with a SQLite journal. Invariants after every step:
 from __future__ import annotations
 
 import contextlib
+import gc
 import tempfile
 import uuid
 from pathlib import Path
@@ -26,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pf_metered.errors import BudgetExhausted, PFMeteredError, StreamClosed
 from pf_metered.meter.sqlite_store import SQLiteStore
-from pf_metered.meter.store import intent_amount_micro
+from pf_metered.meter.store import StreamState, intent_amount_micro
 from pf_metered.sandbox import Sandbox
 from pf_metered.stream import PaymentStream
 
@@ -59,15 +60,19 @@ class StreamMachine(RuleBasedStateMachine):
             stream_id=uuid.uuid4().hex,
         )
         self.stream.open()
+        self.sid = self.stream.stream_id
         self.units = 0
         self.closed = False
         self.seen_closing = False
         """Once closing (a failed close claimed the final intent), never open again."""
 
-    def _status(self) -> str:
-        state = self.store.load(self.stream.stream_id)
+    def _state(self) -> StreamState:
+        state = self.store.load(self.sid)
         assert state is not None
-        return state.status
+        return state
+
+    def _status(self) -> str:
+        return self._state().status
 
     def teardown(self) -> None:
         self.sandbox.close()
@@ -114,12 +119,18 @@ class StreamMachine(RuleBasedStateMachine):
 
     @rule()
     def crash_and_resume(self) -> None:
-        # The old process is gone: its objects are dropped, its file handle too.
-        sid = self.stream.stream_id
+        # The old process is gone: its objects are dropped, its file handle too. With a release
+        # pending they are also collected: a stream still alive in this process may be sending
+        # it, and resume rightly refuses to take over a live sender's release (StreamBusy).
+        del self.stream
+        if self._state().pending:
+            gc.collect()
         self.store = SQLiteStore(self.path)
         for _ in range(50):
             try:
-                self.stream = PaymentStream.resume(self.store, sid, self.client, background=False)
+                self.stream = PaymentStream.resume(
+                    self.store, self.sid, self.client, background=False
+                )
                 break
             except PFMeteredError:
                 continue
