@@ -643,3 +643,31 @@ async def test_escrow_release_whole_on_the_deployed_dialect_async():
         assert receipt["paid"] == "0.12" and receipt["refunded"] == "0.00"
     finally:
         w.close()
+
+
+async def test_a_lost_create_is_settled_by_aclose_all(pf_world):
+    from conftest import LoseAnswers
+
+    lose = LoseAnswers(pf_world.sandbox.transport())
+    aclient = pf_world.sandbox.async_client(pf_world.payer.api_key, transport=lose, max_retries=1)
+    ctx = ToolContext(async_client=aclient, caps=Caps(max_total="10"))
+    p = pf_world.provider.agent_id
+    lose.rules[("POST", "/api/v1/escrow")] = 4
+    with pytest.raises(ToolError) as info:
+        await get_definition("stream_open").acall(
+            ctx, {"provider": p, "rate": "0.01", "budget": "6"}
+        )
+    assert info.value.kind == "ambiguous"
+    lose.rules[("POST", "/api/v1/escrow")] = 4
+    with pytest.raises(ToolError) as info:
+        await get_definition("escrow_create").acall(ctx, {"to_agent_id": p, "amount": "3"})
+    assert info.value.kind == "ambiguous"
+    lose.rules.clear()
+    with pytest.raises(ToolError) as info:  # 6 + 3 held: 2 more would pass 10
+        await get_definition("escrow_create").acall(ctx, {"to_agent_id": p, "amount": "2"})
+    assert info.value.kind == "cap_exceeded"
+    await ctx.aclose_all()
+    assert ctx.pending_creates() == [] and ctx.locked_micro == 0
+    assert pf_world.balance() == Decimal("100")
+    pf_world.sandbox.audit()
+    await aclient.aclose()
