@@ -145,9 +145,13 @@ class ToolContext:
 
     @property
     def dialect(self) -> str | None:
-        """The API dialect the clients speak (``"v1"``, ``"deployed"``), as they declare it."""
+        """The API dialect the clients speak (``"v1"``, ``"deployed"``), or ``None`` while
+        it is not known: a client that finds its dialect by asking the host has not asked yet,
+        and describing a tool must never send a request."""
         for client in (self.client, self.async_client):
             if client is not None:
+                if not getattr(client, "dialect_resolved", True):
+                    return None
                 return client.capabilities.dialect
         return None  # pragma: no cover - the constructor requires a client
 

@@ -189,11 +189,11 @@ def _released(before: Escrow, after: Escrow) -> Answer:
 def _release(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
     client = _sync(ctx)
     amount = _release_prepare(ctx, args)
-    partial = client.capabilities.supports_partial_release
+    before = client.get_escrow(args.escrow_id)  # first: a client that probes its dialect has
+    partial = client.capabilities.supports_partial_release  # found it by now
     if partial and amount is not None:
         escrow = client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
         return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
-    before = client.get_escrow(args.escrow_id)
     _whole_amount(before, amount, partial)
     return _released(before, client.release(args.escrow_id, memo=args.memo))
 
@@ -203,11 +203,11 @@ async def _arelease(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
     if client is None:
         return await asyncio.to_thread(_release, ctx, args)
     amount = _release_prepare(ctx, args)
+    before = await client.get_escrow(args.escrow_id)  # resolves a probed dialect first
     partial = client.capabilities.supports_partial_release
     if partial and amount is not None:
         escrow = await client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
         return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
-    before = await client.get_escrow(args.escrow_id)
     _whole_amount(before, amount, partial)
     return _released(before, await client.release(args.escrow_id, memo=args.memo))
 
