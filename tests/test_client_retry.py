@@ -314,3 +314,78 @@ def test_max_retries_zero_sends_once(make_client) -> None:
         client.get_escrow("esc_1")
     assert len(rec.requests) == 1
     assert client.sleeps == []
+
+
+# -- total deadlines (issue 13 item 9) -----------------------------------------------------
+
+DRIP_EVERY = 0.1
+"""The server's pace: far inside the client's read timeout, so only a total deadline ends it."""
+
+
+def _dripper(kind: str) -> Any:
+    """A server that answers one byte at a time, for ever (until the client goes away)."""
+
+    def behave(conn: Any, listener: Any) -> None:
+        listener.read_request_head(conn)
+        if kind == "status-line":
+            head = b""
+        elif kind == "headers":
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        elif kind == "body":
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        else:  # chunked
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        conn.sendall(head)
+        drip = {"status-line": b"HTTP/1.1 200 OK"[:1], "headers": b"X", "body": b" "}
+        while not listener.stopped.wait(DRIP_EVERY):
+            conn.sendall(drip.get(kind, b"1\r\n \r\n"))
+            if kind == "status-line":
+                drip["status-line"] = b"H"  # never a complete status line
+
+    return behave
+
+
+@pytest.mark.parametrize("kind", ["status-line", "headers", "body", "chunked"])
+def test_a_dripping_server_cannot_keep_a_call_alive(make_client, kind: str) -> None:
+    import time
+
+    from loopkit import Listener
+
+    total = 1.5
+    with Listener(_dripper(kind)) as server:
+        client = make_client(
+            base_url=server.url + "/api/v1", timeout=0.5, total_timeout=total, max_retries=1
+        )
+        started = time.monotonic()
+        with pytest.raises(errors.APITimeout) as info:
+            client.get_escrow("esc_1")
+        elapsed = time.monotonic() - started
+        assert "total_timeout" in str(info.value)
+        # a POST whose answer dripped away is ambiguous, with its key to retry or reconcile by
+        with pytest.raises(errors.AmbiguousRelease) as ambiguous:
+            client.release_partial("esc_1", "1.00")
+        assert ambiguous.value.idempotency_key  # the key to retry with, or to reconcile by
+        assert "idempotency_key" in str(ambiguous.value)
+    assert elapsed < 5 * total
+
+
+def test_retry_after_waits_only_as_long_as_the_deadline_allows(make_client) -> None:
+    rec = Recorder(
+        lambda req: httpx.Response(
+            429,
+            json={"error": "rate_limited", "message": "slow"},
+            headers={"Retry-After": "100000"},
+        )
+    )
+    client = make_client(transport=rec.transport, total_timeout=100, max_retries=3)
+    with pytest.raises(errors.APITimeout) as info:
+        client.get_escrow("esc_1")
+    assert client.sleeps == [RETRY_AFTER_CAP]  # a second 60 s wait would pass the deadline
+    assert len(rec.requests) == 2
+    assert "total_timeout=100" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "10", float("inf"), 10**6])
+def test_total_timeout_is_validated(make_client, bad: object) -> None:
+    with pytest.raises(errors.ConfigError, match="total_timeout"):
+        make_client(total_timeout=bad)

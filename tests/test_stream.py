@@ -622,3 +622,68 @@ def test_the_callers_decimal_context_does_not_change_what_is_billed(agents):
             assert c.tick()
     assert s.receipt.paid == Decimal("7.407407")
     assert s.receipt.refunded == Decimal("10.5") - Decimal("7.407407")
+
+
+# -- close() is bounded (issue 13 item 9) ------------------------------------------------
+
+
+def _hanging_release(sb):
+    entered, go_on = threading.Event(), threading.Event()
+
+    def hang(request) -> None:
+        if request.path.endswith("release-partial") and not go_on.is_set():
+            entered.set()
+            go_on.wait(30)
+
+    sb.before_handle = hang
+    return entered, go_on
+
+
+def test_close_gives_up_on_a_hung_background_send_and_says_how_to_finish():
+    from pf_metered.errors import APITimeout
+    from pf_metered.sandbox import Sandbox
+
+    with Sandbox() as sb:
+        payer, provider = sb.add_agent(balance="20"), sb.add_agent()
+        entered, go_on = _hanging_release(sb)
+        s = PaymentStream(
+            sb.client(payer.api_key),
+            provider.agent_id,
+            "0.01",
+            batch=10,
+            budget="1",
+            close_wait=0.3,
+        ).open()
+        s.record(10)  # due: the background sender sends it, and the escrow service hangs
+        assert entered.wait(10)
+        with pytest.raises(APITimeout) as info:
+            s.close()
+        message = str(info.value)
+        assert "close_wait" in message and "close() again" in message and "resume" in message
+        assert "10 units" in message and s.stream_id in message
+        go_on.set()  # the service answers at last: the same close finishes the stream
+        receipt = s.close()
+    assert receipt.units == 10 and receipt.paid == Decimal("0.10")
+    assert receipt.refunded == Decimal("0.90")
+
+
+async def test_async_close_gives_up_on_a_hung_background_send_and_says_how_to_finish():
+    from pf_metered.errors import APITimeout
+    from pf_metered.sandbox import Sandbox
+
+    with Sandbox() as sb:
+        payer, provider = sb.add_agent(balance="20"), sb.add_agent()
+        entered, go_on = _hanging_release(sb)
+        client = sb.async_client(payer.api_key)
+        s = await AsyncPaymentStream(
+            client, provider.agent_id, "0.01", batch=10, budget="1", close_wait=0.3
+        ).open()
+        s.record(10)
+        assert await asyncio.to_thread(entered.wait, 10)
+        with pytest.raises(APITimeout) as info:
+            await s.close()
+        assert "close() again" in str(info.value) and "resume" in str(info.value)
+        go_on.set()
+        receipt = await s.close()
+        await client.aclose()
+    assert receipt.units == 10 and receipt.paid == Decimal("0.10")

@@ -11,6 +11,7 @@ hold the API key anywhere but the base's :class:`~pf_metered.client._secrets.Sec
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from types import TracebackType
@@ -23,7 +24,13 @@ from pf_metered.models import Escrow, FaucetClaim, Release, ReleasePage
 
 from ._base import HISTORY_PAGE, Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
 from ._dialect import Dialect, RequestSpec
-from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._retry import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TOTAL_TIMEOUT,
+    CallDeadline,
+    check_total_timeout,
+)
 from ._secrets import trust_env_for
 
 __all__ = ["AsyncEscrowClient"]
@@ -47,6 +54,7 @@ class AsyncEscrowClient(BaseEscrowClient):
         base_url: str | None = None,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         server_honours_idempotency: bool | None = None,
         dialect: Dialect | str | None = None,
@@ -66,7 +74,10 @@ class AsyncEscrowClient(BaseEscrowClient):
             raise ConfigError(
                 "AsyncEscrowClient needs an async httpx transport (httpx.AsyncBaseTransport)"
             )
+        self._total_timeout = check_total_timeout(total_timeout)
+        self._timeout_seconds = float(timeout)  # ok: seconds; validated by the base
         self._sleep: Callable[[float], Awaitable[None]] = _sleep or asyncio.sleep
+        self._real_sleep = _sleep is None
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=self._timeout,
@@ -77,24 +88,46 @@ class AsyncEscrowClient(BaseEscrowClient):
 
     # -- the driver ----------------------------------------------------------------------
 
+    @property
+    def total_timeout(self) -> float:
+        """Seconds one call may take in all (attempts, read-backs and waits)."""
+        return self._total_timeout
+
     async def _run(self, op: Op[T]) -> T:
+        clock = CallDeadline(self._total_timeout, real_sleep=self._real_sleep)
         outcome: Outcome = None
         try:
             while True:
                 action = op.send(outcome)
                 if isinstance(action, Sleep):
-                    await self._sleep(action.seconds)
+                    if clock.may_wait(action.seconds):
+                        await self._sleep(action.seconds)
                     outcome = None
                 else:
-                    outcome = await self._send(action.spec)
+                    outcome = clock.refusal() or await self._send(action.spec, clock.at)
         except StopIteration as done:
             result: T = done.value
             return result
 
-    async def _send(self, spec: RequestSpec) -> Answer | Exception:
+    async def _send(self, spec: RequestSpec, at: float) -> Answer | Exception:
+        left = max(at - time.monotonic(), 0.001)
         request = self._http.build_request(
-            spec.method, self._url(spec), headers=self._headers(spec), content=spec.body
+            spec.method,
+            self._url(spec),
+            headers=self._headers(spec),
+            content=spec.body,
+            timeout=httpx.Timeout(min(self._timeout_seconds, left)),
         )
+        try:
+            # the whole exchange, however the server paces its bytes, within what is left
+            return await asyncio.wait_for(self._exchange_io(request), left)
+        except asyncio.TimeoutError:
+            return httpx.ReadTimeout(
+                "the call's total deadline (total_timeout) passed during the exchange",
+                request=request,
+            )
+
+    async def _exchange_io(self, request: httpx.Request) -> Answer | Exception:
         try:
             response = await self._http.send(request, stream=True)
             try:

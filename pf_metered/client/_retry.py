@@ -27,15 +27,22 @@ from typing import Final
 
 import httpx
 
+from pf_metered.errors import ConfigError
+
 __all__ = [
     "BACKOFF_BASE",
     "BACKOFF_CAP",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_TOTAL_TIMEOUT",
     "JITTER",
+    "MAX_TOTAL_TIMEOUT",
     "RETRY_AFTER_CAP",
+    "CallDeadline",
+    "DeadlinePassed",
     "Verdict",
     "backoff_delay",
+    "check_total_timeout",
     "classify_exception",
     "classify_status",
     "parse_retry_after",
@@ -43,6 +50,17 @@ __all__ = [
 
 DEFAULT_TIMEOUT: Final = 30.0
 """Seconds for each of connect, read, write and pool acquisition of one attempt."""
+
+DEFAULT_TOTAL_TIMEOUT: Final = 120.0
+"""Seconds one logical call may take in all — every attempt, read-back and wait between them.
+
+Why a total as well as :data:`DEFAULT_TIMEOUT`: that one bounds each socket operation, so a
+server that sends a byte just inside it keeps a call alive for ever. Past the total deadline
+a driver sends nothing more and the call ends (``APITimeout``, or for a POST whose answer was
+lost an ambiguous outcome naming its idempotency key: retry with that key, or reconcile)."""
+
+MAX_TOTAL_TIMEOUT: Final = 86_400.0
+"""The largest ``total_timeout`` accepted (a day)."""
 
 DEFAULT_MAX_RETRIES: Final = 3
 """Retries after the first attempt of one logical call (so at most four sends)."""
@@ -58,6 +76,71 @@ JITTER: Final = 0.25
 
 RETRY_AFTER_CAP: Final = 60.0
 """The most a server's ``Retry-After`` makes us wait; beyond it we wait this long."""
+
+
+class DeadlinePassed(httpx.TimeoutException):
+    """What a driver reports instead of sending once the call's total deadline has passed (or
+    the wait before the attempt would pass it): nothing was sent, and it is not retried."""
+
+
+def check_total_timeout(value: object) -> float:
+    """``total_timeout`` as float seconds, refused unless a positive number up to a day."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_TOTAL_TIMEOUT
+    ):
+        raise ConfigError(
+            f"total_timeout must be a positive number of seconds, at most {MAX_TOTAL_TIMEOUT:g}"
+        )
+    return float(value)  # ok: seconds, not money
+
+
+class CallDeadline:
+    """The total deadline of one logical call, as its driver keeps it.
+
+    Time spent is the real time since the call began, plus the waits a test's injected sleep
+    asked for without letting real time pass (``real_sleep=False``), so a test that records
+    sleeps sees the same decisions a real run makes. Once out of time — the deadline passed, or
+    a wait would pass it — the call stays out of time: :meth:`refusal` is what the driver
+    reports for every later send instead of sending it.
+    """
+
+    def __init__(
+        self, total: float, *, real_sleep: bool, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._total = total
+        self._clock = clock
+        self._start = clock()
+        self._real_sleep = real_sleep
+        self._waited = 0.0
+        self._expired: str | None = None
+
+    @property
+    def at(self) -> float:
+        """The deadline on the ``clock`` (``time.monotonic``) scale."""
+        return self._start + self._total - (0.0 if self._real_sleep else self._waited)
+
+    def left(self) -> float:
+        return self.at - self._clock()
+
+    def may_wait(self, seconds: float) -> bool:
+        """Whether to wait ``seconds`` before the next attempt (``False``: out of time)."""
+        if self._expired is None and seconds > 0 and seconds >= self.left():
+            self._expired = (
+                f"waiting {seconds:.3g} s before the next attempt would pass the call's total "
+                f"deadline (total_timeout={self._total:g} s)"
+            )
+        if self._expired is not None:
+            return False
+        self._waited += seconds
+        return True
+
+    def refusal(self) -> DeadlinePassed | None:
+        """``None`` while there is time to send; else what to report instead of sending."""
+        if self._expired is None and self.left() <= 0:
+            self._expired = f"the call's total deadline (total_timeout={self._total:g} s) passed"
+        return None if self._expired is None else DeadlinePassed(f"not sent: {self._expired}")
 
 
 class Verdict(enum.Enum):
@@ -85,6 +168,8 @@ def classify_status(status: int, *, in_progress: bool = False) -> Verdict:
 
 def classify_exception(exc: BaseException) -> Verdict:
     """The verdict for an httpx error raised while sending or reading."""
+    if isinstance(exc, DeadlinePassed):
+        return Verdict.FAIL  # the call is out of time: nothing more is sent
     if isinstance(exc, _NOT_SENT):
         return Verdict.RETRY
     if isinstance(exc, _OUR_BUG):

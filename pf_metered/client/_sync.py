@@ -22,8 +22,15 @@ from pf_metered.errors import ConfigError
 from pf_metered.models import Escrow, FaucetClaim, Release, ReleasePage
 
 from ._base import HISTORY_PAGE, Answer, BaseEscrowClient, BodyCollector, Op, Outcome, Sleep
+from ._deadline import deadline, transport_for
 from ._dialect import Dialect, RequestSpec
-from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._retry import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TOTAL_TIMEOUT,
+    CallDeadline,
+    check_total_timeout,
+)
 from ._secrets import trust_env_for
 
 __all__ = ["EscrowClient"]
@@ -47,6 +54,7 @@ class EscrowClient(BaseEscrowClient):
         base_url: str | None = None,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         server_honours_idempotency: bool | None = None,
         dialect: Dialect | str | None = None,
@@ -64,45 +72,70 @@ class EscrowClient(BaseEscrowClient):
         )
         if transport is not None and not isinstance(transport, httpx.BaseTransport):
             raise ConfigError("EscrowClient needs a sync httpx transport (httpx.BaseTransport)")
+        self._total_timeout = check_total_timeout(total_timeout)
+        self._timeout_seconds = float(timeout)  # ok: seconds; validated by the base
         self._sleep: Callable[[float], None] = _sleep or time.sleep
+        self._real_sleep = _sleep is None
+        trust_env = trust_env_for(self._base_url)  # never a proxy for http or loopback
+        if transport is None:  # every socket operation bounded by the call's deadline
+            transport = transport_for(self._base_url, trust_env=trust_env)
         self._http = httpx.Client(
             transport=transport,
             timeout=self._timeout,
-            trust_env=trust_env_for(self._base_url),  # never a proxy for http or loopback
+            trust_env=trust_env,
             follow_redirects=False,
             headers=self._default_headers(),
         )
 
     # -- the driver ----------------------------------------------------------------------
 
+    @property
+    def total_timeout(self) -> float:
+        """Seconds one call may take in all (attempts, read-backs and waits)."""
+        return self._total_timeout
+
     def _run(self, op: Op[T]) -> T:
+        clock = CallDeadline(self._total_timeout, real_sleep=self._real_sleep)
         outcome: Outcome = None
         try:
             while True:
                 action = op.send(outcome)
                 if isinstance(action, Sleep):
-                    self._sleep(action.seconds)
+                    if clock.may_wait(action.seconds):
+                        self._sleep(action.seconds)
                     outcome = None
                 else:
-                    outcome = self._send(action.spec)
+                    outcome = clock.refusal() or self._send(action.spec, clock.at)
         except StopIteration as done:
             result: T = done.value
             return result
 
-    def _send(self, spec: RequestSpec) -> Answer | Exception:
+    def _send(self, spec: RequestSpec, at: float) -> Answer | Exception:
+        left = at - time.monotonic()
         request = self._http.build_request(
-            spec.method, self._url(spec), headers=self._headers(spec), content=spec.body
+            spec.method,
+            self._url(spec),
+            headers=self._headers(spec),
+            content=spec.body,
+            timeout=httpx.Timeout(min(self._timeout_seconds, max(left, 0.001))),
         )
         try:
-            response = self._http.send(request, stream=True)
-            try:
-                body = BodyCollector(response.headers)
-                if not body.too_large:
-                    for chunk in response.iter_bytes():
-                        if not body.add(chunk):
-                            break
-            finally:
-                response.close()
+            with deadline(at):  # every socket operation bounded by what is left
+                response = self._http.send(request, stream=True)
+                try:
+                    body = BodyCollector(response.headers)
+                    if not body.too_large:
+                        for chunk in response.iter_bytes():
+                            if not body.add(chunk):
+                                break
+                            if time.monotonic() >= at:  # any transport: a drip ends here
+                                raise httpx.ReadTimeout(
+                                    "the call's total deadline (total_timeout) passed while "
+                                    "the answer was being read",
+                                    request=request,
+                                )
+                finally:
+                    response.close()
         except httpx.RequestError as exc:
             return exc
         return body.answer(response)

@@ -246,7 +246,11 @@ class AsyncPaymentStream(StreamBase):
 
     # ----------------------------------------------------------------- close
     async def close(self) -> Receipt:
-        """Pay the last partial batch (half-up), refund the rest, return the receipt."""
+        """Pay the last partial batch (half-up), refund the rest, return the receipt.
+
+        Waiting for the background sender (or another task's flush) is bounded by
+        ``close_wait``: past it, ``APITimeout`` says what is still pending and how to finish.
+        """
         if self._receipt is not None:
             return self._receipt
         send_lock = self._bind_loop()
@@ -267,9 +271,16 @@ class AsyncPaymentStream(StreamBase):
                 self._stop_evt.set()
             worker = self._worker
             if worker is not None and worker is not asyncio.current_task():
+                # bounded: its send may hang at the service (shielded: never cancelled here)
                 with contextlib.suppress(BaseException):
-                    await worker
-            async with send_lock:
+                    await asyncio.wait_for(asyncio.shield(worker), self._close_wait)
+                if not worker.done():
+                    raise self._close_gave_up("the background sender")
+            try:
+                await asyncio.wait_for(send_lock.acquire(), self._close_wait)
+            except asyncio.TimeoutError:
+                raise self._close_gave_up("another task's flush()") from None
+            try:
                 if not self._opened:
                     self._receipt = self._empty_receipt()
                     return self._receipt
@@ -284,6 +295,8 @@ class AsyncPaymentStream(StreamBase):
                 refunded = await self._refund()
                 receipt = receipt_after(self._meter.finished(refunded), self._closing_escrow)
                 self._receipt = adjust_receipt(self._client, receipt)
+            finally:
+                send_lock.release()
             return self._receipt
 
     async def _await_closer(self) -> bool:

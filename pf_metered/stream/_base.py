@@ -21,6 +21,7 @@ from pf_metered.client._base import memo_tag
 from pf_metered.errors import (
     AmbiguousOutcome,
     APIConnectionError,
+    APITimeout,
     BudgetExhausted,
     InvalidInput,
     RateLimited,
@@ -521,6 +522,21 @@ class StreamBase:
     @property
     def receipt(self) -> Receipt | None:
         return self._receipt
+
+    def _close_gave_up(self, waiting_for: str) -> APITimeout:
+        """What ``close()`` raises when it stops waiting (``close_wait``): what is pending, and
+        how to finish. Nothing is lost: counted units stay counted, a release in flight keeps
+        its idempotency key, and the next ``close()`` (or ``resume``) picks both up."""
+        st = self._meter.status()
+        return APITimeout(
+            f"stream {self.stream_id}: close() gave up after {self._close_wait:g} s "
+            f"(close_wait) waiting for {waiting_for}, whose release to escrow {st.escrow_id} "
+            f"may still be in flight; {st.units} units counted, "
+            f"{format_usdc(st.released_micro)} USDC released so far, {st.pending_units} units "
+            "not yet settled, the rest of the budget still locked. Nothing is lost: call "
+            "close() again to finish (the same idempotency keys are reused), or from a durable "
+            "store PaymentStream.resume(store, stream_id, client)"
+        )
 
     def _empty_receipt(self) -> Receipt:
         return self._meter.build_receipt()

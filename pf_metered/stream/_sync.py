@@ -242,7 +242,9 @@ class PaymentStream(StreamBase):
         """Pay the last partial batch (half-up), refund the rest, return the receipt.
 
         Closing twice returns the same receipt. If a request fails, the error propagates and
-        ``close()`` may be called again: it resumes with the same idempotency keys.
+        ``close()`` may be called again: it resumes with the same idempotency keys. Waiting for
+        the background sender (or another thread's flush) is bounded by ``close_wait``: past
+        it, ``APITimeout`` says what is still pending and how to finish.
         """
         if self._receipt is not None:
             return self._receipt
@@ -257,8 +259,12 @@ class PaymentStream(StreamBase):
             self._wakeup.set()
             worker = self._worker
             if worker is not None and worker is not threading.current_thread():
-                worker.join()
-            with self._send_lock:
+                worker.join(self._close_wait)  # bounded: its send may hang at the service
+                if worker.is_alive():
+                    raise self._close_gave_up("the background sender")
+            if not self._send_lock.acquire(timeout=self._close_wait):
+                raise self._close_gave_up("another thread's flush() or pump()")
+            try:
                 if not self._opened:
                     self._receipt = self._empty_receipt()
                     return self._receipt
@@ -273,6 +279,8 @@ class PaymentStream(StreamBase):
                 refunded = self._refund()
                 receipt = receipt_after(self._meter.finished(refunded), self._closing_escrow)
                 self._receipt = adjust_receipt(self._client, receipt)
+            finally:
+                self._send_lock.release()
             return self._receipt
 
     def _await_closer(self) -> bool:
