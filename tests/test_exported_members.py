@@ -74,6 +74,7 @@ EXPORTED = {
         "DEFAULT_BASE_URL",
         "DEFAULT_MAX_RETRIES",
         "DEFAULT_TIMEOUT",
+        "DEFAULT_TOTAL_TIMEOUT",
         "Dialect",
         "ENV_API_KEY",
         "ENV_BASE_URL",

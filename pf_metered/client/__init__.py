@@ -14,6 +14,7 @@ from ._retry import (
     BACKOFF_CAP,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
+    DEFAULT_TOTAL_TIMEOUT,
     RETRY_AFTER_CAP,
 )
 from ._sync import EscrowClient
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_TOTAL_TIMEOUT",
     "ENV_API_KEY",
     "ENV_BASE_URL",
     "MAX_ANSWER_BYTES",
