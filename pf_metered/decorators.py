@@ -54,6 +54,7 @@ from pf_metered.money import AmountLike, parse_count
 from pf_metered.stream._async import AsyncPaymentStream
 from pf_metered.stream._base import StreamBase
 from pf_metered.stream._sync import PaymentStream
+from pf_metered.stream.clock import check_ns_source
 
 _log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class Metered:
         if not callable(units):
             units = parse_count(units, "units", allow_zero=False)
         self.units: UnitsSpec = units
+        if per in _TIME_PERS:
+            check_ns_source(timer, "timer")
         self.per = per
         self.charge_errors = bool(charge_errors)
         self._timer = timer
@@ -226,7 +229,15 @@ class Metered:
         spec = self.units
         if callable(spec):
             n = spec(result)
-            return parse_count(n, "units")
+            try:
+                return parse_count(n, "units")
+            except InvalidInput as exc:
+                name = getattr(spec, "__qualname__", type(spec).__name__)
+                raise InvalidInput(
+                    "units",
+                    f"returned by the units= callable {name} for this call {exc.problem}; the "
+                    "call ran, nothing was counted for it and its reservation was given back",
+                ) from None
         return spec
 
     def _settle(self, s: StreamBase, token: int, result: Any, elapsed_ns: int) -> None:

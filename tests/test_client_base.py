@@ -632,3 +632,12 @@ def test_lost_faucet_claim_then_already_claimed_is_ambiguous(make_client) -> Non
     rec = Recorder(handler)
     with pytest.raises(errors.AmbiguousOutcome):
         make_client(transport=rec.transport).claim_faucet()
+
+
+@pytest.mark.parametrize("bad", [123, object(), 1.5, ["v1"]])
+def test_a_dialect_that_is_not_one_is_refused_naming_dialect(bad: object) -> None:
+    from pf_metered.client import AsyncEscrowClient, EscrowClient
+
+    for cls in (EscrowClient, AsyncEscrowClient):
+        with pytest.raises(errors.ConfigError, match="dialect"):
+            cls("pf_live_abcdefgh1234", dialect=bad)

@@ -317,3 +317,35 @@ def test_units_known_after_the_call_are_paid_as_far_as_the_budget_goes(agents, c
     assert receipt.units == 100
     assert receipt.paid == Decimal("1.00")
     assert receipt.refunded == Decimal(0)
+
+
+# -- validation at construction, nothing leaked (issue 13 item 11) -------------------------
+
+
+@pytest.mark.parametrize("bad", [-1, "3", 1.5, None, True])
+def test_a_units_callable_that_answers_badly_leaks_no_reservation(stream, bad):
+    @metered(stream=stream, units=lambda result: bad)
+    def call() -> str:
+        return "done"
+
+    left = stream.units_left
+    for _ in range(5):
+        with pytest.raises(InvalidInput) as info:
+            call()
+        assert info.value.field == "units"
+        assert "units=" in str(info.value) and "callable" in str(info.value)
+    assert stream.units_left == left  # the budget did not shrink
+    assert stream.status().units == 0
+
+
+@pytest.mark.parametrize("per", ["second", "minute", "hour"])
+def test_a_float_timer_is_refused_at_construction(agents, per):
+    import time
+
+    s = PaymentStream(agents.client, agents.provider.agent_id, "0.001", per=per, budget="1")
+    with pytest.raises(InvalidInput) as info:
+        metered(stream=s, per=per, timer=time.perf_counter)
+    assert info.value.field == "timer"
+    assert "perf_counter_ns" in str(info.value)
+    with pytest.raises(InvalidInput, match="timer"):
+        metered(rate="0.001", to=agents.provider.agent_id, budget="1", per=per, timer=time.time)

@@ -687,3 +687,57 @@ async def test_async_close_gives_up_on_a_hung_background_send_and_says_how_to_fi
         receipt = await s.close()
         await client.aclose()
     assert receipt.units == 10 and receipt.paid == Decimal("0.10")
+
+
+# -- ids validated at construction, before anything is written (issue 13 item 11) ----------
+
+
+@pytest.mark.parametrize("agent_id", ["a b", "ü", "../x", "x" * 129, "a\n", ""])
+def test_bad_agent_ids_are_refused_by_the_constructor(agents, tmp_path, agent_id):
+    from pf_metered.meter.sqlite_store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "j.db")
+    with pytest.raises(InvalidInput) as info:
+        PaymentStream(agents.client, agent_id, "0.01", budget="1", store=store)
+    assert info.value.field == "to_agent_id"
+    assert store.load("anything") is None and _journal_rows(tmp_path / "j.db") == 0
+    store.close()
+
+
+@pytest.mark.parametrize("stream_id", ["s" * 300, "a b", "../x", "ü", ""])
+def test_bad_stream_ids_are_refused_naming_stream_id(agents, tmp_path, stream_id):
+    from pf_metered.meter.sqlite_store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "j.db")
+    for cls, client in ((PaymentStream, agents.client), (AsyncPaymentStream, agents.aclient)):
+        with pytest.raises(InvalidInput) as info:
+            cls(
+                client,
+                agents.provider.agent_id,
+                "0.01",
+                budget="1",
+                store=store,
+                stream_id=stream_id,
+            )
+        assert info.value.field == "stream_id"
+    assert _journal_rows(tmp_path / "j.db") == 0
+    store.close()
+
+
+def _journal_rows(path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return sum(db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables)
+
+
+def test_a_float_clock_source_is_refused(agents):
+    import time
+
+    with PaymentStream(
+        agents.client, agents.provider.agent_id, "0.001", per="second", budget="1"
+    ) as s:
+        with pytest.raises(InvalidInput) as info:
+            s.clock(source=time.perf_counter, background=False)
+        assert info.value.field == "source"

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from pf_metered.errors import APIError
+from pf_metered.errors import APIError, ConfigError
 from pf_metered.models import Escrow, FaucetClaim, ReleasePage
 
-__all__ = ["Dialect", "HistoryDialect", "RequestSpec"]
+__all__ = ["Dialect", "HistoryDialect", "RequestSpec", "check_dialect"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,35 @@ class HistoryDialect(Protocol):
     def list_releases(self, escrow_id: str, *, offset: int, limit: int) -> RequestSpec: ...
 
     def parse_release_page(self, data: Any) -> ReleasePage: ...
+
+
+_DIALECT_CALLS = (
+    "create_escrow",
+    "release_partial",
+    "get_escrow",
+    "list_escrows",
+    "refund",
+    "claim_faucet",
+    "parse_escrow",
+    "parse_escrow_list",
+    "parse_faucet_claim",
+    "error_class",
+    "is_in_progress",
+)
+
+
+def check_dialect(value: object) -> Dialect:
+    """``value`` if it is a dialect object (the :class:`Dialect` attributes and calls), else
+    ``ConfigError`` naming ``dialect`` — before a client keeps it, so nothing (its ``repr``
+    included) trips over a dialect that is not one later."""
+    name = getattr(value, "name", None)
+    if (
+        not isinstance(name, str)
+        or not isinstance(getattr(value, "supports_partial_release", None), bool)
+        or not isinstance(getattr(value, "min_escrow_micro", None), int)
+        or not all(callable(getattr(value, call, None)) for call in _DIALECT_CALLS)
+    ):
+        raise ConfigError(
+            f"dialect must be 'v1', 'deployed' or a Dialect object, not {type(value).__name__}"
+        )
+    return value  # type: ignore[return-value]

@@ -85,7 +85,7 @@ from pf_metered.money import (
     micro_to_decimal,
 )
 
-from ._dialect import RequestSpec
+from ._dialect import RequestSpec, check_dialect
 from ._json import loads_exact
 from ._ratelimit import DEFAULT_DEPLOYED_LIMITS, PathRateLimiter, RateLimit
 
@@ -566,7 +566,7 @@ def configure_dialect(
     elif isinstance(dialect, str):
         raise InvalidInput("dialect", f"must be 'v1' or 'deployed', got {dialect[:40]!r}")
     else:
-        chosen = dialect
+        chosen = check_dialect(dialect)  # ConfigError naming dialect for anything else
     limiter: PathRateLimiter | None
     if rate_limits is False:
         limiter = None

@@ -16,6 +16,7 @@ release for units another release already covers.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -124,6 +125,24 @@ def _memo(intent: Intent) -> str:
     return f"{kind}:units {intent.units_from + 1}-{intent.units_to}"
 
 
+_ID_TEXT: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+"""What an agent or stream id may be: what the escrow service, the journal's keys, the
+idempotency keys derived from a stream id (``pfm-<id>-open``) and a file name all accept."""
+
+
+def _check_id(value: object, field: str, what: str) -> None:
+    if (
+        not isinstance(value, str)
+        or not _ID_TEXT.fullmatch(value)
+        or not any(c.isascii() and c.isalnum() for c in value)
+    ):
+        shown = repr(value[:40]) if isinstance(value, str) else type(value).__name__
+        raise InvalidInput(
+            field,
+            f"must be {what}: 1..128 ASCII letters, digits and _ . : - (got {shown})",
+        )
+
+
 def plan_stream(
     to_agent_id: str,
     rate: AmountLike | Rate,
@@ -141,8 +160,9 @@ def plan_stream(
 
     Why here: every argument is checked before anything is locked, so nothing is half-done.
     """
-    if not isinstance(to_agent_id, str) or not to_agent_id.strip():
-        raise InvalidInput("to_agent_id", "must be a non-empty agent id")
+    _check_id(to_agent_id, "to_agent_id", "an agent id")
+    if stream_id is not None:
+        _check_id(stream_id, "stream_id", "a stream id")
     if per not in PER_QUANTA:
         raise InvalidInput("per", f"must be one of {sorted(PER_QUANTA)}, got {per!r}")
     shift = PER_QUANTA[per][0]

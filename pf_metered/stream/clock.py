@@ -32,7 +32,28 @@ if TYPE_CHECKING:
     from pf_metered.stream._base import StreamBase
     from pf_metered.stream._sync import PaymentStream
 
-__all__ = ["AsyncClock", "Clock"]
+__all__ = ["AsyncClock", "Clock", "check_ns_source"]
+
+
+def check_ns_source(source: object, field: str) -> None:
+    """Refuse a time source that does not count integer nanoseconds, naming ``field``.
+
+    Why at construction: ``time.perf_counter`` and ``time.time`` answer float *seconds*; read
+    as nanoseconds, a second of work is one nanosecond and bills nothing, silently. One call
+    of the source tells them apart (a source is cheap and has no side effect).
+    """
+    if not callable(source):
+        raise InvalidInput(
+            field, f"must be a callable answering integer nanoseconds, not {type(source).__name__}"
+        )
+    sample = source()
+    if isinstance(sample, bool) or not isinstance(sample, int):
+        name = getattr(source, "__qualname__", type(source).__name__)
+        raise InvalidInput(
+            field,
+            f"must answer integer nanoseconds (like time.perf_counter_ns or time.monotonic_ns);"
+            f" {name} answered {type(sample).__name__} — float seconds would bill nothing",
+        )
 
 
 class _ClockCore:
@@ -45,6 +66,7 @@ class _ClockCore:
             )
         if isinstance(every, bool) or not isinstance(every, int | float) or not every > 0:
             raise InvalidInput("every", f"must be a positive number of seconds, got {every!r}")
+        check_ns_source(source, "source")
         self._stream = stream
         self._quantum_ns = PER_QUANTA[stream.per][1]
         self._source = source
