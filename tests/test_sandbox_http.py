@@ -616,3 +616,18 @@ def test_money_text_that_is_not_a_plain_ascii_decimal_is_refused(sb: Sandbox, tr
         assert error(deployed) == (400, "invalid_amount")
         assert "amount_usd" in deployed.json()["message"]
     assert sb.balance(payer.agent_id) == 50
+
+
+def test_a_callers_trapping_decimal_context_does_not_break_the_deployed_sandbox(sb, trio):
+    # issue 13 item 5: the in-process sandbox runs in the caller's thread and context
+    import decimal
+
+    payer, provider, _ = trio
+    with api(sb, payer) as c, decimal.localcontext() as ctx:
+        ctx.prec = 6
+        ctx.traps[decimal.Rounded] = True
+        r = c.post(
+            "http://localhost/deployed/escrow/create",
+            json={"amount_usd": "2.5", "counterparty_agent_id": provider.agent_id},
+        )
+    assert r.status_code == 201, r.text

@@ -73,6 +73,9 @@ __all__ = [
 DEPLOYED_MIN_MICRO: Final = 100_000
 """The deployed service's smallest escrow: 0.10."""
 
+_MAX_AMOUNT: Final = Decimal(10**12)
+"""The largest ``amount_usd`` taken, built exactly (the constructor never rounds)."""
+
 MAX_TIMEOUT_HOURS: Final = 8760
 DEFAULT_TIMEOUT_HOURS: Final = 24
 MAX_DESCRIPTION: Final = 1000
@@ -159,7 +162,7 @@ def _wire_amount(value: object) -> int:
         raise _Refusal(400, "invalid_amount", "amount_usd must be a number")
     if not dec.is_finite() or dec <= 0:
         raise _Refusal(400, "invalid_amount", "amount_usd must be a positive number")
-    if dec > Decimal(10) ** 12:
+    if dec > _MAX_AMOUNT:  # a constant: `Decimal(10) ** 12` would use the caller's context
         raise _Refusal(400, "invalid_amount", "amount_usd is too large")
     try:
         micro = decimal_to_micro(dec)  # exact, whatever the thread's Decimal context
