@@ -294,25 +294,13 @@ class Metered:
         if not (self._carry is None and isinstance(self.units, int)):
             return self._generic_sync(fn, reserve_n, charge)
         count_unpaid = self._count_unpaid
-        lane: tuple[Callable[[int], int], Callable[..., int], Callable[[int], None]] | None = None
+        inner: Callable[..., Any] | None = None
 
         def metered_call(*args: Any, **kwargs: Any) -> Any:
-            nonlocal lane
-            if lane is None:
-                lane = ensure().lane()
-            reserve, commit, cancel = lane
-            token = reserve(reserve_n)  # refuses before the call runs
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException:
-                if charge:
-                    commit(token)
-                else:
-                    cancel(token)
-                raise
-            if commit(token):
-                count_unpaid(reserve_n)
-            return result
+            nonlocal inner
+            if inner is None:  # the stream opens on the first call: bind its fast lane
+                inner = ensure().wrap_call(fn, reserve_n, charge=charge, on_unpaid=count_unpaid)
+            return inner(*args, **kwargs)
 
         return metered_call
 

@@ -51,7 +51,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
 from pf_metered.money import Rate, parse_rate
@@ -313,6 +313,17 @@ class FastLane(Protocol):
     ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]]:
         """The three closures (see the class docstring)."""
 
+    def wrap(
+        self,
+        fn: Callable[..., Any],
+        units: int,
+        charge: bool,
+        on_due: Callable[[int], None],
+        on_late: Callable[[int], None],
+    ) -> Callable[..., Any]:
+        """``fn`` metered: reserve ``units``, call, commit (or cancel when it raises, unless
+        ``charge``), all in one closure — the lane with no call between it and ``fn``."""
+
 
 class AddUnitsCounter:
     """The default ``UnitCounter``: reservations held here (per process), counts through the
@@ -572,6 +583,75 @@ class _Record:
             release()
 
         return reserve, commit, cancel
+
+    def wrap(
+        self,
+        fn: Callable[..., Any],
+        units: int,
+        charge: bool,
+        on_due: Callable[[int], None],
+        on_late: Callable[[int], None],
+    ) -> Callable[..., Any]:
+        rec = self
+        lock = self.lock
+        acquire, release = lock.acquire, lock.release
+        idle = self.idle
+
+        def finish(ok: bool) -> None:  # the slow half: after a raise (charge or give back)
+            acquire()
+            held = rec.reserved - units
+            rec.reserved = held
+            late = ok and rec.status != "open"
+            total = rec.units
+            if ok and not late:
+                total = rec.units = total + units
+            elif late:
+                rec.late_units += units
+            if (rec.draining or late) and not held:
+                idle.set()
+            release()
+            if late:
+                on_late(units)
+            elif ok and total >= rec.due_at:
+                on_due(total)
+
+        def metered(*args: Any, **kwargs: Any) -> Any:
+            blocked = rec.blocked
+            if blocked is not None:
+                raise blocked.with_traceback(None)
+            acquire()
+            held = rec.reserved + units
+            if rec.status != "open" or rec.draining or rec.units + held > rec.max_units:
+                refusal = rec._refuse(units)
+                release()
+                raise refusal
+            rec.reserved = held
+            release()
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                finish(charge)
+                raise
+            acquire()
+            held = rec.reserved - units
+            rec.reserved = held
+            if rec.status != "open":  # after the final claim: counted late, not paid
+                rec.late_units += units
+                if not held:
+                    idle.set()
+                release()
+                on_late(units)
+                return result
+            total = rec.units + units
+            rec.units = total
+            if rec.draining and not held:
+                idle.set()
+            release()
+            if total >= rec.due_at:
+                on_due(total)
+            return result
+
+        return metered
 
     # CallGate: close's phases (the final claim itself seals: it moves status off "open").
     def stop_calls(self) -> None:

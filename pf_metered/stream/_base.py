@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from pf_metered.client._base import memo_tag
 from pf_metered.errors import (
@@ -32,7 +32,7 @@ from pf_metered.meter.core import Meter, plan_stream
 from pf_metered.meter.open import StoreSpec, open_store
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt, StatusReport
-from pf_metered.meter.store import Store, StreamConfig
+from pf_metered.meter.store import FastLane, Store, StreamConfig
 from pf_metered.models import Escrow
 from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, micro_to_decimal, parse_count
 
@@ -350,6 +350,48 @@ class StreamBase:
         """
         fast = self._meter.lane(self._lane_due, self._lane_late) if self._opened else None
         return fast if fast is not None else (self.reserve, self.commit, self.cancel)
+
+    def wrap_call(
+        self,
+        fn: Callable[..., Any],
+        units: int,
+        *,
+        charge: bool = False,
+        on_unpaid: Callable[[int], None] | None = None,
+    ) -> Callable[..., Any]:
+        """``fn`` metered through the fast lane: reserve ``units`` before it runs (refused:
+        it does not run), commit after it returns (or when it raises, if ``charge``), cancel
+        when it raises. ``on_unpaid(units)`` hears of a call that finished after close.
+
+        On the in-memory store this is one closure of the record's (no call between the
+        lane and ``fn``); elsewhere it is built on :meth:`lane`.
+        """
+
+        def late(n: int) -> None:
+            self._lane_late(n)
+            if on_unpaid is not None:
+                on_unpaid(n)
+
+        counter = self._meter.counter
+        if self._opened and isinstance(counter, FastLane):
+            return counter.wrap(fn, units, charge, self._lane_due, late)
+        reserve, commit, cancel = self.lane()
+
+        def metered(*args: Any, **kwargs: Any) -> Any:
+            token = reserve(units)
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                if charge:
+                    commit(token)
+                else:
+                    cancel(token)
+                raise
+            if commit(token) and on_unpaid is not None:
+                on_unpaid(units)
+            return result
+
+        return metered
 
     def _lane_due(self, total: int) -> None:
         if total >= self._meter.due_at and not self._woken:
