@@ -218,3 +218,46 @@ async def test_live_config_from_env_and_open_streams_closed_on_disconnect() -> N
             Decimal("1.93"),
         )
         assert sb.balance(payer.agent_id) + sb.balance(provider.agent_id) + sb.fees() == 10
+
+
+async def test_escrow_and_stream_tools_over_mcp_on_the_deployed_dialect() -> None:
+    """The deployed dialect over MCP (issue 11 item 5): escrow_release pays the escrow whole
+    and says so in its description; a stream opens, records and closes on tranches."""
+    from pf_metered.sandbox import Sandbox
+
+    with Sandbox(dialect="deployed") as sb:
+        payer, provider = sb.add_agent(balance="10.00"), sb.add_agent()
+        server = sb.serve(port=0)
+        params = StdioServerParameters(
+            command=str(BIN),
+            args=["mcp"],
+            env={"PF_API_KEY": payer.api_key, "PF_BASE_URL": f"{server.url}/deployed"},
+        )
+        with open(os.devnull, "w") as errlog:
+            async with (
+                stdio_client(params, errlog=errlog) as (read, write),
+                ClientSession(read, write) as s,
+            ):
+                await s.initialize()
+                listed = {t.name: t for t in (await s.list_tools()).tools}
+                assert "only whole escrows" in (listed["escrow_release"].description or "")
+                p = provider.agent_id
+                err, made, _ = await call(s, "escrow_create", to_agent_id=p, amount="2.00")
+                assert not err, made
+                err, paid, _ = await call(s, "escrow_release", escrow_id=made["escrow_id"])
+                assert not err and paid["released_now"] == "2.00", paid
+                err, opened, _ = await call(  # few creates: the client paces them
+                    s, "stream_open", provider=p, rate="0.01", budget="1.00", batch=100
+                )
+                assert not err, opened
+                err, _, _ = await call(s, "stream_record", stream_id=opened["stream_id"], units=23)
+                assert not err
+                err, receipt, _ = await call(s, "stream_close", stream_id=opened["stream_id"])
+                assert not err and receipt["paid"] == "0.23" and receipt["refunded"] == "0.00"
+                [held] = receipt["still_locked_escrows"]  # the tranche locked ahead, unused
+                assert held["amount"] == "1.00" and held["returns"] == "0.99" and held["until"]
+        debited = Decimal(receipt["debited"])
+        assert debited == Decimal("1.23")
+        assert Decimal("10.00") - sb.balance(payer.agent_id) == Decimal("2.00") + debited
+        assert sb.balance(provider.agent_id) == Decimal("1.98") + Decimal(receipt["provider_net"])
+        sb.audit()
