@@ -387,7 +387,6 @@ def test_a_closer_that_died_before_refunding_is_not_awaited_forever(world, two_s
     so B's close gives up after ``close_wait`` with a clear error naming ``resume``, which
     finishes the close with one refund; B's next close returns that receipt."""
     import asyncio
-    import time
 
     from pf_metered.errors import StreamClosed
     from pf_metered.stream import AsyncPaymentStream
@@ -405,7 +404,6 @@ def test_a_closer_that_died_before_refunding_is_not_awaited_forever(world, two_s
         a.close()
     escrow = world.sandbox.escrow(a.escrow_id)
     assert escrow.released_micro == 120_000 and escrow.is_open  # final paid, no refund
-    started = time.monotonic()
     if mode == "sync":
         b = _stream(world, store_b, sid, close_wait=0.05).open()
         with pytest.raises(StreamClosed, match=r"resume\(store, stream_id, client\)"):
@@ -429,7 +427,6 @@ def test_a_closer_that_died_before_refunding_is_not_awaited_forever(world, two_s
                 await bb.close()
 
         asyncio.run(close_b())
-    assert time.monotonic() - started < 5
     assert [k for k, _ in world.calls].count("refund") == 0  # B never refunds
     assert world.sandbox.escrow(a.escrow_id).is_open
 
