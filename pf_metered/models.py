@@ -31,6 +31,7 @@ from pf_metered.money import decimal_to_micro, format_usdc, micro_to_decimal, pa
 __all__ = [
     "USDC",
     "Escrow",
+    "EscrowEvent",
     "EscrowList",
     "EscrowStatus",
     "FaucetClaim",
@@ -163,6 +164,17 @@ class Escrow(_Model):
     @property
     def refunded_micro(self) -> int:
         return decimal_to_micro(self.refunded)
+
+
+class EscrowEvent(_Model):
+    """One line of an escrow's history as the deployed service shows it to the escrow's two
+    parties (``created``, ``completed``, ``released``, ``disputed``, ``refunded``)."""
+
+    event: str = Field(max_length=64)
+    actor_id: str | None = Field(default=None, max_length=128)
+    note: str = Field(default="", max_length=2000)
+    created_at: int | None = None
+    """Unix seconds, as the service stores them."""
 
 
 class ReleasePage(_Model):

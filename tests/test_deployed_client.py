@@ -3,6 +3,7 @@ bootstrap, lost answers settled by reading back, and 429 storms met by client-si
 
 from __future__ import annotations
 
+import logging
 import re
 from decimal import Decimal
 
@@ -18,7 +19,6 @@ from pf_metered.errors import (
     Conflict,
     InsufficientFunds,
     InvalidInput,
-    InvalidRequest,
     InvalidResponse,
     NotFound,
     PermissionDenied,
@@ -184,36 +184,43 @@ def test_lifecycle_on_the_sandbox(deployed: DeployedWorld):
     deployed.sandbox.audit()
 
 
-def test_raw_answers_are_float_numbers_without_retry_after(deployed: DeployedWorld):
+def test_raw_answers_are_six_place_numbers_without_retry_after(deployed: DeployedWorld):
     c = deployed.client()
     esc = c.create_escrow(deployed.provider.agent_id, "10.03")
     assert esc.net_to_counterparty == Decimal("9.9297")
     http = httpx.Client(transport=deployed.sandbox.transport())
-    r = http.get(
-        f"http://localhost/deployed/escrow/{esc.escrow_id}",
-        headers={"Authorization": f"Bearer {deployed.payer.api_key}"},
-    )
-    assert r.status_code == 200
-    assert '"net_to_counterparty":9.929699999999999' in r.text
+    r = http.get(f"http://localhost/deployed/escrow/{esc.escrow_id}")  # no key needed
+    assert r.status_code == 200 and "events" not in r.json()  # only parties see the events
+    assert '"net_to_counterparty":9.9297,' in r.text  # toFixed(6) on the service: no tail
     assert '"amount_usd":10.03' in r.text and '"status":"funded"' in r.text
     created = http.post(
         "http://localhost/deployed/escrow/create",
         headers={"Authorization": f"Bearer {deployed.payer.api_key}", "Idempotency-Key": "same"},
-        json={"amount_usd": "2.5", "counterparty_agent_id": deployed.provider.agent_id},
+        json={
+            "amount_usd": "2.5",
+            "description": "job",
+            "counterparty_agent_id": deployed.provider.agent_id,
+        },
     )
     again = http.post(
         "http://localhost/deployed/escrow/create",
         headers={"Authorization": f"Bearer {deployed.payer.api_key}", "Idempotency-Key": "same"},
-        json={"amount_usd": "2.5", "counterparty_agent_id": deployed.provider.agent_id},
+        json={
+            "amount_usd": "2.5",
+            "description": "job",
+            "counterparty_agent_id": deployed.provider.agent_id,
+        },
     )
     assert created.status_code == again.status_code == 201
     assert created.json()["escrow_id"] != again.json()["escrow_id"]  # key ignored
     assert created.json()["amount_usd"] == 2.5
     assert "idempotent-replayed" not in again.headers
-    for _ in range(40):
-        r = http.get(f"http://localhost/deployed/escrow/{esc.escrow_id}")
-    assert r.status_code == 429 and r.json()["error"] == "rate_limited"
-    assert "retry-after" not in r.headers
+    reads = [http.get(f"http://localhost/deployed/escrow/{esc.escrow_id}") for _ in range(40)]
+    assert {r.status_code for r in reads} == {200}  # reads are not rate limited
+    creates = [http.post("http://localhost/deployed/escrow/create", json={}) for _ in range(18)]
+    assert [r.status_code for r in creates] == [401] * 17 + [429]  # 3 + 17 counted, then 429
+    assert creates[-1].json()["error"] == "rate_limited"
+    assert "retry-after" not in creates[-1].headers
     http.close()
 
 
@@ -223,13 +230,19 @@ def test_raw_answers_are_float_numbers_without_retry_after(deployed: DeployedWor
         ({"amount_usd": 0.09}, 400, "invalid_amount"),
         ({"amount_usd": 1.0000001}, 400, "invalid_amount"),
         ({"amount_usd": 5000}, 402, "insufficient_balance"),
-        ({"amount_usd": 1, "counterparty_agent_id": "nobody"}, 404, "not_found"),
+        ({"amount_usd": 1, "counterparty_agent_id": "nobody"}, 400, "invalid_counterparty"),
+        (
+            {"amount_usd": 1, "counterparty_agent_id": "ag_000000000000"},
+            404,
+            "counterparty_not_found",
+        ),
+        ({"amount_usd": 1, "description": "ab"}, 400, "invalid_description"),
     ],
 )
 def test_refusals_use_the_services_codes(body, status, code):
     world = DeployedWorld(balance="10")
     try:
-        body = {"counterparty_agent_id": world.provider.agent_id, **body}
+        body = {"counterparty_agent_id": world.provider.agent_id, "description": "job", **body}
         http = httpx.Client(transport=world.sandbox.transport())
         r = http.post(
             "http://localhost/deployed/escrow/create",
@@ -237,7 +250,7 @@ def test_refusals_use_the_services_codes(body, status, code):
             headers={"Authorization": f"Bearer {world.payer.api_key}"},
         )
         assert (r.status_code, r.json()["error"]) == (status, code)
-        assert set(r.json()) == {"error", "message"}
+        assert {"error", "message", "_info"} <= set(r.json())
         http.close()
     finally:
         world.close()
@@ -288,7 +301,9 @@ def test_auth_and_insufficient_funds(deployed: DeployedWorld):
         "pf_test_wrongwrongwrong", transport=deployed.sandbox.transport(), rate_limits=False
     )
     with pytest.raises(AuthError):
-        bad.get_escrow("esc_1")
+        bad.create_escrow(deployed.provider.agent_id, "1.00")
+    with pytest.raises(NotFound):
+        bad.get_escrow("esc_1")  # reads need no key: an unknown id is simply not found
     bad.close()
     with pytest.raises(InsufficientFunds):
         deployed.client().create_escrow(deployed.provider.agent_id, "5000")
@@ -315,13 +330,12 @@ def test_one_sandbox_serves_both_dialects():
 # -- account bootstrap ----------------------------------------------------------------------
 
 
-def test_register_then_faucet(deployed: DeployedWorld):
+def test_register_credits_the_grant_then_the_faucet_refuses_it(deployed: DeployedWorld):
     t = deployed.sandbox.transport()
     reg = D.register(base_url="http://localhost/casino", transport=t)
-    assert reg.agent_id and "pf_test_" not in repr(reg)
+    assert reg.agent_id.startswith("ag_") and "pf_test_" not in repr(reg)
     key = reg.api_key.get_secret_value()
-    claim = D.claim_faucet(reg.agent_id, base_url="http://localhost/faucet", transport=t)
-    assert claim.credited == Decimal("1") and claim.agent_id == reg.agent_id
+    assert deployed.sandbox.balance(reg.agent_id) == Decimal("1")  # the casino claimed it
     with pytest.raises(Conflict) as info:
         D.claim_faucet(reg.agent_id, base_url="http://localhost/faucet", transport=t)
     assert info.value.code == "already_claimed"
@@ -333,10 +347,27 @@ def test_register_then_faucet(deployed: DeployedWorld):
         D.claim_faucet("bad id!", base_url="http://localhost/faucet", transport=t)
 
 
+def test_the_faucet_pays_once_per_address_a_day_and_is_never_retried(deployed: DeployedWorld):
+    t = deployed.sandbox.transport()
+    first, second = deployed.sandbox.add_agent(), deployed.sandbox.add_agent()
+    claim = D.claim_faucet(first.agent_id, base_url="http://localhost/faucet", transport=t)
+    assert claim.credited == Decimal("1") and claim.agent_id == first.agent_id
+    sleeps: list[float] = []
+    with pytest.raises(RateLimited) as info:
+        D.claim_faucet(
+            second.agent_id, base_url="http://localhost/faucet", transport=t, _sleep=sleeps.append
+        )
+    assert info.value.code == "ip_rate_limited" and sleeps == []  # refused once, not retried
+    assert "try again in ~24h" in str(info.value).lower()
+    assert deployed.sandbox.balance(second.agent_id) == 0
+
+
 async def test_async_bootstrap(deployed: DeployedWorld):
     t = deployed.sandbox.transport()
     reg = await D.aregister(base_url="http://localhost/casino", transport=t)
-    claim = await D.aclaim_faucet(reg.agent_id, base_url="http://localhost/faucet", transport=t)
+    assert deployed.sandbox.balance(reg.agent_id) == 1
+    other = deployed.sandbox.add_agent()
+    claim = await D.aclaim_faucet(other.agent_id, base_url="http://localhost/faucet", transport=t)
     assert claim.credited == 1
 
 
@@ -428,31 +459,36 @@ def test_release_lost_before_reaching_the_server_is_resent(deployed):
 # -- 429 storms -----------------------------------------------------------------------------
 
 
-def test_the_bucket_draws_no_429_under_the_servers_limit(deployed):
+def test_pacing_uses_the_servers_whole_limit_and_says_why_it_waits(deployed, caplog):
     c = deployed.client()
-    made = [c.create_escrow(deployed.provider.agent_id, "0.10") for _ in range(40)]
-    assert len(made) == 40
+    with caplog.at_level(logging.INFO, logger="pf_metered.client"):
+        made = [c.create_escrow(deployed.provider.agent_id, "0.10") for _ in range(41)]
+    assert len(made) == 41
     assert c._limiter.drawn_429 == 0
-    assert deployed.now() - 1_767_225_600 > 3 * 60  # it slowed down: 40 creates, ≥ 4 windows
+    elapsed = deployed.now() - 1_767_225_600
+    assert 120 < elapsed < 122  # 20 a window (60.5 s guarded): 41 creates open a third one
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
+    assert len(waits) == 2 and "POST /escrow/create" in waits[0]
+    assert "20 of these a minute" in waits[0]
 
 
 def test_without_the_bucket_a_storm_draws_429s_and_backs_off(deployed):
     c = deployed.client(rate_limits=False, max_retries=0)
     got = []
-    for _ in range(12):
+    for _ in range(22):
         try:
             c.create_escrow(deployed.provider.agent_id, "0.10")
             got.append("ok")
         except RateLimited as exc:
             assert exc.retry_after is None and exc.code == "rate_limited"
             got.append("429")
-    assert got.count("ok") == 10 and got.count("429") == 2
+    assert got.count("ok") == 20 and got.count("429") == 2
 
 
 def test_a_429_drawn_anyway_slows_the_path_and_succeeds(deployed):
     # Another process shares the address: the server's window is already nearly full.
     http = httpx.Client(transport=deployed.sandbox.transport())
-    for _ in range(10):
+    for _ in range(20):
         http.post("http://localhost/deployed/escrow/create", json={})
     http.close()
     c = deployed.client(max_retries=5)
@@ -477,24 +513,39 @@ async def test_async_client_on_the_deployed_sandbox(deployed):
     await c.aclose()
 
 
-def test_bad_request_fields():
+@pytest.mark.parametrize(("sent", "kept"), [(0, 1), (0.5, 1), (5.9, 5), (9999, 720), (None, 24)])
+def test_timeout_hours_are_floored_and_clamped_without_a_word(sent, kept):
     world = DeployedWorld()
     try:
         http = httpx.Client(transport=world.sandbox.transport())
+        body = {
+            "amount_usd": 1,
+            "description": "job",
+            "counterparty_agent_id": world.provider.agent_id,
+        }
+        if sent is not None:
+            body["timeout_hours"] = sent
         r = http.post(
             "http://localhost/deployed/escrow/create",
             headers={"Authorization": f"Bearer {world.payer.api_key}"},
-            json={
-                "amount_usd": 1,
-                "counterparty_agent_id": world.provider.agent_id,
-                "timeout_hours": 0,
-            },
+            json=body,
         )
-        assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+        assert r.status_code == 201 and r.json()["timeout_hours"] == kept
         http.close()
     finally:
         world.close()
-    assert InvalidRequest
+
+
+def test_auto_release_hours_past_the_services_maximum_are_refused_up_front(deployed):
+    c = deployed.client()
+    with pytest.raises(InvalidInput) as info:
+        c.create_escrow(deployed.provider.agent_id, "1.00", auto_release_hours=721)
+    assert info.value.field == "auto_release_hours" and "720" in str(info.value)
+    assert escrow_count(deployed) == 0
+    assert (
+        c.create_escrow(deployed.provider.agent_id, "1.00", auto_release_hours=720).timeout_hours
+        == 720
+    )
 
 
 def test_cli_register_writes_the_key_to_a_file_never_the_terminal(tmp_path, monkeypatch, capsys):

@@ -212,7 +212,7 @@ def test_serve_forever_prints_ids_not_keys_and_stops_on_request() -> None:
     )
     text = out.getvalue()
     assert started and started[0].base_url in text
-    assert text.count("agent agent_") == 2 and "balance 7" in text
+    assert text.count("agent ag_") == 2 and "balance 7" in text
     assert "pf_test_" not in text
     assert started[0].closed
 

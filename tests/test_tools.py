@@ -456,8 +456,8 @@ async def test_an_unknown_provider_is_named_as_such(pf_world, dialect):
     aclient = pf_world.sandbox.async_client(pf_world.payer.api_key, **kw)
     ctx = ToolContext(client, aclient, caps=Caps(max_total="5", max_open_streams=1))
     cases = [
-        ("stream_open", {"provider": "agent_ghost", "rate": "0.01", "budget": "1"}),
-        ("escrow_create", {"to_agent_id": "agent_ghost", "amount": "1"}),
+        ("stream_open", {"provider": "ag_ghost", "rate": "0.01", "budget": "1"}),
+        ("escrow_create", {"to_agent_id": "ag_ghost", "amount": "1"}),
     ]
     for name, args in cases:
         with pytest.raises(ToolError) as sync_info:
@@ -466,7 +466,7 @@ async def test_an_unknown_provider_is_named_as_such(pf_world, dialect):
             await get_definition(name).acall(ctx, args)
         for err in (sync_info.value, async_info.value):
             assert err.kind == "unknown_provider", err
-            assert str(err).startswith("Unknown provider") and "'agent_ghost'" in str(err)
+            assert str(err).startswith("Unknown provider") and "'ag_ghost'" in str(err)
             assert "escrow_list" not in str(err) and f"call {name} again" in str(err)
     if dialect == "deployed":  # no keyed faucet there: the model is told not to retry
         with pytest.raises(ToolError) as async_info:

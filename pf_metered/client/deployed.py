@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any, Final, Literal
 from urllib.parse import quote, urlsplit
@@ -75,7 +76,7 @@ from pf_metered.errors import (
     ServerError,
     UnsupportedByDialect,
 )
-from pf_metered.models import USDC, Escrow, FaucetClaim, Registration
+from pf_metered.models import USDC, Escrow, EscrowEvent, FaucetClaim, Registration
 from pf_metered.money import (
     MAX_AMOUNT_MICRO,
     MICRO,
@@ -118,6 +119,10 @@ FAUCET_BASE_URL: Final = "https://faucet.purpleflea.com"
 
 DEPLOYED_MINIMUM_MICRO: Final = 100_000
 """The smallest escrow the deployed service accepts: 0.10 USDC."""
+
+MAX_TIMEOUT_HOURS: Final = 720
+"""The longest ``timeout_hours`` the service keeps (it clamps anything longer to this without
+a word; the client refuses it up front instead)."""
 
 DEFAULT_TIMEOUT_HOURS: Final = 24
 """``timeout_hours`` when the caller gives none (the service hands the escrow back, less 1%,
@@ -254,6 +259,9 @@ class DeployedEscrow(Escrow):
     net_to_counterparty: USDC = Decimal(0)
     timeout_hours: int | None = None
     nonce: str | None = Field(default=None, max_length=128)
+    events: tuple[EscrowEvent, ...] = ()
+    """The escrow's history (``created``, ``completed``, ``released``, ...), shown only to its
+    two parties; empty for anyone else."""
 
     @property
     def commission_micro(self) -> int:
@@ -265,6 +273,40 @@ class DeployedEscrow(Escrow):
         if self.status != "refunded":
             return 0
         return self.amount_micro - fee_micro(self.amount_micro)
+
+
+@dataclass(frozen=True)
+class ActionAnswer:
+    """What the service answered to a release, complete or dispute — a short account of the
+    action, not the escrow (read the escrow back for that).
+
+    ``net_micro`` / ``commission_micro`` are the release answer's ``amount_released`` (the NET
+    paid to the counterparty) and ``commission``; their sum is the escrow's gross amount.
+    ``problem`` says what was missing or contradictory in the answer (``None``: nothing).
+    """
+
+    action: str
+    escrow_id: str | None
+    status: str | None
+    net_micro: int | None = None
+    commission_micro: int | None = None
+    referral_micro: int | None = None
+    counterparty_id: str | None = None
+    problem: str | None = None
+
+    @property
+    def gross_micro(self) -> int | None:
+        if self.net_micro is None or self.commission_micro is None:
+            return None
+        return self.net_micro + self.commission_micro
+
+
+ACTION_STATUS: Final[dict[str, str]] = {
+    "release": "released",
+    "complete": "completed",
+    "dispute": "disputed",
+}
+"""The status each action's answer reports when the service applied it."""
 
 
 def _str_field(data: dict[str, Any], *names: str) -> str | None:
@@ -292,6 +334,7 @@ class DeployedDialect:
     supports_refund = False
     honours_idempotency_keys = False
     min_escrow_micro = DEPLOYED_MINIMUM_MICRO
+    max_auto_release_hours = MAX_TIMEOUT_HOURS
 
     def __init__(
         self,
@@ -453,6 +496,9 @@ class DeployedDialect:
         remaining = amount - released - refunded
         description = data.get("description")
         hours = data.get("timeout_hours")
+        events = data.get("events", [])
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            raise InvalidResponse("escrow.events is not a list of objects")
         fields = {
             "escrow_id": data.get("escrow_id"),
             "status": neutral,
@@ -473,11 +519,82 @@ class DeployedDialect:
             "timeout_hours": hours
             if isinstance(hours, int) and not isinstance(hours, bool)
             else None,
+            "events": [
+                {k: e.get(k) for k in ("event", "actor_id", "note", "created_at") if k in e}
+                for e in events[:1000]
+            ],
         }
         try:
             return DeployedEscrow.model_validate(fields)
         except ValidationError as exc:
             raise InvalidResponse(f"malformed escrow: {_summary(exc)}") from None
+
+    def parse_action(self, data: Any, action: str) -> ActionAnswer:
+        """A release / complete / dispute answer, checked field by field; what is missing or
+        wrong is reported in ``problem`` (never raised: the action may have been applied, so
+        the caller reads the escrow back to settle it)."""
+        if not isinstance(data, dict):
+            return ActionAnswer(action, None, None, problem="the answer is not a JSON object")
+        problems: list[str] = []
+        escrow_id = data.get("escrow_id") if isinstance(data.get("escrow_id"), str) else None
+        status = data.get("status") if isinstance(data.get("status"), str) else None
+        if escrow_id is None:
+            problems.append("no escrow_id")
+        if status != ACTION_STATUS[action]:
+            problems.append(f"status {str(status)[:40]!r}, not {ACTION_STATUS[action]!r}")
+        figures: dict[str, int | None] = {"amount_released": None, "commission": None}
+        referral: int | None = None
+        if action == "release":
+            for name in figures:
+                try:
+                    figures[name] = wire_money_micro(data.get(name), name)
+                except InvalidResponse as exc:
+                    problems.append(exc.message)
+            try:
+                referral = wire_money_micro(data.get("referral_commission", 0), "referral")
+            except InvalidResponse as exc:
+                problems.append(exc.message)
+            net, commission = figures["amount_released"], figures["commission"]
+            if (
+                net is not None
+                and commission is not None
+                and (abs(fee_micro(net + commission) - commission) > 1)
+            ):
+                problems.append(
+                    f"commission {format_usdc(commission)} is not 1% of "
+                    f"{format_usdc(net + commission)}"
+                )
+        return ActionAnswer(
+            action,
+            escrow_id,
+            status,
+            net_micro=figures["amount_released"],
+            commission_micro=figures["commission"],
+            referral_micro=referral,
+            counterparty_id=_str_field(data, "counterparty_id", "counterparty_agent_id"),
+            problem="; ".join(problems) or None,
+        )
+
+    def escrow_from_release(self, told: ActionAnswer) -> DeployedEscrow:
+        """The released escrow as a complete release answer describes it (used only when the
+        escrow cannot be read back): gross = ``amount_released`` + ``commission``."""
+        gross = told.gross_micro
+        if gross is None or told.escrow_id is None or told.problem is not None:
+            raise InvalidResponse("the release answer does not describe the escrow")
+        assert told.net_micro is not None and told.commission_micro is not None
+        return DeployedEscrow.model_validate(
+            {
+                "escrow_id": told.escrow_id,
+                "status": "released",
+                "deployed_status": "released",
+                "amount": micro_to_decimal(gross),
+                "released": micro_to_decimal(gross),
+                "remaining": Decimal(0),
+                "commission": micro_to_decimal(told.commission_micro),
+                "net_to_counterparty": micro_to_decimal(told.net_micro),
+                "to_agent_id": told.counterparty_id,
+            }
+        )
 
     def parse_escrow_list(self, data: Any) -> list[Escrow]:
         items = data.get("escrows") if isinstance(data, dict) else data
@@ -648,7 +765,108 @@ def release_whole_op(client: Any, escrow_id: str, memo: str, key: str) -> Any:
             if escrow.status == "released":
                 return escrow
             raise
-        return client._escrow_answer(answer, escrow_id)
+        return (yield from settle_action(client, answer, escrow_id, "release", key))
+
+
+def _action_ambiguous(action: str, escrow_id: str, key: str | None, why: str) -> Exception:
+    from pf_metered.errors import AmbiguousOutcome, AmbiguousRelease
+
+    cls = AmbiguousRelease if action == "release" else AmbiguousOutcome
+    return cls(
+        f"the {action} of escrow {escrow_id} may or may not have been applied: {why}; read the "
+        f"escrow back (get_escrow) before trying again",
+        idempotency_key=key,
+        escrow_id=escrow_id,
+    )
+
+
+def settle_action(
+    client: Any, answer: Any, escrow_id: str, action: str, key: str | None = None
+) -> Any:
+    """Believe a 2xx answer to a release / complete / dispute only once it agrees with the
+    escrow read back.
+
+    The service answers these with a short account of the action, not the escrow (a release:
+    ``amount_released``, the NET paid, and ``commission``; gross = their sum). The escrow is
+    read back (``GET /escrow/{id}``, not rate limited) and must be in the state the action
+    leads to; a release's gross must be the escrow's amount. An answer that is incomplete or
+    contradicts the request is settled by that read-back: applied → the escrow; not applied →
+    an ambiguous outcome (never a success, never re-sent). When the read-back itself fails,
+    a complete, consistent release answer still stands (the server applied it: that must not
+    surface as an error); anything less is ambiguous.
+    """
+    from pf_metered.errors import PFMeteredError
+
+    dialect = client._dialect
+    want = ACTION_STATUS[action]
+    if answer.too_large:
+        told = ActionAnswer(action, None, None, problem="the answer was too large to read")
+    else:
+        try:
+            told = dialect.parse_action(decode_json(answer.body), action)
+        except InvalidResponse as exc:
+            told = ActionAnswer(action, None, None, problem=exc.message)
+    problem = told.problem
+    if told.escrow_id is not None and told.escrow_id != escrow_id:
+        problem = f"the answer is about escrow {told.escrow_id[:40]}"
+    try:
+        escrow = yield from client._get_gen(escrow_id)
+    except PFMeteredError as exc:
+        if action == "release" and problem is None:
+            _log.info(
+                "escrow %s released (answer: net %s, commission %s); reading it back failed "
+                "(%s), so the escrow is described from the answer",
+                escrow_id,
+                format_usdc(told.net_micro or 0),
+                format_usdc(told.commission_micro or 0),
+                type(exc).__name__,
+            )
+            return dialect.escrow_from_release(told)
+        if problem is None:
+            _log.info("escrow %s %s; reading it back failed (%s)", escrow_id, want, exc)
+            raise _action_ambiguous(
+                action, escrow_id, key, f"it was answered {want} but could not be read back"
+            ) from None
+        raise _action_ambiguous(
+            action,
+            escrow_id,
+            key,
+            f"its answer (HTTP {answer.status}) was not believable ({problem}) and reading "
+            f"the escrow back failed ({type(exc).__name__})",
+        ) from None
+    status = getattr(escrow, "deployed_status", escrow.status)
+    applied = status == want or (action == "complete" and status in ("released", "disputed"))
+    if not applied:
+        why = problem or f"it was answered {want}"
+        raise _action_ambiguous(
+            action,
+            escrow_id,
+            key,
+            f"the service answered HTTP {answer.status} ({why}) but the escrow reads {status}",
+        )
+    if (
+        action == "release"
+        and told.gross_micro is not None
+        and abs(told.gross_micro - escrow.amount_micro) > 1
+    ):
+        _log.warning(
+            "escrow %s: the release answer's gross %s (net %s + commission %s) is not the "
+            "escrow's amount %s; the escrow's figures are kept",
+            escrow_id,
+            format_usdc(told.gross_micro),
+            format_usdc(told.net_micro or 0),
+            format_usdc(told.commission_micro or 0),
+            format_usdc(escrow.amount_micro),
+        )
+    if problem is not None:
+        _log.warning(
+            "escrow %s: the %s answer was not believable (%s); the escrow read back shows it %s",
+            escrow_id,
+            action,
+            problem,
+            status,
+        )
+    return escrow
 
 
 def _read_back(client: Any, escrow_id: str, key: str, cause: object) -> Any:
@@ -703,7 +921,7 @@ def simple_post_op(
             if may_retry and escrow.status in ("locked", "completed"):
                 continue
             raise lost.error from None
-        return client._escrow_answer(answer, escrow_id)
+        return (yield from settle_action(client, answer, escrow_id, action))
 
 
 # ------------------------------------------------------------------------------ bootstrap
@@ -787,6 +1005,10 @@ def _bootstrap_plan(kind: Literal["register", "faucet"]) -> Any:
                 "the faucet claim was probably credited by the attempt whose answer was lost "
                 "(the retry was refused as already claimed)"
             )
+        if status == 429 and kind == "faucet":
+            # Never retried: ``ip_rate_limited`` is a 24-hour cooldown per client address, and
+            # every retry of a ``rate_limited`` one spends the faucet's 5-a-minute window.
+            raise _faucet_refusal(api_error)
         if status == 429 and not last:
             yield ("sleep", max(backoff_delay(attempt + 1), 2.0**attempt))
             continue
@@ -796,6 +1018,27 @@ def _bootstrap_plan(kind: Literal["register", "faucet"]) -> Any:
             continue
         raise api_error
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+FAUCET_COOLDOWN_CODE: Final = "ip_rate_limited"
+
+
+def _faucet_refusal(error: APIError) -> APIError:
+    """A faucet 429, saying when to try again (the service's words carry the hours left)."""
+    if error.code == FAUCET_COOLDOWN_CODE:
+        when = (
+            "the faucet pays one claim per client address a day"
+            if "try again" in error.message.lower()
+            else "the faucet pays one claim per client address a day: try again in ~24h"
+        )
+    else:
+        when = "the faucet takes 5 claims a minute per address: try again in a minute"
+    return RateLimited(
+        f"{error.message} ({when}; not retried)",
+        retry_after=None,
+        status=error.status,
+        code=error.code,
+    )
 
 
 def _drive_sync(plan: Any, send: Any, sleep: Any) -> Any:
@@ -959,6 +1202,11 @@ def register(
 ) -> Registration:
     """Register a new agent on the casino service: ``{agent_id, api_key}`` (key as a secret).
 
+    The casino credits the new agent's $1 faucet grant itself, at registration (it asks the
+    faucet on the agent's behalf), so there is nothing to claim afterwards: a
+    :func:`claim_faucet` for this agent is refused ``already_claimed``. Check the balance if
+    it matters — the casino never lets a faucet refusal block a registration.
+
     ``base_url`` defaults to ``PF_CASINO_URL`` or :data:`CASINO_BASE_URL`; ``transport`` may be
     a sandbox's (``Sandbox.casino_base_url`` names its in-process URL).
     """
@@ -991,7 +1239,13 @@ def claim_faucet(
     timeout: float = 30.0,
     _sleep: Any = None,
 ) -> FaucetClaim:
-    """Claim the faucet's one free USDC for a new agent (409 ``already_claimed`` → Conflict).
+    """Claim the faucet's one free USDC for an agent that has none yet.
+
+    An agent made by :func:`register` already has it (409 ``already_claimed`` →
+    :class:`~pf_metered.errors.Conflict`). The faucet also pays one claim per client address
+    a day and takes 5 claims a minute: either 429 is raised at once as
+    :class:`~pf_metered.errors.RateLimited` saying when to try again — never retried, since a
+    retry cannot succeed sooner and spends the window.
 
     ``base_url`` defaults to ``PF_FAUCET_URL`` or :data:`FAUCET_BASE_URL`.
     """

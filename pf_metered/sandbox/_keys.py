@@ -27,7 +27,9 @@ def new_api_key() -> str:
 
 
 def new_agent_id() -> str:
-    return f"agent_{secrets.token_hex(8)}"
+    """An agent id in the casino's shape (``ag_`` and 12 hex digits), which the deployed
+    escrow service requires of a counterparty."""
+    return f"ag_{secrets.token_hex(6)}"
 
 
 def hash_key(api_key: str) -> str:

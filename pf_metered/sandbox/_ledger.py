@@ -336,8 +336,10 @@ class Ledger:
         memo: str,
         auto_release_at: int | None,
         now_us: int,
+        escrow_id: str | None = None,
     ) -> EscrowRecord:
-        """Move ``amount`` from the payer's balance into a new open escrow for ``payee``."""
+        """Move ``amount`` from the payer's balance into a new open escrow for ``payee``
+        (``escrow_id``: the id to give it, in a dialect's own shape; a fresh one by default)."""
         if amount <= 0:
             raise LedgerError("invalid_amount", "an escrow amount must be positive")
         if not self.is_agent(conn, payee):
@@ -345,7 +347,8 @@ class Ledger:
         if payer == payee:
             raise LedgerError("invalid_request", "an agent cannot open an escrow to itself")
         self._debit(conn, payer, amount)
-        escrow_id = _new_id("esc")
+        if escrow_id is None:
+            escrow_id = _new_id("esc")
         conn.execute(
             "INSERT INTO escrows (escrow_id, from_agent_id, to_agent_id, amount, status, memo, "
             "created_at, auto_release_at) VALUES (?, ?, ?, ?, 'locked', ?, ?, ?)",
