@@ -258,7 +258,7 @@ def test_429_storm_from_a_neighbour_backs_off_and_stays_exact(dep):
     ) as s:
         for i in range(40):
             if i % 10 == 0:  # another process on the same address fills the window
-                for _ in range(12):
+                for _ in range(22):
                     http.post("http://localhost/deployed/escrow/create", json={})
             s.record(100)
             s.pump()

@@ -111,6 +111,8 @@ MAX_AUTO_RELEASE_HOURS: Final = 8760
 IDEMPOTENCY_SUPPORTED: Final = "Idempotency-Supported"
 IDEMPOTENT_REPLAYED: Final = "Idempotent-Replayed"
 USER_AGENT: Final = "pf-metered/0.1.0 (python; httpx)"
+LOG_WAITS_OVER: Final = 2.0
+"""Any wait longer than this many seconds is logged at INFO with what it waits for."""
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _HAS_ALNUM: Final = re.compile(r"[A-Za-z0-9]")
@@ -291,15 +293,21 @@ def _check_memo(value: object, limit: int, field: str = "memo") -> str:
     return value
 
 
-def _check_hours(value: object) -> int | None:
+def _check_hours(
+    value: object, maximum: int = MAX_AUTO_RELEASE_HOURS, dialect: str = ""
+) -> int | None:
+    """``auto_release_hours``, refused up front outside ``1..maximum`` — the service's own
+    range (the deployed one clamps to 1..720 without a word, which would silently move the
+    deadline the caller asked for)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput("auto_release_hours", f"must be an int, not {type(value).__name__}")
-    if not MIN_AUTO_RELEASE_HOURS <= value <= MAX_AUTO_RELEASE_HOURS:
+    if not MIN_AUTO_RELEASE_HOURS <= value <= maximum:
+        where = f" (the {dialect} service's maximum is {maximum})" if dialect else ""
         raise InvalidInput(
             "auto_release_hours",
-            f"must be between {MIN_AUTO_RELEASE_HOURS} and {MAX_AUTO_RELEASE_HOURS}, got {value}",
+            f"must be between {MIN_AUTO_RELEASE_HOURS} and {maximum}, got {value}{where}",
         )
     return value
 
@@ -531,6 +539,14 @@ class BaseEscrowClient:
         while True:
             wait = pace_before(self._limiter, spec.path)
             if wait > 0:
+                if wait > LOG_WAITS_OVER:
+                    log.info(
+                        "waiting %.1f s before %s %s: the service allows %s",
+                        wait,
+                        spec.method,
+                        spec.path,
+                        self._limit_text(spec.path),
+                    )
                 yield Sleep(wait)
             judged = self._judge(spec, (yield Send(spec)))
             pace_after(self._limiter, spec.path, getattr(judged, "error", None))
@@ -556,6 +572,12 @@ class BaseEscrowClient:
                 self._max_retries,
             )
             yield Sleep(delay)
+
+    def _limit_text(self, path: str) -> str:
+        limit = None if self._limiter is None else self._limiter.limit_for(path)
+        if limit is None:
+            return "no more right now (rate limited)"
+        return f"{limit.per_minute} of these a minute per path and client address"
 
     def _pause(self, budget: _Budget) -> Sleep:
         return Sleep(backoff_delay(max(budget.used, 1), rand=self._rand))
@@ -656,7 +678,11 @@ class BaseEscrowClient:
             raise InvalidInput(
                 "amount", f"must be at least {format_usdc(self._dialect.min_escrow_micro)}"
             )
-        hours = _check_hours(auto_release_hours)
+        hours = _check_hours(
+            auto_release_hours,
+            getattr(self._dialect, "max_auto_release_hours", MAX_AUTO_RELEASE_HOURS),
+            self._dialect.name,
+        )
         key, given = _check_idempotency_key(idempotency_key)
         wire_memo, tagged = self._tagged(memo, key)
         spec = self._dialect.create_escrow(

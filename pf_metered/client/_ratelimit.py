@@ -1,17 +1,19 @@
-"""Client-side rate limiting: a token bucket per request path, so a busy stream slows down
-instead of drawing 429s.
+"""Client-side rate limiting: a log of send times per request path, so a busy stream slows
+down instead of drawing 429s.
 
-Why a bucket per *path*: the deployed escrow service counts requests in a fixed 60-second window
+Why a log per *path*: the deployed escrow service counts requests in a fixed 60-second window
 per path (``/escrow/create`` is one path; ``/escrow/release/esc_1`` and ``/escrow/release/esc_2``
-are two) and per client address, and it counts failed requests too. A bucket whose burst
-``capacity`` and refill ``rate`` satisfy ``capacity + 60 × rate ≤ limit`` can never send more than
-``limit`` requests in *any* 60-second interval, so in particular never more than ``limit`` in one
-of the server's fixed windows, wherever that window happens to start.
+are two) and per client address, and it counts failed requests too. Its window opens at the
+first request it sees and is renewed once more than 60 s have passed. A client that never
+sends more than ``limit`` requests in *any* interval of 60 s plus a guard can never exceed the
+limit in one of those windows, wherever it starts; a log of the last ``limit`` send times
+enforces exactly that, so the client uses the whole limit (20 creates a minute, not the 10
+to 15 a token bucket that must also cap its burst would allow).
 
 When a 429 is drawn anyway (another process shares the address, or the limit is lower than
-configured), the server sends no ``Retry-After``: the bucket is emptied, the path is paused with
-capped exponential backoff and jitter, and its refill rate is halved (multiplicative decrease),
-creeping back to the configured rate on each success (additive increase).
+configured), the server sends no ``Retry-After``: the path is paused with capped exponential
+backoff and jitter, and what the client allows itself per window is halved (multiplicative
+decrease), creeping back to the limit on each success (additive increase).
 
 This module is sans-I/O: it computes how long to wait and never sleeps, never performs a
 request, and never blocks while holding its lock. The sync client sleeps with ``time.sleep``, the
@@ -24,6 +26,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -34,15 +37,17 @@ __all__ = [
     "PathRateLimiter",
     "RateLimit",
     "TokenBucket",
+    "WindowLog",
 ]
 
 WINDOW_SECONDS = 60.0
 """The deployed service's fixed rate window."""
 
-WINDOW_GUARD_SECONDS = 0.01
-"""Refill is spread over the window plus this guard: at exactly 60 s the last token would land on
-the window's edge, where float rounding (59.9999999999998 s) or the server's clock can put it
-inside the window the first request opened."""
+WINDOW_GUARD_SECONDS = 0.5
+"""Sends are spread so that no interval of the window *plus* this guard holds more than the
+limit: the server opens its window at the first request it sees and renews it only once more
+than 60 s have passed, and it sees our requests a little later than we send them — by a
+network delay that varies. Half a second covers that jitter and float rounding at the edge."""
 
 BACKOFF_BASE = 1.0
 """First pause after a 429 (seconds); doubled on each consecutive 429 of the same path."""
@@ -51,22 +56,22 @@ BACKOFF_CAP = WINDOW_SECONDS
 """A fixed window has surely rolled over after this long: no pause is ever longer."""
 
 _IDLE_PRUNE = 4 * WINDOW_SECONDS
-"""Buckets idle this long are full again and are forgotten (release paths are one-shot)."""
+"""Logs idle this long are empty again and are forgotten (release paths are one-shot)."""
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """A limit of ``per_minute`` requests in any 60 s, spent as a burst then a steady trickle.
+    """A limit of ``per_minute`` requests in any 60 s window of the server's.
 
-    ``burst`` is how many requests may go out at once from a rested bucket (default a quarter
-    of the limit, at least 1); the refill rate is what is left of the limit spread over a
-    minute, so ``burst + 60 × rate == per_minute``. ``margin`` requests of the limit are kept
-    in reserve (default 1) for the reads a reconciliation may need and for clock skew.
+    ``margin`` requests of the limit are kept in reserve (default 0: the service's own number;
+    the window guard already covers clock skew). ``burst``, when given, caps how many may go
+    out in any window below the usable limit (the default is the whole usable limit: a fixed
+    window server does not care how they are spread inside it).
     """
 
     per_minute: int
     burst: int | None = None
-    margin: int = 1
+    margin: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.per_minute, bool) or not isinstance(self.per_minute, int):
@@ -85,85 +90,90 @@ class RateLimit:
 
     @property
     def capacity(self) -> int:
-        if self.burst is not None:
-            return self.burst
-        return max(1, self.usable // 4)
+        """Requests that may go out in one window."""
+        return self.burst if self.burst is not None else self.usable
 
     @property
-    def refill_per_second(self) -> float:
-        """What is left of the usable limit after the burst, spread over the window.
-
-        With ``capacity + 60 × rate == usable`` a bucket sends at most ``usable`` requests in
-        any 60 s interval (the token refilled at the window's very end falls outside it)."""
-        return max(self.usable - self.capacity, 1) / (WINDOW_SECONDS + WINDOW_GUARD_SECONDS)
+    def window_seconds(self) -> float:
+        return WINDOW_SECONDS + WINDOW_GUARD_SECONDS
 
     @property
     def sustained_per_minute(self) -> float:
-        """Requests a minute this bucket sustains once its burst is spent."""
-        return self.refill_per_second * WINDOW_SECONDS
+        """Requests a minute this limit sustains, window after window."""
+        return self.capacity * WINDOW_SECONDS / self.window_seconds
 
 
 DEFAULT_DEPLOYED_LIMITS: Mapping[str, RateLimit] = {
-    r"^/escrow/create$": RateLimit(10),
-    r"^/auth/register$": RateLimit(10),
+    r"^/escrow/create$": RateLimit(20),
+    r"^/escrow/release/[^/]+$": RateLimit(30),
+    r"^/escrow/complete/[^/]+$": RateLimit(30),
+    r"^/escrow/dispute/[^/]+$": RateLimit(10),
     r"^/api/v1/auth/register$": RateLimit(10),
-    r"^/faucet/claim$": RateLimit(10),
-    r".*": RateLimit(30),
+    r"^/faucet/claim$": RateLimit(5),
 }
-"""What the deployed service's public code was seen to allow: 10–30 requests a minute per path.
-The scarce path is ``/escrow/create`` (one per tranche), so it gets the low end."""
+"""What the deployed services allow per concrete path and client address in a 60 s window
+(measured on their public code): 20 creates, 30 releases or completes of one escrow, 10
+disputes of one escrow, 10 registrations, 5 faucet claims. Reads are not limited."""
 
 
-class TokenBucket:
-    """One path's bucket. ``reserve()`` takes a token now and says how long to wait for it.
+class WindowLog:
+    """One path's log of send times. ``reserve()`` books the earliest slot at which a request
+    keeps every window (plus guard) at or under the limit, and says how long to wait for it.
 
-    Tokens may go negative: each caller reserves its own future slot, so concurrent callers are
-    spaced out fairly rather than all waking at once and racing.
+    Slots are booked in order, possibly in the future: concurrent callers are spaced out
+    fairly rather than all waking at once and racing.
     """
 
-    __slots__ = ("_pause_until", "_streak", "capacity", "nominal_rate", "rate", "tokens", "updated")
+    __slots__ = ("_pause_until", "_streak", "allowed", "limit", "sent", "updated", "window")
 
     def __init__(self, limit: RateLimit, now: float) -> None:
-        self.capacity = float(limit.capacity)  # ok: seconds, not money
-        self.nominal_rate = limit.refill_per_second
-        self.rate = self.nominal_rate
-        self.tokens = self.capacity
+        self.limit = limit.capacity
+        self.allowed = self.limit
+        self.window = limit.window_seconds
+        self.sent: deque[float] = deque()
         self.updated = now
         self._pause_until = now
         self._streak = 0
 
-    def _refill(self, now: float) -> None:
-        if now > self.updated:
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
+    def _forget(self, now: float) -> None:
+        while self.sent and self.sent[0] <= now - self.window:
+            self.sent.popleft()
 
     def reserve(self, now: float) -> float:
-        """Take one token; return the seconds to wait before sending (0 when one is at hand)."""
-        self._refill(now)
-        self.tokens -= 1.0
-        wait = 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-        return max(wait, self._pause_until - now, 0.0)
+        """Book one send; return the seconds to wait before it (0 when it may go now)."""
+        self._forget(now)
+        self.updated = max(self.updated, now)
+        slot = max(now, self._pause_until)
+        if self.sent:
+            slot = max(slot, self.sent[-1])
+        if len(self.sent) >= self.allowed:
+            slot = max(slot, self.sent[-self.allowed] + self.window)
+        self.sent.append(slot)
+        return slot - now
 
     def penalise(self, now: float, jitter: float) -> float:
-        """A 429 was drawn: empty the bucket, halve the rate, pause; return the pause."""
-        self._refill(now)
+        """A 429 was drawn: halve what this client allows itself a window, pause; return the
+        pause."""
         self._streak += 1
         pause = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(self._streak - 1, 16)) * (1.0 + jitter)
         pause = min(pause, BACKOFF_CAP)
-        self.tokens = min(self.tokens, 0.0)
-        self.rate = max(self.rate / 2, 1 / WINDOW_SECONDS)
+        self.allowed = max(1, self.allowed // 2)
         self._pause_until = max(self._pause_until, now + pause)
         return pause
 
     def succeeded(self) -> None:
         """An answer that was not a 429: forget the streak and creep back towards the limit."""
         self._streak = 0
-        if self.rate < self.nominal_rate:
-            self.rate = min(self.nominal_rate, self.rate + self.nominal_rate / 10)
+        if self.allowed < self.limit:
+            self.allowed += 1
 
     def idle_and_full(self, now: float) -> bool:
-        self._refill(now)
-        return self.tokens >= self.capacity and now >= self._pause_until and self._streak == 0
+        self._forget(now)
+        return not self.sent and now >= self._pause_until and self._streak == 0
+
+
+TokenBucket = WindowLog
+"""The name this class had when it was a token bucket (kept for callers of it)."""
 
 
 class PathRateLimiter:
@@ -189,7 +199,7 @@ class PathRateLimiter:
         self._clock = clock
         self._rng = rng if rng is not None else random.random
         self._lock = threading.Lock()
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, WindowLog] = {}
         self._last_prune = clock()
         self.drawn_429 = 0
         """How many 429s this limiter has been told about (for tests and status)."""
@@ -201,13 +211,13 @@ class PathRateLimiter:
                 return limit
         return None
 
-    def _bucket(self, path: str, now: float) -> TokenBucket | None:
+    def _bucket(self, path: str, now: float) -> WindowLog | None:
         bucket = self._buckets.get(path)
         if bucket is None:
             limit = self.limit_for(path)
             if limit is None:
                 return None
-            bucket = self._buckets[path] = TokenBucket(limit, now)
+            bucket = self._buckets[path] = WindowLog(limit, now)
         return bucket
 
     def _prune(self, now: float) -> None:

@@ -88,6 +88,7 @@ class V1Dialect:
     name = "v1"
     supports_partial_release = True
     min_escrow_micro = 1_000_000  # "1.00"
+    max_auto_release_hours = 8760
 
     # -- requests ------------------------------------------------------------------------
 
