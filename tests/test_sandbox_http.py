@@ -36,6 +36,7 @@ def api(sandbox: Sandbox, agent: SandboxAgent | None = None, **headers: str) -> 
 
 def error(r: httpx.Response) -> tuple[int, str]:
     body = r.json()
+    body.pop("_info", None)  # the deployed service adds its _info object to every answer
     assert set(body) == {"error", "message"}, body
     assert isinstance(body["message"], str) and body["message"]
     return r.status_code, body["error"]
