@@ -61,6 +61,18 @@ def escrow_json(**over: Any) -> dict[str, Any]:
     return base
 
 
+def released_json(req: httpx.Request, **over: Any) -> dict[str, Any]:
+    """A v1 answer to a release-partial: the escrow after it, its ``releases`` holding the
+    release just made (its memo echoed, as docs/WIRE.md says the service answers)."""
+    import json
+
+    sent = json.loads(req.content)
+    release = {"amount": sent["amount"], "fee": "0.01", "memo": sent.get("memo", "")}
+    fields: dict[str, Any] = {"released": "1.00", "remaining": "9.00", "releases": [release]}
+    fields.update(over)
+    return escrow_json(**fields)
+
+
 class Recorder:
     """An httpx.MockTransport handler that records every request it is given."""
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import CANARY_KEY, Recorder, escrow_json
+from conftest import CANARY_KEY, Recorder, escrow_json, released_json
 
 from pf_metered import errors
 from pf_metered.client import DEFAULT_BASE_URL, AsyncEscrowClient, EscrowClient
@@ -328,14 +328,20 @@ def test_hostile_list_and_faucet_answers(make_client) -> None:
 
 
 def test_create_answer_must_match_what_was_asked(make_client) -> None:
+    # A 2xx that contradicts the request is never success: the escrow it names is read back,
+    # and when that agrees with the answer rather than the request, the outcome is ambiguous
+    # (an escrow exists, not the one asked for) — named, so it can be dealt with.
     rec = Recorder(lambda req: httpx.Response(201, json=escrow_json(to_agent_id="mallory")))
     client = make_client(transport=rec.transport, server_honours_idempotency=True)
-    with pytest.raises(errors.InvalidResponse):
+    with pytest.raises(errors.AmbiguousCreate) as info:
         client.create_escrow("agent_b", "10.00")
+    assert info.value.known["escrow_id"] == "esc_1" and "mallory" in str(info.value)
+    assert [r.method for r in rec.requests] == ["POST", "GET"]
     rec = Recorder(lambda req: httpx.Response(201, json=escrow_json(amount="10.00")))
     client = make_client(transport=rec.transport, server_honours_idempotency=True)
-    with pytest.raises(errors.InvalidResponse):
+    with pytest.raises(errors.AmbiguousCreate):
         client.create_escrow("agent_b", "11.00")
+    assert [r.method for r in rec.requests] == ["POST", "GET"]  # never created a second time
 
 
 def test_error_body_that_is_not_json_still_maps_by_status(make_client) -> None:
@@ -418,7 +424,7 @@ def test_release_absent_on_read_back_is_resent_with_the_same_key(make_client) ->
             return httpx.Response(200, json=escrow_json())
         if len([r for r in rec.requests if r.method == "POST"]) == 1:
             return httpx.Response(502)  # lost before applying
-        return httpx.Response(200, json=escrow_json(released="1.00", remaining="9.00"))
+        return httpx.Response(200, json=released_json(req))
 
     rec = Recorder(handler)
     client = make_client(transport=rec.transport)

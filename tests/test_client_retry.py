@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Recorder, escrow_json
+from conftest import Recorder, escrow_json, released_json
 
 from pf_metered import errors
 from pf_metered.client import BACKOFF_BASE, BACKOFF_CAP, RETRY_AFTER_CAP
@@ -153,7 +153,7 @@ def test_unsent_post_is_retried_with_the_same_key_without_reading_back(make_clie
         calls.append(req.method)
         if len(calls) < 3:
             raise exc("refused", request=req)
-        return httpx.Response(200, json=escrow_json(released="1.00", remaining="9.00"))
+        return httpx.Response(200, json=released_json(req))
 
     rec = Recorder(handler)
     client = make_client(transport=rec.transport, server_honours_idempotency=False)
@@ -217,7 +217,7 @@ def test_every_post_carries_a_key_and_gets_none(make_client) -> None:
         if req.method == "POST" and path.endswith("/escrow"):
             return httpx.Response(201, json=escrow_json(memo=json.loads(req.content)["memo"]))
         if path.endswith("/release-partial"):
-            return httpx.Response(200, json=escrow_json(released="1.00", remaining="9.00"))
+            return httpx.Response(200, json=released_json(req))
         return httpx.Response(200, json=escrow_json())
 
     rec = Recorder(handler)

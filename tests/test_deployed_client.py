@@ -13,6 +13,7 @@ from conftest import DeployedWorld, LoseAnswers
 
 from pf_metered.client import AsyncEscrowClient, EscrowClient
 from pf_metered.client import deployed as D
+from pf_metered.client._dialects import default_dialect_for
 from pf_metered.errors import (
     AmbiguousCreate,
     AuthError,
@@ -152,7 +153,7 @@ def test_requests_carry_exact_number_literals():
     ],
 )
 def test_default_dialect_per_base_url(url, dialect):
-    assert D.default_dialect_for(url) == dialect
+    assert default_dialect_for(url) == dialect
     with EscrowClient("pf_test_x", base_url=url) as c:
         assert c.capabilities.dialect == dialect
         assert c.capabilities.supports_partial_release is (dialect == "v1")

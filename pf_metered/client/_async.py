@@ -78,6 +78,8 @@ class AsyncEscrowClient(BaseEscrowClient):
         self._timeout_seconds = float(timeout)  # ok: seconds; validated by the base
         self._sleep: Callable[[float], Awaitable[None]] = _sleep or asyncio.sleep
         self._real_sleep = _sleep is None
+        self._transport_arg = transport
+        self._probe_shared = transport is None  # a client of its own transport probes alone
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=self._timeout,
@@ -142,7 +144,32 @@ class AsyncEscrowClient(BaseEscrowClient):
             return exc
         return body.answer(response)
 
+    def _resolve_blocking(self) -> None:
+        """Probe from a property (``capabilities``), where nothing can be awaited: one
+        blocking read over a sync client of the same transport. ``await
+        resolve_dialect()`` first avoids blocking the loop."""
+        from ._sync import EscrowClient
+
+        transport = self._transport_arg
+        if transport is not None and not isinstance(transport, httpx.BaseTransport):
+            raise ConfigError(
+                "the dialect is not known yet and this transport is async only: "
+                "await client.resolve_dialect() first, or pass dialect="
+            )
+        with EscrowClient(
+            self._secret.reveal(), transport=transport, timeout=self._timeout.read or 30.0
+        ) as probe:
+            probe._probe_shared = self._probe_shared
+            probe._probe_host = self._probe_host
+            dialect = probe._run(probe._resolve_gen())
+            self._adopt(dialect, probe.base_url)
+
     # -- the API -------------------------------------------------------------------------
+
+    async def resolve_dialect(self) -> str:
+        """The dialect this client speaks (``"deployed"``, ``"v1"``): given, named by the
+        base URL, or — with neither — asked of the host once (a read, no money moved)."""
+        return (await self._run(self._resolve_gen())).name
 
     async def create_escrow(
         self,

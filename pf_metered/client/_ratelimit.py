@@ -38,6 +38,7 @@ __all__ = [
     "RateLimit",
     "TokenBucket",
     "WindowLog",
+    "limiter_for",
 ]
 
 WINDOW_SECONDS = 60.0
@@ -174,6 +175,22 @@ class WindowLog:
 
 TokenBucket = WindowLog
 """The name this class had when it was a token bucket (kept for callers of it)."""
+
+
+def limiter_for(capabilities: object, rate_limits: object) -> PathRateLimiter | None:
+    """A client's limiter: ``rate_limits`` ``False`` (none), a :class:`PathRateLimiter` to
+    share between clients, a ``{path regex: RateLimit}`` dict, or ``None`` / ``True`` — the
+    dialect's declared limits (``capabilities.limits``, requests per 60 s), if any."""
+    if rate_limits is False:
+        return None
+    if isinstance(rate_limits, PathRateLimiter):
+        return rate_limits
+    if isinstance(rate_limits, dict):
+        return PathRateLimiter(rate_limits)
+    declared = getattr(capabilities, "limits", None) or {}
+    if declared:
+        return PathRateLimiter({p: RateLimit(int(n)) for p, n in declared.items()})
+    return PathRateLimiter() if rate_limits is True else None
 
 
 class PathRateLimiter:

@@ -76,6 +76,7 @@ class EscrowClient(BaseEscrowClient):
         self._timeout_seconds = float(timeout)  # ok: seconds; validated by the base
         self._sleep: Callable[[float], None] = _sleep or time.sleep
         self._real_sleep = _sleep is None
+        self._probe_shared = transport is None  # a client of its own transport probes alone
         trust_env = trust_env_for(self._base_url)  # never a proxy for http or loopback
         if transport is None:  # every socket operation bounded by the call's deadline
             transport = transport_for(self._base_url, trust_env=trust_env)
@@ -140,7 +141,15 @@ class EscrowClient(BaseEscrowClient):
             return exc
         return body.answer(response)
 
+    def _resolve_blocking(self) -> None:
+        self._run(self._resolve_gen())
+
     # -- the API -------------------------------------------------------------------------
+
+    def resolve_dialect(self) -> str:
+        """The dialect this client speaks (``"deployed"``, ``"v1"``): given, named by the
+        base URL, or — with neither — asked of the host once (a read, no money moved)."""
+        return self._run(self._resolve_gen()).name
 
     def create_escrow(
         self,

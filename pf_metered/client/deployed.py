@@ -55,10 +55,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any, Final, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from pydantic import Field, ValidationError
 
@@ -76,7 +76,7 @@ from pf_metered.errors import (
     ServerError,
     UnsupportedByDialect,
 )
-from pf_metered.models import USDC, Escrow, EscrowEvent, FaucetClaim, Registration
+from pf_metered.models import USDC, Escrow, EscrowEvent, FaucetClaim, Registration, ReleasePage
 from pf_metered.money import (
     MAX_AMOUNT_MICRO,
     MICRO,
@@ -86,9 +86,9 @@ from pf_metered.money import (
     micro_to_decimal,
 )
 
-from ._dialect import RequestSpec, check_dialect
+from ._dialect import ACTION_STATUS, ActionAnswer, DialectCapabilities, RequestSpec
 from ._json import loads_exact
-from ._ratelimit import DEFAULT_DEPLOYED_LIMITS, PathRateLimiter, RateLimit
+from ._ratelimit import DEFAULT_DEPLOYED_LIMITS, RateLimit
 
 _log = logging.getLogger("pf_metered.client")
 
@@ -103,7 +103,6 @@ __all__ = [
     "DeployedDialect",
     "DeployedEscrow",
     "decode_json",
-    "default_dialect_for",
     "nonce_in",
     "wire_money_micro",
 ]
@@ -227,21 +226,6 @@ def nonce_in(description: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def default_dialect_for(base_url: str) -> Literal["v1", "deployed"]:
-    """The dialect a base URL most likely speaks.
-
-    ``…/api/v1`` is the v1 streaming API; a bare host (``https://escrow.purpleflea.com``,
-    the deployed service's shape, its paths starting at ``/escrow/…``) is the deployed one.
-    Anything else is assumed v1 (our documented contract); pass ``dialect=`` to be explicit.
-    """
-    path = urlsplit(base_url).path.rstrip("/")
-    if path.endswith("/api/v1"):
-        return "v1"
-    if path == "" or path.endswith("/deployed"):  # the sandbox mounts it at /deployed
-        return "deployed"
-    return "v1"
-
-
 # ------------------------------------------------------------------------------ model
 
 
@@ -275,40 +259,6 @@ class DeployedEscrow(Escrow):
         return self.amount_micro - fee_micro(self.amount_micro)
 
 
-@dataclass(frozen=True)
-class ActionAnswer:
-    """What the service answered to a release, complete or dispute — a short account of the
-    action, not the escrow (read the escrow back for that).
-
-    ``net_micro`` / ``commission_micro`` are the release answer's ``amount_released`` (the NET
-    paid to the counterparty) and ``commission``; their sum is the escrow's gross amount.
-    ``problem`` says what was missing or contradictory in the answer (``None``: nothing).
-    """
-
-    action: str
-    escrow_id: str | None
-    status: str | None
-    net_micro: int | None = None
-    commission_micro: int | None = None
-    referral_micro: int | None = None
-    counterparty_id: str | None = None
-    problem: str | None = None
-
-    @property
-    def gross_micro(self) -> int | None:
-        if self.net_micro is None or self.commission_micro is None:
-            return None
-        return self.net_micro + self.commission_micro
-
-
-ACTION_STATUS: Final[dict[str, str]] = {
-    "release": "released",
-    "complete": "completed",
-    "dispute": "disputed",
-}
-"""The status each action's answer reports when the service applied it."""
-
-
 def _str_field(data: dict[str, Any], *names: str) -> str | None:
     for name in names:
         value = data.get(name)
@@ -330,9 +280,9 @@ class DeployedDialect:
     """
 
     name = "deployed"
+    root = ""
+    default_base_url = DEPLOYED_BASE_URL
     supports_partial_release = False
-    supports_refund = False
-    honours_idempotency_keys = False
     min_escrow_micro = DEPLOYED_MINIMUM_MICRO
     max_auto_release_hours = MAX_TIMEOUT_HOURS
 
@@ -341,28 +291,40 @@ class DeployedDialect:
         *,
         list_path: str | None = None,
         default_timeout_hours: int = DEFAULT_TIMEOUT_HOURS,
-        rate_limits: dict[str, RateLimit] | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
     ) -> None:
         if list_path is not None and not list_path.startswith("/"):
             raise InvalidInput("list_path", "must be a path starting with '/'")
         self.list_path = list_path
         self.default_timeout_hours = default_timeout_hours
-        self.rate_limits: dict[str, RateLimit] = dict(
-            rate_limits if rate_limits is not None else DEFAULT_DEPLOYED_LIMITS
+        limits = rate_limits if rate_limits is not None else DEFAULT_DEPLOYED_LIMITS
+        self.capabilities = DialectCapabilities(
+            partial_release=False,
+            listing=list_path is not None,
+            refund=False,
+            release_history=False,
+            complete_and_dispute=True,
+            keyed_faucet=False,
+            honours_idempotency_keys=False,
+            min_escrow_micro=DEPLOYED_MINIMUM_MICRO,
+            max_auto_release_hours=MAX_TIMEOUT_HOURS,
+            limits={pattern: limit.per_minute for pattern, limit in limits.items()},
         )
 
     @property
     def supports_listing(self) -> bool:
-        return self.list_path is not None
+        return self.capabilities.listing
 
-    def new_rate_limiter(self, **kw: Any) -> PathRateLimiter:
-        """A limiter with this dialect's per-path limits (one per client)."""
-        return PathRateLimiter(self.rate_limits, **kw)
+    def probe(self) -> RequestSpec:
+        """``GET /openapi.json``: the service's own description of its paths (no key, no
+        money, not rate limited)."""
+        return RequestSpec("GET", "/openapi.json")
 
-    @property
-    def create_limit(self) -> RateLimit | None:
-        """The limit on ``/escrow/create``: what bounds how fast tranches can be locked."""
-        return PathRateLimiter(self.rate_limits).limit_for(CREATE)
+    def recognises(self, status: int, data: Any) -> bool:
+        """The probe's answer is this service's when its path list has the deployed calls."""
+        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("paths"), dict):
+            return False
+        return {CREATE, "/escrow/release/{id}", "/escrow/{id}"} <= set(data["paths"])
 
     # -- requests ------------------------------------------------------------------------
 
@@ -436,6 +398,12 @@ class DeployedDialect:
                 "the deployed escrow service offers no listing of a caller's escrows"
             )
         return RequestSpec("GET", self.list_path)
+
+    def list_releases(self, escrow_id: str, *, offset: int, limit: int) -> RequestSpec:
+        raise UnsupportedByDialect(
+            "the deployed escrow service keeps no release history to page through (an escrow "
+            "is released whole, once)"
+        )
 
     def refund(self, *, escrow_id: str, idempotency_key: str) -> RequestSpec:
         raise UnsupportedByDialect(
@@ -596,6 +564,9 @@ class DeployedDialect:
             }
         )
 
+    def parse_release_page(self, data: Any) -> ReleasePage:
+        raise UnsupportedByDialect("the deployed escrow service has no release history")
+
     def parse_escrow_list(self, data: Any) -> list[Escrow]:
         items = data.get("escrows") if isinstance(data, dict) else data
         if not isinstance(items, list):
@@ -648,280 +619,6 @@ def _summary(exc: ValidationError) -> str:
 
 DEPLOYED: Final = DeployedDialect()
 """The deployed dialect as the service was read (no listing)."""
-
-
-# ------------------------------------------------------------------------------ client wiring
-#
-# What the client base calls into (kept here so the base needs only one-line hooks): choosing
-# a dialect, pacing requests per path, and the operations only the deployed dialect has.
-
-DialectName = Literal["v1", "deployed"]
-
-
-def configure_dialect(
-    dialect: object,
-    base_url: str,
-    rate_limits: object,
-    honours: bool | None,
-) -> tuple[Any, PathRateLimiter | None, bool | None]:
-    """``(dialect object, rate limiter or None, honours-idempotency)`` for a client.
-
-    ``dialect``: ``"v1"``, ``"deployed"``, a dialect object, or ``None`` (chosen by the base
-    URL, :func:`default_dialect_for`). ``rate_limits``: ``None`` (the dialect's default: on for
-    deployed, off for v1), ``False`` (off), a mapping of path regex → :class:`RateLimit`, or a
-    :class:`PathRateLimiter` to share between clients. The deployed service ignores
-    idempotency keys, so a client of it never assumes otherwise.
-    """
-    from .v1 import V1
-
-    if dialect is None:
-        dialect = default_dialect_for(base_url)
-    if dialect == "v1":
-        chosen: Any = V1
-    elif dialect == "deployed":
-        chosen = DEPLOYED
-    elif isinstance(dialect, str):
-        raise InvalidInput("dialect", f"must be 'v1' or 'deployed', got {dialect[:40]!r}")
-    else:
-        chosen = check_dialect(dialect)  # ConfigError naming dialect for anything else
-    limiter: PathRateLimiter | None
-    if rate_limits is False:
-        limiter = None
-    elif isinstance(rate_limits, PathRateLimiter):
-        limiter = rate_limits
-    elif rate_limits is None or rate_limits is True:
-        make = getattr(chosen, "new_rate_limiter", None)
-        limiter = (
-            make() if make is not None else (PathRateLimiter() if rate_limits is True else None)
-        )
-    elif isinstance(rate_limits, dict):
-        limiter = PathRateLimiter(rate_limits)
-    else:
-        raise InvalidInput(
-            "rate_limits", "must be None, False, a {path regex: RateLimit} dict or a limiter"
-        )
-    if getattr(chosen, "honours_idempotency_keys", True) is False:
-        honours = False
-    return chosen, limiter, honours
-
-
-def pace_before(limiter: PathRateLimiter | None, path: str) -> float:
-    """Seconds to wait before sending to ``path`` (0 without a limiter)."""
-    return 0.0 if limiter is None else limiter.acquire(path)
-
-
-def pace_after(limiter: PathRateLimiter | None, path: str, error: object) -> None:
-    """Tell the limiter how a send to ``path`` ended (``error``: the failure, or None)."""
-    if limiter is None:
-        return
-    if isinstance(error, RateLimited):
-        pause = limiter.rate_limited(path)
-        _log.info("429 on %s: pausing this path %.1f s and slowing down", path, pause)
-    else:
-        limiter.succeeded(path)
-
-
-def release_whole_op(client: Any, escrow_id: str, memo: str, key: str) -> Any:
-    """The operation behind ``client.release(escrow_id)``: release all of an escrow.
-
-    Deployed: ``POST /escrow/release/{id}``; a lost answer is settled by reading the escrow
-    back (``released`` → it landed; still ``funded``/``completed`` → send again; anything else
-    → the escrow can no longer be released). A 409 after a lost attempt is read back too: the
-    lost attempt may be what released it. v1: read the escrow, release what remains.
-    """
-    from ._base import _Budget, _Lost
-
-    dialect = client._dialect
-    if dialect.supports_partial_release:
-        escrow = yield from client._get_gen(escrow_id)
-        if escrow.remaining_micro == 0:
-            return escrow
-        op = client._release_op(escrow_id, micro_to_decimal(escrow.remaining_micro), memo, key)
-        return (yield from op)
-    spec = dialect.release_whole(escrow_id=escrow_id, idempotency_key=None)
-    budget = _Budget(client._max_retries)
-    lost_before = False
-    while True:
-        try:
-            answer = yield from client._exchange(spec, budget)
-        except _Lost as lost:
-            lost_before = True
-            may_retry = not lost.final and budget.take()
-            yield client._pause(budget)
-            escrow = yield from _read_back(client, escrow_id, key, lost.error)
-            if escrow.status == "released":
-                _log.info("release reconciled: escrow %s had been released", escrow_id)
-                return escrow
-            if escrow.status in ("locked", "completed") and may_retry:
-                _log.info(
-                    "release absent from escrow %s after a lost answer: re-sending", escrow_id
-                )
-                continue
-            raise _ambiguous_release(escrow_id, key, escrow.status, lost.error) from None
-        except Conflict as exc:
-            if not lost_before:
-                raise
-            escrow = yield from _read_back(client, escrow_id, key, exc)
-            if escrow.status == "released":
-                return escrow
-            raise
-        return (yield from settle_action(client, answer, escrow_id, "release", key))
-
-
-def _action_ambiguous(action: str, escrow_id: str, key: str | None, why: str) -> Exception:
-    from pf_metered.errors import AmbiguousOutcome, AmbiguousRelease
-
-    cls = AmbiguousRelease if action == "release" else AmbiguousOutcome
-    return cls(
-        f"the {action} of escrow {escrow_id} may or may not have been applied: {why}; read the "
-        f"escrow back (get_escrow) before trying again",
-        idempotency_key=key,
-        escrow_id=escrow_id,
-    )
-
-
-def settle_action(
-    client: Any, answer: Any, escrow_id: str, action: str, key: str | None = None
-) -> Any:
-    """Believe a 2xx answer to a release / complete / dispute only once it agrees with the
-    escrow read back.
-
-    The service answers these with a short account of the action, not the escrow (a release:
-    ``amount_released``, the NET paid, and ``commission``; gross = their sum). The escrow is
-    read back (``GET /escrow/{id}``, not rate limited) and must be in the state the action
-    leads to; a release's gross must be the escrow's amount. An answer that is incomplete or
-    contradicts the request is settled by that read-back: applied → the escrow; not applied →
-    an ambiguous outcome (never a success, never re-sent). When the read-back itself fails,
-    a complete, consistent release answer still stands (the server applied it: that must not
-    surface as an error); anything less is ambiguous.
-    """
-    from pf_metered.errors import PFMeteredError
-
-    dialect = client._dialect
-    want = ACTION_STATUS[action]
-    if answer.too_large:
-        told = ActionAnswer(action, None, None, problem="the answer was too large to read")
-    else:
-        try:
-            told = dialect.parse_action(decode_json(answer.body), action)
-        except InvalidResponse as exc:
-            told = ActionAnswer(action, None, None, problem=exc.message)
-    problem = told.problem
-    if told.escrow_id is not None and told.escrow_id != escrow_id:
-        problem = f"the answer is about escrow {told.escrow_id[:40]}"
-    try:
-        escrow = yield from client._get_gen(escrow_id)
-    except PFMeteredError as exc:
-        if action == "release" and problem is None:
-            _log.info(
-                "escrow %s released (answer: net %s, commission %s); reading it back failed "
-                "(%s), so the escrow is described from the answer",
-                escrow_id,
-                format_usdc(told.net_micro or 0),
-                format_usdc(told.commission_micro or 0),
-                type(exc).__name__,
-            )
-            return dialect.escrow_from_release(told)
-        if problem is None:
-            _log.info("escrow %s %s; reading it back failed (%s)", escrow_id, want, exc)
-            raise _action_ambiguous(
-                action, escrow_id, key, f"it was answered {want} but could not be read back"
-            ) from None
-        raise _action_ambiguous(
-            action,
-            escrow_id,
-            key,
-            f"its answer (HTTP {answer.status}) was not believable ({problem}) and reading "
-            f"the escrow back failed ({type(exc).__name__})",
-        ) from None
-    status = getattr(escrow, "deployed_status", escrow.status)
-    applied = status == want or (action == "complete" and status in ("released", "disputed"))
-    if not applied:
-        why = problem or f"it was answered {want}"
-        raise _action_ambiguous(
-            action,
-            escrow_id,
-            key,
-            f"the service answered HTTP {answer.status} ({why}) but the escrow reads {status}",
-        )
-    if (
-        action == "release"
-        and told.gross_micro is not None
-        and abs(told.gross_micro - escrow.amount_micro) > 1
-    ):
-        _log.warning(
-            "escrow %s: the release answer's gross %s (net %s + commission %s) is not the "
-            "escrow's amount %s; the escrow's figures are kept",
-            escrow_id,
-            format_usdc(told.gross_micro),
-            format_usdc(told.net_micro or 0),
-            format_usdc(told.commission_micro or 0),
-            format_usdc(escrow.amount_micro),
-        )
-    if problem is not None:
-        _log.warning(
-            "escrow %s: the %s answer was not believable (%s); the escrow read back shows it %s",
-            escrow_id,
-            action,
-            problem,
-            status,
-        )
-    return escrow
-
-
-def _read_back(client: Any, escrow_id: str, key: str, cause: object) -> Any:
-    from pf_metered.errors import PFMeteredError
-
-    try:
-        return (yield from client._get_gen(escrow_id))
-    except PFMeteredError as exc:
-        raise _ambiguous_release(
-            escrow_id, key, f"unreadable ({type(exc).__name__})", cause
-        ) from None
-
-
-def _ambiguous_release(escrow_id: str, key: str, state: str, cause: object) -> Exception:
-    from pf_metered.errors import AmbiguousRelease
-
-    return AmbiguousRelease(
-        f"the release of escrow {escrow_id} may have been applied: its answer was lost "
-        f"({type(cause).__name__}) and the escrow is {state}; read it back before releasing "
-        f"again",
-        idempotency_key=key,
-        escrow_id=escrow_id,
-    )
-
-
-def simple_post_op(
-    client: Any, escrow_id: str, action: Literal["complete", "dispute"], reason: str = ""
-) -> Any:
-    """``complete`` / ``dispute`` (deployed only). Idempotent by nature: a lost answer is
-    read back (``completed`` / ``disputed`` → done) before anything is sent again."""
-    from ._base import _Budget, _Lost
-
-    dialect = client._dialect
-    if not isinstance(dialect, DeployedDialect):
-        raise UnsupportedByDialect(f"the {dialect.name} dialect has no {action} call")
-    spec = (
-        dialect.complete(escrow_id=escrow_id)
-        if action == "complete"
-        else dialect.dispute(escrow_id=escrow_id, reason=reason)
-    )
-    want = "completed" if action == "complete" else "disputed"
-    budget = _Budget(client._max_retries)
-    while True:
-        try:
-            answer = yield from client._exchange(spec, budget)
-        except _Lost as lost:
-            may_retry = not lost.final and budget.take()
-            yield client._pause(budget)
-            escrow = yield from client._get_gen(escrow_id)
-            if escrow.status == want:
-                return escrow
-            if may_retry and escrow.status in ("locked", "completed"):
-                continue
-            raise lost.error from None
-        return (yield from settle_action(client, answer, escrow_id, action))
 
 
 # ------------------------------------------------------------------------------ bootstrap

@@ -28,13 +28,20 @@ from pf_metered.errors import (
     PermissionDenied,
     RateLimited,
     ServerError,
+    UnsupportedByDialect,
 )
 from pf_metered.models import Escrow, FaucetClaim, ReleasePage
 from pf_metered.money import format_usdc
 
-from ._dialect import RequestSpec
+from ._dialect import ActionAnswer, DialectCapabilities, RequestSpec
 
 __all__ = ["ERROR_CLASSES", "IN_PROGRESS_CODE", "V1", "V1Dialect", "validation_summary"]
+
+V1_BASE_URL: Final = "https://escrow.purpleflea.com/api/v1"
+"""Where the product documentation puts v1 (the host does not serve it today)."""
+PROBE_ID: Final = "pfm_dialect_probe"
+"""An escrow id no one has: reading it moves no money and tells v1 (404 ``not_found`` with a
+message, or 401 for a key it does not know) from a host that has no such path."""
 
 ESCROWS: Final = "/escrow"
 FAUCET_CLAIM: Final = "/faucet/claim"
@@ -86,9 +93,23 @@ class V1Dialect:
     """``/api/v1``: partial releases, refunds, the faucet, ``{error, message}`` errors."""
 
     name = "v1"
-    supports_partial_release = True
-    min_escrow_micro = 1_000_000  # "1.00"
-    max_auto_release_hours = 8760
+    root = "/api/v1"
+    default_base_url = V1_BASE_URL
+    capabilities = DialectCapabilities(
+        partial_release=True,
+        listing=True,
+        refund=True,
+        release_history=True,
+        complete_and_dispute=False,
+        keyed_faucet=True,
+        honours_idempotency_keys=None,  # learnt from Idempotency-Supported / -Replayed
+        min_escrow_micro=1_000_000,  # "1.00"
+        max_auto_release_hours=8760,
+        limits={},
+    )
+    supports_partial_release = capabilities.partial_release
+    min_escrow_micro = capabilities.min_escrow_micro
+    max_auto_release_hours = capabilities.max_auto_release_hours
 
     # -- requests ------------------------------------------------------------------------
 
@@ -136,6 +157,37 @@ class V1Dialect:
     def claim_faucet(self, *, idempotency_key: str) -> RequestSpec:
         return RequestSpec("POST", FAUCET_CLAIM, _body({}), idempotency_key)
 
+    def release_whole(self, *, escrow_id: str, idempotency_key: str | None = None) -> RequestSpec:
+        raise UnsupportedByDialect(
+            "v1 releases an escrow whole as a partial release of what remains (the client "
+            "does that for release())"
+        )
+
+    def complete(self, *, escrow_id: str, idempotency_key: str | None = None) -> RequestSpec:
+        raise UnsupportedByDialect("the v1 dialect has no complete call")
+
+    def dispute(
+        self, *, escrow_id: str, reason: str = "", idempotency_key: str | None = None
+    ) -> RequestSpec:
+        raise UnsupportedByDialect("the v1 dialect has no dispute call")
+
+    def probe(self) -> RequestSpec:
+        return RequestSpec("GET", _escrow_path(PROBE_ID))
+
+    def recognises(self, status: int, data: Any) -> bool:
+        """A v1 answer to the probe: 404 ``not_found`` or 401 ``unauthorized`` *with* a
+        message, in v1's ``{error, message}`` shape (the deployed host answers the same path
+        with a bare ``{"error": "not_found", "_info": ...}`` of its router)."""
+        if status not in (401, 404) or not isinstance(data, dict):
+            return False
+        code, message = data.get("error"), data.get("message")
+        return (
+            code == ("not_found" if status == 404 else "unauthorized")
+            and isinstance(message, str)
+            and bool(message)
+            and "_info" not in data
+        )
+
     # -- answers -------------------------------------------------------------------------
 
     def parse_escrow(self, data: Any) -> Escrow:
@@ -176,6 +228,12 @@ class V1Dialect:
         except ValidationError as exc:
             summary = validation_summary(exc)
         raise InvalidResponse(f"malformed faucet claim: {summary}")
+
+    def parse_action(self, data: Any, action: str) -> ActionAnswer:
+        raise UnsupportedByDialect("v1 answers every action with the escrow itself")
+
+    def escrow_from_release(self, told: ActionAnswer) -> Escrow:
+        raise UnsupportedByDialect("v1 answers every release with the escrow itself")
 
     # -- errors --------------------------------------------------------------------------
 

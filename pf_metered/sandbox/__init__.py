@@ -107,6 +107,8 @@ class Sandbox:
     ``Idempotency-Key`` (no replay, no ``Idempotency-Supported`` header).
     ``rate_limits`` (off by default): ``{"POST /escrow/{id}/release-partial": 10, "*": 30}``
     requests per 60 s window per caller and path, or a :class:`RateLimits`.
+    ``at_root``: also serve that dialect at the root path, as the live host serves the
+    deployed one (for tests of a client that probes which dialect a host speaks).
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class Sandbox:
         dialect: str = "v1",
         deployed_rate_limits: RateLimits | Mapping[str, int] | None = DEFAULT_DEPLOYED_RATE_LIMITS,
         deployed_list_path: str | None = None,
+        at_root: str | None = None,
     ) -> None:
         if not isinstance(path, str) or not path:
             raise InvalidInput("path", "must be ':memory:' or a file path")
@@ -154,6 +157,13 @@ class Sandbox:
         self._dispatcher.mount("/deployed", self._deployed)
         self._dispatcher.mount("/casino", casino)
         self._dispatcher.mount("/faucet", faucet)
+        # ``at_root="deployed"``: the deployed app also answers at the root, as the live host
+        # does (``/escrow/create``, ``/openapi.json``), so a client's dialect probe can be
+        # tested in-process or over loopback; v1 stays at /api/v1.
+        if at_root not in (None, "deployed", "v1"):
+            raise InvalidInput("at_root", f"must be None, 'deployed' or 'v1', got {at_root!r}")
+        if at_root is not None:
+            self._dispatcher.mount("", self._deployed if at_root == "deployed" else self._v1)
         self._transport = SandboxTransport(self._dispatcher)
         self._servers: list[SandboxServer] = []
         self._servers_lock = threading.Lock()
