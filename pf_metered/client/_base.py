@@ -484,6 +484,12 @@ class BaseEscrowClient:
         return self._max_retries
 
     @property
+    def dialect_name(self) -> str | None:
+        """The dialect's name once known, else ``None`` — never probes (for descriptions and
+        messages that must not cause a request)."""
+        return self._dialect.name if self._resolved else None
+
+    @property
     def dialect_resolved(self) -> bool:
         """Whether the dialect is known (given, named by the base URL, or probed)."""
         return self._resolved
