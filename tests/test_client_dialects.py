@@ -148,7 +148,7 @@ def test_the_registry_names_every_dialect_and_each_is_complete():
     assert REGISTRY["deployed"].capabilities.limits["^/escrow/create$"] == 20
     with pytest.raises(InvalidInput, match="dialect"):
         dialect_named("v2")
-    with pytest.raises(InvalidInput, match="dialect"):
+    with pytest.raises(ConfigError, match="dialect"):
         dialect_named(123)
     assert default_dialect_for("https://escrow.purpleflea.com") == "deployed"
 
