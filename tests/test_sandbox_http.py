@@ -629,6 +629,10 @@ def test_a_callers_trapping_decimal_context_does_not_break_the_deployed_sandbox(
         ctx.traps[decimal.Rounded] = True
         r = c.post(
             "http://localhost/deployed/escrow/create",
-            json={"amount_usd": "2.5", "counterparty_agent_id": provider.agent_id},
+            json={
+                "amount_usd": "2.5",
+                "description": "job",  # the service requires 3 characters at least
+                "counterparty_agent_id": provider.agent_id,
+            },
         )
     assert r.status_code == 201, r.text
