@@ -35,6 +35,7 @@ from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.meter.store import FastLane, Store, StreamConfig
 from pf_metered.models import Escrow
 from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, micro_to_decimal, parse_count
+from pf_metered.stream import _provider_auth
 
 __all__ = [
     "CLOSE_WAIT",
@@ -209,6 +210,7 @@ class StreamBase:
             stream_id=stream_id,
         )
         _check_escrow_minimum(client, config.budget_micro, given=budget is not None)
+        config, self._proof = _provider_auth.with_proof(config)  # for provider gates
         self._store: Store = open_store(store)  # None, a path, a redis:// URL or a Store
         self._meter = Meter(self._store, config, policy, per=per, clock=clock)
         self._background = background
@@ -555,6 +557,17 @@ class StreamBase:
                 "AsyncPaymentStream.resume); the refund's key is stable, so it is never made twice"
             )
         return since
+
+    # ------------------------------------------------------- paying providers
+    def provider_headers(self) -> dict[str, str]:
+        """Headers telling a provider's payment gate which stream pays (``X-PF-Escrow``...)."""
+        return _provider_auth.stream_headers(
+            self.escrow_id, getattr(self, "client", None), self._proof
+        )
+
+    def auth(self) -> _provider_auth.PaymentAuth:
+        """An ``httpx.Auth`` adding :meth:`provider_headers` to each request: ``auth=s.auth()``."""
+        return _provider_auth.PaymentAuth(self)
 
     # --------------------------------------------------------------- views
     def status(self) -> StatusReport:
