@@ -196,9 +196,10 @@ def _package_modules() -> list[str]:
     )
 
 
-OWN_SURFACE = {"ToolError": "pf_metered.tools"}
+OWN_SURFACE = {"ToolError": "pf_metered.tools", "PaymentRefused": "pf_metered.provider"}
 """Exceptions that belong to a subpackage's surface rather than the top level, and why:
-``ToolError`` is what a tool answers a model with, raised to LangChain/MCP, not to callers."""
+``ToolError`` is what a tool answers a model with, raised to LangChain/MCP, not to callers;
+``PaymentRefused`` is a provider's gate refusing a caller, caught by the provider's own code."""
 
 
 def test_every_exception_a_caller_can_catch_is_exported() -> None:
