@@ -53,14 +53,23 @@ class World:
 
         self.sandbox.before_handle = count
         self.clock = Clock()
+        self.sleeps: list[float] = []
 
     def gate(self, rate: str = "0.001", **kw: object) -> PaymentGate:
         client = self.sandbox.client(self.provider.api_key)
-        return PaymentGate(client, self.provider.agent_id, rate, clock=self.clock, **kw)  # type: ignore[arg-type]
+        return PaymentGate(
+            client, self.provider.agent_id, rate, clock=self.clock, sleep=self.sleep, **kw
+        )  # type: ignore[arg-type]
 
     def agate(self, rate: str = "0.001", **kw: object) -> AsyncPaymentGate:
         client = self.sandbox.async_client(self.provider.api_key)
-        return AsyncPaymentGate(client, self.provider.agent_id, rate, clock=self.clock, **kw)
+        return AsyncPaymentGate(
+            client, self.provider.agent_id, rate, clock=self.clock, sleep=self.sleep, **kw
+        )
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.clock.t += seconds
 
     def stream(
         self, rate: str = "0.001", *, payer: object = None, to: str | None = None, **kw: object
@@ -372,6 +381,7 @@ def test_a_tranche_chain_is_followed_tranche_by_tranche():
     dw = DeployedWorld(balance="100")
     w = World.__new__(World)
     w.sandbox, w.payer, w.provider, w.clock, w.gets = dw.sandbox, dw.payer, dw.provider, Clock(), 0
+    w.sleeps = []
     w.stream = lambda rate, **kw: PaymentStream(
         dw.client(), dw.provider.agent_id, rate, background=False, **kw
     )  # type: ignore[method-assign]
@@ -393,3 +403,15 @@ def test_a_tranche_chain_is_followed_tranche_by_tranche():
         assert rec.paid_micro == rec.cost_micro == 1_234_000
     finally:
         dw.close()
+
+
+def test_a_stream_at_its_credit_waits_for_its_release_instead_of_being_refused(world):
+    gate = world.gate(batch=10, min_interval=0.2)  # credit 20
+    s = world.stream(batch=10).open()
+    for _ in range(20):
+        serve(gate, s)  # clock frozen: the gate does not re-read
+    s.pump()  # the consumer pays 20 units; the gate's last read is younger than min_interval
+    serve(gate, s)  # 21 unpaid by the cache: it waits min_interval, reads, and serves
+    assert world.sleeps == [0.2]
+    assert gate.account(s.escrow_id).paid_units == 20
+    s.close()

@@ -118,7 +118,8 @@ class PaymentRefused(PFMeteredError):
         self.message = message
         self.owed_micro = owed_micro
         self.escrow_id = escrow_id
-        super().__init__(f"{reason}: {message}")
+        owed = f" (owed {format_usdc(owed_micro)} USDC)" if owed_micro else ""
+        super().__init__(f"{reason}: {message}{owed}")
 
     @property
     def owed(self) -> Decimal:
@@ -366,6 +367,25 @@ class GateCore:
         if fresh and self._bucket.take(len(fresh), now):
             return fresh
         return []  # over the read budget: decide on what is cached (fresh ids: unverifiable)
+
+    def wait_before_refusing(self, acct: _Account, units: int, now: float) -> float:
+        """Seconds to wait, then read again, before refusing ``unpaid`` (0: decide now).
+
+        Why wait rather than refuse: a consumer calling faster than ``min_interval`` can run
+        into its credit while its release is already on the way; a refusal would fail an honest
+        call. Waiting at most ``min_interval`` (holding only that stream's lock) slows just the
+        stream that runs ahead of its payments, and reads stay bounded.
+        """
+        if self._unpaid_after(acct, units) <= self._credit_for(acct):
+            return 0.0
+        live = [
+            now - r.at
+            for r in acct.reads.values()
+            if r.verified and r.escrow is not None and r.escrow.is_open
+        ]
+        if not live:
+            return 0.0
+        return max(0.0, self.min_interval - min(live))
 
     # -- step 1b: what a read said -------------------------------------------------------
 

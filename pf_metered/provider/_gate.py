@@ -78,12 +78,14 @@ class GateBase:
         min_interval: float = DEFAULT_MIN_INTERVAL,
         reads_per_minute: int = DEFAULT_READS_PER_MINUTE,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] | None = None,
     ) -> None:
         if not callable(getattr(client, "get_escrow", None)):
             raise InvalidInput("client", "must be an EscrowClient / AsyncEscrowClient (get_escrow)")
         caps = getattr(client, "capabilities", None)
         self._client = client
         self._clock = clock
+        self._sleep_fn = sleep
         self._core = GateCore(
             provider_id,
             rate,
@@ -148,6 +150,9 @@ class PaymentGate(GateBase):
     ...     served.units = answer.tokens                              # optional
     """
 
+    def _sleep(self, seconds: float) -> None:
+        (self._sleep_fn or time.sleep)(seconds)
+
     def admit(self, claim: Claim | Mapping[str, str], units: int = 1) -> Admission:
         """Verify the claim and admit ``units`` or raise :class:`PaymentRefused`."""
         units = self._units(units)
@@ -158,6 +163,11 @@ class PaymentGate(GateBase):
         with acct.lock:
             for eid in core.reads_needed(acct, claim, units, self._clock()):
                 core.apply_read(acct, eid, self._read(eid), self._clock())
+            wait = core.wait_before_refusing(acct, units, self._clock())
+            if wait > 0:
+                self._sleep(wait)
+                for eid in core.reads_needed(acct, claim, units, self._clock()):
+                    core.apply_read(acct, eid, self._read(eid), self._clock())
             return core.decide(acct, claim, units)
 
     def _read(self, escrow_id: str) -> Escrow | PFMeteredError:
@@ -206,6 +216,14 @@ class AsyncPaymentGate(GateBase):
         super().__init__(client, provider_id, rate, **kw)
         self._alocks: dict[str, asyncio.Lock] = {}
 
+    async def _sleep(self, seconds: float) -> None:
+        if self._sleep_fn is None:
+            await asyncio.sleep(seconds)
+        else:
+            result = self._sleep_fn(seconds)
+            if asyncio.iscoroutine(result):
+                await result
+
     def _alock(self, key: str) -> asyncio.Lock:
         lock = self._alocks.get(key)
         if lock is None:
@@ -220,12 +238,23 @@ class AsyncPaymentGate(GateBase):
         core = self._core
         acct = core.account(claim)
         async with self._alock(acct.key):
-            for eid in core.reads_needed(acct, claim, units, self._clock()):
-                answer = await self._read(eid)
-                with acct.lock:
-                    core.apply_read(acct, eid, answer, self._clock())
+            await self._refresh(acct, claim, units)
+            with acct.lock:
+                wait = core.wait_before_refusing(acct, units, self._clock())
+            if wait > 0:
+                await self._sleep(wait)
+                await self._refresh(acct, claim, units)
             with acct.lock:
                 return core.decide(acct, claim, units)
+
+    async def _refresh(self, acct: Any, claim: Claim, units: int) -> None:
+        core = self._core
+        with acct.lock:
+            wanted = core.reads_needed(acct, claim, units, self._clock())
+        for eid in wanted:
+            answer = await self._read(eid)
+            with acct.lock:
+                core.apply_read(acct, eid, answer, self._clock())
 
     async def _read(self, escrow_id: str) -> Escrow | PFMeteredError:
         try:
