@@ -143,6 +143,7 @@ def services(tmp_path):
     s.close()
 
 
+@pytest.mark.timeout(300)  # five consumer processes and 700 paid calls on a shared machine
 def test_two_processes_reconcile_and_refuse_who_does_not_pay(services, capsys):
     figures: dict[str, object] = {}
     assert services.gate()["credit"] == CREDIT
