@@ -4,7 +4,8 @@ A Starlette app behind ``PaymentGateMiddleware``: each ``POST /infer`` costs one
 ``--rate``; a caller names its PaymentStream in the request headers (``auth=stream.auth()``),
 and is refused with ``402 {error, message, owed, escrow_id}`` when the escrow does not pay this
 agent, is closed, or more than ``--credit`` units are served unpaid. ``GET /_gate`` shows what
-the gate counted per stream (a loopback demo endpoint: a real service keeps it private).
+the gate counted per stream (a loopback demo endpoint: a real service keeps it private);
+``pf-metered provider watch http://127.0.0.1:8900/_gate`` shows it live.
 
 Needs a provider's key: ``source`` the keys file of ``pf-metered sandbox serve --keys-file F``
 (it sets ``PF_BASE_URL``, ``PF_PROVIDER_API_KEY`` and ``PF_PROVIDER_ID``), or set them for the
@@ -31,7 +32,7 @@ from starlette.routing import Route
 
 from pf_metered import AsyncEscrowClient
 from pf_metered.provider import AsyncPaymentGate
-from pf_metered.provider.asgi import PaymentGateMiddleware, report_units
+from pf_metered.provider.asgi import PaymentGateMiddleware, accounts_json, report_units
 
 
 def build_app(gate: AsyncPaymentGate, *, per_token: bool = False) -> Starlette:
@@ -55,22 +56,7 @@ def build_app(gate: AsyncPaymentGate, *, per_token: bool = False) -> Starlette:
         if request.query_params.get("fresh"):  # read every stream's escrows afresh first
             for key in [a.escrow_id for a in gate.accounts()]:
                 await gate.reconcile(key)
-        accounts = [
-            {
-                "escrow_id": a.escrow_id,
-                "status": a.status,
-                "served": a.served,
-                "paid_units": a.paid_units,
-                "paid": str(a.paid),
-                "owed": str(a.owed),
-                "max_unpaid": a.max_unpaid,
-                "refusals": dict(a.refusals),
-            }
-            for a in gate.accounts()
-        ]
-        return JSONResponse(
-            {"work_done": work["done"], "credit": gate.credit, "accounts": accounts}
-        )
+        return JSONResponse({"work_done": work["done"], **accounts_json(gate)})
 
     return Starlette(
         routes=[

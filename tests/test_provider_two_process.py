@@ -155,6 +155,30 @@ def test_two_processes_reconcile_and_refuse_who_does_not_pay(services, capsys):
     assert Decimal(honest["paid"]) == Decimal(RATE) * 500
     assert acct["max_unpaid"] <= CREDIT and acct["refusals"] == {}
     figures["honest"] = {k: acct[k] for k in ("served", "paid_units", "paid", "max_unpaid")}
+    # the operator's view: pf-metered provider watch URL
+    shown = subprocess.run(
+        [str(BIN), "provider", "watch", f"{services.url}/_gate", "--once", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_clean_env(),
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    watched = json.loads(shown.stdout)
+    assert any(
+        a["escrow_id"] == honest["escrow_id"] and a["served"] == 500 for a in watched["accounts"]
+    )
+    table = subprocess.run(
+        [str(BIN), "provider", "watch", f"{services.url}/_gate", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_clean_env(),
+        check=True,
+        stdin=subprocess.DEVNULL,
+    ).stdout
+    assert "SERVED" in table and honest["escrow_id"] in table
     # the gate's own view after the close, read afresh: exactly what was served is paid
     acct = services.account(honest["escrow_id"], fresh=True)
     assert acct["paid_units"] == 500 and Decimal(acct["owed"]) == 0

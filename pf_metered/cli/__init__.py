@@ -52,6 +52,10 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         from pf_metered.cli._mcp import run_mcp
 
         return run_mcp(args, out)
+    if command == "provider":
+        from pf_metered.cli._provider import run_provider_watch
+
+        return run_provider_watch(args, out)
     from pf_metered.cli._commands import COMMANDS
 
     return COMMANDS[(command or "", action)](args, out)

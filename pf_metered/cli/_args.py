@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox(commands, common)
     _add_mcp(commands, common)
     _add_register(commands, common)
+    from pf_metered.cli._provider import add_provider
+
+    add_provider(commands, common, _sub, _seconds, _Parser)
     return parser
 
 

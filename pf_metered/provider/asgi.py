@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from pf_metered.errors import InvalidInput
+from pf_metered.money import format_usdc
 from pf_metered.provider._core import PaymentRefused
 from pf_metered.provider._gate import AsyncPaymentGate, Served
 
-__all__ = ["PaymentGateMiddleware", "report_units"]
+__all__ = ["PaymentGateMiddleware", "accounts_json", "report_units"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -98,6 +99,30 @@ class PaymentGateMiddleware:
             self.gate.cancel(admission)
         else:
             self.gate.finish(admission, served.units)
+
+
+def accounts_json(gate: AsyncPaymentGate) -> dict[str, Any]:
+    """What the gate counted per stream, as JSON (``pf-metered provider watch URL`` reads it):
+    ``{"credit", "accounts": [{escrow_id, status, served, in_flight, paid_units, paid, owed,
+    max_unpaid, refusals}]}``, amounts as decimal strings. Serve it only where the operator
+    looks (loopback, an admin port): it names every paying stream."""
+    return {
+        "credit": gate.credit,
+        "accounts": [
+            {
+                "escrow_id": a.escrow_id,
+                "status": a.status,
+                "served": a.served,
+                "in_flight": a.in_flight,
+                "paid_units": a.paid_units,
+                "paid": format_usdc(a.paid_micro),
+                "owed": format_usdc(a.owed_micro),
+                "max_unpaid": a.max_unpaid,
+                "refusals": dict(a.refusals),
+            }
+            for a in gate.accounts()
+        ],
+    }
 
 
 async def _refuse(send: Send, refusal: PaymentRefused) -> None:
