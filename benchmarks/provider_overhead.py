@@ -1,13 +1,13 @@
 """The payment gate's cost per request beside a bare Starlette endpoint, in one run.
 
 Two routes on one Starlette app: ``/bare`` (no gate) and ``/paid`` (behind
-``PaymentGateMiddleware``), timed alternately in rounds so load on the machine hits both alike.
-Measured two ways: over loopback (uvicorn + httpx keep-alive: what a caller sees) and in-process
-(``httpx.ASGITransport``: the gate's own cost, no sockets). The gate's credit is large, so
-these are cached admissions (the common case); a read of the escrow happens once per stream
-and when near its credit, bounded per stream by ``min_interval``.
+``PaymentGateMiddleware``), timed request by request in alternation so load on the machine hits
+both alike; medians are reported. Measured two ways: over loopback (uvicorn + httpx keep-alive:
+what a caller sees) and in-process (``httpx.ASGITransport``: the gate's own cost, no sockets).
+The gate's credit is large, so these are cached admissions (the common case); a read of the
+escrow happens once per stream and when near its credit, bounded per stream by ``min_interval``.
 
-    python benchmarks/provider_overhead.py --requests 300
+    python benchmarks/provider_overhead.py --requests 1000
 """
 
 from __future__ import annotations
@@ -45,21 +45,21 @@ def build(gate: AsyncPaymentGate) -> Starlette:
     return app  # type: ignore[return-value]
 
 
-def rounds(get, n: int, rounds_: int = 5) -> dict[str, float]:
-    """Median of per-round means, µs per request, /bare and /paid alternating by round."""
+def paired(get, n: int) -> dict[str, float]:
+    """Median µs per request of /bare and /paid, timed in alternation request by request, so a
+    load spike on the machine hits both alike; medians ignore the spikes themselves."""
     out: dict[str, list[float]] = {"bare": [], "paid": []}
-    for _ in range(rounds_):
-        for path in ("bare", "paid"):
-            t = time.perf_counter()
-            for _ in range(n):
-                get(path)
-            out[path].append((time.perf_counter() - t) / n * 1e6)
+    for i in range(2 * n):
+        path = ("bare", "paid")[i % 2]
+        t = time.perf_counter()
+        get(path)
+        out[path].append((time.perf_counter() - t) * 1e6)
     return {k: statistics.median(v) for k, v in out.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=300, help="requests per route per round")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per route")
     args = ap.parse_args()
     with Sandbox() as sandbox:
         payer, me = sandbox.add_agent(balance="100"), sandbox.add_agent()
@@ -79,12 +79,11 @@ def main() -> None:
             ) as c:
                 await c.get("/paid")  # the one verification read
                 out: dict[str, list[float]] = {"bare": [], "paid": []}
-                for _ in range(5):
-                    for path in ("bare", "paid"):
-                        t = time.perf_counter()
-                        for _ in range(args.requests):
-                            await c.get(f"/{path}")
-                        out[path].append((time.perf_counter() - t) / args.requests * 1e6)
+                for i in range(2 * args.requests):
+                    path = ("bare", "paid")[i % 2]
+                    t = time.perf_counter()
+                    await c.get(f"/{path}")
+                    out[path].append((time.perf_counter() - t) * 1e6)
                 return {k: statistics.median(v) for k, v in out.items()}
 
         local = asyncio.run(inproc())
@@ -100,7 +99,7 @@ def main() -> None:
         thread.start()
         with httpx.Client(base_url=url, headers=headers) as http:
             http.get("/paid").raise_for_status()
-            wire = rounds(lambda p: http.get(f"/{p}"), args.requests)
+            wire = paired(lambda p: http.get(f"/{p}"), args.requests)
         server.should_exit = True
         thread.join(timeout=10)
         view = gate.account(str(stream.escrow_id))
