@@ -64,9 +64,7 @@ def build_app(gate: AsyncPaymentGate, *, per_token: bool = False) -> Starlette:
             Route("/health", health),
             Route("/_gate", stats),
         ],
-        middleware=[
-            Middleware(PaymentGateMiddleware, gate=gate, exempt=("/health", "/_gate"))  # type: ignore[arg-type]
-        ],
+        middleware=[Middleware(PaymentGateMiddleware, gate=gate, exempt=("/health", "/_gate"))],
     )
 
 
