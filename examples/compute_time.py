@@ -64,6 +64,7 @@ def main() -> None:
     )
     print(f"Streaming $0.50/hr to {provider}, max {args.max_hours}h (x{args.speedup:g} speed)")
     with s:
+        start = time.monotonic_ns()  # the job starts once its escrow is locked
         clock = s.clock(heartbeat=heartbeat, every=600 / args.speedup, source=sim_ns)
         clock.start()
         deadline = args.max_hours * 3600 / args.speedup

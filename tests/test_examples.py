@@ -46,7 +46,8 @@ def test_compute_time_stops_on_heartbeat():
     assert "clock stopped (heartbeat)" in out
     paid = float(row(out, "paid")[0].split()[0])
     refunded = float(row(out, "refunded")[0].split()[0])
-    assert 0.3 <= paid <= 0.5 and abs(paid + refunded - 4.0) < 1e-9  # at most 1 h billed
+    # at most 1 h billed (how much of it depends on the scheduler: a wall clock sped up 36000x)
+    assert 0 < paid <= 0.5 and abs(paid + refunded - 4.0) < 1e-9
 
 
 def test_data_feed():
