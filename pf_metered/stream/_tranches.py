@@ -359,13 +359,10 @@ class _ChainBase:
         return self.book.report() if self.book is not None else None
 
     def _make_plan(self) -> TranchePlan:
-        dialect = getattr(self._client, "_dialect", None)
-        minimum = getattr(dialect, "min_escrow_micro", DEPLOYED_MINIMUM_MICRO)
-        limiter = getattr(self._client, "_limiter", None)
-        creates = None
-        if limiter is not None:
-            limit = limiter.limit_for("/escrow/create")
-            creates = limit.sustained_per_minute if limit is not None else None
+        # the client's public capabilities: its dialect's minimum and the create pacing
+        caps = self._client.capabilities
+        minimum = caps.min_escrow_micro or DEPLOYED_MINIMUM_MICRO
+        creates = caps.creates_per_minute
         plan = plan_tranches(
             self._rate,
             budget_micro=self._budget,
