@@ -65,6 +65,8 @@ def _close_everything():
 
 def _example(name: str) -> dict[str, Any]:
     world = _world()
+    if name == "escrow_refund":  # a fresh escrow each time (release_any_escrow lets it refund)
+        return {"escrow_id": world.client.create_escrow(world.provider.agent_id, "1.00").escrow_id}
     return {
         "escrow_create": {"to_agent_id": world.provider.agent_id, "amount": "1.00"},
         "escrow_release": {"escrow_id": world.escrow_id, "amount": "0.01"},  # type: ignore[attr-defined]

@@ -84,6 +84,14 @@ async def test_lists_exactly_the_shared_definitions_and_runs_each() -> None:
 
         err, listing, _ = await call(s, "escrow_list")
         assert not err and listing["count"] == 1
+        assert listing["escrows"][0]["memo"] == "job"  # as written: no [idem:...] tag
+
+        err, refunded, _ = await call(s, "escrow_refund", escrow_id=escrow_id)
+        assert not err and (refunded["status"], refunded["released"], refunded["refunded"]) == (
+            "refunded",
+            "1.25",
+            "3.75",
+        )
 
         err, opened, _ = await call(
             s, "stream_open", provider=provider, rate="0.01", budget="2.00", batch=5
@@ -115,6 +123,7 @@ async def test_lists_exactly_the_shared_definitions_and_runs_each() -> None:
             "stream_status",
             "stream_list",
             "stream_close",
+            "escrow_refund",
         }
         assert called == set(ALL_TOOL_NAMES)
 

@@ -41,9 +41,9 @@ def error_of(ctx, name, **args) -> ToolError:
 
 def test_every_tool_is_defined_once_in_order():
     assert tuple(t.name for t in TOOLS) == ALL_TOOL_NAMES
-    assert len(set(ALL_TOOL_NAMES)) == 10
+    assert len(set(ALL_TOOL_NAMES)) == 11
     with pytest.raises(KeyError, match="known"):
-        get_definition("escrow_refund")
+        get_definition("escrow_cancel")
 
 
 @pytest.mark.parametrize("definition", TOOLS, ids=lambda d: d.name)

@@ -19,6 +19,7 @@ from pf_metered.langchain.callbacks import MeteredCallbackHandler
 from pf_metered.langchain.escrow import (
     EscrowCreateTool,
     EscrowListTool,
+    EscrowRefundTool,
     EscrowReleaseTool,
     EscrowStatusTool,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Caps",
     "EscrowCreateTool",
     "EscrowListTool",
+    "EscrowRefundTool",
     "EscrowReleaseTool",
     "EscrowStatusTool",
     "FaucetClaimTool",

@@ -1,5 +1,5 @@
 """LangChain tools for one-off escrows: ``escrow_create``, ``escrow_release``, ``escrow_status``,
-``escrow_list``.
+``escrow_list``, ``escrow_refund``.
 
 Why thin: each class only names its shared definition (:mod:`pf_metered.tools.escrow`); the
 arguments model, description and caps live there, beside the MCP server's view of the same tool.
@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from pf_metered.langchain._base import PurpleFleaTool
 from pf_metered.tools.escrow import ESCROW_CREATE, ESCROW_LIST, ESCROW_RELEASE, ESCROW_STATUS
+from pf_metered.tools.refund import ESCROW_REFUND, EscrowRefundArgs
 from pf_metered.tools.schemas import (
     EscrowCreateArgs,
     EscrowListArgs,
@@ -20,7 +21,13 @@ from pf_metered.tools.schemas import (
     EscrowStatusArgs,
 )
 
-__all__ = ["EscrowCreateTool", "EscrowListTool", "EscrowReleaseTool", "EscrowStatusTool"]
+__all__ = [
+    "EscrowCreateTool",
+    "EscrowListTool",
+    "EscrowRefundTool",
+    "EscrowReleaseTool",
+    "EscrowStatusTool",
+]
 
 
 class EscrowCreateTool(PurpleFleaTool):
@@ -57,3 +64,12 @@ class EscrowListTool(PurpleFleaTool):
     name: str = ESCROW_LIST.name
     description: str = ESCROW_LIST.description
     args_schema: type[BaseModel] = EscrowListArgs
+
+
+class EscrowRefundTool(PurpleFleaTool):
+    """Give back an escrow the agent made and no longer needs."""
+
+    definition = ESCROW_REFUND
+    name: str = ESCROW_REFUND.name
+    description: str = ESCROW_REFUND.description
+    args_schema: type[BaseModel] = EscrowRefundArgs

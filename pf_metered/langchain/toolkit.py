@@ -24,6 +24,7 @@ from pf_metered.langchain._base import PurpleFleaTool
 from pf_metered.langchain.escrow import (
     EscrowCreateTool,
     EscrowListTool,
+    EscrowRefundTool,
     EscrowReleaseTool,
     EscrowStatusTool,
 )
@@ -50,6 +51,7 @@ TOOL_CLASSES: tuple[type[PurpleFleaTool], ...] = (
     StreamRecordTool,
     StreamCloseTool,
     StreamListTool,
+    EscrowRefundTool,
 )
 """The LangChain class of every shared tool definition, in the same order."""
 

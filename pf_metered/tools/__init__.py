@@ -24,6 +24,8 @@ from pf_metered.tools.escrow import (
     ESCROW_STATUS,
     FAUCET_CLAIM,
 )
+from pf_metered.tools.refund import ESCROW_REFUND
+from pf_metered.tools.state import Book, ToolState
 from pf_metered.tools.streams import (
     STREAM_CLOSE,
     STREAM_LIST,
@@ -36,11 +38,13 @@ __all__ = [
     "ALL_TOOL_NAMES",
     "TOOLS",
     "Answer",
+    "Book",
     "Caps",
     "StreamEntry",
     "ToolContext",
     "ToolDefinition",
     "ToolError",
+    "ToolState",
     "explain",
     "format_validation_error",
     "get_definition",
@@ -58,6 +62,7 @@ TOOLS: tuple[ToolDefinition, ...] = (  # type: ignore[type-arg]
     STREAM_RECORD,
     STREAM_CLOSE,
     STREAM_LIST,
+    ESCROW_REFUND,
 )
 """Every tool definition, in the order of :data:`ALL_TOOL_NAMES`."""
 

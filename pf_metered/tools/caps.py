@@ -32,6 +32,7 @@ ALL_TOOL_NAMES: tuple[str, ...] = (
     "stream_record",
     "stream_close",
     "stream_list",
+    "escrow_refund",
 )
 """Every tool this package defines, in the order toolkits list them."""
 
@@ -44,6 +45,10 @@ class Caps:
     * ``max_rate``: the highest price per unit a stream may be opened at.
     * ``max_total``: the most money all tools of one context may have locked at once (stream
       budgets and escrow amounts, less what streams refunded when they closed).
+    * ``max_locked``: the most money locked at once (open escrows' remaining amounts and open
+      streams' unpaid budgets, over the whole state file); paid and refunded money counts back.
+    * ``max_spend``: the most money that may ever be paid out over the server's life (what was
+      released plus what is locked and could still be released), kept in the state file.
     * ``max_open_streams``: how many streams may be open at once.
     * ``allowed_tools``: the tools that may run at all (``None``: all of them).
     * ``allowed_providers``: the agent ids money may go to (``None``: any).
@@ -59,6 +64,8 @@ class Caps:
     max_rate: Rate | None
     max_total_micro: int | None
     max_open_streams: int | None
+    max_locked_micro: int | None
+    max_spend_micro: int | None
     allowed_tools: frozenset[str] | None
     allowed_providers: frozenset[str] | None = field(default=None)
     release_any_escrow: bool = field(default=False)
@@ -73,8 +80,12 @@ class Caps:
         allowed_tools: Iterable[str] | None = None,
         allowed_providers: Iterable[str] | None = None,
         release_any_escrow: bool = False,
+        max_locked: AmountLike | None = None,
+        max_spend: AmountLike | None = None,
     ) -> None:
         set_ = object.__setattr__
+        for name, value in (("max_locked", max_locked), ("max_spend", max_spend)):
+            set_(self, f"{name}_micro", None if value is None else parse_amount(value, name))
         set_(
             self,
             "max_budget_micro",
@@ -123,6 +134,10 @@ class Caps:
             parts.append(f"max rate {self.max_rate} USDC per unit")
         if self.max_total_micro is not None:
             parts.append(f"max {format_usdc(self.max_total_micro)} USDC locked in total")
+        if self.max_locked_micro is not None:
+            parts.append(f"max_locked {format_usdc(self.max_locked_micro)} USDC locked at once")
+        if self.max_spend_micro is not None:
+            parts.append(f"max_spend {format_usdc(self.max_spend_micro)} USDC paid out in all")
         if self.max_open_streams is not None:
             parts.append(f"at most {self.max_open_streams} open streams")
         if self.allowed_providers is not None:

@@ -34,11 +34,13 @@ from pf_metered.errors import AmbiguousOutcome, NotFound, PFMeteredError
 from pf_metered.money import Rate, format_usdc
 from pf_metered.tools.caps import Caps
 from pf_metered.tools.errors import ToolError, unknown_provider
+from pf_metered.tools.state import Book, ToolState
 
 if TYPE_CHECKING:
     from pf_metered.client import AsyncEscrowClient, EscrowClient
     from pf_metered.meter.receipt import Receipt
     from pf_metered.meter.store import Store
+    from pf_metered.models import Escrow
     from pf_metered.stream import AsyncPaymentStream, PaymentStream
 
 __all__ = ["PendingCreate", "StreamEntry", "ToolContext"]
@@ -108,7 +110,10 @@ class ToolContext:
 
     ``client`` serves sync tool calls and ``async_client`` async ones; give either or both.
     With only a sync client, async calls run the sync work in a thread. ``store`` and
-    ``auto_release_hours`` are passed to every stream the tools open.
+    ``auto_release_hours`` are passed to every stream the tools open (and to every escrow
+    ``escrow_create`` makes without hours of its own). ``book`` is where the escrows and streams
+    made are written down and where ``max_locked`` / ``max_spend`` are counted
+    (:mod:`pf_metered.tools.state`; default: a throwaway in-memory one).
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class ToolContext:
         caps: Caps | None = None,
         store: Store | None = None,
         auto_release_hours: int | None = None,
+        book: Book | None = None,
     ) -> None:
         if client is None and async_client is None:
             from pf_metered.errors import ConfigError
@@ -129,8 +135,9 @@ class ToolContext:
         self.caps = caps if caps is not None else Caps()
         self.store = store
         self.auto_release_hours = auto_release_hours
+        self.book = book if book is not None else ToolState().book("local")
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(self.book.last_handle_number() + 1)  # never reuse an id
         self._streams: dict[str, StreamEntry] = {}
         self._created_escrows: set[str] = set()
         self._locked_micro = 0
@@ -197,6 +204,7 @@ class ToolContext:
                         "once. Close one with stream_close first.",
                         kind="cap_exceeded",
                     )
+            self.book.hold(amount_micro, caps, what=what)  # max_locked, max_spend
             self._locked_micro += amount_micro
             if stream:
                 self._opening += 1
@@ -207,6 +215,7 @@ class ToolContext:
             self._locked_micro -= amount_micro
             if stream:
                 self._opening -= 1
+        self.book.unhold(amount_micro)
 
     @contextlib.contextmanager
     def locking(
@@ -264,10 +273,18 @@ class ToolContext:
         with self._lock:
             self._created_escrows.add(escrow_id)
 
+    def escrow_made(self, escrow: Escrow, *, provider: str, amount_micro: int) -> None:
+        """``escrow_create`` locked ``escrow``: remember it (here and in the book, where its
+        hold of ``amount_micro`` becomes the escrow's own figures)."""
+        self.add_created_escrow(escrow.escrow_id)
+        self.book.escrow_made(escrow, provider=provider, held_micro=amount_micro)
+
     def created_escrow(self, escrow_id: str) -> bool:
         """Whether escrow ``escrow_id`` was made by ``escrow_create`` through this context."""
         with self._lock:
-            return escrow_id in self._created_escrows
+            if escrow_id in self._created_escrows:
+                return True
+        return self.book.owns_escrow(escrow_id)  # made by an earlier run of this server
 
     # -- the stream registry -------------------------------------------------------------
 
@@ -280,14 +297,45 @@ class ToolContext:
         budget_micro: int,
         max_units: int | None,
         is_async: bool,
+        handle: str | None = None,
     ) -> StreamEntry:
-        """Add an opened stream under a new short id (its reservation becomes a real lock)."""
+        """Add an opened stream under a new short id (its reservation becomes a real lock);
+        ``handle``: the id it had before a restart (the book keeps it)."""
         with self._lock:
-            handle = f"s{next(self._ids)}"
+            if handle is None:
+                handle = f"s{next(self._ids)}"
             entry = StreamEntry(handle, stream, provider, rate, budget_micro, max_units, is_async)
             self._streams[handle] = entry
             self._opening -= 1
-            return entry
+        self.book.stream_opened(
+            handle=handle,
+            stream_id=stream.stream_id,
+            provider=provider,
+            rate=str(rate),
+            budget_micro=budget_micro,
+            max_units=max_units,
+            held_micro=budget_micro,
+        )
+        return entry
+
+    def adopt(
+        self,
+        stream: PaymentStream | AsyncPaymentStream,
+        *,
+        handle: str,
+        provider: str,
+        rate: Rate,
+        budget_micro: int,
+        max_units: int | None,
+        is_async: bool,
+    ) -> StreamEntry:
+        """Take back, under its old ``handle``, a stream an earlier run of this server opened
+        (resumed from its journal by :mod:`pf_metered.tools.restore`); the book has its row."""
+        with self._lock:
+            entry = StreamEntry(handle, stream, provider, rate, budget_micro, max_units, is_async)
+            self._streams[handle] = entry
+            self._locked_micro += budget_micro
+        return entry
 
     def entry(self, stream_id: str) -> StreamEntry:
         """The stream the model calls ``stream_id``, or a ``ToolError`` listing the known ones."""
@@ -336,6 +384,9 @@ class ToolContext:
                 self._locked_micro -= pending.amount_micro - debited_micro
                 if pending.tool == "stream_open":
                     self._opening -= 1
+            else:
+                return
+        self.book.unhold(pending.amount_micro)  # the create is settled: its hold goes
 
     def _unsettled(self, pending: PendingCreate, exc: BaseException) -> None:
         pending.problem = str(exc)
@@ -416,6 +467,12 @@ class ToolContext:
             if entry.receipt is None:
                 entry.receipt = receipt
                 self._locked_micro -= entry.budget_micro - receipt.debited_micro
+        self.book.stream_closed(
+            entry.handle,
+            paid_micro=receipt.released_micro,
+            refunded_micro=receipt.refunded_micro,
+            still_locked_micro=receipt.still_locked_micro,
+        )
 
     def close_all(self) -> list[Receipt]:
         """Close every stream the agent left open (pay what it used, refund the rest).
@@ -451,10 +508,8 @@ class ToolContext:
         """How many streams are open and how much is locked (for stream_list)."""
         with self._lock:
             open_n = sum(1 for e in self._streams.values() if e.receipt is None)
-            summary: dict[str, Any] = {
-                "open_streams": open_n,
-                "locked": format_usdc(self._locked_micro),
-            }
-            if self._pending:
-                summary["unsettled_creates"] = len(self._pending)
-            return summary
+        summary: dict[str, Any] = {"open_streams": open_n, **self.book.figures().as_answer()}
+        pending = self.pending_creates()
+        if pending:
+            summary["unsettled_creates"] = len(pending)
+        return summary

@@ -31,6 +31,7 @@ from pf_metered.tools.schemas import (
     EscrowStatusArgs,
     FaucetClaimArgs,
 )
+from pf_metered.tools.state import strip_memo_tag
 
 if TYPE_CHECKING:
     from pf_metered.client import AsyncEscrowClient, EscrowClient
@@ -58,12 +59,13 @@ def escrow_figures(escrow: Escrow, *, history: bool = False) -> Answer:
         "remaining": format_usdc(escrow.remaining_micro),
         "refunded": format_usdc(escrow.refunded_micro),
     }
-    if escrow.memo:
-        answer["memo"] = escrow.memo
+    memo = strip_memo_tag(escrow.memo)  # the caller's words, without the client's [idem:] tag
+    if memo:
+        answer["memo"] = memo
     if history:
         answer["releases"] = escrow.total_releases
         answer["last_releases"] = [
-            {"amount": format_usdc(r.amount_micro), "memo": r.memo}
+            {"amount": format_usdc(r.amount_micro), "memo": strip_memo_tag(r.memo)}
             for r in escrow.releases[-_HISTORY:]
         ]
     return answer
@@ -97,18 +99,25 @@ def _create(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     with ctx.locking(
         amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"
     ) as attempt:
-        attempt.memo, attempt.auto_release_hours = args.memo, args.auto_release_hours
+        attempt.memo, attempt.auto_release_hours = args.memo, _hours(ctx, args)
         escrow = client.create_escrow(
             args.to_agent_id,
             format_usdc(amount),
             memo=args.memo,
-            auto_release_hours=args.auto_release_hours,
+            auto_release_hours=_hours(ctx, args),
         )
-    return _created(ctx, escrow)
+    return _created(ctx, escrow, args, amount)
 
 
-def _created(ctx: ToolContext, escrow: Escrow) -> Answer:
-    ctx.add_created_escrow(escrow.escrow_id)
+def _hours(ctx: ToolContext, args: EscrowCreateArgs) -> int | None:
+    """The model's hours, else the operator's default: nothing stays locked forever."""
+    return (
+        args.auto_release_hours if args.auto_release_hours is not None else ctx.auto_release_hours
+    )
+
+
+def _created(ctx: ToolContext, escrow: Escrow, args: EscrowCreateArgs, amount: int) -> Answer:
+    ctx.escrow_made(escrow, provider=args.to_agent_id, amount_micro=amount)
     return escrow_figures(escrow)
 
 
@@ -120,14 +129,14 @@ async def _acreate(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
     with ctx.locking(
         amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"
     ) as attempt:
-        attempt.memo, attempt.auto_release_hours = args.memo, args.auto_release_hours
+        attempt.memo, attempt.auto_release_hours = args.memo, _hours(ctx, args)
         escrow = await client.create_escrow(
             args.to_agent_id,
             format_usdc(amount),
             memo=args.memo,
-            auto_release_hours=args.auto_release_hours,
+            auto_release_hours=_hours(ctx, args),
         )
-    return _created(ctx, escrow)
+    return _created(ctx, escrow, args, amount)
 
 
 ESCROW_CREATE: ToolDefinition[EscrowCreateArgs] = ToolDefinition(
@@ -164,11 +173,16 @@ def _release_prepare(ctx: ToolContext, args: EscrowReleaseArgs) -> int | None:
             "it again.",
             kind="not_allowed",
         )
+    if amount is not None and not ctx.created_escrow(args.escrow_id):
+        ctx.book.check_spend(amount, ctx.caps, what="releasing")  # not in the book's locked
     return amount
 
 
-def _whole_amount(escrow: Escrow, amount: int | None, partial: bool) -> None:
-    """On a service that releases only whole escrows, an ``amount`` must be all of it."""
+def _whole_amount(ctx: ToolContext, escrow: Escrow, amount: int | None, partial: bool) -> None:
+    """On a service that releases only whole escrows, an ``amount`` must be all of it (and
+    releasing all of an escrow the tools did not make must fit ``max_spend``)."""
+    if amount is None and not ctx.created_escrow(escrow.escrow_id):
+        ctx.book.check_spend(escrow.remaining_micro, ctx.caps, what="releasing")
     if partial or amount is None or amount == escrow.remaining_micro:
         return
     raise ToolError(
@@ -179,11 +193,17 @@ def _whole_amount(escrow: Escrow, amount: int | None, partial: bool) -> None:
     )
 
 
-def _released(before: Escrow, after: Escrow) -> Answer:
-    return {
-        "released_now": format_usdc(after.released_micro - before.released_micro),
-        **escrow_figures(after),
-    }
+def _booked(ctx: ToolContext, escrow: Escrow, released_now: int) -> Answer:
+    """Keep the book's figures of an escrow the tools made, or count a release of another."""
+    if ctx.created_escrow(escrow.escrow_id):
+        ctx.book.escrow_seen(escrow)
+    else:
+        ctx.book.other_release(escrow.escrow_id, released_now)
+    return {"released_now": format_usdc(released_now), **escrow_figures(escrow)}
+
+
+def _released(ctx: ToolContext, before: Escrow, after: Escrow) -> Answer:
+    return _booked(ctx, after, after.released_micro - before.released_micro)
 
 
 def _release(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
@@ -193,9 +213,9 @@ def _release(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
     partial = client.capabilities.supports_partial_release  # found it by now
     if partial and amount is not None:
         escrow = client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
-        return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
-    _whole_amount(before, amount, partial)
-    return _released(before, client.release(args.escrow_id, memo=args.memo))
+        return _booked(ctx, escrow, amount)
+    _whole_amount(ctx, before, amount, partial)
+    return _released(ctx, before, client.release(args.escrow_id, memo=args.memo))
 
 
 async def _arelease(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
@@ -207,9 +227,9 @@ async def _arelease(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
     partial = client.capabilities.supports_partial_release
     if partial and amount is not None:
         escrow = await client.release_partial(args.escrow_id, format_usdc(amount), memo=args.memo)
-        return {"released_now": format_usdc(amount), **escrow_figures(escrow)}
-    _whole_amount(before, amount, partial)
-    return _released(before, await client.release(args.escrow_id, memo=args.memo))
+        return _booked(ctx, escrow, amount)
+    _whole_amount(ctx, before, amount, partial)
+    return _released(ctx, before, await client.release(args.escrow_id, memo=args.memo))
 
 
 _RELEASE_RULES = (
@@ -248,15 +268,20 @@ ESCROW_RELEASE: ToolDefinition[EscrowReleaseArgs] = ToolDefinition(
 # -- escrow_status ----------------------------------------------------------------------
 
 
+def _seen(ctx: ToolContext, escrow: Escrow) -> Answer:
+    ctx.book.escrow_seen(escrow)  # an escrow of the book's: keep its figures current
+    return escrow_figures(escrow, history=True)
+
+
 def _status(ctx: ToolContext, args: EscrowStatusArgs) -> Answer:
-    return escrow_figures(_sync(ctx).get_escrow(args.escrow_id), history=True)
+    return _seen(ctx, _sync(ctx).get_escrow(args.escrow_id))
 
 
 async def _astatus(ctx: ToolContext, args: EscrowStatusArgs) -> Answer:
     client = _async(ctx)
     if client is None:
         return await asyncio.to_thread(_status, ctx, args)
-    return escrow_figures(await client.get_escrow(args.escrow_id), history=True)
+    return _seen(ctx, await client.get_escrow(args.escrow_id))
 
 
 ESCROW_STATUS: ToolDefinition[EscrowStatusArgs] = ToolDefinition(
@@ -276,10 +301,11 @@ ESCROW_STATUS: ToolDefinition[EscrowStatusArgs] = ToolDefinition(
 
 
 def _list_answer(escrows: list[Escrow] | tuple[Escrow, ...], args: EscrowListArgs) -> Answer:
-    chosen = [e for e in escrows if args.status is None or e.status == args.status]
+    # the service lists oldest first; the model is promised newest first
+    chosen = [e for e in reversed(escrows) if args.status is None or e.status == args.status]
     return {
         "count": len(chosen),
-        "escrows": [escrow_figures(e) for e in chosen[-args.limit :]],
+        "escrows": [escrow_figures(e) for e in chosen[: args.limit]],
         **({"shown": args.limit} if len(chosen) > args.limit else {}),
     }
 
@@ -299,8 +325,8 @@ ESCROW_LIST: ToolDefinition[EscrowListArgs] = ToolDefinition(
     name="escrow_list",
     family="escrow",
     description=(
-        "List your escrows (as payer or provider) with their figures, optionally only those "
-        "in one status."
+        "List your escrows (as payer or provider) with their figures, newest first, optionally "
+        "only those in one status."
     ),
     args_schema=EscrowListArgs,
     run=_list,

@@ -130,7 +130,7 @@ class EscrowCreateArgs(_Args):
         ge=1,
         le=8760,
         description="Optional: hours after which whatever is still locked goes to the provider. "
-        "Leave empty unless asked.",
+        "Leave empty to use the operator's default (if any).",
     )
 
 
