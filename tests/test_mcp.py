@@ -55,8 +55,8 @@ async def call(s: ClientSession, name: str, **arguments: Any) -> tuple[bool, Any
 async def test_lists_exactly_the_shared_definitions_and_runs_each() -> None:
     async with session() as (s, instructions):
         listed = (await s.list_tools()).tools
-        assert [t.name for t in listed] == list(ALL_TOOL_NAMES)
-        for tool in listed:
+        assert [t.name for t in listed] == [*ALL_TOOL_NAMES, "sandbox_agents"]  # --sandbox only
+        for tool in listed[:-1]:
             definition = get_definition(tool.name)
             # what the tool does on the server's dialect (the sandbox speaks v1 here)
             expected = (definition.by_dialect or {}).get("v1", definition.description)
@@ -66,6 +66,9 @@ async def test_lists_exactly_the_shared_definitions_and_runs_each() -> None:
             assert tool.annotations.read_only_hint is definition.read_only
 
         provider = re.search(r"agent (\S+) is a provider", instructions).group(1)
+        err, agents, _ = await call(s, "sandbox_agents")
+        assert not err and agents["provider"]["agent_id"] == provider
+        assert agents["payer"]["balance"] == "100.00" and agents["provider"]["balance"] == "0.00"
 
         err, claim, _ = await call(s, "faucet_claim")
         assert not err and claim["credited"] == "1.00"
@@ -133,7 +136,7 @@ async def test_failures_are_tool_errors_and_the_server_lives_on() -> None:
     async with session("--max-budget", "3.00", "--tools", ",".join(narrowed)) as (s, instr):
         provider = re.search(r"agent (\S+) is a provider", instr).group(1)
         listed = {t.name: t for t in (await s.list_tools()).tools}
-        assert list(listed) == narrowed  # the operator's narrowing hides faucet_claim
+        assert list(listed) == [*narrowed, "sandbox_agents"]  # the narrowing hides faucet_claim
         assert "max budget 3.00 USDC" in listed["stream_open"].description
         assert Caps(max_budget="3.00").describe() in listed["escrow_create"].description
 
@@ -194,7 +197,7 @@ def test_shared_definitions_are_the_only_source() -> None:
             assert offered_tools(ctx_all) == list(TOOLS)
 
 
-async def test_live_config_from_env_and_open_streams_closed_on_disconnect() -> None:
+async def test_live_config_from_env_and_open_streams_closed_on_disconnect(tmp_path: Path) -> None:
     """The runtime snippet's way: PF_API_KEY (+ PF_BASE_URL) in "env"; no --sandbox."""
     from pf_metered.sandbox import Sandbox
 
@@ -204,7 +207,11 @@ async def test_live_config_from_env_and_open_streams_closed_on_disconnect() -> N
         params = StdioServerParameters(
             command=str(BIN),
             args=["mcp", "--max-budget", "5.00"],
-            env={"PF_API_KEY": payer.api_key, "PF_BASE_URL": server.base_url},
+            env={
+                "PF_API_KEY": payer.api_key,
+                "PF_BASE_URL": server.base_url,
+                "XDG_DATA_HOME": str(tmp_path),  # the default state file lands in the test's dir
+            },
         )
         with open(os.devnull, "w") as errlog:
             async with (

@@ -453,16 +453,20 @@ def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
         commands,
         "mcp",
         common,
-        help="serve the agent tools over MCP (stdio)",
+        help="serve the agent tools over MCP (stdio or streamable HTTP)",
         description=(
-            "Serve the Purple Flea tools (escrow_create, escrow_release, escrow_status, "
-            "escrow_list, faucet_claim, stream_open, stream_status, stream_record, "
-            "stream_close, stream_list) as an MCP server over stdin/stdout, for any "
+            "Serve the Purple Flea tools (escrow_create, escrow_release, escrow_refund, "
+            "escrow_status, escrow_list, faucet_claim, stream_open, stream_status, "
+            "stream_record, stream_close, stream_list) as an MCP server, for any "
             "MCP-compatible runtime. The same definitions as the LangChain toolkit: names, "
             "descriptions, argument schemas and caps.\n\n"
             f'The key comes from {ENV_KEY} (set it in the runtime\'s "env"), or use --sandbox '
-            "for an in-memory sandbox with a funded demo agent. Streams still open when the "
-            "runtime disconnects are closed: owed units are paid, the rest refunded.\n\n"
+            "for an in-memory sandbox with a funded payer and a provider (the sandbox_agents "
+            "tool names them). Each MCP session has its own streams; streams still open when "
+            "a session ends or the server stops are closed: owed units are paid, the rest "
+            "refunded. The escrows and streams the tools made, and the money the caps count, "
+            "are kept in the --state file, so a restarted server can release, refund and "
+            "close them.\n\n"
             "Runtime configuration (e.g. claude_desktop_config.json):\n\n"
             '  {"mcpServers": {"purple-flea": {"command": "pf-metered", "args": ["mcp"],\n'
             f'     "env": {{"{ENV_KEY}": "pf_live_..."}}}}}}}}\n\n'
@@ -471,7 +475,10 @@ def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
         epilog=(
             "examples:\n"
             "  pf-metered mcp --sandbox\n"
-            "  pf-metered mcp --max-budget 5.00 --max-rate 0.01 --max-total 20.00\n"
+            "  pf-metered mcp --max-budget 5.00 --max-locked 20.00 --max-spend 100.00 \\\n"
+            "      --default-auto-release-hours 72\n"
+            "  pf-metered mcp --transport streamable-http --port 8788   # http://127.0.0.1:8788/mcp\n"
+            "  PF_MCP_AUTH_TOKEN=... pf-metered mcp --transport streamable-http --host 0.0.0.0\n"
             "  pf-metered mcp --tools escrow_status,escrow_list,stream_open,stream_record,"
             "stream_close\n"
         ),
@@ -481,6 +488,50 @@ def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use an in-memory sandbox (a payer funded with 100.00 USDC and a "
         "provider) instead of the live service; no key needed",
+    )
+    mcp.add_argument(
+        "--transport",
+        choices=("stdio", "streamable-http"),
+        default="stdio",
+        help="stdio (default: the runtime starts the server) or streamable-http (a "
+        "long-running server at http://HOST:PORT/mcp)",
+    )
+    mcp.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="streamable-http: address to listen on (default 127.0.0.1; any non-loopback "
+        "address needs a bearer token)",
+    )
+    mcp.add_argument(
+        "--port",
+        type=_port,
+        default=8788,
+        help="streamable-http: port to listen on (default 8788; 0 picks a free one, printed "
+        "on stderr)",
+    )
+    mcp.add_argument(
+        "--auth-token",
+        metavar="TOKEN",
+        default=None,
+        help="streamable-http: bearer token every client must send (prefer the environment "
+        "variable PF_MCP_AUTH_TOKEN: arguments are visible to other processes); required "
+        "for a non-loopback --host",
+    )
+    mcp.add_argument(
+        "--state",
+        metavar="PATH",
+        default=None,
+        help="SQLite file keeping the escrows and streams the tools made and the money the "
+        "caps count (default: $XDG_DATA_HOME/pf-metered/mcp-state.sqlite3; with --sandbox: "
+        ":memory:); ':memory:' for throwaway state",
+    )
+    mcp.add_argument(
+        "--default-auto-release-hours",
+        type=_hours,
+        metavar="HOURS",
+        default=None,
+        help="hours after which an escrow or stream the tools lock without hours of its own "
+        "releases what remains to the provider, so nothing stays locked forever",
     )
     mcp.add_argument(
         "--max-budget",
@@ -495,10 +546,23 @@ def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
         help="cap: the highest price per unit a stream may be opened at",
     )
     mcp.add_argument(
+        "--max-locked",
+        metavar="USDC",
+        default=None,
+        help="cap: the most money locked at once (open escrows and streams; paid and "
+        "refunded money counts back)",
+    )
+    mcp.add_argument(
+        "--max-spend",
+        metavar="USDC",
+        default=None,
+        help="cap: the most money paid out over the server's life (kept in the --state file)",
+    )
+    mcp.add_argument(
         "--max-total",
         metavar="USDC",
         default=None,
-        help="cap: the most all tools together may have locked at once",
+        help="deprecated: the old name of --max-locked",
     )
     mcp.add_argument(
         "--max-open-streams",
@@ -516,8 +580,8 @@ def _add_mcp(commands: Any, common: argparse.ArgumentParser) -> None:
     mcp.add_argument(
         "--release-any-escrow",
         action="store_true",
-        help="let escrow_release pay any of the key's escrows, not only those "
-        "made with escrow_create in this session (a stream's never)",
+        help="let escrow_release and escrow_refund act on any of the key's escrows, not only "
+        "those made with escrow_create by this server (a stream's never)",
     )
 
 

@@ -7,14 +7,19 @@ adapts them to the protocol, so there is no second copy to drift.
 
 ::
 
-    pf-metered mcp                 # PF_API_KEY (+ PF_BASE_URL) from the environment
-    pf-metered mcp --sandbox       # an in-memory sandbox with a funded demo agent
+    pf-metered mcp                 # PF_API_KEY (+ PF_BASE_URL) from the environment, stdio
+    pf-metered mcp --sandbox       # an in-memory sandbox with a funded payer and a provider
+    pf-metered mcp --transport streamable-http --port 8788   # http://127.0.0.1:8788/mcp
 
     # programmatic use
-    from pf_metered.mcp import build_server, serve_stdio
-    from pf_metered.tools import Caps, ToolContext
-    ctx = ToolContext(client, async_client, caps=Caps(max_budget="5.00"))
-    anyio.run(serve_stdio, ctx)
+    from pf_metered.mcp import context_from_env, serve_stdio
+    from pf_metered.tools import Caps
+    setup = context_from_env(Caps(max_budget="5.00", max_locked="20.00"), state=":memory:")
+    anyio.run(serve_stdio, setup)
+
+Each MCP session gets its own tool context (its own streams); the escrows and streams the
+tools make, and the money the caps count, are kept in a state file
+(:class:`~pf_metered.tools.ToolState`) so a restarted server can release, refund and close them.
 
 The ``mcp`` SDK is an optional extra (``pip install 'pf-metered[mcp]'``) imported only when a
 server is built; importing this package never needs it.
@@ -47,6 +52,7 @@ __all__ = [
     "context_from_env",
     "offered_tools",
     "sandbox_setup",
+    "serve_http",
     "serve_stdio",
 ]
 
@@ -68,14 +74,18 @@ def build_server(
     name: str = "purple-flea",
     instructions: str | None = None,
 ) -> Any:
-    """An ``mcp.server.lowlevel.Server`` serving ``tools`` over ``ctx`` (needs the extra)."""
-    from pf_metered.mcp._server import build
+    """An ``mcp.server.lowlevel.Server`` serving ``tools`` over the one context ``ctx`` (needs
+    the extra); for one session per context use :func:`serve_stdio` / :func:`serve_http`."""
+    from pf_metered.mcp._server import Sessions, build
 
-    return build(ctx, offered_tools(ctx, tools), name=name, instructions=instructions)
+    sessions = Sessions(lambda _key: ctx)
+    return build(
+        sessions, offered_tools(ctx, tools), template=ctx, name=name, instructions=instructions
+    )
 
 
 async def serve_stdio(
-    ctx: ToolContext,
+    setup: ServerSetup,
     *,
     tools: Sequence[ToolDefinition[Any]] | None = None,
     instructions: str | None = None,
@@ -83,4 +93,21 @@ async def serve_stdio(
     """Serve over stdin/stdout until the client disconnects; then close the open streams."""
     from pf_metered.mcp._server import serve
 
-    await serve(ctx, offered_tools(ctx, tools), instructions=instructions)
+    await serve(setup, offered_tools(setup.ctx, tools), instructions=instructions)
+
+
+async def serve_http(
+    setup: ServerSetup,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8788,
+    auth_token: str | None = None,
+    tools: Sequence[ToolDefinition[Any]] | None = None,
+) -> None:
+    """Serve over streamable HTTP (``http://HOST:PORT/mcp``), one tool context per session,
+    until SIGINT/SIGTERM; a non-loopback ``host`` needs ``auth_token``."""
+    from pf_metered.mcp._server import serve_http as _serve_http
+
+    await _serve_http(
+        setup, offered_tools(setup.ctx, tools), host=host, port=port, auth_token=auth_token
+    )
