@@ -280,3 +280,36 @@ async def test_restart_after_kill_releases_refunds_and_closes_with_the_ledger_ex
     assert sb.balance(world.payer.agent_id) == Decimal("7.13")  # 10.00 - 2.50 - 0.37
     assert sb.fees() == Decimal("0.0287") and sb.balance(provider) == Decimal("2.8413")
     world.ledger_exact()
+
+
+async def test_sigterm_on_stdio_closes_open_streams(world: World, tmp_path: Path) -> None:
+    provider = world.provider.agent_id
+    errlog = tmp_path / "server.err"
+    stopped = False
+    try:
+        async with stdio_session(world, tmp_path, tmp_path / "state.sqlite3", errlog) as (s, _):
+            err, opened = await call(
+                s, "stream_open", provider=provider, rate="0.01", budget="2.00"
+            )
+            assert not err, opened
+            err, _ = await call(s, "stream_record", stream_id="s1", units=12)
+            assert not err
+            pid = int(re.search(r"pid (\d+)", errlog.read_text()).group(1))  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGTERM)  # the operator stops the server; the client stays
+            # the server closes s1 and exits; the client's next request finds it gone
+            # (streams are settled before the transport goes, so the first failure is after)
+            with pytest.raises(BaseException):  # how it fails is the SDK's business
+                while True:
+                    await s.send_ping()
+            stopped = True
+    except BaseException:
+        if not stopped:
+            raise
+    assert stopped
+    escrow = world.sb.escrow(opened["escrow_id"])
+    assert (escrow.status, escrow.released, escrow.refunded) == (
+        "refunded",
+        Decimal("0.12"),
+        Decimal("1.88"),
+    )
+    world.ledger_exact()

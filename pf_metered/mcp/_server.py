@@ -275,9 +275,13 @@ async def _startup(setup: ServerSetup, owner: str | None) -> tuple[str, ToolCont
     return f"{head}; {restored.describe()}", (ctx if owner is not None else None)
 
 
-async def _until_signal(scope: anyio.CancelScope) -> None:
+async def _until_signal(scope: anyio.CancelScope, sessions: Sessions) -> None:
+    """On SIGTERM/SIGHUP: close every session's streams while the transport is still up (so a
+    client that sees the server go has seen its streams settled), then stop serving."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
         async for _ in signals:
+            with anyio.CancelScope(shield=True):
+                await sessions.end_all()
             scope.cancel()
             return
 
@@ -300,7 +304,7 @@ async def serve(
     )
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_until_signal, tg.cancel_scope)
+            tg.start_soon(_until_signal, tg.cancel_scope, sessions)
             async with stdio_server() as (read_stream, write_stream):
                 await server.run(read_stream, write_stream, server.create_initialization_options())
             tg.cancel_scope.cancel()

@@ -29,7 +29,7 @@ from pf_metered.tools.state import Book, StreamRecord
 
 __all__ = ["Restored", "arestore", "restore"]
 
-log = logging.getLogger("pf_metered.tools")
+log = logging.getLogger("pf_metered.mcp")  # a logger the secrets filter already covers
 
 
 @dataclass
@@ -92,10 +92,14 @@ def _orphans(ctx: ToolContext) -> list[StreamRecord]:
 
 def restore(ctx: ToolContext, *, close_orphans: bool = False) -> Restored:
     """Resume this owner's open streams into ``ctx`` (sync clients); see the module docstring."""
-    out = Restored(escrows=[e.escrow_id for e in ctx.book.escrows(open_only=True)])
     if ctx.client is None:
-        out.problems.append("no sync client to resume streams with")
-        return out
+        return Restored(problems=["no sync client to resume streams with"])
+    for made in ctx.book.escrows(open_only=True):  # released or refunded behind our back?
+        try:
+            ctx.book.escrow_seen(ctx.client.get_escrow(made.escrow_id))
+        except Exception as exc:  # the row stands as last seen
+            log.warning("restore: escrow %s not read back: %s", made.escrow_id, exc)
+    out = Restored(escrows=[e.escrow_id for e in ctx.book.escrows(open_only=True)])
     store = ctx.book.state.meter_store
     for rec in ctx.book.streams(open_only=True):
         try:
@@ -125,6 +129,11 @@ async def arestore(ctx: ToolContext, *, close_orphans: bool = False) -> Restored
     client = ctx.async_client
     if client is None:
         return await asyncio.to_thread(restore, ctx, close_orphans=close_orphans)
+    for made in ctx.book.escrows(open_only=True):  # released or refunded behind our back?
+        try:
+            ctx.book.escrow_seen(await client.get_escrow(made.escrow_id))
+        except Exception as exc:  # the row stands as last seen
+            log.warning("restore: escrow %s not read back: %s", made.escrow_id, exc)
     out = Restored(escrows=[e.escrow_id for e in ctx.book.escrows(open_only=True)])
     store = ctx.book.state.meter_store
     for rec in ctx.book.streams(open_only=True):
