@@ -275,21 +275,30 @@ async def _startup(setup: ServerSetup, owner: str | None) -> tuple[str, ToolCont
     return f"{head}; {restored.describe()}", (ctx if owner is not None else None)
 
 
-async def _until_signal(scope: anyio.CancelScope, sessions: Sessions) -> None:
-    """On SIGTERM/SIGHUP: close every session's streams while the transport is still up (so a
-    client that sees the server go has seen its streams settled), then stop serving."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-        async for _ in signals:
+async def _until_signal(sessions: Sessions) -> None:
+    """On SIGTERM/SIGHUP/SIGINT: close every session's streams while the transport is still up (so a
+    client that sees the server go has seen its streams settled), then die of the signal.
+
+    Why not just cancel and return: the stdio transport reads stdin on a worker thread that
+    only a line or EOF wakes, so a cancelled server would linger until the client spoke. All
+    that matters is on disk by now (every state and journal write is a committed transaction).
+    """
+    import os
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
+        async for signum in signals:
             with anyio.CancelScope(shield=True):
-                await sessions.end_all()
-            scope.cancel()
+                closed = await sessions.end_all()
+            _note(f"pf-metered mcp: stopped by signal {signum}; {closed} open stream(s) closed")
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
 
 
 async def serve(
     setup: ServerSetup, tools: Sequence[ToolDefinition[Any]], *, instructions: str | None = None
 ) -> None:
-    """Serve over stdin/stdout until the client disconnects (or SIGTERM), then close streams."""
+    """Serve over stdin/stdout until the client disconnects (or a signal), then close streams."""
     found, ctx = await _startup(setup, STDIO_OWNER)
     sessions = Sessions(setup.context)
     assert ctx is not None
@@ -304,7 +313,7 @@ async def serve(
     )
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_until_signal, tg.cancel_scope, sessions)
+            tg.start_soon(_until_signal, sessions)
             async with stdio_server() as (read_stream, write_stream):
                 await server.run(read_stream, write_stream, server.create_initialization_options())
             tg.cancel_scope.cancel()
