@@ -213,11 +213,14 @@ def test_non_loopback_bind_is_refused_without_a_token(world: World, tmp_path: Pa
     assert proc.stdout == ""
 
 
-async def exited(pid: int) -> None:
-    """Wait until process ``pid`` (the stdio client's child) has exited, without reaping it:
-    a pidfd becomes readable when the process ends."""
+async def kill_and_wait(pid: int, signum: int) -> None:
+    """Send ``signum`` to ``pid`` (the stdio client's child) and wait until it has exited.
+
+    A pidfd opened *before* the signal becomes readable when the process ends, even if the
+    event loop's child watcher reaps it first; no reaping or polling of ours."""
     fd = os.pidfd_open(pid)
     try:
+        os.kill(pid, signum)
         await anyio.to_thread.run_sync(select.select, [fd], [], [])
     finally:
         os.close(fd)
@@ -261,8 +264,8 @@ async def test_restart_after_kill_releases_refunds_and_closes_with_the_ledger_ex
             err, _ = await call(s, "stream_record", stream_id="s1", units=37)
             assert not err
             pid = int(re.search(r"pid (\d+)", errlog.read_text()).group(1))  # type: ignore[union-attr]
-            os.kill(pid, signal.SIGKILL)  # no shutdown, no close: only the state file is left
-            await exited(pid)
+            # no shutdown, no close: only the state file is left
+            await kill_and_wait(pid, signal.SIGKILL)
             killed = True
     except BaseException:  # the client notices its server vanished as it leaves
         if not killed:
@@ -308,8 +311,8 @@ async def test_sigterm_on_stdio_closes_open_streams(world: World, tmp_path: Path
             err, _ = await call(s, "stream_record", stream_id="s1", units=12)
             assert not err
             pid = int(re.search(r"pid (\d+)", errlog.read_text()).group(1))  # type: ignore[union-attr]
-            os.kill(pid, signal.SIGTERM)  # the operator stops the server; the client stays
-            await exited(pid)  # the server settled s1 and exited
+            # the operator stops the server; the client stays; the server settles s1 and exits
+            await kill_and_wait(pid, signal.SIGTERM)
             stopped = True
     except BaseException:
         if not stopped:

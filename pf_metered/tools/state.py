@@ -372,8 +372,9 @@ class ToolState:
         escrows = self.escrows(open_only=True)
         streams = self.streams(open_only=True)
         total = self.figures()
+        where = f"state file {self.path}" if self.durable else "state in memory"
         head = (
-            f"state {self.path}: {len(escrows)} open escrow(s), {len(streams)} open stream(s); "
+            f"{where}: {len(escrows)} open escrow(s), {len(streams)} open stream(s); "
             f"{format_usdc(total.locked_micro)} USDC locked, {format_usdc(total.paid_micro)} paid "
             "over the server's life"
         )
