@@ -236,7 +236,7 @@ async def test_live_config_from_env_and_open_streams_closed_on_disconnect(tmp_pa
         assert sb.balance(payer.agent_id) + sb.balance(provider.agent_id) + sb.fees() == 10
 
 
-async def test_escrow_and_stream_tools_over_mcp_on_the_deployed_dialect() -> None:
+async def test_escrow_and_stream_tools_over_mcp_on_the_deployed_dialect(tmp_path: Path) -> None:
     """The deployed dialect over MCP (issue 11 item 5): escrow_release pays the escrow whole
     and says so in its description; a stream opens, records and closes on tranches."""
     from pf_metered.sandbox import Sandbox
@@ -247,7 +247,11 @@ async def test_escrow_and_stream_tools_over_mcp_on_the_deployed_dialect() -> Non
         params = StdioServerParameters(
             command=str(BIN),
             args=["mcp"],
-            env={"PF_API_KEY": payer.api_key, "PF_BASE_URL": f"{server.url}/deployed"},
+            env={
+                "PF_API_KEY": payer.api_key,
+                "PF_BASE_URL": f"{server.url}/deployed",
+                "XDG_DATA_HOME": str(tmp_path),  # the default state file lands in the test's dir
+            },
         )
         with open(os.devnull, "w") as errlog:
             async with (
