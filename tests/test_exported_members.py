@@ -157,6 +157,7 @@ EXPORTED = {
         "EscrowStatusTool",
         "FaucetClaimTool",
         "MeteredCallbackHandler",
+        "MeteredMiddleware",
         "PurpleFleaTool",
         "PurpleFleaToolkit",
         "StreamCloseTool",

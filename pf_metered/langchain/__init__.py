@@ -5,6 +5,9 @@
   ``stream_close``, ``stream_list``, narrowable and bounded by operator :class:`Caps`.
 * :class:`MeteredCallbackHandler` — attach to any chat model, chain or agent with
   ``callbacks=[...]`` to pay per LLM call or per token from a payment stream.
+* :class:`MeteredMiddleware` — an ``AgentMiddleware`` for ``langchain.agents.create_agent``
+  that pays per model call or per token (and per tool call) and ends the run cleanly, with a
+  message, when the budget cannot pay (needs the ``langchain`` extra; loaded on first use).
 * :func:`pay_per_call` — make any LangChain tool pay its provider one unit per successful call
   from the stream the agent opened to that provider.
 
@@ -13,6 +16,8 @@ never imports it.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from pf_metered.langchain._base import PurpleFleaTool
 from pf_metered.langchain.callbacks import MeteredCallbackHandler
@@ -35,6 +40,9 @@ from pf_metered.langchain.streams import (
 from pf_metered.langchain.toolkit import TOOL_CLASSES, PurpleFleaToolkit
 from pf_metered.tools import Caps, ToolContext
 
+if TYPE_CHECKING:
+    from pf_metered.langchain.middleware import MeteredMiddleware
+
 __all__ = [
     "TOOL_CLASSES",
     "Caps",
@@ -45,6 +53,7 @@ __all__ = [
     "EscrowStatusTool",
     "FaucetClaimTool",
     "MeteredCallbackHandler",
+    "MeteredMiddleware",
     "PurpleFleaTool",
     "PurpleFleaToolkit",
     "StreamCloseTool",
@@ -55,3 +64,13 @@ __all__ = [
     "ToolContext",
     "pay_per_call",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``MeteredMiddleware`` is imported on first use: it needs ``langchain`` (an extra), and
+    importing this package must keep needing ``langchain-core`` only."""
+    if name == "MeteredMiddleware":
+        from pf_metered.langchain.middleware import MeteredMiddleware
+
+        return MeteredMiddleware
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
