@@ -254,3 +254,35 @@ def test_bad_configuration_names_the_field(pf_world):
     with pytest.raises(InvalidInput) as caught:
         MeteredMiddleware(object())  # type: ignore[arg-type]
     assert caught.value.field == "stream"
+
+
+def test_example_program_ends_on_its_budget_with_exact_figures():
+    """examples/langchain_middleware.py, run as a user would (own process, sandbox, no key)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("PF_API_KEY", "PF_PROVIDER_ID")}
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "langchain_middleware.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=root,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pairs = (line.split(" : ", 1) for line in proc.stdout.splitlines() if " : " in line)
+    lines = {key.strip(): value.strip() for key, value in pairs}
+    # 1.00 USDC at 0.01 a unit: 34 model calls (1 unit) + 33 price lookups (2 units) = 100
+    assert lines["model calls paid"] == "34"
+    assert lines["tool calls paid"].startswith("33 ")
+    assert lines["last message"].startswith("Budget exhausted")
+    assert lines["units"] == "100"
+    assert Decimal(lines["paid"].split()[0]) == Decimal("1.00")
+    assert Decimal(lines["refunded"].split()[0]) == 0
+    assert Decimal(lines["provider balance"].split()[0]) == Decimal("0.99")
+    assert Decimal(lines["payer balance"].split()[0]) == Decimal("99.00")
