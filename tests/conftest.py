@@ -24,6 +24,23 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("dev", print_blob=True, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# -- the user's data directory: no test writes into $HOME ---------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``pf-metered mcp`` keeps its default state under ``$XDG_DATA_HOME``: every test (and
+    every subprocess a test starts) gets a session directory of its own instead of the
+    developer's ``~/.local/share``. A test that needs another sets its own."""
+    before = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = before
+
+
 # -- client (tests/test_client*.py) ------------------------------------------------------
 
 CANARY_KEY = "pf_live_CANARY0123456789abcdefSECRETtail"

@@ -164,7 +164,11 @@ class Served:
         proc = subprocess.run(
             ["bash", "-c", prefix + line],
             cwd=self.workdir,
-            env={**_clean_env(), "PATH": f"{BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+            env={
+                **_clean_env(),
+                "PATH": f"{BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                "XDG_DATA_HOME": str(self.workdir),  # `pf-metered mcp`'s state file stays here
+            },
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
