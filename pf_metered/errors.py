@@ -81,7 +81,11 @@ __all__ = [
     "register_secret",
 ]
 
-_KEYLIKE = re.compile(r"(pf_(?:live|test|sbx)_)[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.IGNORECASE)
+# pf_live_/pf_test_/pf_sbx_: the product documentation's and the sandbox's keys; sk_live_ and
+# sk_test_: what the deployed service's registration really hands out (sk_live_ + 48 hex).
+_KEYLIKE = re.compile(
+    r"((?:pf_(?:live|test|sbx)|sk_(?:live|test))_)[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.IGNORECASE
+)
 _MAX_MESSAGE = 300
 _MAX_CODE = 64
 _MAX_REQUEST_ID = 128

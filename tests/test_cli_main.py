@@ -121,6 +121,7 @@ def test_usage_error_as_json(capsys: pytest.CaptureFixture[str]) -> None:
         ["escrow", "list", "--key=NotPrefixedSecret0123"],
         ["escrow", "status", "pf_live_Secret0123456789"],
         ["mcp", "--api-key", "pf_test_Secret0123456789"],
+        ["escrow", "status", "sk_live_Secret0123456789"],  # the deployed service's key shape
     ],
 )
 def test_key_arguments_refused_without_echo(

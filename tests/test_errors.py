@@ -115,6 +115,8 @@ def test_a_key_made_of_words_does_not_mask_those_words() -> None:
     del holder
 
 
-def test_key_shaped_codes_are_redacted_without_a_live_key() -> None:
-    exc = errors.AuthError("no", status=401, code="pf_live_unregistered0123456789")
+@pytest.mark.parametrize("prefix", ["pf_live_", "pf_test_", "sk_live_", "sk_test_"])
+def test_key_shaped_codes_are_redacted_without_a_live_key(prefix: str) -> None:
+    # sk_live_ is what the deployed service's registration hands out
+    exc = errors.AuthError("no", status=401, code=prefix + "unregistered0123456789")
     assert "unregistered" not in str(exc) and "unregistered" not in repr(vars(exc))

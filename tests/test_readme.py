@@ -259,10 +259,10 @@ def test_going_live_in_three_steps_against_a_served_sandbox(served: Served) -> N
     keys = (served.workdir / "agent.env").read_text(encoding="utf-8")
     assert (served.workdir / "agent.env").stat().st_mode & 0o077 == 0  # only the owner reads it
     assert "export PF_API_KEY=" in keys and "PF_API_KEY" not in registered.stdout
-    # 2. fund it: registration credits the faucet grant on the live service. A sandbox whose
-    # registration does not yet (it is being brought in line, issue 11) is funded by the faucet
-    # service; once it does, the faucet refuses a second grant (409, or 429 once a day per
-    # address), and the stream below shows the grant is there either way.
+    # 2. fund it: registration itself credits the faucet's grant (as the live service does), and
+    # says so; a faucet claim afterwards is refused as a second grant (409, or 429 once a day per
+    # address), and the stream below spends the grant.
+    assert "no faucet claim is needed" in registered.stdout, registered.stdout
     claim = subprocess.run(
         ["bash", "-c", f"source demo.env && pf-metered faucet claim --agent-id {agent.group(1)}"],
         cwd=served.workdir,
@@ -274,7 +274,7 @@ def test_going_live_in_three_steps_against_a_served_sandbox(served: Served) -> N
         check=False,
     )
     refused = ("already_claimed", "ip_rate_limited")
-    assert claim.returncode == 0 or any(r in claim.stderr for r in refused), claim.stderr
+    assert claim.returncode != 0 and any(r in claim.stderr for r in refused), claim.stderr
     # 3. the same stream, on the new agent's key: source agent.env after demo.env (its URLs)
     ran = served.sh(
         _demo_argv("./scripts/demo --calls 200 --budget 1.00"),

@@ -594,8 +594,9 @@ def _add_register(commands: Any, common: argparse.ArgumentParser) -> None:
         description=(
             "Register a new agent with Purple Flea and receive its id and API key. The key is "
             "written to --keys-file (mode 600), never printed; 'source' the file to use it. "
-            f"The registration service is ${ENV_CASINO_URL}, else {CASINO_BASE_URL}. A new "
-            "agent can then claim the faucet once."
+            f"The registration service is ${ENV_CASINO_URL}, else {CASINO_BASE_URL}. "
+            "Registration also credits the faucet's one-time 1.00 USDC grant to the new agent: "
+            "there is no faucet claim to make afterwards."
         ),
         epilog="example:\n  pf-metered register --keys-file agent.env && source agent.env\n",
     ).add_argument(

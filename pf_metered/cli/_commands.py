@@ -215,7 +215,8 @@ def _register(args: argparse.Namespace, out: Output) -> int:
     out.data(
         {"agent_id": registration.agent_id, "keys_file": args.keys_file},
         f"Registered agent {registration.agent_id}; its key is in {args.keys_file} "
-        f"(source it to use it).",
+        f"(source it to use it). Registration credits the faucet's one-time 1.00 USDC grant: "
+        f"no faucet claim is needed.",
     )
     return EXIT_OK
 

@@ -65,7 +65,7 @@ def forbid_key_arguments(argv: list[str]) -> None:
                 EXIT_USAGE,
                 kind="usage",
             )
-        if arg.startswith(("pf_live_", "pf_test_", "pf_sbx_")):
+        if arg.startswith(("pf_live_", "pf_test_", "pf_sbx_", "sk_live_", "sk_test_")):
             raise CLIError(
                 "an argument looks like an API key; keys are never passed as arguments (use "
                 f"{ENV_KEY}). The value was not used and is not shown.",
