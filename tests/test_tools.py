@@ -20,6 +20,7 @@ from pf_metered.tools import (
     ToolError,
     get_definition,
 )
+from pf_metered.tools.schemas import StreamOpenArgs
 
 
 def call(ctx, name, **args):
@@ -55,6 +56,24 @@ def test_schemas_describe_every_field_and_forbid_extras(definition):
         assert prop.get("description"), f"{definition.name}.{name} has no description"
     assert len(definition.description) > 40
     assert issubclass(definition.args_schema, BaseModel)
+
+
+@pytest.mark.parametrize("definition", TOOLS, ids=lambda d: d.name)
+def test_every_argument_has_one_top_level_type(definition):
+    """Generic clients convert a typed argument by the property's top-level ``type`` (the MCP
+    Inspector's CLI sent ``batch="10"`` for ``anyOf [integer, null]``, which the strict counts
+    refuse); an optional argument is one that may be left out, and ``null`` is still taken."""
+    schema = definition.input_schema()
+    for name, prop in schema.get("properties", {}).items():
+        assert "type" in prop and "anyOf" not in prop, f"{definition.name}.{name}: {prop}"
+
+
+def test_an_optional_count_may_still_be_sent_as_null():
+    args = StreamOpenArgs.model_validate(
+        {"provider": "ag_x", "rate": "0.01", "budget": "1", "batch": None}
+    )
+    assert args.batch is None
+    assert StreamOpenArgs.model_json_schema()["properties"]["batch"]["type"] == "integer"
 
 
 def test_amounts_accept_numbers_but_never_floats_in_arithmetic():

@@ -104,8 +104,33 @@ _Memo = Annotated[
 ]
 
 
+def _omittable_not_nullable(schema: dict[str, Any]) -> None:
+    """An optional argument is described as its one type, to be left out, not as
+    ``anyOf [T, null]``: generic clients (the MCP Inspector's CLI among them) convert a typed
+    value only when the property has a top-level ``type``, and sent ``"10"`` for an optional
+    integer otherwise, which the strict counts rightly refuse. ``null`` is still accepted."""
+    for name, prop in list(schema.get("properties", {}).items()):
+        branches = prop.get("anyOf")
+        if (
+            not isinstance(branches, list)
+            or len(branches) != 2
+            or prop.get("default", 0) is not None
+        ):
+            continue
+        typed = [b for b in branches if b != {"type": "null"}]
+        if len(typed) != 1:
+            continue
+        merged = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+        schema["properties"][name] = {**typed[0], **merged}
+
+
 class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        str_strip_whitespace=True,
+        frozen=True,
+        json_schema_extra=_omittable_not_nullable,
+    )
 
 
 class NoArgs(_Args):
