@@ -272,9 +272,10 @@ class ToolState:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def escrows(self, owner: str | None = None, *, open_only: bool = False) -> list[EscrowRecord]:
-        """Escrows the tools made (of ``owner``, or all), oldest first."""
-        sql = "SELECT * FROM mcp_escrows WHERE 1=1"
+    def _rows(self, table: str, owner: str | None, open_only: bool) -> list[sqlite3.Row]:
+        """One table's rows (of ``owner``, or all; open ones only if asked), oldest first."""
+        assert table in ("mcp_escrows", "mcp_streams")  # never a caller's text
+        sql = f"SELECT * FROM {table} WHERE 1=1"  # noqa: S608 - the table is one of two names
         params: list[object] = []
         if owner is not None:
             sql += " AND owner = ?"
@@ -282,7 +283,14 @@ class ToolState:
         if open_only:
             sql += " AND is_open = 1"
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY created_at, rowid", params).fetchall()
+            rows: list[sqlite3.Row] = self._db.execute(
+                sql + " ORDER BY created_at, rowid", params
+            ).fetchall()
+        return rows
+
+    def escrows(self, owner: str | None = None, *, open_only: bool = False) -> list[EscrowRecord]:
+        """Escrows the tools made (of ``owner``, or all), oldest first."""
+        rows = self._rows("mcp_escrows", owner, open_only)
         return [
             EscrowRecord(
                 r["escrow_id"],
@@ -303,15 +311,7 @@ class ToolState:
     def streams(self, owner: str | None = None, *, open_only: bool = False) -> list[StreamRecord]:
         """Streams the tools opened (of ``owner``, or all), oldest first; an open stream's
         ``paid_micro`` is read from its meter journal."""
-        sql = "SELECT * FROM mcp_streams WHERE 1=1"
-        params: list[object] = []
-        if owner is not None:
-            sql += " AND owner = ?"
-            params.append(owner)
-        if open_only:
-            sql += " AND is_open = 1"
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY created_at, rowid", params).fetchall()
+        rows = self._rows("mcp_streams", owner, open_only)
         out = []
         for r in rows:
             paid = r["paid_micro"]
