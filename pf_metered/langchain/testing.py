@@ -6,7 +6,13 @@ metering must get right. This model plays a script of answers; each step is an `
 (with ``tool_calls`` to drive an agent) or a function of the conversation so far (to use an id
 a tool returned). It reports usage like a real provider: on the message for ``invoke``, and on
 the *last* chunk only when streaming (the way OpenAI's ``stream_usage`` does), so a meter that
-counted chunks, or read the first chunk, would be caught.
+counted chunks, or read the first chunk, would be caught. Its async paths are native (no
+worker thread), so an agent's ``ainvoke``/``astream`` stays on the event loop as it would
+with a real async client.
+
+``bind_tools`` works as a real model's does: it returns the model bound to the tools' names,
+and every answer records which tools its call was offered (:attr:`ScriptedChatModel.offered`),
+so a test can check what an agent constructor or a middleware really handed the model.
 
 What this module must never do: touch the network, or be needed at import of anything else.
 """
@@ -15,16 +21,17 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, cast
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
 __all__ = ["ScriptedChatModel", "Step", "count_words", "tool_call"]
@@ -53,12 +60,22 @@ def tool_call(name: str, /, **args: Any) -> dict[str, Any]:
     return {"name": name, "args": args, "id": f"call_{n}", "type": "tool_call"}
 
 
+def _tool_name(tool: Any) -> str:
+    """The name a provider would be told for one ``bind_tools`` entry."""
+    if isinstance(tool, dict) and "function" not in tool and "name" in tool:
+        return str(tool["name"])  # a provider-side tool, e.g. {"type": ..., "name": ...}
+    spec = convert_to_openai_tool(tool)
+    return str(spec.get("function", {}).get("name") or spec.get("name", ""))
+
+
 class ScriptedChatModel(BaseChatModel):
     """Answers from a script, in order; accepts ``bind_tools``; reports token usage.
 
     ``usage`` (``True``): attach ``usage_metadata`` (input tokens = words of the prompt, output
     tokens = words of the answer plus 10 per tool call) unless a step's message has its own.
-    After the script ends, it answers ``final`` (text, no tool calls) so an agent stops.
+    ``False`` plays a model that reports no usage. After the script ends, it answers ``final``
+    (text, no tool calls) so an agent stops. One instance is one conversation's script: agents
+    built on it share its position, so build a fresh model per run.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -67,6 +84,7 @@ class ScriptedChatModel(BaseChatModel):
     usage: bool = True
     final: str = "Done."
     _position: int = PrivateAttr(default=0)
+    _offered: list[tuple[str, ...] | None] = PrivateAttr(default_factory=list)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @property
@@ -78,16 +96,28 @@ class ScriptedChatModel(BaseChatModel):
         """How many answers the model has given."""
         return self._position
 
+    @property
+    def offered(self) -> list[tuple[str, ...] | None]:
+        """Per answer given, the names of the tools its call was bound to (``None``: unbound)."""
+        with self._lock:
+            return list(self._offered)
+
     def bind_tools(
         self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any
     ) -> Runnable[Any, AIMessage]:
-        """Accept any tools: the script already knows which it will call."""
-        return self
+        """Bind the tools' names (recorded per call); the script already knows what it calls.
 
-    def _next(self, messages: Sequence[BaseMessage]) -> AIMessage:
+        Like a real model, the result is a binding and this model is left unchanged; extra
+        keyword arguments (``tool_choice``, ``parallel_tool_calls`` ...) are accepted and
+        ignored.
+        """
+        return self.bind(tool_names=[_tool_name(t) for t in tools])
+
+    def _next(self, messages: Sequence[BaseMessage], tool_names: Sequence[str] | None) -> AIMessage:
         with self._lock:
             index = self._position
             self._position += 1
+            self._offered.append(None if tool_names is None else tuple(tool_names))
         step: Any = self.script[index] if index < len(self.script) else self.final
         if callable(step):
             step = step(messages)
@@ -113,7 +143,19 @@ class ScriptedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return ChatResult(generations=[ChatGeneration(message=self._next(messages))])
+        message = self._next(messages, kwargs.get("tool_names"))
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        """Native async: the script is played on the event loop, not in a worker thread."""
+        message = self._next(messages, kwargs.get("tool_names"))
+        return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
         self,
@@ -122,22 +164,41 @@ class ScriptedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        message = self._next(messages)
-        words = str(message.content).split(" ") if message.content else []
-        for i, word in enumerate(words):
-            text = word if i == len(words) - 1 else word + " "
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=text, id=message.id))
-            if run_manager:
-                run_manager.on_llm_new_token(text, chunk=chunk)
+        for chunk in _chunks(self._next(messages, kwargs.get("tool_names"))):
+            if run_manager:  # as provider integrations do, for every chunk (the last too)
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
-        last = AIMessageChunk(
-            content="",
-            id=message.id,
-            tool_call_chunks=[
-                tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-                for i, c in enumerate(message.tool_calls)
-            ],
-            usage_metadata=message.usage_metadata,
-            chunk_position="last",
-        )
-        yield ChatGenerationChunk(message=last)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """Native async streaming, chunk for chunk the same as :meth:`_stream`."""
+        for chunk in _chunks(self._next(messages, kwargs.get("tool_names"))):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+
+def _chunks(message: AIMessage) -> Iterator[ChatGenerationChunk]:
+    """An answer as a provider streams it: one chunk per word, then a last chunk carrying the
+    tool calls and the usage (never earlier: a meter that read the first chunk would miss it).
+    """
+    words = str(message.content).split(" ") if message.content else []
+    for i, word in enumerate(words):
+        text = word if i == len(words) - 1 else word + " "
+        yield ChatGenerationChunk(message=AIMessageChunk(content=text, id=message.id))
+    last = AIMessageChunk(
+        content="",
+        id=message.id,
+        tool_call_chunks=[
+            tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+            for i, c in enumerate(message.tool_calls)
+        ],
+        usage_metadata=message.usage_metadata,
+        chunk_position="last",
+    )
+    yield ChatGenerationChunk(message=last)
