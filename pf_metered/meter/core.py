@@ -305,8 +305,7 @@ class _Gate:
             self._cond.wait_for(lambda: not self._committing, timeout)
 
     def units_left(self) -> int | None:
-        left = getattr(self._c, "units_left", None)
-        return left() if callable(left) else None
+        return self._c.units_left()
 
 
 def _not_open(units: int = 1) -> int:
@@ -398,6 +397,8 @@ class Meter:
         per: str = "unit",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not isinstance(store, Store):  # the whole contract, checked once here
+            raise InvalidInput("store", f"must be a Store, not {type(store).__name__}")
         self.store = store
         self.config = config
         self.policy = policy

@@ -190,6 +190,7 @@ class RedisStore(BaseStore):
         if claim_batches < 0:
             raise InvalidInput("claim_batches", "must be >= 0")
         self._own_client = client is None
+        self._url = url if client is None else None
         self._r: redis.Redis = (
             client
             if client is not None
@@ -498,6 +499,11 @@ class RedisStore(BaseStore):
     def owner(self) -> str:
         """This store's owner id on intents and leases (its ``worker``)."""
         return self._worker
+
+    @property
+    def location(self) -> str | None:
+        """The URL it was opened with (``None`` when a client was passed in)."""
+        return self._url
 
     def fleet_status(self, stream_id: str) -> FleetStatus | None:
         """The shared stream as any worker sees it: state, leases, and what was lost."""
@@ -854,6 +860,9 @@ class _RedisCounter:
 
     def cancel(self, units: int) -> None:
         self._store._cancel_held(self._sid, units)
+
+    def units_left(self) -> int | None:
+        return None  # the fleet shares the budget: only Redis knows
 
 
 _LIVE: weakref.WeakSet[RedisStore] = weakref.WeakSet()

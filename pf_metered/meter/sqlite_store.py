@@ -578,6 +578,11 @@ class SQLiteStore(BaseStore):
         """This store object's owner id (``host:pid:nonce``) on intents and leases."""
         return self._owner
 
+    @property
+    def location(self) -> str | None:
+        """The file's path (what ``open_store`` and ``resume`` take)."""
+        return self.path
+
     def reclaim(self, stream_id: str) -> None:
         """Give back the leases of processes that are gone (or cannot be told alive).
 
@@ -875,6 +880,9 @@ class _Counter:
         with self._lock:
             self._local -= units
         return store.add_units(self._sid, units)
+
+    def units_left(self) -> int | None:
+        return None  # other processes may hold leases: the file knows
 
     def cancel(self, units: int) -> None:
         store = self._store

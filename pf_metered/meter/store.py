@@ -19,10 +19,11 @@ checks the budget and counts in one step (no overspend however many threads or p
 What a store must never do: perform HTTP, compute money with floats, hand out a second intent
 for units already claimed, or forget an intent it handed out before it is settled.
 
-The contract is code: :class:`Store` (a ``runtime_checkable`` Protocol: the whole contract,
-core and extensions) and :class:`BaseStore` (a base class with the defaults of every extension,
-so a new store writes only the seven core methods). ``open_store`` accepts an object only if
-``isinstance(obj, Store)``. The extensions and their defaults:
+The contract is code: :class:`Store` (a ``runtime_checkable`` Protocol: the whole contract;
+nothing is probed with ``getattr``) and :class:`BaseStore` (a base class with the defaults of
+every member beyond the seven core methods, so a new store writes only those seven).
+``open_store`` and ``Meter`` accept an object only if ``isinstance(obj, Store)``. The members
+beyond the core, and their defaults in ``BaseStore``:
 
 * ``counter(stream_id) -> UnitCounter``: the hot path of one stream (``add`` / ``reserve`` /
   ``commit`` / ``cancel``). ``reserve(n)`` holds budget for a call that has not finished yet
@@ -39,6 +40,11 @@ so a new store writes only the seven core methods). ``open_store`` accepts an ob
   processes that are gone. Defaults: no owners (``take_over`` hands out the pending intent,
   ``pending_owner`` is ``None``, ``reclaim`` does nothing).
 * ``close()``: give back what the process holds; default: nothing to do.
+* ``location``: what ``open_store`` takes to open this store again (a path, a URL), for the
+  messages that tell a user how to resume a stream; default ``None`` (not reopenable).
+
+A store that leases budget to each process (SQLite group mode, Redis leased mode) keeps its
+per-process side in :class:`~pf_metered.meter.lease.LeasedCounter` over a two-method backend.
 
 ``MemoryStore`` lives in one process, so it owns every intent it holds.
 """
@@ -193,6 +199,10 @@ class Store(Protocol):
     def owner(self) -> str:
         """This store object's owner id on intents and leases (``""``: no owners)."""
 
+    @property
+    def location(self) -> str | None:
+        """What ``open_store`` takes to open this store again, or ``None``."""
+
     def counter(self, stream_id: str) -> UnitCounter:
         """The stream's hot-path handle."""
 
@@ -244,7 +254,7 @@ class Store(Protocol):
 
 @runtime_checkable
 class UnitCounter(Protocol):
-    """The hot path of one stream (optional store extension, see the module docstring).
+    """The hot path of one stream (``Store.counter``; see the module docstring).
 
     Every method is atomic with the store's other operations on the same stream.
     """
@@ -260,6 +270,10 @@ class UnitCounter(Protocol):
 
     def cancel(self, units: int) -> None:
         """Give back ``units`` held by ``reserve`` (the metered call failed)."""
+
+    def units_left(self) -> int | None:
+        """Units the budget still pays (counted and reserved subtracted) if this process can
+        tell without asking the store, else ``None`` (the meter then loads the state)."""
 
 
 @runtime_checkable
@@ -287,9 +301,6 @@ class CallGate(UnitCounter, Protocol):
 
     def seal(self, timeout: float) -> None:
         """Make every later commit late; wait (at most ``timeout``) for commits under way."""
-
-    def units_left(self) -> int | None:
-        """Units the budget still pays (counted and reserved subtracted), if known locally."""
 
 
 @runtime_checkable
@@ -375,6 +386,9 @@ class AddUnitsCounter:
         with self._lock:
             self._reserved -= units
 
+    def units_left(self) -> int | None:
+        return None  # other processes may count too: only the store knows
+
 
 class BaseStore:
     """The defaults of every extension of the :class:`Store` contract; subclass it and write
@@ -387,6 +401,10 @@ class BaseStore:
     @property
     def owner(self) -> str:
         return ""
+
+    @property
+    def location(self) -> str | None:
+        return None
 
     def load(self, stream_id: str) -> StreamState | None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -26,6 +26,7 @@ from pf_metered.errors import (
     InvalidInput,
     RateLimited,
     ServerError,
+    StoreError,
     StreamClosed,
 )
 from pf_metered.meter.core import Meter, plan_stream
@@ -65,7 +66,7 @@ def is_transient(exc: BaseException) -> bool:
     Also a store that could not be reached (``transient = True`` on its error, as the Redis
     store's ``StoreUnavailable``): a restart or a dropped connection must not stop the sender.
     """
-    return isinstance(exc, _TRANSIENT) or getattr(exc, "transient", False) is True
+    return isinstance(exc, _TRANSIENT) or (isinstance(exc, StoreError) and exc.transient)
 
 
 class EscrowAPI(Protocol):

@@ -382,7 +382,7 @@ def _phase_report() -> None:
             locked = "?"
         escrow = stream.escrow_id or "?"
         durable = not isinstance(stream.store, MemoryStore)
-        where = getattr(stream.store, "path", None) or stream.store
+        where = stream.store.location or stream.store
         how = (
             f"finish it with PaymentStream.resume({where!r}, {stream.stream_id!r}, "
             "client).close() (pays the counted units, refunds the rest), or"
