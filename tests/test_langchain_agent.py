@@ -1,21 +1,32 @@
-"""End to end: a real LangChain/LangGraph agent loop, driven by a scripted chat model, opens a
-payment stream, calls a paid tool many times, checks and closes the stream; the sandbox ledger
-shows the exact amounts. Plus ``@metered`` under ``@tool``, and the example program."""
+"""End to end on the current agent API: ``langchain.agents.create_agent`` drives the Purple Flea
+tools with a scripted tool-calling chat model, in every way a program runs an agent — ``invoke``,
+``ainvoke``, ``stream(stream_mode="messages")`` and ``astream`` — and the embedded sandbox ledger
+shows the exact money: the payer debited, the provider credited net of the 1% fee, the fees, and
+the refunds.
+
+One run (the same script in each mode) makes the mistake models make (an invented argument),
+opens a payment stream, buys twelve paid tool calls in parallel batches, records units it
+measured itself, reads the stream, makes, part-pays, reads and refunds a one-off escrow, closes
+the stream and lists it. Sync modes use the sync client, async modes only the async one (the
+tools' native async path).
+
+Also: the caps hold whatever a model invents, ``MeteredCallbackHandler`` bills the agent's own
+tokens exactly while it streams, ``@metered`` under ``@tool``, and one run on LangGraph's
+deprecated ``create_react_agent`` (what the ``langgraph`` extra alone offers) with its
+deprecation warning asserted, not silenced.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import warnings
+from collections.abc import Sequence
 from decimal import Decimal
-from pathlib import Path
+from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, ToolMessage
-from langchain_core.tools import tool
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.tools import BaseTool, tool
 
 from pf_metered.decorators import metered
 from pf_metered.errors import BudgetExhausted, InvalidInput
@@ -23,15 +34,20 @@ from pf_metered.langchain import Caps, MeteredCallbackHandler, PurpleFleaToolkit
 from pf_metered.langchain.testing import ScriptedChatModel, tool_call
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "langchain_agent.py"
-
-
-def _agent(model, tools):
-    from langgraph.prebuilt import create_react_agent
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return create_react_agent(model, tools)
+FEE = Decimal("0.01")
+PAY_TOOLS = (
+    "escrow_create",
+    "escrow_release",
+    "escrow_status",
+    "escrow_list",
+    "stream_open",
+    "stream_status",
+    "stream_record",
+    "stream_close",
+    "stream_list",
+    "escrow_refund",
+)
+"""The toolkit's tools for an agent that may pay but not claim the faucet, in toolkit order."""
 
 
 @tool
@@ -40,126 +56,251 @@ def weather(city: str) -> str:
     return f"sunny in {city}"
 
 
-def _stream_id(messages) -> str:
-    for m in reversed(messages):
-        if isinstance(m, ToolMessage) and m.name == "stream_open" and m.status != "error":
-            return json.loads(m.content)["stream_id"]
-    raise AssertionError("no stream opened")
+def answer(message: ToolMessage) -> dict[str, Any]:
+    """A pay tool's answer as figures: its structured artifact when the tool gives one
+    (``response_format="content_and_artifact"``), else the JSON text of its content."""
+    if isinstance(message.artifact, dict):
+        return message.artifact
+    figures = json.loads(str(message.content))
+    assert isinstance(figures, dict), message.content
+    return figures
 
 
-def _script(provider: str, calls: int, per_message: int):
-    steps = [
-        AIMessage(
-            "",
-            tool_calls=[
-                tool_call(
-                    "stream_open",
-                    provider=provider,
-                    rate="1000",
-                    budget="1.5",
-                    max_units=1,
-                    batch=4,
-                    escrow_override=True,
-                )
-            ],
+def _answer_of(messages: Sequence[BaseMessage], name: str, key: str) -> str:
+    """``key`` from the newest successful answer of tool ``name`` in the conversation."""
+    for message in reversed(messages):
+        if isinstance(message, ToolMessage) and message.name == name and message.status != "error":
+            return str(answer(message)[key])
+    raise AssertionError(f"the script expected a successful {name} before this step")
+
+
+def _on_stream(name: str, **args: Any) -> Any:
+    """A step calling ``name`` on the stream the agent opened (its id read from stream_open)."""
+
+    def step(messages: Sequence[BaseMessage]) -> AIMessage:
+        stream_id = _answer_of(messages, "stream_open", "stream_id")
+        return AIMessage("", tool_calls=[tool_call(name, stream_id=stream_id, **args)])
+
+    return step
+
+
+def _on_escrow(name: str, **args: Any) -> Any:
+    """A step calling ``name`` on the escrow the agent made (its id read from escrow_create)."""
+
+    def step(messages: Sequence[BaseMessage]) -> AIMessage:
+        escrow_id = _answer_of(messages, "escrow_create", "escrow_id")
+        return AIMessage("", tool_calls=[tool_call(name, escrow_id=escrow_id, **args)])
+
+    return step
+
+
+def _calls(*calls: dict[str, Any]) -> AIMessage:
+    return AIMessage("", tool_calls=list(calls))
+
+
+def pay_script(provider: str) -> list[Any]:
+    """The run every mode plays: 14 model answers: 13 ask for 23 tool calls, the last is text."""
+    cities = [f"city{i}" for i in range(12)]
+    return [
+        # an invented argument: refused by the schema, naming it; nothing is locked
+        _calls(
+            tool_call(
+                "stream_open", provider=provider, rate="0.02", budget="1.50", escrow_override=True
+            )
         ),
-        AIMessage(
-            "",
-            tool_calls=[
-                tool_call("stream_open", provider=provider, rate="0.02", budget="1.50", batch=4)
-            ],
-        ),
+        _calls(tool_call("stream_open", provider=provider, rate="0.02", budget="1.50", batch=4)),
+        # twelve paid calls, four at a time (the agent runs each batch in parallel)
+        *[_calls(*[tool_call("weather", city=c) for c in cities[i : i + 4]]) for i in (0, 4, 8)],
+        _on_stream("stream_record", units=5),  # five units the agent measured itself
+        _on_stream("stream_status"),
+        _calls(tool_call("escrow_create", to_agent_id=provider, amount="2.00", memo="one job")),
+        _on_escrow("escrow_release", amount="0.50"),
+        _on_escrow("escrow_status"),
+        _on_escrow("escrow_refund"),
+        _on_stream("stream_close"),
+        _calls(tool_call("escrow_list", status="refunded"), tool_call("stream_list")),
+        "All done.",
     ]
-    cities = [f"city{i}" for i in range(calls)]
-    steps += [
-        AIMessage(
-            "", tool_calls=[tool_call("weather", city=c) for c in cities[i : i + per_message]]
-        )
-        for i in range(0, calls, per_message)
-    ]
-    steps.append(
-        lambda ms: AIMessage("", tool_calls=[tool_call("stream_status", stream_id=_stream_id(ms))])
-    )
-    steps.append(
-        lambda ms: AIMessage("", tool_calls=[tool_call("stream_close", stream_id=_stream_id(ms))])
-    )
-    steps.append("All done.")
-    return steps
 
 
-def test_agent_loop_pays_exactly(pf_world):
-    provider = pf_world.provider.agent_id
-    toolkit = PurpleFleaToolkit(
-        client=pf_world.client, caps=Caps(max_budget="2", max_rate="0.05"), allowed=["stream"]
-    )
-    tools = [
+def pay_tools(toolkit: PurpleFleaToolkit, provider: str) -> list[BaseTool]:
+    return [
         *toolkit.get_tools(),
         pay_per_call(weather, context=toolkit.tool_context, provider=provider),
     ]
-    model = ScriptedChatModel(script=_script(provider, calls=30, per_message=5))
-    result = _agent(model, tools).invoke(
-        {"messages": [("human", "weather for 30 cities")]}, {"recursion_limit": 50}
+
+
+def _toolkit(pf_world: Any, *, is_async: bool) -> PurpleFleaToolkit:
+    clients = {"async_client": pf_world.aclient} if is_async else {"client": pf_world.client}
+    return PurpleFleaToolkit(
+        **clients, caps=Caps(max_budget="2", max_rate="0.05"), allowed=["escrow", "stream"]
     )
-    messages = result["messages"]
+
+
+def check_pay_run(
+    pf_world: Any,
+    model: ScriptedChatModel,
+    answers: list[ToolMessage],
+    *,
+    also_paid: Decimal = Decimal(0),
+) -> dict[str, Decimal]:
+    """Every answer of the scripted run, and the money on the ledger; returns the figures.
+
+    ``also_paid``: what the payer paid elsewhere in the same run (its 1% fee is counted too).
+    """
     by_name: dict[str, list[ToolMessage]] = {}
-    for m in messages:
-        if isinstance(m, ToolMessage):
-            by_name.setdefault(m.name, []).append(m)
-    first_open, second_open = by_name["stream_open"]
-    assert first_open.status == "error" and "escrow_override: not an argument" in first_open.content
-    assert second_open.status != "error"
-    assert len(by_name["weather"]) == 30 and all(m.status != "error" for m in by_name["weather"])
-    status = json.loads(by_name["stream_status"][0].content)
-    assert status["units"] == 30 and status["units_left"] == 45
-    receipt = json.loads(by_name["stream_close"][0].content)
-    assert receipt["paid"] == "0.60" and receipt["refunded"] == "0.90"
-    assert receipt["fee"] == "0.006" and receipt["provider_net"] == "0.594"
-    assert messages[-1].content == "All done."
-    # the ledger agrees to the micro-USDC
-    assert pf_world.balance() == Decimal("99.40")
-    assert pf_world.balance("provider") == Decimal("0.594")
-    assert pf_world.sandbox.fees() == Decimal("0.006")
-    escrow = pf_world.sandbox.escrow(receipt["escrow_id"])
-    assert escrow.released == Decimal("0.60") and escrow.refunded == Decimal("0.90")
+    for m in answers:
+        by_name.setdefault(str(m.name), []).append(m)
+    assert sorted(by_name) == sorted([*PAY_TOOLS, "weather"])
+    assert model.calls == 14
+    assert model.offered == [(*PAY_TOOLS, "weather")] * 14  # create_agent offered every tool
+
+    refused, opened = by_name["stream_open"]
+    assert refused.status == "error" and "escrow_override: not an argument" in refused.content
+    assert opened.status != "error"
+    assert [m.status for m in by_name["weather"]] == ["success"] * 12
+    assert sorted(str(m.content) for m in by_name["weather"]) == sorted(
+        f"sunny in city{i}" for i in range(12)
+    )
+    ok = [m for m in answers if m.status != "error"]
+    assert len(answers) == 23 and len(ok) == 22
+
+    (record,) = by_name["stream_record"]
+    assert answer(record)["recorded"] == 5 and answer(record)["units"] == 17
+    (status,) = by_name["stream_status"]
+    assert answer(status)["units"] == 17 and answer(status)["units_left"] == 75 - 17
+
+    (created,) = by_name["escrow_create"]
+    escrow_id = answer(created)["escrow_id"]
+    assert Decimal(answer(created)["amount"]) == Decimal("2.00")
+    (released,) = by_name["escrow_release"]
+    assert Decimal(answer(released)["released_now"]) == Decimal("0.50")
+    (looked,) = by_name["escrow_status"]
+    assert Decimal(answer(looked)["remaining"]) == Decimal("1.50")
+    (refund,) = by_name["escrow_refund"]
+    assert Decimal(answer(refund)["refunded_now"]) == Decimal("1.50")
+
+    (closed,) = by_name["stream_close"]
+    receipt = answer(closed)
+    assert receipt["units"] == 17  # 12 paid calls + 5 recorded, at 0.02
+    figures = {k: Decimal(receipt[k]) for k in ("paid", "fee", "provider_net", "refunded")}
+    assert figures == {
+        "paid": Decimal("0.34"),
+        "fee": Decimal("0.0034"),
+        "provider_net": Decimal("0.3366"),
+        "refunded": Decimal("1.16"),
+    }
+    (streams,) = by_name["stream_list"]
+    assert "closed" in str(streams.content) and receipt["stream_id"] in str(streams.content)
+    (escrows,) = by_name["escrow_list"]
+    listed = {e["escrow_id"] for e in answer(escrows)["escrows"]}
+    assert listed == {escrow_id, receipt["escrow_id"]}  # both ended refunded (in part)
+
+    # the ledger agrees to the micro-USDC: stream 0.34 paid, escrow 0.50 released
+    stream_escrow = pf_world.sandbox.escrow(receipt["escrow_id"])
+    assert stream_escrow.released == Decimal("0.34") and stream_escrow.refunded == Decimal("1.16")
+    one_off = pf_world.sandbox.escrow(escrow_id)
+    assert one_off.released == Decimal("0.50") and one_off.refunded == Decimal("1.50")
+    ledger = {
+        "payer_debited": Decimal(100) - pf_world.balance(),
+        "provider_credited": pf_world.balance("provider"),
+        "fees": pf_world.sandbox.fees(),
+    }
+    assert ledger == {
+        "payer_debited": Decimal("0.84") + also_paid,
+        "provider_credited": Decimal("0.8316"),  # 0.3366 + 0.495
+        "fees": Decimal("0.0084") + also_paid * FEE,  # 1% of 0.34 + 1% of 0.50 (+ 1% of it)
+    }
     pf_world.sandbox.audit()
+    return {**figures, **ledger}
 
 
-async def test_async_agent_loop_with_token_metering_while_streaming(pf_world):
+def _streamed(items: list[tuple[Any, Any]]) -> tuple[list[ToolMessage], dict[str, AIMessageChunk]]:
+    """From ``stream_mode="messages"`` items: the tool answers, and each model answer whole
+    (its chunks added up, per message id)."""
+    answers: list[ToolMessage] = []
+    merged: dict[str, AIMessageChunk] = {}
+    for message, metadata in items:
+        assert "langgraph_node" in metadata
+        if isinstance(message, ToolMessage):
+            answers.append(message)
+        elif isinstance(message, AIMessageChunk):
+            key = str(message.id)
+            merged[key] = merged[key] + message if key in merged else message
+    return answers, merged
+
+
+def _check_streamed_answers(merged: dict[str, AIMessageChunk], model: ScriptedChatModel) -> None:
+    """Streamed, each model answer came whole: its tool calls, and its usage reported once."""
+    answers = list(merged.values())
+    assert len(answers) == model.calls
+    assert answers[-1].content == "All done." and not answers[-1].tool_calls
+    assert [len(a.tool_calls) for a in answers[:-1]] == [1, 1, 4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 2]
+    assert all(a.usage_metadata and a.usage_metadata["total_tokens"] > 0 for a in answers)
+
+
+# -- the run in every mode ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["invoke", "stream"])
+def test_sync_agent_pays_exactly(pf_world, mode):
     provider = pf_world.provider.agent_id
-    host = pf_world.sandbox.add_agent()
-    toolkit = PurpleFleaToolkit(async_client=pf_world.aclient, caps=Caps(max_budget="2"))
-    tools = [
-        *toolkit.get_tools(),
-        pay_per_call(weather, context=toolkit.tool_context, provider=provider),
-    ]
-    model = ScriptedChatModel(script=_script(provider, calls=12, per_message=4))
-    async with AsyncPaymentStream(
-        pf_world.aclient, host.agent_id, "0.0001", budget="1", batch=100
-    ) as llm:
-        handler = MeteredCallbackHandler(llm, unit="token")
-        agent = _agent(model, tools)
-        final = None
-        async for _mode, chunk in agent.astream(
-            {"messages": [("human", "weather please")]},
-            {"callbacks": [handler], "recursion_limit": 50},
-            stream_mode=["messages", "values"],
-        ):
-            if _mode == "values":
-                final = chunk
-    ai = [m for m in final["messages"] if isinstance(m, AIMessage)]
-    reported = sum(m.usage_metadata["total_tokens"] for m in ai)
-    assert reported > 0
-    assert handler.calls == len(ai) == model.calls
-    assert handler.input_tokens + handler.output_tokens == reported
-    assert llm.receipt.units == reported
-    assert llm.receipt.paid == Decimal("0.0001") * reported
-    closed = [
-        m for m in final["messages"] if isinstance(m, ToolMessage) and m.name == "stream_close"
-    ]
-    assert json.loads(closed[0].content)["paid"] == "0.24"
-    assert pf_world.balance("provider") == Decimal("0.2376")
-    assert pf_world.balance() == Decimal(100) - Decimal("0.24") - llm.receipt.paid
+    toolkit = _toolkit(pf_world, is_async=False)
+    model = ScriptedChatModel(script=pay_script(provider))
+    agent = create_agent(model, pay_tools(toolkit, provider))
+    request = {"messages": [("human", "weather for 12 cities, and pay for one job")]}
+    config: Any = {"recursion_limit": 100}
+    if mode == "invoke":
+        messages = agent.invoke(request, config)["messages"]
+        assert messages[-1].content == "All done."
+        answers = [m for m in messages if isinstance(m, ToolMessage)]
+    else:
+        answers, merged = _streamed(list(agent.stream(request, config, stream_mode="messages")))
+        _check_streamed_answers(merged, model)
+    check_pay_run(pf_world, model, answers)
+
+
+@pytest.mark.parametrize("mode", ["ainvoke", "astream"])
+async def test_async_agent_pays_exactly(pf_world, mode):
+    provider = pf_world.provider.agent_id
+    toolkit = _toolkit(pf_world, is_async=True)
+    model = ScriptedChatModel(script=pay_script(provider))
+    agent = create_agent(model, pay_tools(toolkit, provider))
+    request = {"messages": [("human", "weather for 12 cities, and pay for one job")]}
+    config: Any = {"recursion_limit": 100}
+    if mode == "ainvoke":
+        messages = (await agent.ainvoke(request, config))["messages"]
+        assert messages[-1].content == "All done."
+        answers = [m for m in messages if isinstance(m, ToolMessage)]
+    else:
+        items = [item async for item in agent.astream(request, config, stream_mode="messages")]
+        answers, merged = _streamed(items)
+        _check_streamed_answers(merged, model)
+    check_pay_run(pf_world, model, answers)
     await pf_world.aclient.aclose()
+
+
+def test_create_react_agent_still_runs_the_tools_and_warns_it_is_deprecated(pf_world):
+    """The ``langgraph`` extra alone offers only LangGraph's prebuilt ReAct agent: the same run
+    pays exactly there too. Its deprecation warning is asserted (it says where to go); when
+    LangGraph removes the function this test is the one to delete."""
+    from langgraph.prebuilt import create_react_agent
+    from langgraph.warnings import LangGraphDeprecatedSinceV10
+
+    provider = pf_world.provider.agent_id
+    toolkit = _toolkit(pf_world, is_async=False)
+    model = ScriptedChatModel(script=pay_script(provider))
+    with pytest.warns(LangGraphDeprecatedSinceV10, match="create_agent"):
+        agent = create_react_agent(model, pay_tools(toolkit, provider))
+    result = agent.invoke(
+        {"messages": [("human", "weather for 12 cities, and pay for one job")]},
+        {"recursion_limit": 100},
+    )
+    answers = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    check_pay_run(pf_world, model, answers)
+
+
+# -- caps, and the agent's own tokens ---------------------------------------------------------
 
 
 def test_an_agent_cannot_spend_past_the_caps_whatever_it_invents(pf_world):
@@ -180,7 +321,7 @@ def test_an_agent_cannot_spend_past_the_caps_whatever_it_invents(pf_world):
         tool_call("stream_open", provider=provider, rate="0.01", budget="1"),  # past max_total
     ]
     model = ScriptedChatModel(script=[AIMessage("", tool_calls=greedy)])
-    result = _agent(model, toolkit.get_tools()).invoke({"messages": [("human", "spend")]})
+    result = create_agent(model, toolkit.get_tools()).invoke({"messages": [("human", "spend")]})
     answers = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     ok = [m for m in answers if m.status != "error"]
     assert len(answers) == 10 and len(ok) == 2
@@ -189,6 +330,41 @@ def test_an_agent_cannot_spend_past_the_caps_whatever_it_invents(pf_world):
     for m in answers:
         if m.status == "error":
             assert "Cap exceeded" in m.content or "Invalid arguments" in m.content, m.content
+    toolkit.tool_context.close_all()
+
+
+async def test_async_agent_streams_while_its_tokens_are_metered(pf_world):
+    """``MeteredCallbackHandler`` on the run's config bills every model answer's reported
+    tokens exactly once while the agent streams (usage arrives on each answer's last chunk)."""
+    provider = pf_world.provider.agent_id
+    host = pf_world.sandbox.add_agent()
+    toolkit = _toolkit(pf_world, is_async=True)
+    model = ScriptedChatModel(script=pay_script(provider))
+    async with AsyncPaymentStream(
+        pf_world.aclient, host.agent_id, "0.0001", budget="1", batch=100
+    ) as llm:
+        handler = MeteredCallbackHandler(llm, unit="token")
+        agent = create_agent(model, pay_tools(toolkit, provider))
+        items = [
+            item
+            async for item in agent.astream(
+                {"messages": [("human", "weather for 12 cities, and pay for one job")]},
+                {"callbacks": [handler], "recursion_limit": 100},
+                stream_mode="messages",
+            )
+        ]
+    answers, merged = _streamed(items)
+    _check_streamed_answers(merged, model)
+    reported = sum(
+        m.usage_metadata["total_tokens"] for m in merged.values() if m.usage_metadata is not None
+    )
+    assert handler.calls == model.calls == 14
+    assert handler.input_tokens + handler.output_tokens == reported
+    assert llm.receipt.units == reported
+    assert llm.receipt.paid == Decimal("0.0001") * reported
+    assert pf_world.sandbox.balance(host.agent_id) == llm.receipt.paid * (1 - FEE)
+    check_pay_run(pf_world, model, answers, also_paid=llm.receipt.paid)
+    await pf_world.aclient.aclose()
 
 
 # -- @metered on @tool, and pay_per_call on a program's own stream -------------------------
@@ -258,41 +434,3 @@ def test_pay_per_call_on_a_program_stream_answers_the_model(pf_world):
         assert refused.status == "error" and "Budget exhausted" in refused.content
         assert "not run" in refused.content
     assert stream.receipt.units == 2
-
-
-# -- the example ---------------------------------------------------------------------------
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("langchain_agent_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_example_run_shows_exact_ledger(monkeypatch):
-    for var in ("PF_API_KEY", "PF_LLM"):
-        monkeypatch.delenv(var, raising=False)
-    summary = _load_example().run(verbose=False)
-    assert summary["tool_errors"] == 3
-    assert summary["price_calls"] == summary["stream_units"] == 12
-    assert summary["paid"] == Decimal("0.12") and summary["refunded"] == Decimal("0.88")
-    assert summary["provider_balance"] == Decimal("0.1188")
-    assert summary["llm_tokens"] > 0
-    assert summary["llm_paid"] == Decimal("0.00001") * summary["llm_tokens"]
-    assert summary["payer_spent"] == Decimal("0.12") + summary["llm_paid"]
-
-
-def test_example_runs_as_a_program():
-    env = {k: v for k, v in os.environ.items() if k not in ("PF_API_KEY", "PF_LLM")}
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLE)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "provider net" in done.stdout and "0.1188 USDC" in done.stdout
-    assert "Cap exceeded" in done.stdout
