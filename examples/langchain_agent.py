@@ -1,21 +1,25 @@
-"""A LangChain agent that pays another agent per call from a stream it opens and closes itself.
+"""A LangChain agent that pays as it works: per model call, and per call of a provider's tool.
 
-The agent (LangGraph's prebuilt ReAct loop, or LangChain's ``create_agent`` when installed) gets
-the Purple Flea toolkit — narrowed so it may pay but not claim the faucet, and capped by the
-operator — plus ``market_price``, a tool sold by a provider agent at 0.01 USDC a call. It opens
-a payment stream to the provider, calls ``market_price`` twelve times, checks the stream and
-closes it; the sandbox ledger then shows exactly 0.12 USDC paid and the rest refunded. Its own
-LLM calls are metered per token by ``MeteredCallbackHandler`` on a second stream, to the model's
-host.
+The agent is built with ``langchain.agents.create_agent`` and pays two agents:
 
-By default the "LLM" is a scripted fake that makes the mistakes real models make (an
-over-the-cap budget, a rate written in words) and corrects itself from the tools' error messages.
-Everything runs on the embedded sandbox: no key, no network.
+* **the model's host**, one unit (0.002 USDC) per model call, through ``MeteredMiddleware`` on
+  a payment stream this program opens: the budget is checked *before* each call, and a run
+  the budget cannot pay ends cleanly with a message instead of an exception;
+* **the provider of** ``market_price`` (sold at 0.01 USDC a call), from a payment stream the
+  agent opens, checks and closes itself with the Purple Flea toolkit (narrowed so it may pay
+  but not claim the faucet, and capped by the operator); ``pay_per_call`` makes each
+  successful ``market_price`` call count one unit on it, and refuses a call before it runs if
+  nothing pays for it.
+
+By default the model is a scripted fake that makes the mistakes real models make (an
+over-the-cap budget, a rate written in words, buying before paying) and corrects itself from
+the tools' answers. Everything runs on the embedded sandbox: no key, no network. The program
+prints the conversation, both receipts and what the sandbox ledger shows.
 
     python examples/langchain_agent.py            # scripted model, sandbox
     PF_LLM=openai:gpt-4o-mini OPENAI_API_KEY=...  python examples/langchain_agent.py
-                                                  # a real model (needs `langchain` and the
-                                                  # provider package), still on the sandbox
+                                                  # a real model (needs the provider's
+                                                  # langchain package), still on the sandbox
     PF_API_KEY=... PF_PROVIDER_ID=... PF_MODEL_HOST_ID=... python examples/langchain_agent.py
                                                   # the live escrow API
 """
@@ -25,21 +29,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from langchain.agents import create_agent
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.tools import tool
 
-from pf_metered.langchain import Caps, MeteredCallbackHandler, PurpleFleaToolkit, pay_per_call
+from pf_metered.langchain import Caps, MeteredMiddleware, PurpleFleaToolkit, pay_per_call
 from pf_metered.langchain.testing import ScriptedChatModel, tool_call
+from pf_metered.meter.receipt import Receipt
+from pf_metered.money import decimal_to_micro, format_usdc
+from pf_metered.sandbox import Sandbox
 from pf_metered.stream import PaymentStream
 
 PRICE_PER_CALL = "0.01"
-PRICE_PER_TOKEN = "0.00001"
+"""What the provider charges per ``market_price`` call."""
+PRICE_PER_MODEL_CALL = "0.002"
+"""What the model's host charges per model call."""
 SYMBOLS = ["BTC", "ETH", "SOL", "AVAX", "DOT", "ATOM", "NEAR", "ARB", "OP", "SUI", "APT", "TIA"]
 
 
@@ -52,13 +62,20 @@ def market_price(symbol: str) -> str:
 # -- the model -----------------------------------------------------------------------------
 
 
+def _figures(message: ToolMessage) -> dict[str, Any]:
+    """A pay tool's answer as figures: its structured artifact if it has one, else its JSON."""
+    if isinstance(message.artifact, dict):
+        return message.artifact
+    figures = json.loads(str(message.content))
+    return figures if isinstance(figures, dict) else {}
+
+
 def _last_stream_id(messages: Sequence[BaseMessage]) -> str:
     for message in reversed(messages):
-        if isinstance(message, ToolMessage) and message.name == "stream_open":
-            try:
-                return str(json.loads(str(message.content))["stream_id"])
-            except (ValueError, KeyError):
-                continue
+        if not isinstance(message, ToolMessage) or message.status == "error":
+            continue
+        if message.name == "stream_open":
+            return str(_figures(message)["stream_id"])
     raise RuntimeError("the script expected an opened stream")
 
 
@@ -78,15 +95,11 @@ def scripted_model(provider: str) -> ScriptedChatModel:
     def prices(batch: list[str]) -> AIMessage:
         return AIMessage("", tool_calls=[tool_call("market_price", symbol=s) for s in batch])
 
-    def status(messages: Sequence[BaseMessage]) -> AIMessage:
-        return AIMessage(
-            "", tool_calls=[tool_call("stream_status", stream_id=_last_stream_id(messages))]
-        )
+    def on_stream(name: str) -> Any:
+        def step(messages: Sequence[BaseMessage]) -> AIMessage:
+            return AIMessage("", tool_calls=[tool_call(name, stream_id=_last_stream_id(messages))])
 
-    def close(messages: Sequence[BaseMessage]) -> AIMessage:
-        return AIMessage(
-            "", tool_calls=[tool_call("stream_close", stream_id=_last_stream_id(messages))]
-        )
+        return step
 
     return ScriptedChatModel(
         script=[
@@ -104,14 +117,14 @@ def scripted_model(provider: str) -> ScriptedChatModel:
                     tool_call("stream_open", provider=provider, rate="one cent", budget="1.00")
                 ],
             ),
-            # 3. paying before opening a stream: refused before the tool runs
+            # 3. buying before paying: refused before the tool runs, saying what to do
             prices(SYMBOLS[:1]),
             open_stream,
             prices(SYMBOLS[0:4]),
             prices(SYMBOLS[4:8]),
             prices(SYMBOLS[8:12]),
-            status,
-            close,
+            on_stream("stream_status"),
+            on_stream("stream_close"),
             "I bought 12 prices for 0.12 USDC and closed the stream; the rest was refunded.",
         ]
     )
@@ -122,28 +135,12 @@ def configured_model() -> BaseChatModel | None:
     spec = os.environ.get("PF_LLM")
     if not spec:
         return None
+    from langchain.chat_models import init_chat_model
+
     try:
-        from langchain.chat_models import init_chat_model  # type: ignore[import-not-found,unused-ignore]
+        return init_chat_model(spec)
     except ImportError as exc:  # pragma: no cover - depends on optional installs
-        raise SystemExit(
-            "PF_LLM needs the `langchain` package and the provider's "
-            "integration (e.g. langchain-openai)"
-        ) from exc
-    model: BaseChatModel = init_chat_model(spec)
-    return model
-
-
-def make_agent(model: BaseChatModel, tools: list[Any]) -> Any:
-    """LangChain's ``create_agent`` when installed, else LangGraph's prebuilt ReAct agent."""
-    try:
-        from langchain.agents import create_agent  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        from langgraph.prebuilt import create_react_agent
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "moved to langchain.agents", which is not installed
-            return create_react_agent(model, tools)
-    return create_agent(model, tools)  # pragma: no cover - depends on optional installs
+        raise SystemExit(f"PF_LLM={spec} needs the provider's integration: {exc}") from exc
 
 
 PROMPT = (
@@ -157,114 +154,141 @@ PROMPT = (
 # -- the run -------------------------------------------------------------------------------
 
 
-def connect() -> tuple[Any, str, str | None, Any]:
-    """(payer's client, provider id, model host id or None, sandbox or None)."""
+@dataclass
+class World:
+    """Who pays whom: the payer's client, the two payees, and the sandbox if there is one."""
+
+    client: Any
+    provider: str
+    host: str
+    sandbox: Sandbox | None = None
+    payer: str | None = None
+
+
+def connect() -> World:
+    """The live service if ``PF_API_KEY`` is set, else a fresh sandbox with three agents."""
     if os.environ.get("PF_API_KEY"):
         from pf_metered import EscrowClient
 
         provider = os.environ.get("PF_PROVIDER_ID")
-        if not provider:
-            raise SystemExit("set PF_PROVIDER_ID to the agent selling market_price")
-        return EscrowClient(), provider, os.environ.get("PF_MODEL_HOST_ID"), None
-    from pf_metered.sandbox import Sandbox
-
+        host = os.environ.get("PF_MODEL_HOST_ID")
+        if not provider or not host:
+            raise SystemExit(
+                "set PF_PROVIDER_ID (the agent selling market_price) and PF_MODEL_HOST_ID "
+                "(the agent hosting the model)"
+            )
+        return World(EscrowClient(), provider, host)
     sandbox = Sandbox()
     payer = sandbox.add_agent(balance="20.00")
-    return (
+    return World(
         sandbox.client(payer.api_key),
-        sandbox.add_agent().agent_id,
-        sandbox.add_agent().agent_id,
-        sandbox,
+        provider=sandbox.add_agent().agent_id,
+        host=sandbox.add_agent().agent_id,
+        sandbox=sandbox,
+        payer=payer.agent_id,
     )
 
 
-def run(*, verbose: bool = True) -> dict[str, Any]:
-    """Run the agent once; return the figures the ledger shows."""
-    client, provider, host, sandbox = connect()
-    payer_before = sandbox.balance(_payer_id(sandbox, provider, host)) if sandbox else None
+@dataclass
+class Outcome:
+    """What one run did and paid."""
+
+    messages: list[BaseMessage]
+    model_calls_paid: int
+    tools: Receipt | None
+    """The agent's own stream to the provider (``None`` if it never opened one)."""
+    model: Receipt
+    """The program's stream to the model's host."""
+    ledger: list[tuple[str, str]]
+    """The sandbox ledger's figures, as rows (empty on the live service)."""
+
+
+def run() -> Outcome:
+    """Run the agent once; close both streams whatever happens."""
+    world = connect()
+    before = world.sandbox.balance(world.payer) if world.sandbox and world.payer else None
     toolkit = PurpleFleaToolkit(
-        client=client,
+        client=world.client,
         caps=Caps(max_budget="2.00", max_rate="0.05", max_total="5.00", max_open_streams=2),
         allowed=["escrow", "stream"],  # may pay; may not claim the faucet
     )
-    paid_prices = pay_per_call(market_price, context=toolkit.tool_context, provider=provider)
-    tools = [*toolkit.get_tools(), paid_prices]
-    real = configured_model()
-    model = real if real is not None else scripted_model(provider)
-
-    callbacks: list[Any] = []
-    llm_stream = None
-    if host is not None:
-        llm_stream = PaymentStream(
-            client, host, PRICE_PER_TOKEN, budget="1.00", batch=500, memo="llm tokens"
-        ).open()
-        callbacks.append(MeteredCallbackHandler(llm_stream, unit="token"))
-
-    agent = make_agent(model, tools)
-    try:
-        result = agent.invoke(
-            {"messages": [("human", PROMPT.format(provider=provider))]},
-            config={"callbacks": callbacks, "recursion_limit": 60},
-        )
-    finally:
-        toolkit.tool_context.close_all()  # refund whatever the agent left open
-        llm_receipt = llm_stream.close() if llm_stream is not None else None
-
-    messages: list[BaseMessage] = result["messages"]
-    if verbose:
-        for message in messages:
-            if isinstance(message, ToolMessage):
-                flag = "error" if message.status == "error" else "ok"
-                print(f"  tool {message.name:<14} [{flag}] {str(message.content)[:110]}")
-            elif isinstance(message, AIMessage) and message.content:
-                print(f"  agent: {message.content}")
-
+    paid_prices = pay_per_call(market_price, context=toolkit.tool_context, provider=world.provider)
+    model = configured_model() or scripted_model(world.provider)
+    with PaymentStream(
+        world.client, world.host, PRICE_PER_MODEL_CALL, budget="1.00", batch=5, memo="model calls"
+    ) as model_stream:
+        meter = MeteredMiddleware(model_stream, per="call")
+        agent = create_agent(model, [*toolkit.get_tools(), paid_prices], middleware=[meter])
+        try:
+            result = agent.invoke(
+                {"messages": [("human", PROMPT.format(provider=world.provider))]},
+                {"recursion_limit": 60},
+            )
+        finally:
+            toolkit.tool_context.close_all()  # refund whatever the agent left open
     entries = toolkit.tool_context.entries()
-    receipt = entries[-1].receipt if entries else None
-    summary: dict[str, Any] = {
-        "tool_errors": sum(
-            1 for m in messages if isinstance(m, ToolMessage) and m.status == "error"
-        ),
-        "price_calls": sum(
-            1
-            for m in messages
-            if isinstance(m, ToolMessage) and m.name == "market_price" and m.status != "error"
-        ),
-        "stream_units": receipt.units if receipt else None,
-        "paid": receipt.paid if receipt else None,
-        "refunded": receipt.refunded if receipt else None,
-        "llm_tokens": llm_receipt.units if llm_receipt else None,
-        "llm_paid": llm_receipt.paid if llm_receipt else None,
-    }
-    if sandbox is not None:
-        sandbox.audit()
-        summary["provider_balance"] = sandbox.balance(provider)
-        summary["payer_spent"] = payer_before - sandbox.balance(_payer_id(sandbox, provider, host))
-        summary["fees"] = sandbox.fees()
-    if verbose:
-        if receipt is not None:
-            print(receipt)
-        if llm_receipt is not None:
-            print(f"LLM tokens metered: {llm_receipt.units} -> {llm_receipt.paid} USDC to the host")
-        for key in ("provider_balance", "payer_spent", "fees"):
-            if key in summary:
-                print(f"{key.replace('_', ' ')}: {summary[key]} USDC")
-    return summary
+    model_receipt = model_stream.receipt
+    assert model_receipt is not None
+    ledger: list[tuple[str, str]] = []
+    if world.sandbox is not None and world.payer is not None and before is not None:
+        world.sandbox.audit()
+        ledger = [
+            ("payer spent", _usdc(before - world.sandbox.balance(world.payer))),
+            ("provider got", _usdc(world.sandbox.balance(world.provider))),
+            ("model host got", _usdc(world.sandbox.balance(world.host))),
+            ("fees", _usdc(world.sandbox.fees())),
+        ]
+        world.sandbox.close()
+    world.client.close()
+    return Outcome(
+        messages=list(result["messages"]),
+        model_calls_paid=meter.model_calls,
+        tools=entries[-1].receipt if entries else None,
+        model=model_receipt,
+        ledger=ledger,
+    )
 
 
-def _payer_id(sandbox: Any, provider: str, host: str | None) -> str:
-    return str(next(a for a in sandbox.agent_ids() if a not in (provider, host)))
+def _usdc(amount: Decimal) -> str:
+    return f"{format_usdc(decimal_to_micro(amount))} USDC"
+
+
+def table(title: str, rows: list[tuple[str, str]]) -> str:
+    """Rows drawn like a receipt's table."""
+    width = max(len(k) for k, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    rule = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
+    lines = [rule, f"| {title:<{width + vwidth + 3}} |", rule]
+    lines += [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in rows]
+    return "\n".join([*lines, rule])
+
+
+def show(outcome: Outcome) -> None:
+    for message in outcome.messages:
+        if isinstance(message, ToolMessage):
+            flag = "error" if message.status == "error" else "ok"
+            print(f"  tool {message.name:<14} [{flag}] {str(message.content)[:100]}")
+        elif isinstance(message, AIMessage) and message.content:
+            print(f"  agent: {message.content}")
+    print(f"\nThe agent's stream to the provider (market_price at {PRICE_PER_CALL} USDC a call):")
+    print(outcome.tools if outcome.tools is not None else "  (never opened)")
+    print(
+        f"\nThe program's stream to the model's host ({outcome.model_calls_paid} model calls at "
+        f"{PRICE_PER_MODEL_CALL} USDC, paid by MeteredMiddleware):"
+    )
+    print(outcome.model)
+    if outcome.ledger:
+        print()
+        print(table("Sandbox ledger", outcome.ledger))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quiet", action="store_true", help="print only the figures")
-    args = ap.parse_args()
-    summary = run(verbose=not args.quiet)
-    if args.quiet:
-        print(json.dumps({k: str(v) for k, v in summary.items()}))
-    if summary["paid"] is not None and summary["paid"] != Decimal(PRICE_PER_CALL) * 12:
-        raise SystemExit(f"unexpected amount paid: {summary['paid']}")
+    ap.parse_args()
+    outcome = run()
+    show(outcome)
+    if outcome.tools is not None and outcome.tools.paid > Decimal("1.00"):
+        raise SystemExit(f"paid past the agent's budget: {outcome.tools.paid}")
 
 
 if __name__ == "__main__":

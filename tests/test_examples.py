@@ -61,3 +61,26 @@ def test_data_feed():
 def test_async_agent(calls):
     out = run("async_agent.py", "--calls", calls, "--concurrency", "20")
     assert row(out, "units") == ["200"] and row(out, "paid") == ["0.40 USDC"]
+
+
+def test_langchain_agent_pays_per_model_call_and_per_tool_call():
+    """examples/langchain_agent.py: create_agent with MeteredMiddleware paying the model's host
+    per model call, and the agent paying the provider per market_price call from the stream it
+    opens and closes itself; the printed receipts add up to what the sandbox ledger shows."""
+    out = run("langchain_agent.py")
+    assert out.count("[error]") == 3  # over the cap, a rate in words, buying before paying
+    assert "Cap exceeded" in out and "open a payment stream to provider" in out
+    assert out.count("tool market_price   [ok]") == 12
+    # first table: the agent's stream to the provider; second: the program's to the host
+    assert row(out, "rate") == ["0.01 USDC / unit", "0.002 USDC / unit"]
+    assert row(out, "units") == ["12", "10"]  # 12 paid tool calls; 10 model calls
+    assert row(out, "paid") == ["0.12 USDC", "0.02 USDC"]
+    assert row(out, "fee (1%)") == ["0.0012 USDC", "0.0002 USDC"]
+    assert row(out, "provider net") == ["0.1188 USDC", "0.0198 USDC"]
+    assert row(out, "refunded") == ["0.88 USDC", "0.98 USDC"]
+    assert "(10 model calls at 0.002 USDC, paid by MeteredMiddleware)" in out
+    # the ledger: what the receipts say, to the micro-USDC
+    assert row(out, "payer spent") == ["0.14 USDC"]  # 0.12 + 0.02
+    assert row(out, "provider got") == ["0.1188 USDC"]
+    assert row(out, "model host got") == ["0.0198 USDC"]
+    assert row(out, "fees") == ["0.0014 USDC"]  # 0.0012 + 0.0002
