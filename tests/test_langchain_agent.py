@@ -30,7 +30,13 @@ from langchain_core.tools import BaseTool, tool
 
 from pf_metered.decorators import metered
 from pf_metered.errors import BudgetExhausted, InvalidInput
-from pf_metered.langchain import Caps, MeteredCallbackHandler, PurpleFleaToolkit, pay_per_call
+from pf_metered.langchain import (
+    Caps,
+    MeteredCallbackHandler,
+    MeteredMiddleware,
+    PurpleFleaToolkit,
+    pay_per_call,
+)
 from pf_metered.langchain.testing import ScriptedChatModel, tool_call
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 
@@ -242,12 +248,28 @@ def _check_streamed_answers(merged: dict[str, AIMessageChunk], model: ScriptedCh
 # -- the run in every mode ------------------------------------------------------------------
 
 
+HOST_RATE = Decimal("0.001")
+"""What the model's host charges per model call when the run is also metered by middleware."""
+
+
+def _check_host(pf_world: Any, host: str, receipt: Any, model: ScriptedChatModel) -> Decimal:
+    """The middleware paid the host one unit per model call, exactly; returns what it paid."""
+    assert receipt.units == model.calls == 14
+    assert receipt.paid == HOST_RATE * 14
+    assert pf_world.sandbox.balance(host) == receipt.paid * (1 - FEE)
+    return Decimal(receipt.paid)
+
+
+@pytest.mark.parametrize("metered", [False, True], ids=["tools", "tools+middleware"])
 @pytest.mark.parametrize("mode", ["invoke", "stream"])
-def test_sync_agent_pays_exactly(pf_world, mode):
+def test_sync_agent_pays_exactly(pf_world, mode, metered):
     provider = pf_world.provider.agent_id
+    host = pf_world.sandbox.add_agent().agent_id
     toolkit = _toolkit(pf_world, is_async=False)
     model = ScriptedChatModel(script=pay_script(provider))
-    agent = create_agent(model, pay_tools(toolkit, provider))
+    host_stream = PaymentStream(pf_world.client, host, str(HOST_RATE), budget="1", batch=5)
+    middleware = [MeteredMiddleware(host_stream.open())] if metered else []
+    agent = create_agent(model, pay_tools(toolkit, provider), middleware=middleware)
     request = {"messages": [("human", "weather for 12 cities, and pay for one job")]}
     config: Any = {"recursion_limit": 100}
     if mode == "invoke":
@@ -257,15 +279,20 @@ def test_sync_agent_pays_exactly(pf_world, mode):
     else:
         answers, merged = _streamed(list(agent.stream(request, config, stream_mode="messages")))
         _check_streamed_answers(merged, model)
-    check_pay_run(pf_world, model, answers)
+    also = _check_host(pf_world, host, host_stream.close(), model) if metered else Decimal(0)
+    check_pay_run(pf_world, model, answers, also_paid=also)
 
 
+@pytest.mark.parametrize("metered", [False, True], ids=["tools", "tools+middleware"])
 @pytest.mark.parametrize("mode", ["ainvoke", "astream"])
-async def test_async_agent_pays_exactly(pf_world, mode):
+async def test_async_agent_pays_exactly(pf_world, mode, metered):
     provider = pf_world.provider.agent_id
+    host = pf_world.sandbox.add_agent().agent_id
     toolkit = _toolkit(pf_world, is_async=True)
     model = ScriptedChatModel(script=pay_script(provider))
-    agent = create_agent(model, pay_tools(toolkit, provider))
+    host_stream = AsyncPaymentStream(pf_world.aclient, host, str(HOST_RATE), budget="1", batch=5)
+    middleware = [MeteredMiddleware(await host_stream.open())] if metered else []
+    agent = create_agent(model, pay_tools(toolkit, provider), middleware=middleware)
     request = {"messages": [("human", "weather for 12 cities, and pay for one job")]}
     config: Any = {"recursion_limit": 100}
     if mode == "ainvoke":
@@ -276,7 +303,8 @@ async def test_async_agent_pays_exactly(pf_world, mode):
         items = [item async for item in agent.astream(request, config, stream_mode="messages")]
         answers, merged = _streamed(items)
         _check_streamed_answers(merged, model)
-    check_pay_run(pf_world, model, answers)
+    also = _check_host(pf_world, host, await host_stream.close(), model) if metered else Decimal(0)
+    check_pay_run(pf_world, model, answers, also_paid=also)
     await pf_world.aclient.aclose()
 
 
