@@ -147,6 +147,7 @@ EXPORTED = {
         "format_validation_error",
         "get_definition",
         "render",
+        "summarize",
     },
     "pf_metered.langchain": {
         "Caps",

@@ -149,12 +149,13 @@ def test_toolkit_offers_every_tool_sharing_one_context(pf_world):
     tools = toolkit.get_tools()
     assert [t.name for t in tools] == list(ALL_TOOL_NAMES)
     assert all(t.context is toolkit.tool_context for t in tools)  # type: ignore[attr-defined]
-    opened = json.loads(
-        toolkit.get_tool("stream_open").invoke(
-            {"provider": pf_world.provider.agent_id, "rate": "0.01", "budget": "1"}
-        )
-    )
-    closed = json.loads(toolkit.get_tool("stream_close").invoke({"stream_id": opened["stream_id"]}))
+    opened = _call(
+        toolkit.get_tool("stream_open"),
+        provider=pf_world.provider.agent_id,
+        rate="0.01",
+        budget="1",
+    ).artifact
+    closed = _call(toolkit.get_tool("stream_close"), stream_id=opened["stream_id"]).artifact
     assert closed["refunded"] == "1.00"
 
 
@@ -199,6 +200,12 @@ def _call(tool: BaseTool, **args: Any) -> ToolMessage:
     return msg
 
 
+async def _acall(tool: BaseTool, **args: Any) -> ToolMessage:
+    msg = await tool.ainvoke({"name": tool.name, "args": args, "id": "c1", "type": "tool_call"})
+    assert isinstance(msg, ToolMessage)
+    return msg
+
+
 def test_cap_exceeded_is_an_error_message_not_a_crash(pf_world):
     toolkit = PurpleFleaToolkit(client=pf_world.client, caps=Caps(max_budget="2"))
     msg = _call(
@@ -232,16 +239,19 @@ def test_validation_errors_name_the_field(pf_world):
 
 async def test_async_invocation_is_native(pf_world):
     toolkit = PurpleFleaToolkit(async_client=pf_world.aclient, caps=Caps(max_budget="3"))
-    opened = json.loads(
-        await toolkit.get_tool("stream_open").ainvoke(
-            {"provider": pf_world.provider.agent_id, "rate": "0.01", "max_units": 100}
+    opened = (
+        await _acall(
+            toolkit.get_tool("stream_open"),
+            provider=pf_world.provider.agent_id,
+            rate="0.01",
+            max_units=100,
         )
-    )
+    ).artifact
     assert toolkit.tool_context.entries()[0].is_async
     await toolkit.get_tool("stream_record").ainvoke({"stream_id": opened["stream_id"], "units": 7})
-    closed = json.loads(
-        await toolkit.get_tool("stream_close").ainvoke({"stream_id": opened["stream_id"]})
-    )
+    closed = (
+        await _acall(toolkit.get_tool("stream_close"), stream_id=opened["stream_id"])
+    ).artifact
     assert closed["paid"] == "0.07" and closed["refunded"] == "0.93"
     msg = await toolkit.get_tool("stream_open").ainvoke(
         {
@@ -309,22 +319,16 @@ def test_escrow_tools_on_the_deployed_dialect_release_whole():
         release = toolkit.get_tool("escrow_release")
         assert "only whole escrows" in release.description
         p = w.provider.agent_id
-        made = json.loads(
-            _call(toolkit.get_tool("escrow_create"), to_agent_id=p, amount="3").content
-        )
+        made = _call(toolkit.get_tool("escrow_create"), to_agent_id=p, amount="3").artifact
         msg = _call(release, escrow_id=made["escrow_id"], amount="1")  # a part: refused
         assert msg.status == "error" and "whole" in msg.content and "3.00" in msg.content
-        paid = json.loads(_call(release, escrow_id=made["escrow_id"]).content)
+        paid = _call(release, escrow_id=made["escrow_id"]).artifact
         assert paid["released_now"] == "3.00" and paid["status"] == "released"
-        opened = json.loads(
-            _call(
-                toolkit.get_tool("stream_open"), provider=p, rate="0.01", budget="1", batch=10
-            ).content
-        )
+        opened = _call(
+            toolkit.get_tool("stream_open"), provider=p, rate="0.01", budget="1", batch=10
+        ).artifact
         _call(toolkit.get_tool("stream_record"), stream_id=opened["stream_id"], units=17)
-        closed = json.loads(
-            _call(toolkit.get_tool("stream_close"), stream_id=opened["stream_id"]).content
-        )
+        closed = _call(toolkit.get_tool("stream_close"), stream_id=opened["stream_id"]).artifact
         assert closed["paid"] == "0.17" and closed["refunded"] == "0.00"
         assert w.balance("provider") == Decimal("2.97") + Decimal(closed["provider_net"])
         w.sandbox.audit()

@@ -7,6 +7,18 @@ server serves, so the two can never drift. This class adds what LangChain expect
 message and corrects itself), and validation errors that name the bad field instead of
 LangChain's bare "Tool input validation error".
 
+Answers are ``response_format="content_and_artifact"``: invoked with a tool call (as every
+agent loop does), a tool returns a ``ToolMessage`` whose ``content`` is one short sentence for
+the model (:func:`pf_metered.tools.summarize`: ids, state, amounts with their unit) and whose
+``artifact`` is the answer's dict for the program: the same figures the MCP server sends as
+``structuredContent``, money as decimal strings (``{"stream_id": "s1", "paid": "0.07", ...}``).
+The artifact is never sent to a model; it stays in the agent's state (and checkpoints). A
+failure is a ``ToolMessage`` with ``status="error"``, the message as content and the artifact
+``{"error": kind, "message": text}`` (``kind`` as :class:`~pf_metered.tools.ToolError` has
+it: ``insufficient_funds``, ``cap_exceeded``, ``invalid_argument``, ...; the MCP server's
+error ``structuredContent`` is the same dict). Invoked with plain arguments (no tool call), a
+tool returns the sentence only.
+
 What this module must never do: let the API key reach ``repr``, ``model_dump`` or a message
 (the context is excluded from both), or swallow a failure the agent did not cause (bugs still
 raise).
@@ -14,12 +26,23 @@ raise).
 
 from __future__ import annotations
 
+import threading
+import uuid
 from typing import Any, ClassVar
 
+from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
+from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool, ToolException
-from pydantic import Field, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError
 
-from pf_metered.tools import ToolContext, ToolDefinition, ToolError, format_validation_error
+from pf_metered.tools import (
+    Answer,
+    ToolContext,
+    ToolDefinition,
+    ToolError,
+    format_validation_error,
+    summarize,
+)
 
 __all__ = ["PurpleFleaTool", "ValidationMessage", "context_from_env"]
 
@@ -66,7 +89,8 @@ class PurpleFleaTool(BaseTool):
     """The clients, caps and open streams this tool acts on (never shown or serialised)."""
 
     handle_tool_error: bool = True
-    response_format: str = "content"  # type: ignore[assignment]
+    response_format: str = "content_and_artifact"  # type: ignore[assignment]
+    """``content``: the sentence the model reads; ``artifact``: the answer's figures (a dict)."""
 
     def model_post_init(self, context: Any, /) -> None:
         """Describe the operator's caps to the model and name bad fields on validation errors."""
@@ -76,16 +100,68 @@ class PurpleFleaTool(BaseTool):
         if not self.handle_validation_error:
             self.handle_validation_error = ValidationMessage(self.name)
 
-    def _run(self, **kwargs: Any) -> str:
-        """Run the shared definition; a ``ToolError`` becomes a ``ToolException``."""
-        try:
-            return self.definition.call(self.context, kwargs)
-        except ToolError as exc:
-            raise ToolException(exc.message) from exc
+    _failures: dict[uuid.UUID, ToolError] = PrivateAttr(default_factory=dict)
+    _failures_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
-    async def _arun(self, **kwargs: Any) -> str:
+    def _failed(self, run_manager: Any, exc: ToolError) -> ToolException:
+        """Keep ``exc`` (by run id) for :meth:`run` to put its kind into the artifact."""
+        if run_manager is not None:
+            with self._failures_lock:
+                self._failures[run_manager.run_id] = exc
+        return ToolException(exc.message)
+
+    def _with_error_artifact(self, output: Any, run_id: uuid.UUID) -> Any:
+        """An error ``ToolMessage`` gets ``{"error": kind, "message": text}`` as its artifact:
+        LangChain gives a handled ``ToolException`` no artifact, and a program (or a standard
+        test) must be able to tell an insufficient balance from a typo without parsing text."""
+        with self._failures_lock:
+            failure = self._failures.pop(run_id, None)
+        if isinstance(output, ToolMessage) and output.status == "error" and output.artifact is None:
+            kind = failure.kind if failure is not None else "invalid_argument"  # schema refused
+            output.artifact = {"error": kind, "message": output.content}
+        return output
+
+    def run(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """``BaseTool.run`` under a known run id, so an error's kind reaches the artifact."""
+        run_id = kwargs.get("run_id") or uuid.uuid4()
+        kwargs["run_id"] = run_id
+        try:
+            output = super().run(tool_input, *args, **kwargs)
+        except BaseException:
+            with self._failures_lock:
+                self._failures.pop(run_id, None)
+            raise
+        return self._with_error_artifact(output, run_id)
+
+    async def arun(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """``BaseTool.arun`` under a known run id (see :meth:`run`)."""
+        run_id = kwargs.get("run_id") or uuid.uuid4()
+        kwargs["run_id"] = run_id
+        try:
+            output = await super().arun(tool_input, *args, **kwargs)
+        except BaseException:
+            with self._failures_lock:
+                self._failures.pop(run_id, None)
+            raise
+        return self._with_error_artifact(output, run_id)
+
+    def _run(
+        self, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any
+    ) -> tuple[str, Answer]:
+        """Run the shared definition: ``(sentence, figures)``; a ``ToolError`` becomes a
+        ``ToolException``."""
+        try:
+            answer = self.definition.call_answer(self.context, kwargs)
+        except ToolError as exc:
+            raise self._failed(run_manager, exc) from exc
+        return summarize(self.name, answer), answer
+
+    async def _arun(
+        self, run_manager: AsyncCallbackManagerForToolRun | None = None, **kwargs: Any
+    ) -> tuple[str, Answer]:
         """Run the shared definition natively async (no thread unless the context is sync)."""
         try:
-            return await self.definition.acall(self.context, kwargs)
+            answer = await self.definition.acall_answer(self.context, kwargs)
         except ToolError as exc:
-            raise ToolException(exc.message) from exc
+            raise self._failed(run_manager, exc) from exc
+        return summarize(self.name, answer), answer

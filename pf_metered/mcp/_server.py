@@ -7,8 +7,10 @@ every call to ``ToolDefinition.acall_answer`` — where the allow-list, validati
 enforced — without a second description of any tool.
 
 Tool results carry the answer twice, as the protocol suggests: ``content`` holds the compact
-JSON text the model reads (the same text the LangChain tools return) and
-``structuredContent`` holds the same figures as an object for programs. A failure is a result
+JSON text the model reads and ``structuredContent`` the same figures as an object for programs
+(the dict a LangChain tool puts in ``ToolMessage.artifact``; the protocol asks a tool with
+structured content to send it serialized as text too, so the text stays JSON here, where a
+LangChain tool's content is a sentence). A failure is a result
 with ``isError`` true and the :class:`~pf_metered.tools.ToolError` message, so the model can
 correct itself; an unexpected exception is reported the same way (type only, logged to
 stderr) and never takes the server down.

@@ -3,9 +3,10 @@
 Each :class:`ToolDefinition` is a name, a description written for the model, a pydantic
 arguments model and sync/async handlers over a :class:`ToolContext` (the clients, the
 operator's :class:`Caps`, and the streams the agent opened). Adapters call
-``definition.call(ctx, raw_args)`` / ``await definition.acall(ctx, raw_args)`` and get the
-answer text, or a :class:`ToolError` whose message the model can correct from; the allow-list,
-validation and caps are enforced inside, so no adapter can skip them.
+``definition.call_answer(ctx, raw_args)`` / ``await definition.acall_answer(ctx, raw_args)``
+and get the answer's figures (:func:`render` makes them compact JSON, :func:`summarize` the
+sentence a model reads), or a :class:`ToolError` whose message the model can correct from; the
+allow-list, validation and caps are enforced inside, so no adapter can skip them.
 
 What this package must never do: import a framework (LangChain, MCP), hold money as float, or
 put the API key into anything a model reads.
@@ -33,6 +34,7 @@ from pf_metered.tools.streams import (
     STREAM_RECORD,
     STREAM_STATUS,
 )
+from pf_metered.tools.summary import summarize
 
 __all__ = [
     "ALL_TOOL_NAMES",
@@ -49,6 +51,7 @@ __all__ = [
     "format_validation_error",
     "get_definition",
     "render",
+    "summarize",
 ]
 
 TOOLS: tuple[ToolDefinition, ...] = (  # type: ignore[type-arg]
