@@ -256,7 +256,7 @@ def test_bad_configuration_names_the_field(pf_world):
     assert caught.value.field == "stream"
 
 
-def test_example_program_ends_on_its_budget_with_exact_figures():
+def test_example_program_two_conversations_with_their_own_budgets():
     """examples/langchain_middleware.py, run as a user would (own process, sandbox, no key)."""
     import os
     import subprocess
@@ -269,7 +269,7 @@ def test_example_program_ends_on_its_budget_with_exact_figures():
         [sys.executable, str(root / "examples" / "langchain_middleware.py")],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env=env,
         cwd=root,
         check=False,
@@ -277,12 +277,18 @@ def test_example_program_ends_on_its_budget_with_exact_figures():
     assert proc.returncode == 0, proc.stderr[-2000:]
     pairs = (line.split(" : ", 1) for line in proc.stdout.splitlines() if " : " in line)
     lines = {key.strip(): value.strip() for key, value in pairs}
-    # 1.00 USDC at 0.01 a unit: 34 model calls (1 unit) + 33 price lookups (2 units) = 100
-    assert lines["model calls paid"] == "34"
-    assert lines["tool calls paid"].startswith("33 ")
-    assert lines["last message"].startswith("Budget exhausted")
-    assert lines["units"] == "100"
-    assert Decimal(lines["paid"].split()[0]) == Decimal("1.00")
-    assert Decimal(lines["refunded"].split()[0]) == 0
-    assert Decimal(lines["provider balance"].split()[0]) == Decimal("0.99")
-    assert Decimal(lines["payer balance"].split()[0]) == Decimal("99.00")
+    # alice asks one price per run: 2 model calls (1 unit) + 1 lookup (2 units) = 4 units
+    assert lines["alice run 1"].startswith("4 units, 0.04 USDC (2 model calls, 1 tool calls), 96")
+    assert lines["alice run 1 said"] == "BTC costs 1087 USD."
+    # bob asks for every price: 1.00 USDC at 0.01 = 100 units = 34 model calls + 33 lookups
+    assert lines["bob run 1"] == "100 units, 1.00 USDC (34 model calls, 33 tool calls), 0 left"
+    assert lines["bob run 1 said"].startswith("Budget exhausted")
+    # bob's spent budget leaves alice's conversation (same stream, 4 more units) untouched
+    assert lines["alice run 2"].endswith("(2 model calls, 1 tool calls), 92 left")
+    assert lines["bob run 2"].startswith("0 units, 0.00 USDC")
+    assert "the next model call needs 1" in lines["bob run 2 said"]
+    assert lines["alice receipt"] == "8 units, 0.08 paid, 0.92 refunded"
+    assert lines["bob receipt"] == "100 units, 1.00 paid, 0.00 refunded"
+    # 1.08 released to the provider, less the 1% fee
+    assert lines["provider balance"] == "1.0692 USDC"
+    assert lines["payer balance"] == "98.92 USDC"

@@ -308,7 +308,7 @@ async def test_input_and_output_tokens_priced_apart(pf_world):
     units = tokens_in * 1 + tokens_out * 4
     assert stream.receipt is not None and stream.receipt.units == units
     assert _bill(state)["units"] == units
-    assert _bill(state)["cost"] == str(_paid("0.000002", units).normalize())
+    assert Decimal(_bill(state)["cost"]) == _paid("0.000002", units)
     _check_escrow(pf_world, stream.receipt.escrow_id or "", "0.000002", units, "1")
     _check_totals(pf_world, _paid("0.000002", units))
     await pf_world.aclient.aclose()

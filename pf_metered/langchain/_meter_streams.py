@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pf_metered.langchain._meter_pricing import MeterConfigError
 from pf_metered.meter.receipt import Receipt
-from pf_metered.money import format_usdc
+from pf_metered.money import MICRO, format_usdc
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 
 __all__ = ["BudgetPer", "RunBill", "StreamFactory", "StreamSource", "receipt_view"]
@@ -93,10 +93,14 @@ def receipt_view(receipt: Receipt) -> dict[str, Any]:
 
 
 def _cost(stream: Stream, units: int) -> str:
-    """``rate × units`` exactly (the stream rounds once, at close, to the micro-USDC)."""
+    """``rate × units`` exactly, as USDC's wire text when it is whole micro-USDC (the stream
+    rounds once, at close, to the micro-USDC; a sub-micro cost is shown unrounded)."""
     with localcontext() as ctx:
         ctx.prec = 80
-        return str((stream.rate * units).normalize() if units else Decimal(0))
+        exact = stream.rate * units * MICRO
+    if exact == exact.to_integral_value():
+        return format_usdc(int(exact))
+    return format(exact.scaleb(-6).normalize(), "f")
 
 
 def _thread_id(runtime: Any) -> str | None:
