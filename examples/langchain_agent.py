@@ -2,9 +2,11 @@
 
 The agent is built with ``langchain.agents.create_agent`` and pays two agents:
 
-* **the model's host**, one unit (0.002 USDC) per model call, through ``MeteredMiddleware`` on
-  a payment stream this program opens: the budget is checked *before* each call, and a run
-  the budget cannot pay ends cleanly with a message instead of an exception;
+* **the model's host**, one unit (0.002 USDC) per model call, through ``MeteredMiddleware``:
+  it opens a payment stream for the run, checks the budget *before* each call (a run the
+  budget cannot pay ends cleanly with a message instead of an exception), closes the stream
+  when the run ends and puts the run's bill and receipt in the agent's state
+  (``result["pf_metered"]["MeteredMiddleware"]``);
 * **the provider of** ``market_price`` (sold at 0.01 USDC a call), from a payment stream the
   agent opens, checks and closes itself with the Purple Flea toolkit (narrowed so it may pay
   but not claim the faucet, and capped by the operator); ``pay_per_call`` makes each
@@ -14,7 +16,7 @@ The agent is built with ``langchain.agents.create_agent`` and pays two agents:
 By default the model is a scripted fake that makes the mistakes real models make (an
 over-the-cap budget, a rate written in words, buying before paying) and corrects itself from
 the tools' answers. Everything runs on the embedded sandbox: no key, no network. The program
-prints the conversation, both receipts and what the sandbox ledger shows.
+prints the conversation, both receipts and what the sandbox ledger shows (the same money).
 
     python examples/langchain_agent.py            # scripted model, sandbox
     PF_LLM=openai:gpt-4o-mini OPENAI_API_KEY=...  python examples/langchain_agent.py
@@ -194,17 +196,17 @@ class Outcome:
     """What one run did and paid."""
 
     messages: list[BaseMessage]
-    model_calls_paid: int
     tools: Receipt | None
     """The agent's own stream to the provider (``None`` if it never opened one)."""
-    model: Receipt
-    """The program's stream to the model's host."""
+    model_bill: dict[str, Any]
+    """The run's bill for model calls, as ``MeteredMiddleware`` left it in the agent's state."""
     ledger: list[tuple[str, str]]
     """The sandbox ledger's figures, as rows (empty on the live service)."""
 
 
 def run() -> Outcome:
-    """Run the agent once; close both streams whatever happens."""
+    """Run the agent once; every stream is closed (and its unused budget refunded) whatever
+    happens."""
     world = connect()
     before = world.sandbox.balance(world.payer) if world.sandbox and world.payer else None
     toolkit = PurpleFleaToolkit(
@@ -214,21 +216,25 @@ def run() -> Outcome:
     )
     paid_prices = pay_per_call(market_price, context=toolkit.tool_context, provider=world.provider)
     model = configured_model() or scripted_model(world.provider)
-    with PaymentStream(
-        world.client, world.host, PRICE_PER_MODEL_CALL, budget="1.00", batch=5, memo="model calls"
-    ) as model_stream:
-        meter = MeteredMiddleware(model_stream, per="call")
-        agent = create_agent(model, [*toolkit.get_tools(), paid_prices], middleware=[meter])
-        try:
-            result = agent.invoke(
-                {"messages": [("human", PROMPT.format(provider=world.provider))]},
-                {"recursion_limit": 60},
-            )
-        finally:
-            toolkit.tool_context.close_all()  # refund whatever the agent left open
+
+    def model_calls_stream(run_key: str) -> PaymentStream:
+        """The stream ``MeteredMiddleware`` opens for one run (and closes when it ends)."""
+        return PaymentStream(
+            world.client, world.host, PRICE_PER_MODEL_CALL, budget="1.00", batch=5,
+            memo=f"model calls, run {run_key}",
+        )  # fmt: skip
+
+    meter = MeteredMiddleware(open_stream=model_calls_stream, per="call")
+    agent = create_agent(model, [*toolkit.get_tools(), paid_prices], middleware=[meter])
+    try:
+        result = agent.invoke(
+            {"messages": [("human", PROMPT.format(provider=world.provider))]},
+            {"recursion_limit": 60},
+        )
+    finally:
+        toolkit.tool_context.close_all()  # refund whatever the agent left open
+        meter.close_all()  # a run that raised never reached after_agent: close its stream
     entries = toolkit.tool_context.entries()
-    model_receipt = model_stream.receipt
-    assert model_receipt is not None
     ledger: list[tuple[str, str]] = []
     if world.sandbox is not None and world.payer is not None and before is not None:
         world.sandbox.audit()
@@ -242,9 +248,8 @@ def run() -> Outcome:
     world.client.close()
     return Outcome(
         messages=list(result["messages"]),
-        model_calls_paid=meter.model_calls,
         tools=entries[-1].receipt if entries else None,
-        model=model_receipt,
+        model_bill=dict(result["pf_metered"][meter.name]),
         ledger=ledger,
     )
 
@@ -263,6 +268,24 @@ def table(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join([*lines, rule])
 
 
+def bill_rows(bill: dict[str, Any]) -> list[tuple[str, str]]:
+    """A run's bill as rows: what it counted, and the receipt of the stream closed for it."""
+    rows = [("model calls", str(bill["model_calls"])), ("units", str(bill["units"]))]
+    receipt = bill.get("receipt")
+    if receipt is None:  # the stream was not closed by the run (a stream the program gave)
+        return [*rows, ("cost", f"{bill['cost']} USDC")]
+    return [
+        *rows,
+        ("rate", f"{receipt['rate']} USDC / unit"),
+        ("releases", str(receipt["releases"])),
+        ("budget", f"{receipt['budget']} USDC"),
+        ("paid", f"{receipt['paid']} USDC"),
+        ("fee (1%)", f"{receipt['fee']} USDC"),
+        ("provider net", f"{receipt['provider_net']} USDC"),
+        ("refunded", f"{receipt['refunded']} USDC"),
+    ]
+
+
 def show(outcome: Outcome) -> None:
     for message in outcome.messages:
         if isinstance(message, ToolMessage):
@@ -272,11 +295,12 @@ def show(outcome: Outcome) -> None:
             print(f"  agent: {message.content}")
     print(f"\nThe agent's stream to the provider (market_price at {PRICE_PER_CALL} USDC a call):")
     print(outcome.tools if outcome.tools is not None else "  (never opened)")
+    bill = outcome.model_bill
     print(
-        f"\nThe program's stream to the model's host ({outcome.model_calls_paid} model calls at "
-        f"{PRICE_PER_MODEL_CALL} USDC, paid by MeteredMiddleware):"
+        f"\nMeteredMiddleware's stream to the model's host ({PRICE_PER_MODEL_CALL} USDC a "
+        "model call), opened and closed for the run; its bill from the agent's state:"
     )
-    print(outcome.model)
+    print(table("Run bill (state['pf_metered'])", bill_rows(bill)))
     if outcome.ledger:
         print()
         print(table("Sandbox ledger", outcome.ledger))
