@@ -254,15 +254,272 @@ def test_tokens_over_budget_pay_what_fits_and_refuse_the_next_call(pf_world, cap
     assert stream.receipt.units == 6 and stream.receipt.paid == Decimal("1.20")
 
 
-def test_missing_usage_is_never_guessed(pf_world, caplog):
+# -- missing usage: a declared fallback, never a lost answer --------------------------------
+
+PROMPT = "what is the price of tea"  # 24 characters: 6 tokens by the estimate
+ANSWER = "four coins please"  # 17 characters: 5 tokens by the estimate
+
+
+def _silent(**kw) -> ScriptedChatModel:
+    return ScriptedChatModel(script=[ANSWER] * 4, usage=False, **kw)
+
+
+@pytest.mark.parametrize("mode", ["invoke", "stream", "ainvoke", "astream"])
+async def test_missing_usage_is_estimated_by_default_and_the_answer_kept(pf_world, caplog, mode):
+    """Default ``on_missing_usage="estimate"``: ceil(characters / 4) of the prompt and of the
+    answer, logged once per model; the answer reaches the caller in every call style."""
+    async with AsyncPaymentStream(
+        pf_world.aclient, pf_world.provider.agent_id, "0.001", budget="1"
+    ) as s:
+        handler = MeteredCallbackHandler(s, unit="token")
+        model = _silent(callbacks=[handler])
+        for _ in range(2):
+            if mode == "invoke":
+                text = model.invoke(PROMPT).content
+            elif mode == "ainvoke":
+                text = (await model.ainvoke(PROMPT)).content
+            elif mode == "stream":
+                text = "".join(str(c.content) for c in model.stream(PROMPT))
+            else:
+                text = "".join([str(c.content) async for c in model.astream(PROMPT)])
+            assert text == ANSWER
+        assert (handler.input_tokens, handler.output_tokens) == (12, 10)
+        assert handler.missing_usage == 2 and handler.estimated_tokens == 22
+        assert caplog.text.count("billed an estimate of 6+5 tokens") == 1
+    assert s.receipt.units == 22 and s.receipt.paid == Decimal("0.022")
+    await pf_world.aclient.aclose()
+
+
+def test_missing_usage_estimate_with_a_tokenizer_of_ones_own(pf_world):
     with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
-        strict = MeteredCallbackHandler(s, unit="token")
-        with pytest.raises(ConfigError, match="no token usage"):
-            ScriptedChatModel(script=["x y"], usage=False, callbacks=[strict]).invoke("q")
-        lenient = MeteredCallbackHandler(s, unit="token", on_missing_usage="warn")
-        list(ScriptedChatModel(script=["x y"], usage=False, callbacks=[lenient]).stream("q"))
-        assert lenient.missing_usage == 1 and "no token usage" in caplog.text
+        words = MeteredCallbackHandler(s, unit="token", count_tokens=lambda t: len(t.split()))
+        assert _silent(callbacks=[words]).invoke(PROMPT).content == ANSWER
+        assert (words.input_tokens, words.output_tokens) == (6, 3)
+        broken = MeteredCallbackHandler(s, unit="token", count_tokens=lambda t: 0.5)  # type: ignore[arg-type,return-value]
+        with pytest.raises(ValueError, match="non-negative int"):
+            _silent(callbacks=[broken]).invoke(PROMPT)
+    assert s.receipt.units == 9
+
+
+def test_missing_usage_per_call_bills_the_declared_tokens(pf_world):
+    reader = pf_world.sandbox.add_agent()
+    with (
+        PaymentStream(pf_world.client, reader.agent_id, "0.001", budget="1") as s_in,
+        PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.002", budget="1") as s_out,
+    ):
+        handler = MeteredCallbackHandler(
+            unit="token",
+            input_stream=s_in,
+            output_stream=s_out,
+            on_missing_usage="per_call",
+            per_call_tokens=(100, 40),
+        )
+        model = _silent(callbacks=[handler])
+        model.invoke(PROMPT)
+        list(model.stream(PROMPT))
+        # a call that does report usage is billed its own figures, not the declared ones
+        ScriptedChatModel(script=["a b"], callbacks=[handler]).invoke("q")
+        assert handler.estimated_tokens == 280
+    assert (s_in.receipt.units, s_out.receipt.units) == (201, 82)
+    assert s_out.receipt.paid == Decimal("0.164")
+
+
+def test_per_call_needs_its_declared_tokens(pf_world):
+    s = PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1")
+    with pytest.raises(InvalidInput, match="per_call_tokens"):
+        MeteredCallbackHandler(s, unit="token", on_missing_usage="per_call")
+    with pytest.raises(InvalidInput, match="per_call_tokens"):
+        MeteredCallbackHandler(
+            s, unit="token", on_missing_usage="per_call", per_call_tokens=(1, -1)
+        )
+    with pytest.raises(InvalidInput, match="per_call_tokens"):
+        MeteredCallbackHandler(s, unit="token", per_call_tokens=(1, 1))
+    with pytest.raises(InvalidInput, match="on_missing_usage"):
+        MeteredCallbackHandler(s, unit="token", on_missing_usage="ignore")  # type: ignore[arg-type]
+
+
+def test_missing_usage_warn_bills_nothing_and_says_so_each_call(pf_world, caplog):
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
+        handler = MeteredCallbackHandler(s, unit="token", on_missing_usage="warn")
+        model = _silent(callbacks=[handler])
+        assert model.invoke(PROMPT).content == ANSWER
+        assert "".join(str(c.content) for c in model.stream(PROMPT)) == ANSWER
+        assert handler.missing_usage == 2 and handler.calls == 0
+        assert caplog.text.count("billed nothing (on_missing_usage=warn)") == 2
     assert s.receipt.units == 0 and s.receipt.paid == 0
+
+
+def test_missing_usage_raise_keeps_the_answer_and_refuses_the_next_call(pf_world, caplog):
+    """``"raise"`` never bills a guess. The call that reveals the missing usage already has
+    its answer: it is returned (billed nothing, logged); the model's next call is refused
+    before it runs. Another model on the same handler is not affected."""
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
+        handler = MeteredCallbackHandler(s, unit="token", on_missing_usage="raise")
+        model = _silent(callbacks=[handler])
+        assert model.invoke(PROMPT).content == ANSWER
+        assert "its next call will be refused" in caplog.text
+        with pytest.raises(ConfigError, match="reported no token usage on an earlier call"):
+            model.invoke(PROMPT)
+        with pytest.raises(ConfigError, match="stream_usage=True"):
+            list(model.stream(PROMPT))
+        assert model.calls == 1  # neither refused call reached the model
+        reporting = ScriptedChatModel(script=["x y"], final="z", callbacks=[handler])
+        reporting.invoke("q")
+        assert handler.calls == 1 and handler.missing_usage == 1
+    assert s.receipt.units == 3
+
+
+# -- cache hits: no request, no bill --------------------------------------------------------
+
+
+@pytest.fixture
+def global_cache():
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import get_llm_cache, set_llm_cache
+
+    before = get_llm_cache()
+    cache = InMemoryCache()
+    set_llm_cache(cache)
+    yield cache
+    set_llm_cache(before)
+
+
+@pytest.mark.parametrize("unit", ["call", "token"])
+def test_a_cache_hit_is_not_billed(pf_world, unit):
+    from langchain_core.caches import InMemoryCache
+
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
+        handler = MeteredCallbackHandler(s, unit=unit)
+        model = _model(cache=InMemoryCache(), callbacks=[handler])
+        first = model.invoke("hi")
+        second = model.invoke("hi")  # answered from the cache: the model is not called
+        assert second.content == first.content == ANSWERS[0]
+        assert model.calls == 1 and handler.calls == 1 and handler.cache_hits == 1
+        assert handler.pending_calls == 0
+    assert s.receipt.units == (1 if unit == "call" else 1 + 3)  # "hi" + "one two three"
+
+
+@pytest.mark.parametrize("unit", ["call", "token"])
+async def test_a_cache_hit_through_set_llm_cache_async_and_batch(pf_world, global_cache, unit):
+    async with AsyncPaymentStream(
+        pf_world.aclient, pf_world.provider.agent_id, "0.01", budget="1"
+    ) as s:
+        handler = MeteredCallbackHandler(s, unit=unit)
+        model = _model(callbacks=[handler])
+        await model.ainvoke("hi")
+        await model.ainvoke("hi")
+        model.batch(["hi", "hi"])
+        assert model.calls == 1 and handler.cache_hits == 3
+    assert s.receipt.units == (1 if unit == "call" else 4)
+    await pf_world.aclient.aclose()
+
+
+def test_cache_hits_billed_when_asked(pf_world, global_cache):
+    """``bill_cache_hits=True``: a cached answer costs what it cost the first time (for a
+    reseller whose price does not depend on its own cache)."""
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
+        handler = MeteredCallbackHandler(s, unit="token", bill_cache_hits=True)
+        model = _model(callbacks=[handler])
+        model.invoke("hi")
+        model.invoke("hi")
+        assert model.calls == 1 and handler.calls == 2 and handler.cache_hits == 0
+    assert s.receipt.units == 8
+
+
+def test_stream_bypasses_the_cache_and_is_billed(pf_world, global_cache):
+    """LangChain's ``stream()`` never reads the LLM cache: each stream is a real request."""
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
+        handler = MeteredCallbackHandler(s)
+        model = _model(callbacks=[handler])
+        model.invoke("hi")
+        list(model.stream("hi"))
+        assert model.calls == 2 and handler.cache_hits == 0
+    assert s.receipt.units == 2
+
+
+# -- abandoned streams: billed what came back -----------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["call", "token"])
+def test_a_stream_abandoned_after_one_chunk_is_billed_what_came(pf_world, unit):
+    """The usage would come on the last chunk, which the caller never reads: the call is
+    billed by ``on_missing_usage`` on what came back — per call, one unit; per token, the
+    estimate of the prompt (6) and of the first chunk "four " (5 characters: 2)."""
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
+        handler = MeteredCallbackHandler(s, unit=unit)
+        model = ScriptedChatModel(script=[ANSWER], callbacks=[handler])
+        for chunk in model.stream(PROMPT):
+            assert chunk.content == "four "
+            break
+        assert handler.abandoned == 1 and handler.calls == 1 and handler.pending_calls == 0
+        if unit == "token":
+            assert (handler.input_tokens, handler.output_tokens) == (6, 2)
+    assert s.receipt.units == (1 if unit == "call" else 8)
+
+
+async def test_an_abandoned_astream_is_billed_when_closed(pf_world):
+    """``async for ... break`` leaves the generator to the event loop's finaliser;
+    ``contextlib.aclosing`` closes it at the ``break``, and the call is billed then."""
+    from contextlib import aclosing
+
+    async with AsyncPaymentStream(
+        pf_world.aclient, pf_world.provider.agent_id, "0.01", budget="1"
+    ) as s:
+        handler = MeteredCallbackHandler(
+            s, unit="token", on_missing_usage="per_call", per_call_tokens=(50, 50)
+        )
+        model = ScriptedChatModel(script=[ANSWER], callbacks=[handler])
+        async with aclosing(model.astream(PROMPT)) as chunks:
+            async for _chunk in chunks:
+                break
+        assert handler.abandoned == 1 and handler.pending_calls == 0
+    assert s.receipt.units == 100
+    await pf_world.aclient.aclose()
+
+
+class _EarlyUsageModel(ScriptedChatModel):
+    """Reports the input tokens on its first chunk (as Anthropic's message_start does) and
+    the output tokens on its last."""
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+        from langchain_core.messages import AIMessageChunk
+        from langchain_core.outputs import ChatGenerationChunk
+
+        for i, chunk in enumerate(super()._stream(messages, stop, run_manager, **kwargs)):
+            if i == 0:
+                early = {"input_tokens": 7, "output_tokens": 0, "total_tokens": 7}
+                message = AIMessageChunk(content=chunk.message.content, usage_metadata=early)
+                yield ChatGenerationChunk(message=message)
+            else:
+                yield chunk
+
+
+def test_an_abandoned_stream_is_billed_the_usage_reported_so_far(pf_world):
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
+        handler = MeteredCallbackHandler(s, unit="token")
+        model = _EarlyUsageModel(script=[ANSWER], usage=False, callbacks=[handler])
+        next(iter(model.stream(PROMPT)))  # read one chunk, drop the generator
+        assert handler.abandoned == 1 and handler.estimated_tokens == 0
+        assert (handler.input_tokens, handler.output_tokens) == (7, 0)
+    assert s.receipt.units == 7
+
+
+def test_a_stream_that_fails_midway_costs_nothing(pf_world):
+    class Failing(ScriptedChatModel):
+        def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+            for i, chunk in enumerate(super()._stream(messages, stop, run_manager, **kwargs)):
+                if i == 1:
+                    raise RuntimeError("provider dropped the stream")
+                yield chunk
+
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.01", budget="1") as s:
+        per_call = MeteredCallbackHandler(s)
+        per_token = MeteredCallbackHandler(s, unit="token")
+        model = Failing(script=[ANSWER, ANSWER], callbacks=[per_call, per_token])
+        with pytest.raises(RuntimeError, match="dropped"):
+            list(model.stream(PROMPT))
+        assert per_call.calls == per_token.calls == 0 and per_call.pending_calls == 0
+    assert s.receipt.units == 0
 
 
 def test_handler_repr_shows_counts_not_secrets(pf_world):

@@ -19,6 +19,8 @@ ROOT = Path(pf_metered.__file__).parent
 # (pattern, the only module allowed to use it (relative to the package), why)
 RULES: list[tuple[str, str | None, str]] = [
     (r"(?<![.\w])(?:stream|s|st|streams?\[\w+\])\._[a-z]\w*", None, "a stream's private attribute"),
+    (r"(?<![.\w])\w*stream\w*\._[a-z]\w*", None, "a private attribute of a *stream* variable"),
+    (r"(?<!pf_metered)\.\w*stream\w*\._[a-z]\w*", None, "a private attribute of a held stream"),
     (r"(?<!self)\._meter\b", None, "a stream's private meter"),
     (r"\._committed\b", None, "the stream's old private wake-up"),
     (r"\b_Record\b", "meter/store.py", "the in-memory store's private record"),
@@ -68,6 +70,9 @@ def test_the_rules_catch_what_they_name() -> None:
     samples = [
         "meter = stream._meter",
         "s._committed(total)",
+        "self.stream._committed(total)",  # the handler's old probe, through its attribute
+        "woken = self.input_stream._woken",
+        "output_stream._store.add(n)",
         "if isinstance(counter, _Record):",
         "for store in list(sqlite_mod._LIVE):",
         'woken = getattr(stream, "_committed", None)',
@@ -75,3 +80,30 @@ def test_the_rules_catch_what_they_name() -> None:
     ]
     for sample in samples:
         assert any(re.search(p, sample) for p, _, _ in RULES), sample
+
+
+def _reaches(path: Path) -> list[str]:
+    return [
+        match.group(0)
+        for _, text in _code_lines(path)
+        for pattern, _, _ in RULES
+        for match in re.finditer(pattern, text)
+    ]
+
+
+def test_a_probe_in_the_callback_handler_would_be_caught(tmp_path: Path) -> None:
+    """Issue 15 item 2: the handler once probed the stream's ``_committed``. Its source with
+    such probes put back (in code, past its docstrings) fails the scan; as it is, it passes."""
+    source = (ROOT / "langchain" / "callbacks.py").read_text(encoding="utf-8")
+    assert _reaches(ROOT / "langchain" / "callbacks.py") == []
+    probes = [
+        "        self.stream._committed(total)\n",
+        '        woken = getattr(self.stream, "_committed", None)\n',
+        "        left = self.output_stream._meter.units_left()\n",
+    ]
+    anchor = "        prompt = [m for batch in messages for m in batch]\n"
+    assert anchor in source
+    for probe in probes:
+        probed = tmp_path / "callbacks.py"
+        probed.write_text(source.replace(anchor, anchor + probe), encoding="utf-8")
+        assert _reaches(probed), probe
