@@ -65,11 +65,8 @@ def market_price(symbol: str) -> str:
 
 
 def _figures(message: ToolMessage) -> dict[str, Any]:
-    """A pay tool's answer as figures: its structured artifact if it has one, else its JSON."""
-    if isinstance(message.artifact, dict):
-        return message.artifact
-    figures = json.loads(str(message.content))
-    return figures if isinstance(figures, dict) else {}
+    """A pay tool's figures: its artifact (the content is the sentence the model reads)."""
+    return message.artifact if isinstance(message.artifact, dict) else {}
 
 
 def _last_stream_id(messages: Sequence[BaseMessage]) -> str:

@@ -18,7 +18,6 @@ deprecation warning asserted, not silenced.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
@@ -63,13 +62,11 @@ def weather(city: str) -> str:
 
 
 def answer(message: ToolMessage) -> dict[str, Any]:
-    """A pay tool's answer as figures: its structured artifact when the tool gives one
-    (``response_format="content_and_artifact"``), else the JSON text of its content."""
-    if isinstance(message.artifact, dict):
-        return message.artifact
-    figures = json.loads(str(message.content))
-    assert isinstance(figures, dict), message.content
-    return figures
+    """A pay tool's answer as figures: its artifact (``response_format="content_and_artifact"``:
+    the content is the sentence the model reads, the artifact the figures a program reads)."""
+    assert isinstance(message.artifact, dict), f"{message.name} answered without an artifact"
+    assert isinstance(message.content, str) and not message.content.startswith("{")
+    return message.artifact
 
 
 def _answer_of(messages: Sequence[BaseMessage], name: str, key: str) -> str:
@@ -163,7 +160,8 @@ def check_pay_run(
 
     refused, opened = by_name["stream_open"]
     assert refused.status == "error" and "escrow_override: not an argument" in refused.content
-    assert opened.status != "error"
+    assert answer(refused)["error"] == "invalid_argument"
+    assert opened.status != "error" and answer(opened)["units"] == 0
     assert [m.status for m in by_name["weather"]] == ["success"] * 12
     assert sorted(str(m.content) for m in by_name["weather"]) == sorted(
         f"sunny in city{i}" for i in range(12)
@@ -189,6 +187,7 @@ def check_pay_run(
     (closed,) = by_name["stream_close"]
     receipt = answer(closed)
     assert receipt["units"] == 17  # 12 paid calls + 5 recorded, at 0.02
+    assert receipt["stream_id"] == answer(opened)["stream_id"] == answer(status)["stream_id"]
     figures = {k: Decimal(receipt[k]) for k in ("paid", "fee", "provider_net", "refunded")}
     assert figures == {
         "paid": Decimal("0.34"),
@@ -197,7 +196,9 @@ def check_pay_run(
         "refunded": Decimal("1.16"),
     }
     (streams,) = by_name["stream_list"]
-    assert "closed" in str(streams.content) and receipt["stream_id"] in str(streams.content)
+    (row,) = answer(streams)["streams"]
+    assert row["stream_id"] == receipt["stream_id"] and row["status"] == "closed"
+    assert row["units"] == 17 and Decimal(row["paid"]) == Decimal("0.34")
     (escrows,) = by_name["escrow_list"]
     listed = {e["escrow_id"] for e in answer(escrows)["escrows"]}
     assert listed == {escrow_id, receipt["escrow_id"]}  # both ended refunded (in part)
