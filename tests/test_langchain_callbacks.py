@@ -477,6 +477,25 @@ async def test_an_abandoned_astream_is_billed_when_closed(pf_world):
     await pf_world.aclient.aclose()
 
 
+async def test_an_async_break_alone_bills_nothing_until_the_generator_is_closed(pf_world):
+    """What happens without ``aclosing``: ``break`` leaves the async generator open (its unit
+    still reserved, nothing billed) until it is closed — here by hand, else by the event loop
+    whenever it finalises it."""
+    async with AsyncPaymentStream(
+        pf_world.aclient, pf_world.provider.agent_id, "0.01", budget="1"
+    ) as s:
+        handler = MeteredCallbackHandler(s)
+        model = ScriptedChatModel(script=[ANSWER], callbacks=[handler])
+        chunks = model.astream(PROMPT)
+        async for _chunk in chunks:
+            break
+        assert handler.pending_calls == 1 and handler.abandoned == 0 and handler.calls == 0
+        await chunks.aclose()
+        assert handler.pending_calls == 0 and handler.abandoned == 1 and handler.calls == 1
+    assert s.receipt.units == 1
+    await pf_world.aclient.aclose()
+
+
 class _EarlyUsageModel(ScriptedChatModel):
     """Reports the input tokens on its first chunk (as Anthropic's message_start does) and
     the output tokens on its last."""
