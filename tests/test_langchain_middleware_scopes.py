@@ -569,3 +569,85 @@ def test_a_tight_budget_with_tool_call_limit_counts_only_calls_that_will_run(pf_
         units = 1
     assert s.receipt is not None and s.receipt.units == units
     _check_totals(pf_world, _paid("0.1", units))
+
+
+# ------------------------------------------------- what a run that did not finish leaves
+
+
+@pytest.mark.parametrize("exit_behavior", ["end", "error"])
+def test_a_payer_who_cannot_lock_the_budget_ends_the_run_before_the_model(exit_behavior):
+    from pf_metered.errors import InsufficientFunds
+    from pf_metered.sandbox import Sandbox
+
+    sandbox = Sandbox()
+    payer, provider = sandbox.add_agent(balance="0.50"), sandbox.add_agent()
+    client = sandbox.client(payer.api_key)
+    model = ScriptedChatModel()
+    meter = MeteredMiddleware(
+        open_stream=lambda key: PaymentStream(client, provider.agent_id, "0.01", budget="1.00"),
+        exit_behavior=exit_behavior,
+    )
+    agent = create_agent(model, [weather], middleware=[meter])
+    if exit_behavior == "error":
+        with pytest.raises(InsufficientFunds):
+            agent.invoke({"messages": [("human", "hi")]})
+    else:
+        state = agent.invoke({"messages": [("human", "hi")]})
+        said = state["messages"][-1].content
+        assert said.startswith("No payment stream could be opened") and "1.00 USDC" in said
+        assert _bill(state)["stopped"] == said and _bill(state)["units_left"] == 0
+        assert _bill(state)["receipt"] is None and _bill(state)["escrow_id"] is None
+    assert model.calls == 0 and meter.open_streams() == {}
+    assert sandbox.balance(payer.agent_id) == Decimal("0.50")
+    sandbox.audit()
+    client.close()
+    sandbox.close()
+
+
+def test_a_run_that_raises_leaves_its_stream_listed_and_close_all_pays_it(pf_world):
+    """A model error ends the run before after_agent: the middleware cannot know whether an
+    outer middleware retries it, so the stream stays open, listed, and close_all settles it."""
+    opened: list[PaymentStream] = []
+
+    def flaky(messages: Any) -> AIMessage:
+        raise RuntimeError("the model's host is down")
+
+    model = ScriptedChatModel(script=[*_asks(1), flaky])
+    meter = MeteredMiddleware(
+        open_stream=_sync_opener(pf_world, "0.01", "1.00", opened), tools="all"
+    )
+    agent = create_agent(model, [weather], middleware=[meter])
+    with pytest.raises(RuntimeError, match="host is down"):
+        agent.invoke({"messages": [("human", "weather")]})
+    assert list(meter.open_streams().values()) == opened and opened[0].is_open
+    (receipt,) = meter.close_all()
+    assert receipt.units == 2  # the first model call and its tool call; the failed call: 0
+    assert meter.open_streams() == {}
+    _check_escrow(pf_world, receipt.escrow_id or "", "0.01", 2, "1.00")
+    _check_totals(pf_world, Decimal("0.02"))
+
+
+def test_a_stream_abandoned_midway_is_settled_by_close_all(pf_world):
+    opened: list[PaymentStream] = []
+    model = ScriptedChatModel(script=_asks(5))
+    meter = MeteredMiddleware(open_stream=_sync_opener(pf_world, "0.01", "1.00", opened))
+    agent = create_agent(model, [weather], middleware=[meter])
+    for _chunk in agent.stream({"messages": [("human", "weather")]}, stream_mode="messages"):
+        break  # the consumer leaves after the first answer's first chunk
+    assert model.calls == 1 and opened[0].is_open
+    (receipt,) = meter.close_all()
+    assert receipt.units == 1  # the answer was generated: it is paid
+    _check_totals(pf_world, Decimal("0.01"))
+
+
+def test_a_sub_micro_cost_is_shown_exactly(pf_world):
+    with PaymentStream(
+        pf_world.client, pf_world.provider.agent_id, "0.0000005", budget="1.00"
+    ) as stream:
+        agent = create_agent(
+            ScriptedChatModel(script=_asks(2)), [weather], middleware=[MeteredMiddleware(stream)]
+        )
+        state = agent.invoke({"messages": [("human", "weather")]})
+    assert _bill(state)["units"] == 3 and _bill(state)["cost"] == "0.0000015"
+    assert stream.receipt is not None and stream.receipt.paid == Decimal("0.000002")  # half-up
+    _check_totals(pf_world, Decimal("0.000002"))

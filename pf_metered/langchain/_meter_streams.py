@@ -18,7 +18,16 @@ conversation is many runs (one per user turn). Closing after every run would loc
 escrow and refund the old one per turn (two requests, and on the deployed dialect a minimum
 escrow and a commission each time), and would hand every turn a fresh budget, which is no
 thread budget at all. What stays open is listed by ``open_streams()`` and closed by
-``close_all()``; each run's state still shows what it cost and what is left.
+``close_all()``; each run's state still shows what it cost and what is left. An
+``AsyncPaymentStream`` lives on the event loop that opened it: a thread's async stream serves
+runs on that loop, and ``aclose_all()`` must be awaited there.
+
+A run that never reaches ``after_agent`` (an exception out of ``invoke``, a consumer that
+stops iterating ``stream()``) leaves its per-run stream open: the middleware cannot tell a
+run that died from one an outer middleware will retry. It stays listed by ``open_streams()``
+and ``close_all()`` settles it (counted work paid, the rest refunded). A payer whose balance
+cannot lock the budget ends the run before the model runs (``exit_behavior="end"``), with a
+message saying so; nothing is locked.
 
 A run's **bill** (:class:`RunBill`) lives in memory under a key that ``before_agent`` writes
 into the state, so concurrent runs on one middleware never share one; ``after_agent`` removes
@@ -36,6 +45,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import Any, Literal
 
+from pf_metered.errors import InsufficientFunds
 from pf_metered.langchain._meter_pricing import MeterConfigError
 from pf_metered.meter.receipt import Receipt
 from pf_metered.money import MICRO, format_usdc
@@ -225,8 +235,13 @@ class StreamSource:
             )
         return found
 
-    def start(self, runtime: Any) -> RunBill:
-        """A run starts on a sync graph: find or open its stream, begin its bill."""
+    def start(self, runtime: Any, *, end_if_unfunded: bool) -> RunBill:
+        """A run starts on a sync graph: find or open its stream, begin its bill.
+
+        ``end_if_unfunded``: when the payer's balance cannot lock an opened stream's budget
+        (``InsufficientFunds``), the bill says so in ``stopped`` (the run ends before the
+        model runs) instead of the error leaving ``invoke``.
+        """
         key = uuid.uuid4().hex
         stream, owned, needs_open, thread = self._find(runtime, key)
         if needs_open:
@@ -237,19 +252,45 @@ class StreamSource:
                     "returned an AsyncPaymentStream, which opens only on an event loop: run "
                     "the agent with ainvoke/astream, or return a PaymentStream",
                 )
-            stream.open()
+            try:
+                stream.open()
+            except InsufficientFunds as exc:
+                return self._unfunded(key, stream, thread, exc, end_if_unfunded)
+            except BaseException:
+                self._forget(key, stream)
+                raise
         return self._begin(key, stream, owned, thread)
 
-    async def astart(self, runtime: Any) -> RunBill:
+    async def astart(self, runtime: Any, *, end_if_unfunded: bool) -> RunBill:
         """Async twin of :meth:`start` (a sync stream opens on a worker thread)."""
         key = uuid.uuid4().hex
         stream, owned, needs_open, thread = self._find(runtime, key)
         if needs_open:
-            if isinstance(stream, AsyncPaymentStream):
-                await stream.open()
-            else:
-                await asyncio.to_thread(stream.open)
+            try:
+                if isinstance(stream, AsyncPaymentStream):
+                    await stream.open()
+                else:
+                    await asyncio.to_thread(stream.open)
+            except InsufficientFunds as exc:
+                return self._unfunded(key, stream, thread, exc, end_if_unfunded)
+            except BaseException:
+                self._forget(key, stream)
+                raise
         return self._begin(key, stream, owned, thread)
+
+    def _unfunded(
+        self, key: str, stream: Stream, thread: str | None, exc: InsufficientFunds, end: bool
+    ) -> RunBill:
+        self._forget(key, stream)  # nothing was locked; the next run tries again
+        if not end:
+            raise exc
+        bill = self._begin(key, stream, True, thread)
+        bill.stopped = (
+            f"No payment stream could be opened: the payer's balance cannot lock its budget "
+            f"of {format_usdc(int(stream.budget * MICRO))} USDC ({exc}); the run ended before "
+            "the model ran. Top up the payer's balance, or give the stream a smaller budget."
+        )
+        return bill
 
     def _begin(self, key: str, stream: Stream, owned: bool, thread: str | None) -> RunBill:
         bill = RunBill(key, stream, owned, thread)
@@ -262,7 +303,7 @@ class StreamSource:
 
     # ------------------------------------------------------------------- a run ends
     def _closes_at_end(self, bill: RunBill) -> bool:
-        return bill.owned and self.budget_per == "run" and not bill.stream.closed
+        return bill.owned and self.budget_per == "run" and bill.stream.is_open
 
     def finish(self, bill: RunBill) -> dict[str, Any]:
         """The run ended (sync): close what it opened; its view for the state."""
@@ -313,7 +354,7 @@ class StreamSource:
             "units": bill.units,
             "cost": _cost(stream, bill.units),
             "unpaid_units": bill.unpaid_units,
-            "units_left": 0 if stream.closed else stream.units_left,
+            "units_left": stream.units_left if stream.is_open else 0,
             "stopped": bill.stopped,
             "closed": stream.closed,
             "receipt": None if receipt is None else receipt_view(receipt),

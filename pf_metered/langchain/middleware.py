@@ -255,17 +255,25 @@ class MeteredMiddleware(AgentMiddleware[MeteredState, Any, Any]):
         return receipts
 
     # ----------------------------------------------------------------- run lifecycle
+    def _started(self, bill: RunBill) -> dict[str, Any]:
+        update: dict[str, Any] = {_RUN_KEY: {self._name: bill.key}}
+        if bill.stopped is not None:  # no stream could be opened: end before the model
+            update.update(jump_to="end", messages=[AIMessage(bill.stopped)])
+        return update
+
+    @hook_config(can_jump_to=["end"])
     def before_agent(self, state: MeteredState, runtime: Runtime[Any]) -> dict[str, Any] | None:
         """Find (or open) this run's stream and start its bill."""
-        bill = self._source.start(runtime)
-        return {_RUN_KEY: {self._name: bill.key}}
+        end = self.exit_behavior == "end"
+        return self._started(self._source.start(runtime, end_if_unfunded=end))
 
+    @hook_config(can_jump_to=["end"])
     async def abefore_agent(
         self, state: MeteredState, runtime: Runtime[Any]
     ) -> dict[str, Any] | None:
         """Async twin of :meth:`before_agent`."""
-        bill = await self._source.astart(runtime)
-        return {_RUN_KEY: {self._name: bill.key}}
+        end = self.exit_behavior == "end"
+        return self._started(await self._source.astart(runtime, end_if_unfunded=end))
 
     def after_agent(self, state: MeteredState, runtime: Runtime[Any]) -> dict[str, Any] | None:
         """Close what this run opened; put the run's bill (and receipt) in the state."""
