@@ -408,8 +408,11 @@ def test_stacks_with_tool_call_limit_in_either_order(pf_world, ours_first, limit
 # ---------------------------------------------- every way to run × every way to price
 
 
-def _drive(agent: Any, how: str, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Run the agent as ``how`` says; the final state and the number of messages streamed."""
+def _drive(
+    agent: Any, how: str, inputs: dict[str, Any], aclients: list[Any]
+) -> tuple[dict[str, Any], int]:
+    """Run the agent as ``how`` says; the final state and the number of messages streamed.
+    Async runs close the async clients their streams used, on their own loop."""
     if how == "invoke":
         return agent.invoke(inputs), 0
     if how == "stream":
@@ -421,14 +424,18 @@ def _drive(agent: Any, how: str, inputs: dict[str, Any]) -> tuple[dict[str, Any]
         return final, chunks
 
     async def run() -> tuple[dict[str, Any], int]:
-        if how == "ainvoke":
-            return await agent.ainvoke(inputs), 0
-        final, chunks = None, 0
-        async for mode, item in agent.astream(inputs, stream_mode=["messages", "values"]):
-            chunks += mode == "messages"
-            final = item if mode == "values" else final
-        assert final is not None
-        return final, chunks
+        try:
+            if how == "ainvoke":
+                return await agent.ainvoke(inputs), 0
+            final, chunks = None, 0
+            async for mode, item in agent.astream(inputs, stream_mode=["messages", "values"]):
+                chunks += mode == "messages"
+                final = item if mode == "values" else final
+            assert final is not None
+            return final, chunks
+        finally:
+            for client in aclients:
+                await client.aclose()
 
     return asyncio.run(run())
 
@@ -456,18 +463,28 @@ def expected_units(pricing: str, state: dict[str, Any]) -> int:
 
 def run_case(world: Any, how: str, pricing: str) -> dict[str, Any]:
     """One agent run on a stream the middleware opens for it (sync streams for sync runs,
-    async for async); its bill, the units its messages account for, and what it streamed."""
+    async for async); its bill, the units its messages account for, and what it streamed.
+    The model asks for three lookups at once (run in parallel), then one more."""
     asynchronous = how.startswith("a")
+    aclients: list[Any] = []
 
     def factory(key: str) -> PaymentStream | AsyncPaymentStream:
-        cls = AsyncPaymentStream if asynchronous else PaymentStream
-        client = world.sandbox.async_client(world.payer.api_key) if asynchronous else world.client
-        return cls(client, world.provider.agent_id, "0.001", budget="1.00", batch=25)
+        if not asynchronous:
+            return PaymentStream(
+                world.client, world.provider.agent_id, "0.001", budget="1.00", batch=25
+            )
+        aclients.append(world.sandbox.async_client(world.payer.api_key))
+        return AsyncPaymentStream(
+            aclients[-1], world.provider.agent_id, "0.001", budget="1.00", batch=25
+        )
 
-    model = ScriptedChatModel(script=_asks(2))
+    batch = AIMessage("", tool_calls=[tool_call("weather", city=c) for c in ("x", "y", "z")])
+    model = ScriptedChatModel(script=[batch, *_asks(1)])
     meter = MeteredMiddleware(open_stream=factory, **PRICINGS[pricing])
     agent = create_agent(model, [weather], middleware=[meter])
-    state, chunks = _drive(agent, how, {"messages": [("human", "weather in two cities")]})
+    state, chunks = _drive(
+        agent, how, {"messages": [("human", "weather in four cities")]}, aclients
+    )
     bill = _bill(state)
     return {"bill": bill, "expected": expected_units(pricing, state), "chunks": chunks}
 
@@ -483,7 +500,7 @@ def test_every_mode_and_pricing_bills_exactly_on_the_ledger(pf_world, how, prici
     if pricing == "per-call":
         assert units == 3
     if pricing == "tool-call":
-        assert units == 10
+        assert units == 20  # 4 lookups × 5 units, three of them in parallel
     paid = _paid("0.001", units)
     assert Decimal(bill["receipt"]["paid"]) == paid
     _check_escrow(pf_world, bill["escrow_id"], "0.001", units, "1.00")
