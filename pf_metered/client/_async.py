@@ -80,13 +80,33 @@ class AsyncEscrowClient(BaseEscrowClient):
         self._real_sleep = _sleep is None
         self._transport_arg = transport
         self._probe_shared = transport is None  # a client of its own transport probes alone
-        self._http = httpx.AsyncClient(
-            transport=transport,
+        self._http = self._new_pool()
+        self._http_loop: asyncio.AbstractEventLoop | None = None
+
+    def _new_pool(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=self._transport_arg,
             timeout=self._timeout,
             trust_env=trust_env_for(self._base_url),  # never a proxy for http or loopback
             follow_redirects=False,
             headers=self._default_headers(),
         )
+
+    def _pool(self) -> httpx.AsyncClient:
+        """The HTTP pool for the running loop.
+
+        Why per loop: httpx's pooled connections belong to the loop that opened them, and a
+        request from another loop fails on them ("Event loop is closed") — say the client is
+        used in one ``asyncio.run`` and a stream is closed in the next. A new loop gets a new
+        pool; the old one is left to its loop (it cannot be closed from this one).
+        """
+        loop = asyncio.get_running_loop()
+        if self._http_loop is None:
+            self._http_loop = loop
+        elif loop is not self._http_loop:
+            self._http_loop = loop
+            self._http = self._new_pool()
+        return self._http
 
     # -- the driver ----------------------------------------------------------------------
 
@@ -113,7 +133,7 @@ class AsyncEscrowClient(BaseEscrowClient):
 
     async def _send(self, spec: RequestSpec, at: float) -> Answer | Exception:
         left = max(at - time.monotonic(), 0.001)
-        request = self._http.build_request(
+        request = self._pool().build_request(
             spec.method,
             self._url(spec),
             headers=self._headers(spec),
@@ -131,7 +151,7 @@ class AsyncEscrowClient(BaseEscrowClient):
 
     async def _exchange_io(self, request: httpx.Request) -> Answer | Exception:
         try:
-            response = await self._http.send(request, stream=True)
+            response = await self._pool().send(request, stream=True)
             try:
                 body = BodyCollector(response.headers)
                 if not body.too_large:
@@ -248,8 +268,9 @@ class AsyncEscrowClient(BaseEscrowClient):
     # -- lifetime ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the connection pool. The client cannot be used afterwards."""
-        await self._http.aclose()
+        """Close the connection pool (of this loop). The client cannot be used afterwards."""
+        if self._http_loop is None or self._http_loop is asyncio.get_running_loop():
+            await self._http.aclose()
 
     async def __aenter__(self) -> AsyncEscrowClient:
         return self
