@@ -14,9 +14,14 @@ reconciles it by its idempotency key — closing the stream, refunding the escro
 why it cannot (a service with no listing and no refund hands such an escrow back by itself
 at its timeout).
 
+An async stream's I/O runs on an event loop, never in sync code: a sync caller (``close_all``,
+a sync ``stream_close``) hands its close to the loop that opened it when that loop is running in
+another thread, or — the loop is gone, as after ``asyncio.run(agent.ainvoke(...))`` — runs it on
+a private loop in a worker thread (:func:`run_async_close`). Only a sync close on the very loop
+that opened the stream is refused: it would wait on itself.
+
 What this module must never do: hold a lock across I/O, expose the API key (``repr`` names
-no secret), or hand a stream to a caller of the other colour (an async stream's close is never
-run from sync code).
+no secret), or block the event loop that opened a stream on that stream's own close.
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pf_metered.errors import AmbiguousOutcome, NotFound, PFMeteredError
+from pf_metered.errors import AmbiguousOutcome, ConfigError, NotFound, PFMeteredError
 from pf_metered.money import Rate, format_usdc
 from pf_metered.tools.caps import Caps
 from pf_metered.tools.errors import ToolError, unknown_provider
@@ -43,9 +48,18 @@ if TYPE_CHECKING:
     from pf_metered.models import Escrow
     from pf_metered.stream import AsyncPaymentStream, PaymentStream
 
-__all__ = ["PendingCreate", "StreamEntry", "ToolContext"]
+__all__ = ["PendingCreate", "StreamEntry", "ToolContext", "run_async_close"]
 
 log = logging.getLogger("pf_metered.tools")
+
+T = TypeVar("T")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 @dataclass(slots=True, eq=False)
@@ -62,10 +76,70 @@ class StreamEntry:
     receipt: Receipt | None = None
     closing: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    loop: asyncio.AbstractEventLoop | None = None
+    """The event loop an async stream was opened on (its sender task lives there)."""
 
     @property
     def escrow_id(self) -> str | None:
         return self.stream.escrow_id
+
+
+def run_async_close(
+    loop: asyncio.AbstractEventLoop | None, make: Callable[[], Awaitable[T]], *, what: str
+) -> T:
+    """Run ``make()`` — the close of ``what``, an async stream opened on ``loop`` — to its end
+    from sync code, and return its result.
+
+    On the stream's own loop when that loop runs in another thread (its sender task and locks
+    live there); on a private loop in a worker thread when it is gone or idle (the usual case:
+    ``asyncio.run(agent.ainvoke(...))`` returned, then ``close_all()``). Called on the stream's
+    own running loop it raises ``ConfigError``: waiting there would wait on itself.
+    """
+    here = _running_loop()
+    if loop is not None and loop is here:
+        raise ConfigError(
+            f"{what} was opened on the event loop this sync call runs on; a sync close would "
+            "block that loop on itself: await aclose_all() (or call the tool async) there"
+        )
+    if loop is not None and loop.is_running() and not loop.is_closed():
+
+        async def on_its_loop() -> T:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(on_its_loop(), loop).result()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def private_loop() -> None:
+        async def run() -> T:
+            return await make()
+
+        try:
+            outcome.append(asyncio.run(run()))
+        except BaseException as exc:  # handed to the caller's thread below
+            failure.append(exc)
+
+    worker = threading.Thread(target=private_loop, name="pf-metered-async-close")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+async def await_on_loop(
+    loop: asyncio.AbstractEventLoop | None, make: Callable[[], Awaitable[T]]
+) -> T:
+    """Await ``make()`` — the close of an async stream opened on ``loop`` — from async code on
+    any loop: on the stream's own loop when that one runs in another thread, else right here."""
+    here = asyncio.get_running_loop()
+    if loop is not None and loop is not here and loop.is_running() and not loop.is_closed():
+
+        async def on_its_loop() -> T:
+            return await make()
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_its_loop(), loop))
+    return await make()
 
 
 @dataclass(slots=True, eq=False)
@@ -305,6 +379,7 @@ class ToolContext:
             if handle is None:
                 handle = f"s{next(self._ids)}"
             entry = StreamEntry(handle, stream, provider, rate, budget_micro, max_units, is_async)
+            entry.loop = _running_loop() if is_async else None
             self._streams[handle] = entry
             self._opening -= 1
         self.book.stream_opened(
@@ -333,6 +408,7 @@ class ToolContext:
         (resumed from its journal by :mod:`pf_metered.tools.restore`); the book has its row."""
         with self._lock:
             entry = StreamEntry(handle, stream, provider, rate, budget_micro, max_units, is_async)
+            entry.loop = _running_loop() if is_async else None
             self._streams[handle] = entry
             self._locked_micro += budget_micro
         return entry
@@ -345,7 +421,9 @@ class ToolContext:
         if found is None:
             listing = ", ".join(known[-10:]) if known else "none yet; open one with stream_open"
             raise ToolError(
-                f"Unknown stream {stream_id!r}. Known streams: {listing}.", kind="unknown_stream"
+                f"Unknown stream {stream_id!r}: no stream of that id was opened in this "
+                f"conversation. Known streams: {listing}.",
+                kind="unknown_stream",
             )
         return found
 
@@ -397,18 +475,27 @@ class ToolContext:
 
         A stream is opened again (the same key finds its escrow) and closed: what it did not
         use is refunded. An escrow is looked up the same way and refunded (the agent never
-        learned of it, so it would otherwise go to the provider at auto-release). Async
-        streams need :meth:`asettle_pending`.
+        learned of it, so it would otherwise go to the provider at auto-release). An async
+        stream is settled on a private loop (:func:`run_async_close`).
         """
         for pending in self.pending_creates():
             try:
-                if pending.stream is not None:
-                    from pf_metered.stream import PaymentStream
+                stream = pending.stream
+                if stream is not None:
+                    from pf_metered.stream import AsyncPaymentStream
 
-                    if not isinstance(pending.stream, PaymentStream):
-                        continue
-                    pending.stream.open()
-                    self._settled(pending, pending.stream.close().debited_micro)
+                    if isinstance(stream, AsyncPaymentStream):
+
+                        async def settle(s: AsyncPaymentStream = stream) -> Receipt:
+                            await s.open()
+                            return await s.close()
+
+                        what = f"the {pending.tool} for {pending.provider}"
+                        receipt = run_async_close(None, settle, what=what)
+                    else:
+                        stream.open()
+                        receipt = stream.close()
+                    self._settled(pending, receipt.debited_micro)
                 elif self.client is not None:
                     escrow = self.client.create_escrow(
                         pending.provider,
@@ -478,7 +565,9 @@ class ToolContext:
         """Close every stream the agent left open (pay what it used, refund the rest).
 
         Call it when the agent's session ends: an escrow left locked would otherwise go to the
-        provider whole at auto-release. Streams opened asynchronously need :meth:`aclose_all`.
+        provider whole at auto-release. Streams opened asynchronously are closed too, on their
+        own loop or a private one (:func:`run_async_close`); creates that ended ambiguous on an
+        async stream are settled the same way.
         """
         from pf_metered.tools.streams import STREAM_CLOSE
 
@@ -492,7 +581,8 @@ class ToolContext:
         return receipts
 
     async def aclose_all(self) -> list[Receipt]:
-        """:meth:`close_all` for async code (closes sync and async streams alike)."""
+        """:meth:`close_all` for async code (closes sync and async streams alike; an async
+        stream whose loop runs in another thread is closed on that loop)."""
         from pf_metered.tools.streams import STREAM_CLOSE
 
         receipts = []

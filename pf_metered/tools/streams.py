@@ -7,7 +7,8 @@ the operator's caps before anything is locked.
 
 What this module must never do: lock a budget the caps do not allow, close a stream twice,
 count a unit the budget cannot pay (the stream refuses it and the model is told how many are
-left), or run an async stream's I/O from sync code.
+left), or run an async stream's I/O outside an event loop (a sync close hands it to one:
+:func:`~pf_metered.tools.context.run_async_close`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_rate
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 from pf_metered.tools._base import Answer, ToolDefinition
-from pf_metered.tools.context import StreamEntry, ToolContext
+from pf_metered.tools.context import StreamEntry, ToolContext, await_on_loop, run_async_close
 from pf_metered.tools.errors import ToolError
 from pf_metered.tools.schemas import (
     StreamCloseArgs,
@@ -334,16 +335,12 @@ def _close(ctx: ToolContext, args: StreamCloseArgs) -> Answer:
     entry, mine = _begin_close(ctx, args)
     if not mine:
         return _figures(entry)
-    if not isinstance(entry.stream, PaymentStream):
-        entry.closing = False
-        raise ToolError(
-            f"Stream {entry.handle} was opened asynchronously; close it from async code.",
-            kind="config",
-        )
     stream = entry.stream
-    assert isinstance(stream, PaymentStream)
     try:
-        receipt = stream.close()
+        if isinstance(stream, AsyncPaymentStream):  # on its own loop, or a private one
+            receipt = run_async_close(entry.loop, stream.close, what=f"stream {entry.handle}")
+        else:
+            receipt = stream.close()
     except BaseException:
         entry.closing = False
         raise
@@ -357,7 +354,7 @@ async def _aclose(ctx: ToolContext, args: StreamCloseArgs) -> Answer:
     stream = entry.stream
     try:
         if isinstance(stream, AsyncPaymentStream):
-            receipt = await stream.close()
+            receipt = await await_on_loop(entry.loop, stream.close)
         else:
             receipt = await asyncio.to_thread(stream.close)
     except BaseException:
@@ -391,17 +388,13 @@ def _list(ctx: ToolContext, args: StreamListArgs) -> Answer:
         if entry.receipt is not None and not args.include_closed:
             continue
         figures = _figures(entry)
+        # open: what it released so far; closed: where its budget went, as it really is
+        money = ("released",) if entry.receipt is None else ("paid", "refunded", "still_locked")
         rows.append(
             {
                 k: figures[k]
-                for k in (
-                    "stream_id",
-                    "provider",
-                    "status",
-                    "units",
-                    "budget",
-                    "paid" if "paid" in figures else "released",
-                )
+                for k in ("stream_id", "provider", "status", "units", "budget", *money)
+                if k in figures
             }
         )
     return {**ctx.streams_summary(), "streams": rows}
@@ -415,8 +408,10 @@ STREAM_LIST: ToolDefinition[StreamListArgs] = ToolDefinition(
     name="stream_list",
     family="stream",
     description=(
-        "List the payment streams opened in this session, with their status, units and money "
-        "released so far."
+        "List the payment streams opened in this conversation, with their status, units and "
+        "money: released so far for an open stream; paid, refunded and still_locked (held by "
+        "the service until an escrow's timeout) for a closed one. The totals say what is "
+        "locked now, paid and refunded."
     ),
     args_schema=StreamListArgs,
     run=_list,
