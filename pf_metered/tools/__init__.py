@@ -17,6 +17,7 @@ from __future__ import annotations
 from pf_metered.tools._base import Answer, ToolDefinition, render
 from pf_metered.tools.caps import ALL_TOOL_NAMES, Caps
 from pf_metered.tools.context import StreamEntry, ToolContext
+from pf_metered.tools.contexts import DEFAULT_KEY, ToolContexts
 from pf_metered.tools.errors import ToolError, explain, format_validation_error
 from pf_metered.tools.escrow import (
     ESCROW_CREATE,
@@ -38,12 +39,14 @@ from pf_metered.tools.summary import summarize
 
 __all__ = [
     "ALL_TOOL_NAMES",
+    "DEFAULT_KEY",
     "TOOLS",
     "Answer",
     "Book",
     "Caps",
     "StreamEntry",
     "ToolContext",
+    "ToolContexts",
     "ToolDefinition",
     "ToolError",
     "ToolState",
