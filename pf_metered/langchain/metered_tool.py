@@ -7,6 +7,10 @@ agent has not opened one, or its budget cannot pay for the call, the call is ref
 the tool runs with a message saying what to do (``stream_open``, ``stream_close``); a call that
 raises costs nothing.
 
+With a per-conversation toolkit, pass ``context=toolkit.conversations``: each call then pays
+from the stream *its* conversation opened (another thread's stream to the same provider is
+never touched).
+
 For a stream the program opened itself, ``pay_per_call(tool, stream=s)`` does the same;
 ``@metered(stream=s)`` under ``@tool`` also keeps the schema, but a refused call then raises
 ``BudgetExhausted`` out of the tool instead of answering the model.
@@ -20,16 +24,21 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import patch_config
 from langchain_core.tools import BaseTool, ToolException
 from pydantic import ConfigDict, Field
 
 from pf_metered.errors import InvalidInput, PFMeteredError
 from pf_metered.langchain import _units
 from pf_metered.langchain._units import Meterable
+from pf_metered.langchain.conversations import Conversations
 from pf_metered.money import parse_count
 from pf_metered.tools import StreamEntry, ToolContext, explain
 
 __all__ = ["PaidTool", "pay_per_call"]
+
+_NO_CONFIG: RunnableConfig = {}  # never mutated: a call made outside any run
 
 
 class PaidTool(BaseTool):
@@ -38,17 +47,22 @@ class PaidTool(BaseTool):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     inner: BaseTool = Field(exclude=True)
-    context: ToolContext | None = Field(default=None, exclude=True, repr=False)
+    context: ToolContext | Conversations | None = Field(default=None, exclude=True, repr=False)
     provider: str | None = None
     fixed_stream: Any = Field(default=None, exclude=True, repr=False)
     units: int = 1
     handle_tool_error: bool = True
 
-    def _stream(self) -> tuple[Any, str]:
+    def _stream(self, config: RunnableConfig) -> tuple[Any, str]:
         if self.fixed_stream is not None:
             return self.fixed_stream, "the tool's stream"
         assert self.context is not None and self.provider is not None
-        entry: StreamEntry | None = self.context.stream_for(self.provider)
+        ctx = self.context
+        if isinstance(ctx, Conversations):
+            found = ctx.find(config)  # a conversation that opened nothing has no stream
+            entry: StreamEntry | None = None if found is None else found.stream_for(self.provider)
+        else:
+            entry = ctx.stream_for(self.provider)
         if entry is None:
             raise ToolException(
                 f"{self.name} is paid per call: open a payment stream to provider "
@@ -56,8 +70,8 @@ class PaidTool(BaseTool):
             )
         return entry.stream, f"stream {entry.handle}"
 
-    def _reserve(self) -> Any:
-        stream, label = self._stream()
+    def _reserve(self, config: RunnableConfig) -> Any:
+        stream, label = self._stream(config)
         try:
             _units.reserve(stream, self.units)
         except PFMeteredError as exc:
@@ -68,12 +82,16 @@ class PaidTool(BaseTool):
             ) from exc
         return stream
 
-    def _run(self, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any) -> Any:
-        stream = self._reserve()
+    def _run(
+        self,
+        run_manager: CallbackManagerForToolRun | None = None,
+        *,
+        config: RunnableConfig = _NO_CONFIG,
+        **kwargs: Any,
+    ) -> Any:
+        stream = self._reserve(config)
         try:
-            result = self.inner.invoke(
-                kwargs, {"callbacks": run_manager.get_child()} if run_manager else None
-            )
+            result = self.inner.invoke(kwargs, _child(config, run_manager))
         except BaseException:
             _units.cancel(stream, self.units)
             raise
@@ -81,13 +99,15 @@ class PaidTool(BaseTool):
         return result
 
     async def _arun(
-        self, run_manager: AsyncCallbackManagerForToolRun | None = None, **kwargs: Any
+        self,
+        run_manager: AsyncCallbackManagerForToolRun | None = None,
+        *,
+        config: RunnableConfig = _NO_CONFIG,
+        **kwargs: Any,
     ) -> Any:
-        stream = self._reserve()
+        stream = self._reserve(config)
         try:
-            result = await self.inner.ainvoke(
-                kwargs, {"callbacks": run_manager.get_child()} if run_manager else None
-            )
+            result = await self.inner.ainvoke(kwargs, _child(config, run_manager))
         except BaseException:
             _units.cancel(stream, self.units)
             raise
@@ -95,10 +115,21 @@ class PaidTool(BaseTool):
         return result
 
 
+def _child(
+    config: RunnableConfig,
+    run_manager: CallbackManagerForToolRun | AsyncCallbackManagerForToolRun | None,
+) -> RunnableConfig:
+    """The wrapped tool's config: this run's (its conversation, its runtime), with this tool's
+    callbacks as parent."""
+    if run_manager is None:
+        return config
+    return patch_config(config, callbacks=run_manager.get_child())
+
+
 def pay_per_call(
     tool: BaseTool,
     *,
-    context: ToolContext | None = None,
+    context: ToolContext | Conversations | None = None,
     provider: str | None = None,
     stream: Meterable | None = None,
     units: int = 1,
@@ -106,7 +137,8 @@ def pay_per_call(
     """``tool``, paying ``units`` per successful call; refused before it runs if unpaid.
 
     Either ``context`` and ``provider``: the agent pays from the newest stream *it* opened to
-    ``provider`` with ``stream_open`` (pass the toolkit's ``toolkit.tool_context``). Or
+    ``provider`` with ``stream_open`` (pass the toolkit's ``toolkit.tool_context``, or
+    ``toolkit.conversations`` for a per-conversation toolkit). Or
     ``stream``: a stream the program opened. The returned tool has the same name, description
     and arguments as ``tool``; an unpaid call answers with a message the model can act on.
     """

@@ -7,6 +7,11 @@ agent allowed to pay but not to claim the faucet is ``allowed=["escrow", "stream
 toolkit leaves out the agent never sees; what ``caps.allowed_tools`` leaves out is also refused
 at call time, so a tool object built by hand cannot bypass it.
 
+Per conversation: ``conversations=by_thread`` (or any key function of the run's config, e.g.
+``by_context("user_id")``) gives each conversation its own :class:`ToolContext` — its own
+streams, escrows and per-conversation caps — so thread B cannot list or close thread A's stream
+(:mod:`pf_metered.langchain.conversations`).
+
 What this module must never do: build a client the caller did not ask for when one was given,
 or show the key (the context is excluded from ``repr`` and serialisation).
 """
@@ -21,6 +26,11 @@ from pydantic import ConfigDict, Field
 
 from pf_metered.errors import InvalidInput
 from pf_metered.langchain._base import PurpleFleaTool
+from pf_metered.langchain.conversations import (
+    ConversationKey,
+    Conversations,
+    conversation_tool_class,
+)
 from pf_metered.langchain.escrow import (
     EscrowCreateTool,
     EscrowListTool,
@@ -36,7 +46,7 @@ from pf_metered.langchain.streams import (
     StreamRecordTool,
     StreamStatusTool,
 )
-from pf_metered.tools import ALL_TOOL_NAMES, TOOLS, Caps, ToolContext
+from pf_metered.tools import ALL_TOOL_NAMES, TOOLS, Caps, ToolContext, ToolContexts
 
 __all__ = ["TOOL_CLASSES", "PurpleFleaToolkit"]
 
@@ -88,6 +98,12 @@ class PurpleFleaToolkit(BaseToolkit):
     Give ``client`` (an ``EscrowClient``), ``async_client`` (an ``AsyncEscrowClient``), both,
     or a ready ``context``; with none, a client is configured from ``PF_API_KEY``. ``caps``
     bound every call; ``allowed`` narrows the tools by name or family.
+
+    ``conversations``: a key function (``by_thread``, ``by_context("user_id")``) or a ready
+    :class:`Conversations`; then each conversation gets its own context, made from the same
+    clients, ``caps`` and the other keyword arguments (``state=`` a shared
+    :class:`~pf_metered.tools.ToolState`, ``store=``, ``auto_release_hours=``), and
+    :attr:`tool_context` is the context of calls that name no conversation.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -97,6 +113,7 @@ class PurpleFleaToolkit(BaseToolkit):
     caps: Caps | None = None
     allowed: frozenset[str] = Field(default_factory=lambda: frozenset(ALL_TOOL_NAMES))
     context: ToolContext | None = Field(default=None, exclude=True, repr=False)
+    conversations: Conversations | None = Field(default=None, exclude=True, repr=False)
 
     def __init__(
         self,
@@ -106,9 +123,28 @@ class PurpleFleaToolkit(BaseToolkit):
         caps: Caps | None = None,
         allowed: Iterable[str] | None = None,
         context: ToolContext | None = None,
+        conversations: Conversations | ConversationKey | None = None,
         **kwargs: Any,
     ) -> None:
-        if context is None:
+        if conversations is not None:
+            if context is not None:
+                raise InvalidInput(
+                    "context", "give context (one for all) or conversations (one each), not both"
+                )
+            if not isinstance(conversations, Conversations):
+                if client is None and async_client is None:
+                    from pf_metered.client import EscrowClient
+
+                    client = EscrowClient()
+                conversations = Conversations(
+                    ToolContexts(client, async_client, caps=caps, **kwargs), key=conversations
+                )
+            elif caps is not None or kwargs:
+                raise InvalidInput(
+                    "conversations", "already carries its caps; pass caps to ToolContexts"
+                )
+            context = conversations.default
+        elif context is None:
             if client is None and async_client is None:
                 from pf_metered.client import EscrowClient
 
@@ -122,21 +158,37 @@ class PurpleFleaToolkit(BaseToolkit):
             caps=context.caps,
             allowed=resolve_allowed(allowed),
             context=context,
+            conversations=conversations,
         )
 
     @property
     def tool_context(self) -> ToolContext:
-        """The shared context (streams opened by the agent, money locked, caps)."""
+        """The shared context (streams opened by the agent, money locked, caps); per
+        conversation, the context of calls that name no conversation."""
         assert self.context is not None
         return self.context
 
+    def context_for(self, key: str | None) -> ToolContext:
+        """The context of conversation ``key`` (a thread id, a user id), made on first use;
+        without ``conversations``, the one shared context whatever the key."""
+        if self.conversations is None:
+            return self.tool_context
+        return self.conversations.contexts.get(key)
+
     def get_tools(self) -> list[BaseTool]:
-        """The allowed tools (toolkit ``allowed`` and ``caps.allowed_tools``), in a fixed order."""
+        """The allowed tools (toolkit ``allowed`` and ``caps.allowed_tools``), in a fixed order;
+        per conversation, their twins that act on the calling conversation's context."""
         ctx = self.tool_context
-        return [
-            cls(context=ctx)
+        classes = [
+            cls
             for cls in TOOL_CLASSES
             if cls.definition.name in self.allowed and ctx.caps.allows(cls.definition.name)
+        ]
+        if self.conversations is None:
+            return [cls(context=ctx) for cls in classes]
+        return [
+            conversation_tool_class(cls)(context=ctx, conversations=self.conversations)
+            for cls in classes
         ]
 
     def get_tool(self, name: str) -> BaseTool:
