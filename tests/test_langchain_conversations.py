@@ -6,7 +6,6 @@ the embedded sandbox ledger."""
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -45,6 +44,12 @@ def answers(result: dict[str, Any], name: str) -> list[ToolMessage]:
     return [m for m in result["messages"] if isinstance(m, ToolMessage) and m.name == name]
 
 
+def figures(message: ToolMessage) -> dict[str, Any]:
+    """A tool answer's figures: its artifact (the content is a sentence for the model)."""
+    assert isinstance(message.artifact, dict), message
+    return message.artifact
+
+
 def say(*calls: dict[str, Any]) -> AIMessage:
     return AIMessage("", tool_calls=list(calls))
 
@@ -70,19 +75,20 @@ def test_thread_b_cannot_list_or_close_thread_a_stream(pf_world: PFWorld) -> Non
     agent = create_agent(model, toolkit.get_tools(), checkpointer=InMemorySaver())
 
     a1 = agent.invoke({"messages": [("human", "open a stream")]}, thread("A"))
-    assert json.loads(answers(a1, "stream_open")[0].content)["stream_id"] == "s1"
+    assert figures(answers(a1, "stream_open")[0])["stream_id"] == "s1"
 
     b = agent.invoke({"messages": [("human", "close every stream you see")]}, thread("B"))
-    listing = json.loads(answers(b, "stream_list")[0].content)
+    listing = figures(answers(b, "stream_list")[0])
     assert (listing["open_streams"], listing["streams"], listing["locked"]) == (0, [], "0.00")
     [closing] = answers(b, "stream_close")
     assert closing.status == "error"
     assert "Unknown stream 's1'" in closing.content and "this conversation" in closing.content
+    assert closing.artifact == {"error": "unknown_stream", "message": closing.content}
     assert answers(b, "stream_status")[0].status == "error"
     assert pf_world.balance() == Decimal("98.00")  # A's budget is still locked, untouched
 
     a2 = agent.invoke({"messages": [("human", "now close it")]}, thread("A"))
-    receipt = json.loads(answers(a2, "stream_close")[-1].content)
+    receipt = figures(answers(a2, "stream_close")[-1])
     assert (receipt["units"], receipt["paid"], receipt["refunded"]) == (12, "0.12", "1.88")
     assert len(a2["messages"]) == len(a1["messages"]) + 4  # A's history was kept
     assert toolkit.conversations is not None
@@ -121,8 +127,8 @@ def test_by_context_keys_conversations_by_the_runtime_user(pf_world: PFWorld) ->
     other = agent.invoke(
         {"messages": [("human", "list")]}, thread("t3"), context=UserContext("bob")
     )
-    assert json.loads(answers(same, "stream_list")[0].content)["open_streams"] == 1
-    assert json.loads(answers(other, "stream_list")[0].content)["open_streams"] == 0
+    assert figures(answers(same, "stream_list")[0])["open_streams"] == 1
+    assert figures(answers(other, "stream_list")[0])["open_streams"] == 0
     assert toolkit.context_for("ann").entries()[0].handle == "s1"
     assert toolkit.context_for("bob").entries() == []
     assert toolkit.conversations is not None
@@ -359,8 +365,17 @@ def _example(name: str) -> dict[str, Any]:
         return {"escrow_id": world.client.create_escrow(p, "1.00").escrow_id}
     if name in ("stream_status", "stream_record", "stream_close"):
         ctx = _conversations().default
-        opened = json.loads(
-            TOOL_CLASSES[5](context=ctx).invoke({"provider": p, "rate": "0.001", "budget": "1"})
+        opened = (
+            TOOL_CLASSES[5](context=ctx)
+            .invoke(
+                {
+                    "name": "stream_open",
+                    "args": {"provider": p, "rate": "0.001", "budget": "1"},
+                    "id": "c0",
+                    "type": "tool_call",
+                }
+            )
+            .artifact
         )
         extra = {"units": 3} if name == "stream_record" else {}
         return {"stream_id": opened["stream_id"], **extra}

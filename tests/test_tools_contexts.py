@@ -47,7 +47,8 @@ def test_each_key_has_its_own_streams_and_short_ids(pf_world: PFWorld) -> None:
     assert call(b, "stream_status", stream_id="s1")["units"] == 0  # b's own s1
     assert call(a, "stream_list")["locked"] == "1.00"
     assert call(b, "stream_list")["locked"] == "2.00"
-    assert contexts.find("thread-c") is None and contexts.keys() == ["thread-a", "thread-b"]
+    assert contexts.find("thread-c") is None
+    assert contexts.keys() == ["thread-a", "thread-b", "default"]
     with pytest.raises(ConfigError, match="still has open streams"):
         contexts.forget("thread-a")
     receipts = contexts.close_all()

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
 from langchain_core.runnables import RunnableConfig
 from pydantic import Field
 
@@ -147,11 +148,23 @@ class ConversationTool(PurpleFleaTool):
         return bound
 
     # LangChain passes the run's config to a ``_run``/``_arun`` parameter typed RunnableConfig
-    def _run(self, *, config: RunnableConfig = _NO_CONFIG, **kwargs: Any) -> Any:
-        return PurpleFleaTool._run(self._bound(config), **kwargs)
+    def _run(
+        self,
+        run_manager: CallbackManagerForToolRun | None = None,
+        *,
+        config: RunnableConfig = _NO_CONFIG,
+        **kwargs: Any,
+    ) -> Any:
+        return PurpleFleaTool._run(self._bound(config), run_manager, **kwargs)
 
-    async def _arun(self, *, config: RunnableConfig = _NO_CONFIG, **kwargs: Any) -> Any:
-        return await PurpleFleaTool._arun(self._bound(config), **kwargs)
+    async def _arun(
+        self,
+        run_manager: AsyncCallbackManagerForToolRun | None = None,
+        *,
+        config: RunnableConfig = _NO_CONFIG,
+        **kwargs: Any,
+    ) -> Any:
+        return await PurpleFleaTool._arun(self._bound(config), run_manager, **kwargs)
 
 
 _TWINS: dict[type[PurpleFleaTool], type[ConversationTool]] = {}
