@@ -25,12 +25,15 @@ Durability modes (what a counted unit costs, and which units a crash may take):
     at once — no I/O on the hot path. A flusher thread commits everything counted every
     ``group_interval`` seconds in one transaction. **At risk on a crash: the units whose
     ``record()`` returned within the last** ``group_interval`` **seconds (plus one commit),
-    and never more than that**: every ``claim`` (so every release) first commits this
-    process's buffered units in the same transaction, so a release never pays for units that
-    are not on disk, and a unit that was paid for is never lost. ``sync()`` (and ``close()``,
-    ``load()`` and interpreter exit) waits until every unit counted so far is durable; with
-    ``group_wait=True`` each ``add_units`` waits for its group's commit (concurrent recorders
-    share one fsync) and nothing returned is ever at risk.
+    and never more than one lease** (``lease_units``: a process commits before its uncommitted
+    units would pass it): every ``claim`` (so every release) first commits this process's
+    buffered units, so a release never pays for units that are not on disk, and a unit that
+    was paid for is never lost. ``sync()`` (and ``close()``, ``load()`` and interpreter exit)
+    waits until every unit counted so far is durable; with ``group_wait=True`` each
+    ``add_units`` waits for a commit that covers it (concurrent recorders share one fsync) and
+    nothing returned is ever at risk. The lease engine is
+    :class:`~pf_metered.meter.lease.LeasedCounter`, shared with the Redis store; this module
+    is its backend (one transaction per push).
     Several processes recording into one stream in group mode: a unit a process counts after
     *another* process claimed the stream's final release cannot be committed; it is refused
     at flush, logged, and counted in :attr:`SQLiteStore.refused_units` (``per_record`` has no
@@ -60,6 +63,7 @@ from typing import Literal
 
 from pf_metered import _lifecycle
 from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
+from pf_metered.meter.lease import Grant, LeasedCounter, Push, grant
 from pf_metered.meter.store import (
     BaseStore,
     Intent,
@@ -141,25 +145,86 @@ def _sync_all_at_exit() -> None:
 _lifecycle.on(_lifecycle.STORES, _sync_all_at_exit)
 
 
-class _Buffer:
-    """One stream's in-memory side in group mode: units counted, not yet committed.
+def _forget_leases_after_fork() -> None:
+    """In a forked child: the parent's leases and flusher are the parent's (see ``_db``)."""
+    for store in list(_LIVE):
+        store._after_fork()
 
-    ``lease`` is budget this process holds in the file and has not used; ``pending`` units
-    were counted against it and await the flusher; ``reserved`` is held by calls in progress.
-    The invariant ``pending + reserved + lease == the lease row in the file`` holds between
-    flushes, so the file's ``units + Σ leases ≤ max_units`` bounds what every process counts.
+
+_lifecycle.on(_lifecycle.FORK, _forget_leases_after_fork)
+
+
+class _FileLeases:
+    """The lease backend over the file (:class:`~pf_metered.meter.lease.LeaseBackend`): a push
+    is one ``BEGIN IMMEDIATE`` transaction that counts the used units and resizes this
+    process's row in ``leases``; the file keeps ``units + Σ leases ≤ max_units``.
+
+    A failed transaction is rolled back, so the engine's re-send of the same push applies it
+    once (no sequence is needed here).
     """
 
-    __slots__ = ("known", "lease", "lock", "open", "pending", "reserved", "stream_id")
+    __slots__ = ("_store",)
 
-    def __init__(self, stream_id: str, known: int, is_open: bool) -> None:
-        self.stream_id = stream_id
-        self.lock = threading.Lock()
-        self.known = known  # units committed to the file, as last seen by this process
-        self.lease = 0
-        self.pending = 0
-        self.reserved = 0
-        self.open = is_open
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def take(self, stream_id: str, push: Push) -> Grant:
+        return self._exchange(stream_id, push, giving=False)
+
+    def give_back(self, stream_id: str, push: Push) -> Grant:
+        return self._exchange(stream_id, push, giving=True)
+
+    def _exchange(self, stream_id: str, push: Push, *, giving: bool) -> Grant:
+        store = self._store
+        owner = store.owner
+        with store._tx() as db:
+            row = store._row(db, stream_id)
+            status, max_units = str(row["status"]), int(row["max_units"])
+            units = before = int(row["units"])
+            mine = db.execute(
+                "SELECT units FROM leases WHERE stream_id = ? AND owner = ?", (stream_id, owner)
+            ).fetchone()
+            lease = int(mine[0]) if mine is not None else 0
+            others = store._leased(db, stream_id) - lease
+            from_lease = min(push.used, lease)
+            units += from_lease
+            lease -= from_lease
+            late = push.used - from_lease  # our lease no longer covers them (reclaimed)
+            refused = 0
+            if late:
+                if status == "open" and units + lease + others + late <= max_units:
+                    units += late
+                else:
+                    refused = late
+            if status != "open":
+                lease = 0
+            elif giving:
+                lease = min(lease, push.want)
+            else:
+                avail = max_units - units - lease - others
+                lease = grant(lease, push.want, push.need, avail, exact=push.exact)
+            if units != before:
+                db.execute("UPDATE streams SET units = ? WHERE stream_id = ?", (units, stream_id))
+            if lease:
+                db.execute(
+                    "INSERT INTO leases (stream_id, owner, units) VALUES (?, ?, ?) "
+                    "ON CONFLICT (stream_id, owner) DO UPDATE SET units = ?",
+                    (stream_id, owner, lease, lease),
+                )
+            elif mine is not None:
+                db.execute(
+                    "DELETE FROM leases WHERE stream_id = ? AND owner = ?", (stream_id, owner)
+                )
+        if refused:  # after the commit: a rolled back push is re-sent and must not count twice
+            store.refused_units += refused
+            log.error(
+                "pf_metered: %d units counted in this process could not be committed: "
+                "stream %s is %s (closed by another process)",
+                refused,
+                stream_id,
+                status,
+            )
+        return Grant(status, units, lease, max_units - units - lease - others)
 
 
 class SQLiteStore(BaseStore):
@@ -210,15 +275,8 @@ class SQLiteStore(BaseStore):
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
-        self._buffers: dict[str, _Buffer] = {}
-        self._buffers_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._kick = threading.Event()
-        self._flushed = threading.Condition(threading.Lock())
-        self._generation = 0  # bumped (under _gen_lock) after buffered units are counted
-        self._gen_lock = threading.Lock()
-        self._durable_generation = 0  # the generation the last flush made durable
+        # group mode: this process's side of its leases (the flusher is its background round)
+        self._leases = LeasedCounter(_FileLeases(self), chunk=lease_units)
         self._closed = False
         self.refused_units = 0
         """Units counted in group mode that could not be committed (the stream was closed
@@ -248,12 +306,19 @@ class SQLiteStore(BaseStore):
         if self._conn is None or self._pid != pid:
             # A forked child must not use its parent's connection (or its buffers).
             if self._pid not in (-1, pid):
-                self._buffers = {}
-                self._flusher = None
+                self._leases.reset()
                 self._owner = new_owner_id()
             self._conn = self._connect()
             self._pid = pid
         return self._conn
+
+    def _after_fork(self) -> None:
+        """A forked child: a new owner, no leases, its own connection (opened when used)."""
+        self._leases.reset()
+        self._owner = new_owner_id()
+        self._lock = threading.RLock()  # the parent's may have been held at fork
+        self._conn = None
+        self._pid = os.getpid()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -330,8 +395,8 @@ class SQLiteStore(BaseStore):
 
     def load(self, stream_id: str) -> StreamState | None:
         """The stream as the file holds it (this process's buffered units committed first)."""
-        if self.durability == "group" and stream_id in self._buffers:
-            self.sync()
+        if self._leases.holds(stream_id):
+            self._leases.push(stream_id)
         with self._lock:
             db = self._db()
             db.execute("BEGIN")
@@ -412,16 +477,12 @@ class SQLiteStore(BaseStore):
                 "UPDATE streams SET escrow_id = ?, status = ? WHERE stream_id = ?",
                 (escrow_id, "open" if status == "new" else status, stream_id),
             )
-        buf = self._buffers.get(stream_id)
-        if buf is not None:
-            with buf.lock:
-                buf.open = status in ("new", "open")
 
     def add_units(self, stream_id: str, units: int) -> int:
         """Count ``units`` within the budget; see the module docstring for when it is durable."""
         self._check_units(units)
         if self.durability == "group":
-            return self._group_add(stream_id, units)
+            return self._group(stream_id).add(stream_id, units, wait=self.group_wait)
         return self._add_durable(stream_id, units)
 
     def _add_durable(self, stream_id: str, units: int, held_here: int = 0) -> int:
@@ -438,13 +499,12 @@ class SQLiteStore(BaseStore):
             return current + units
 
     def claim(self, stream_id: str, *, min_units: int, final: bool = False) -> Intent | None:
-        buf = self._buffers.get(stream_id) if self.durability == "group" else None
-        if buf is not None and final:
-            with buf.lock:
-                buf.open = False  # nothing may be counted locally after the final claim
+        if self._leases.holds(stream_id):
+            if final:  # nothing may be counted locally after the final claim
+                self._leases.close_local(stream_id, "closing")
+            # the units this process buffered are committed before the claim reads the total
+            self._leases.push(stream_id, release=final)
         with self._tx() as db:
-            if buf is not None:
-                self._flush_one(db, buf, final=final)
             row = self._row(db, stream_id)
             status, units = row["status"], int(row["units"])
             claimed, next_seq = int(row["claimed_units"]), int(row["next_seq"])
@@ -509,10 +569,7 @@ class SQLiteStore(BaseStore):
                 (refunded_micro, stream_id),
             )
             db.execute("DELETE FROM leases WHERE stream_id = ?", (stream_id,))
-        buf = self._buffers.get(stream_id)
-        if buf is not None:
-            with buf.lock:
-                buf.open = False
+        self._leases.close_local(stream_id, "closed")
 
     # ------------------------------------------------------------ extension
     def counter(self, stream_id: str) -> UnitCounter:
@@ -595,220 +652,40 @@ class SQLiteStore(BaseStore):
             for (owner,) in db.execute(
                 "SELECT owner FROM leases WHERE stream_id = ?", (stream_id,)
             ).fetchall():
-                if owner == self._owner or owner_alive(str(owner)) is not True:
+                ours = owner == self._owner and self._leases.holds(stream_id)
+                if not ours and (owner == self._owner or owner_alive(str(owner)) is not True):
                     db.execute(
                         "DELETE FROM leases WHERE stream_id = ? AND owner = ?", (stream_id, owner)
                     )
-        with self._buffers_lock:
-            buf = self._buffers.pop(stream_id, None)
-        if buf is not None and (buf.pending or buf.reserved):
-            # Our own buffer: put it back so the units are not lost.
-            with self._buffers_lock:
-                self._buffers[stream_id] = buf
-            with buf.lock:
-                buf.lease = 0
-            with self._tx() as db:
-                self._take_lease(db, buf, buf.pending + buf.reserved, exact=True)
+        if self._leases.holds(stream_id):
+            # Our own lease: commit what we counted, keep only what running calls hold.
+            self._leases.push(stream_id, release=True)
 
     # ------------------------------------------------------------ group mode
-    def _buffer(self, stream_id: str) -> _Buffer:
-        buf = self._buffers.get(stream_id)
-        if buf is not None:
-            return buf
-        with self._buffers_lock:
-            buf = self._buffers.get(stream_id)
-            if buf is None:
-                with self._lock:
-                    row = self._row(self._db(), stream_id)
-                buf = _Buffer(stream_id, int(row["units"]), row["status"] == "open")
-                self._buffers[stream_id] = buf
-            if self._flusher is None or not self._flusher.is_alive():
-                self._stop.clear()
-                self._flusher = threading.Thread(
-                    target=self._flush_loop, name="pf-metered-sqlite-flusher", daemon=True
-                )
-                self._flusher.start()
-        return buf
-
-    def _group_add(self, stream_id: str, units: int) -> int:
-        buf = self._buffer(stream_id)
-        with buf.lock:
-            if buf.open and units <= buf.lease:
-                buf.lease -= units
-                buf.pending += units
-                total = buf.known + buf.pending
-                gen = self._next_generation()
-            else:
-                gen = -1
-        if gen < 0:
-            total, gen = self._group_add_slow(buf, units)
-        if self.group_wait:
-            self._wait_durable(gen)
-        return total
-
-    def _group_add_slow(self, buf: _Buffer, units: int) -> tuple[int, int]:
-        """The lease ran out (or the stream is not open): top it up in the file, then count."""
-        with self._tx() as db:
-            self._take_lease(db, buf, units)
-            with buf.lock:
-                if not buf.open or units > buf.lease:
-                    row = self._row(db, buf.stream_id)
-                    left = int(row["max_units"]) - int(row["units"])
-                    left -= self._leased(db, buf.stream_id)
-                    raise self._refusal(
-                        buf.stream_id,
-                        "open" if buf.open else str(row["status"]),
-                        units,
-                        left + buf.lease,
-                    )
-                buf.lease -= units
-                buf.pending += units
-                return buf.known + buf.pending, self._next_generation()
-
-    def _take_lease(
-        self, db: sqlite3.Connection, buf: _Buffer, need: int, *, exact: bool = False
-    ) -> None:
-        """Grow this process's lease so that ``need`` more units fit (inside a transaction)."""
-        row = self._row(db, buf.stream_id)
-        status, max_units, units = str(row["status"]), int(row["max_units"]), int(row["units"])
-        with buf.lock:
-            buf.known = units
-            buf.open = buf.open and status == "open"
-            if status != "open":
-                return
-            held = buf.pending + buf.reserved + buf.lease
-            free = max_units - units - self._leased(db, buf.stream_id)
-            want = need if exact else max(need, self.lease_units) - buf.lease
-            grant = max(0, min(want, free))
-            if grant == 0:
-                return
-            buf.lease += grant
-            db.execute(
-                "INSERT INTO leases (stream_id, owner, units) VALUES (?, ?, ?) "
-                "ON CONFLICT (stream_id, owner) DO UPDATE SET units = ?",
-                (buf.stream_id, self._owner, held + grant, held + grant),
-            )
-
-    def _flush_one(self, db: sqlite3.Connection, buf: _Buffer, *, final: bool = False) -> None:
-        """Commit ``buf``'s counted units inside the caller's transaction."""
-        with buf.lock:
-            pending, buf.pending = buf.pending, 0
-        if not pending:
-            return
-        row = self._row(db, buf.stream_id)
-        status = str(row["status"])
-        if status != "open":
-            self.refused_units += pending
-            log.error(
-                "pf_metered: %d units counted in this process could not be committed: "
-                "stream %s is %s (closed by another process)",
-                pending,
-                buf.stream_id,
-                status,
-            )
-            return
-        db.execute(
-            "UPDATE streams SET units = units + ? WHERE stream_id = ?", (pending, buf.stream_id)
-        )
-        db.execute(
-            "UPDATE leases SET units = MAX(units - ?, 0) WHERE stream_id = ? AND owner = ?",
-            (pending, buf.stream_id, self._owner),
-        )
-        with buf.lock:
-            buf.known = int(row["units"]) + pending
-        del final
-
-    def _next_generation(self) -> int:
-        """Number the units just counted (called under their buffer's lock, after counting).
-
-        Why a lock: a flush that has read generation ``g`` must find every unit numbered
-        ``≤ g`` already in its buffer, or a ``group_wait`` caller could return before its unit
-        is on disk. Serialising the numbering after the count gives exactly that.
-        """
-        with self._gen_lock:
-            self._generation += 1
-            return self._generation
-
-    def _flush_all(self) -> None:
-        with self._gen_lock:
-            gen = self._generation
-        buffers = list(self._buffers.values())
-        # Under the store lock: a flush that finds nothing pending must not report `gen`
-        # durable while another flush that took those units has not committed yet.
-        with self._lock:
-            if any(b.pending for b in buffers):
-                with self._tx() as db:
-                    for buf in buffers:
-                        self._flush_one(db, buf)
-                        if buf.open and buf.lease < self.lease_units // 2:
-                            self._take_lease(db, buf, 0)
-        with self._flushed:
-            self._durable_generation = max(self._durable_generation, gen)
-            self._flushed.notify_all()
-
-    def _flush_loop(self) -> None:
-        while not self._stop.is_set():
-            self._kick.wait(self.group_interval)
-            self._kick.clear()
-            try:
-                self._flush_all()
-            except Exception:  # keep flushing; sync() surfaces errors
-                log.exception("pf_metered: SQLite group commit failed; retrying")
-                time.sleep(min(self.group_interval * 10, 1.0))
-
-    def _wait_durable(self, gen: int) -> None:
-        with self._flushed:
-            if self._durable_generation >= gen:
-                return
-        self._kick.set()
-        with self._flushed:
-            while self._durable_generation < gen:
-                if not self._flushed.wait(timeout=1.0) and not (
-                    self._flusher and self._flusher.is_alive()
-                ):
-                    break
-        if self._durable_generation < gen:
-            self._flush_all()
+    def _group(self, stream_id: str) -> LeasedCounter:
+        """The lease engine, its flusher running (started on first use, and after a fork)."""
+        leases = self._leases
+        leases.start(self.group_interval, "pf-metered-sqlite-flusher")
+        return leases
 
     def sync(self) -> None:
         """Wait until every unit counted so far in this process is durable (group mode)."""
-        if self.durability == "group" and self._buffers:
-            self._flush_all()
+        if self.durability == "group":
+            self._leases.push_all()
 
     def close(self) -> None:
         """Commit what is buffered, stop the flusher, close the connection. Idempotent."""
         if self._closed:
             return
+        self._leases.stop()
         if self._pid == os.getpid():
-            self.sync()
-            self._return_leases()
-        self._stop.set()
-        self._kick.set()
-        flusher = self._flusher
-        if flusher is not None and flusher is not threading.current_thread():
-            flusher.join(timeout=5)
+            self._leases.push_all(release=True)  # commit what is buffered, give leases back
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None
             self._closed = True
         _LIVE.discard(self)
-
-    def _return_leases(self) -> None:
-        """Give back the budget this process leased and did not use (others may use it)."""
-        buffers = [b for b in self._buffers.values() if b.lease]
-        if not buffers:
-            return
-        with self._tx() as db:
-            for buf in buffers:
-                self._flush_one(db, buf)
-                with buf.lock:
-                    buf.lease = 0
-                    held = buf.pending + buf.reserved
-                db.execute(
-                    "UPDATE leases SET units = ? WHERE stream_id = ? AND owner = ?",
-                    (held, buf.stream_id, self._owner),
-                )
 
     def __enter__(self) -> SQLiteStore:
         return self
@@ -834,7 +711,7 @@ class _Counter:
     def add(self, units: int) -> int:
         store = self._store
         if store.durability == "group":
-            return store._group_add(self._sid, units)
+            return store._group(self._sid).add(self._sid, units, wait=store.group_wait)
         # Reservations held here by calls in progress count against the budget too.
         store._check_units(units)
         return store._add_durable(self._sid, units, self._local)
@@ -842,20 +719,7 @@ class _Counter:
     def reserve(self, units: int) -> None:
         store = self._store
         if store.durability == "group":
-            buf = store._buffer(self._sid)
-            with buf.lock:
-                if buf.open and units <= buf.lease:
-                    buf.lease -= units
-                    buf.reserved += units
-                    return
-            with store._tx() as db:
-                store._take_lease(db, buf, units)
-                with buf.lock:
-                    if not buf.open or units > buf.lease:
-                        status = "open" if buf.open else "closing"
-                        raise store._refusal(self._sid, status, units, buf.lease)
-                    buf.lease -= units
-                    buf.reserved += units
+            store._group(self._sid).reserve(self._sid, units)
             return
         with self._lock:
             state = store.load(self._sid)
@@ -868,15 +732,7 @@ class _Counter:
     def commit(self, units: int) -> int:
         store = self._store
         if store.durability == "group":
-            buf = store._buffer(self._sid)
-            with buf.lock:
-                buf.reserved -= units
-                buf.pending += units
-                gen = store._next_generation()
-                total = buf.known + buf.pending
-            if store.group_wait:
-                store._wait_durable(gen)
-            return total
+            return store._group(self._sid).commit(self._sid, units, wait=store.group_wait)
         with self._lock:
             self._local -= units
         return store.add_units(self._sid, units)
@@ -887,10 +743,7 @@ class _Counter:
     def cancel(self, units: int) -> None:
         store = self._store
         if store.durability == "group":
-            buf = store._buffer(self._sid)
-            with buf.lock:
-                buf.reserved -= units
-                buf.lease += units
+            store._group(self._sid).cancel(self._sid, units)
             return
         with self._lock:
             self._local -= units
