@@ -447,7 +447,7 @@ def test_a_dead_workers_lease_expires_and_is_reported(make_store):
     _open(alive, _cfg(max_units=100))
     dead.add_units("s1", 1)
     dead.flush("s1")
-    dead._stop.set()  # the pusher stops: as good as a crashed process from here on
+    dead._leases.stop()  # the pusher stops: as good as a crashed process from here on
     for _ in range(9):
         dead.add_units("s1", 1)  # consumed locally, never pushed
     with pytest.raises(BudgetExhausted):
@@ -458,7 +458,7 @@ def test_a_dead_workers_lease_expires_and_is_reported(make_store):
     assert fleet.revoked_units == 40 and fleet.state.units == 100
     final = alive.claim("s1", min_units=0, final=True)
     assert final.units_to == 100
-    dead._sync("s1", need=0, release=True)  # the "dead" worker's late push: refused, reported
+    dead.flush("s1")  # the "dead" worker's late push: refused, reported
     fleet = alive.fleet_status("s1")
     assert fleet.lost_units == 9 and fleet.state.units == 100
 

@@ -211,6 +211,7 @@ class LeasedCounter:
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()
         self._ticker: threading.Thread | None = None
+        self._stopped = False
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ hot path
@@ -478,10 +479,10 @@ class LeasedCounter:
 
     def start(self, interval: float, name: str) -> None:
         """Run :meth:`tick` every ``interval`` seconds on a daemon thread (once)."""
-        if self._ticker is not None:  # the hot path's check: no lock
+        if self._ticker is not None or self._stopped:  # the hot path's check: no lock
             return
         with self._lock:
-            if self._ticker is not None:
+            if self._ticker is not None or self._stopped:
                 return
             self._stop = threading.Event()
             ref = weakref.ref(self)
@@ -491,7 +492,9 @@ class LeasedCounter:
             self._ticker.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the background rounds (waits at most ``timeout`` for the current one)."""
+        """Stop the background rounds for good (waits at most ``timeout`` for the current
+        one); only :meth:`reset` lets :meth:`start` run them again."""
+        self._stopped = True
         self._stop.set()
         ticker = self._ticker
         if ticker is not None and ticker is not threading.current_thread():
@@ -503,6 +506,7 @@ class LeasedCounter:
         self._leases = {}
         self._lock = threading.Lock()
         self._ticker = None
+        self._stopped = False
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ introspection

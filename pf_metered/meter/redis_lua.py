@@ -138,9 +138,12 @@ return remember('ok|' .. fmt(total))
 )
 
 
+# The backend of :class:`pf_metered.meter.lease.LeasedCounter` (``take`` / ``give_back``).
 # KEYS: st, sess, op, leases. ARGV[5] = worker, [6] = used (consumed since the last push),
-# [7] = want (lease size to top up to), [8] = lease TTL ms, [9] = '1' to give the lease back,
-# [10] = need (units the caller needs right now), [11] = '1' to shrink the lease to ``want``.
+# [7] = want (take: lease size to top up to; give back: what running calls hold, kept),
+# [8] = lease TTL ms, [9] = '1' to give the lease back, [10] = need (units the lease must
+# cover after a take), [11] = '1' to shrink the lease to ``want``. The top-up rule mirrors
+# ``pf_metered.meter.lease.grant``.
 # Reply: ok|status|units|lease remaining|granted|ttl ms|available in the pool
 LEASE: Final = (
     PRELUDE
@@ -210,6 +213,18 @@ if status == 'open' and ARGV[9] ~= '1' then
     granted = g
   elseif ARGV[11] == '1' and rem > want then
     -- no spare headroom wanted (no client-side batching): give back what is not held
+    reserved = reserved - (rem - want)
+    rem = want
+  end
+  if rem > 0 then
+    redis.call('HSET', KEYS[4], ARGV[5], fmt(rem) .. '|' .. fmt(now + ttl))
+  else
+    redis.call('HDEL', KEYS[4], ARGV[5])
+  end
+elseif status == 'open' then
+  -- give back: keep only what the worker's running calls hold (ARGV[7])
+  local want = tonumber(ARGV[7])
+  if rem > want then
     reserved = reserved - (rem - want)
     rem = want
   end

@@ -33,6 +33,8 @@ arguments with defaults, and extra methods):
   than a chunk, whose units are at risk only while its own push is in flight; a push that
   arrives after its lease was revoked is accepted if the budget still has room, else
   reported as ``lost_units``). ``tests/test_redis_leased_loss.py`` kills workers to check it.
+  The worker's side of each lease is :class:`~pf_metered.meter.lease.LeasedCounter` (shared
+  with SQLite's group mode); the ``LEASE`` script is its backend.
 * Closing for the fleet: the final :meth:`claim` first moves the stream to *draining* (no new
   leases; every worker's next push returns its lease and marks the stream closed locally, so
   its next ``add_units`` raises ``StreamClosed``), waits for the leases to come back (bounded by
@@ -74,6 +76,7 @@ except ModuleNotFoundError as exc:  # the optional extra is not installed
     raise MissingExtra("redis", "RedisStore", missing=exc.name) from None
 
 from pf_metered.meter import redis_lua as lua
+from pf_metered.meter.lease import Grant, LeasedCounter, Push
 from pf_metered.meter.store import (
     BaseStore,
     Intent,
@@ -119,21 +122,21 @@ class FleetStatus:
         return self.state.config.max_units - self.state.units - self.reserved_units
 
 
-@dataclass(slots=True)
-class _Local:
-    """This process's lease on one stream. Guarded by ``RedisStore._mu``; never held over I/O."""
+class _WorkerLeases:
+    """The lease backend over Redis (:class:`~pf_metered.meter.lease.LeaseBackend`): each push
+    is one ``LEASE`` script, deduplicated by (worker, sequence), so a re-sent push whose answer
+    was lost gets the first reply back instead of counting twice."""
 
-    remaining: int = 0
-    held: int = 0
-    """Reserved by ``counter().reserve`` for calls still running: neither free nor counted."""
-    consumed: int = 0
-    expiry: float = 0.0
-    total: int = 0
-    closed: str | None = None
-    active: bool = False
-    unacked: tuple[int, int, int, int, int] | None = None
-    """(seq, used, want, release, need) of a push whose answer was never seen."""
-    seq: int = 0
+    __slots__ = ("_store",)
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    def take(self, stream_id: str, push: Push) -> Grant:
+        return self._store._lease_script(stream_id, push, release=False)
+
+    def give_back(self, stream_id: str, push: Push) -> Grant:
+        return self._store._lease_script(stream_id, push, release=True)
 
 
 class _ThreadSession(threading.local):
@@ -208,12 +211,9 @@ class RedisStore(BaseStore):
         """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
         self._worker = worker or new_owner_id()
         self._shas: dict[str, str] = {}
-        self._mu = threading.Lock()
-        self._sync_locks: dict[str, threading.Lock] = {}
-        self._locals: dict[str, _Local] = {}
+        self._leases = LeasedCounter(_WorkerLeases(self), chunk=chunk, return_idle=True)
+        self._pushing = False  # the pusher (the engine's background round) was started
         self._session = _ThreadSession()
-        self._stop = threading.Event()
-        self._pusher: threading.Thread | None = None
         self._closed = False
         self.round_trips = 0
         """Script calls sent to Redis (retries and NOSCRIPT reloads included)."""
@@ -227,12 +227,9 @@ class RedisStore(BaseStore):
         lease.
         """
         self._worker = new_owner_id()
-        self._mu = threading.Lock()
-        self._sync_locks = {}
-        self._locals = {}
+        self._leases.reset()
+        self._pushing = False
         self._session = _ThreadSession()
-        self._stop = threading.Event()
-        self._pusher = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -330,8 +327,7 @@ class RedisStore(BaseStore):
 
     def load(self, stream_id: str) -> StreamState | None:
         self._check_id(stream_id)
-        if self._chunk:
-            self._push_if_dirty(stream_id)
+        self._leases.push(stream_id)  # this worker's consumption first (leased mode)
         snap = self._snapshot(stream_id)
         return None if snap is None else snap[0]
 
@@ -357,7 +353,7 @@ class RedisStore(BaseStore):
         if self._chunk and op_id is None and units <= self._chunk:
             # A count larger than a chunk goes to Redis at once (below): consumed locally it
             # would put more than a chunk at risk if this worker died before its next push.
-            return self._add_leased(stream_id, units)
+            return self._engine().add(stream_id, units)
         k = self._keys(stream_id)
         dedup = self._dedup_args(op_id)
         opkey = k["op"] + (op_id if op_id is not None else "-")
@@ -391,8 +387,7 @@ class RedisStore(BaseStore):
         """
         self._check_id(stream_id)
         k = self._keys(stream_id)
-        if self._chunk:
-            self._push_if_dirty(stream_id, release=final)
+        self._leases.push(stream_id, release=final)  # what this worker consumed is in it
         if final:
             self._drain(stream_id)
         while True:
@@ -438,10 +433,7 @@ class RedisStore(BaseStore):
         reply = _s(self._eval(lua.MARK_CLOSED, [st_key], [str(refunded_micro)]))
         if reply == "unknown":
             raise self._unknown(stream_id)
-        with self._mu:
-            loc = self._locals.get(stream_id)
-            if loc is not None:
-                loc.closed = "closed"
+        self._leases.close_local(stream_id, "closed")
 
     def counter(self, stream_id: str) -> _RedisCounter:
         """The stream's hot-path handle (the ``UnitCounter`` store extension).
@@ -540,24 +532,19 @@ class RedisStore(BaseStore):
 
     def flush(self, stream_id: str | None = None) -> None:
         """Push every unit this process consumed locally to Redis now."""
-        with self._mu:
-            ids = [stream_id] if stream_id is not None else list(self._locals)
+        ids = [stream_id] if stream_id is not None else self._leases.streams()
         for sid in ids:
-            self._push_if_dirty(sid)
+            self._leases.push(sid)
 
     def close(self) -> None:
         """Push what was consumed, give every lease back, stop the pusher; idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        if self._pusher is not None and self._pusher is not threading.current_thread():
-            self._pusher.join(timeout=self._lease_ttl + 1)
-        with self._mu:
-            ids = list(self._locals)
-        for sid in ids:
+        self._leases.stop(timeout=self._lease_ttl + 1)
+        for sid in self._leases.streams():
             try:
-                self._sync(sid, need=0, release=True)
+                self._leases.push(sid, release=True)
             except (StoreUnavailable, PFMeteredError) as exc:
                 log.warning("could not return the lease on %s: %s", sid, exc)
         if self._own_client:
@@ -624,175 +611,49 @@ class RedisStore(BaseStore):
 
     # ------------------------------------------------------------------ leases
 
-    def _local(self, stream_id: str) -> _Local:
-        loc = self._locals.get(stream_id)
-        if loc is None:
-            loc = self._locals[stream_id] = _Local()
-            self._sync_locks[stream_id] = threading.Lock()
-            self._start_pusher()
-        return loc
+    def _engine(self) -> LeasedCounter:
+        """The lease engine, its pusher running (started on first use, and after a fork)."""
+        if not self._pushing and not self._closed:
+            self._pushing = True
+            self._leases.start(self._push_interval, "pfm-redis-pusher")
+            _LIVE.add(self)
+        return self._leases
 
-    def _add_leased(self, stream_id: str, units: int, *, hold: bool = False) -> int:
-        """Consume (or, with ``hold``, reserve) ``units`` out of this worker's lease."""
-        for _ in range(8):
-            with self._mu:
-                loc = self._local(stream_id)
-                if loc.closed is not None:
-                    raise StreamClosed(f"stream {stream_id} is closing; it takes no units")
-                # Push first when these units would take the unpushed count past a chunk:
-                # what a killed worker loses is its unpushed count, at most one chunk.
-                push_first = not hold and loc.consumed and loc.consumed + units > self._chunk
-                if not push_first and loc.remaining >= units and time.monotonic() < loc.expiry:
-                    loc.remaining -= units
-                    if hold:
-                        loc.held += units
-                    else:
-                        loc.consumed += units
-                    loc.active = True
-                    return loc.total + loc.consumed
-            if push_first:
-                self._sync(stream_id, need=0, release=False)
-                continue
-            avail = self._sync(stream_id, need=units, release=False)
-            with self._mu:
-                if loc.closed is None and loc.remaining < units and avail < units - loc.remaining:
-                    left = loc.remaining + max(avail, 0)
-                    raise BudgetExhausted(
-                        f"{units} more units would exceed the budget; {left} left",
-                        remaining_units=left,
-                    )
-        raise BudgetExhausted(
-            f"could not reserve {units} units: other workers hold the rest of the budget",
-            remaining_units=0,
-        )
-
-    def _commit_held(self, stream_id: str, units: int) -> int:
-        with self._mu:
-            loc = self._local(stream_id)
-            push_first = bool(self._chunk and loc.consumed and loc.consumed + units > self._chunk)
-        if push_first:  # keep the unpushed count within a chunk (see ``_add_leased``)
-            self._sync(stream_id, need=0, release=False)
-        with self._mu:
-            loc.held -= units
-            loc.consumed += units
-            loc.active = True
-            total = loc.total + loc.consumed
-            push_now = bool(self._chunk and loc.consumed > self._chunk)  # one call > a chunk
-        if not self._chunk or push_now:
-            self._sync(stream_id, need=0, release=False)
-            with self._mu:
-                total = max(total, loc.total)
-        return total
-
-    def _cancel_held(self, stream_id: str, units: int) -> None:
-        with self._mu:
-            loc = self._local(stream_id)
-            loc.held -= units
-            if loc.closed is None:
-                loc.remaining += units
-        if not self._chunk:
-            self._sync(stream_id, need=0, release=False)  # give the headroom back now
-
-    def _push_if_dirty(self, stream_id: str, *, release: bool = False) -> None:
-        with self._mu:
-            loc = self._locals.get(stream_id)
-            dirty = loc is not None and (
-                loc.consumed or loc.unacked is not None or (release and loc.remaining)
-            )
-        if dirty:
-            self._sync(stream_id, need=0, release=release)
-
-    def _sync(self, stream_id: str, *, need: int, release: bool) -> int:
-        """One push to Redis: commit consumed units, top the lease up (or give it back).
-
-        Returns the units still available in the fleet's pool. Serialized per stream within
-        the process; an unacknowledged push is re-sent verbatim (same session and sequence)
-        before anything else, so a lost answer never counts twice.
-        """
+    def _lease_script(self, stream_id: str, push: Push, *, release: bool) -> Grant:
+        """One push of the lease engine: the ``LEASE`` script (see ``_WorkerLeases``)."""
         k = self._keys(stream_id)
-        with self._mu:
-            self._local(stream_id)
-            lock = self._sync_locks[stream_id]
-        avail = 0
-        with lock:
-            while True:
-                with self._mu:
-                    loc = self._locals[stream_id]
-                    if loc.unacked is not None:
-                        seq, used, want, rel, need_ = loc.unacked
-                        resend = True
-                    else:
-                        if (
-                            not release
-                            and need
-                            and loc.remaining >= need
-                            and time.monotonic() < loc.expiry
-                            and loc.closed is None
-                        ):
-                            return 1 << 62  # another thread refilled while we waited
-                        loc.seq += 1
-                        # the lease must cover what is held for running calls, plus a chunk
-                        seq, used, rel = loc.seq, loc.consumed, int(release)
-                        need_ = loc.held + need
-                        want = (
-                            0
-                            if release or loc.closed is not None
-                            else loc.held + max(self._chunk, need)
-                        )
-                        loc.consumed = 0
-                        loc.unacked = (seq, used, want, rel, need_)
-                        resend = False
-                    t0 = time.monotonic()
-                reply = _s(
-                    self._eval(
-                        lua.LEASE,
-                        [k["st"], k["sess"], k["op"] + "-", k["leases"]],
-                        [
-                            "",
-                            f"lease/{self._worker}",
-                            seq,
-                            self._op_ttl,
-                            self._worker,
-                            used,
-                            want,
-                            int(self._lease_ttl * 1000),
-                            rel,
-                            need_,
-                            "0" if self._chunk else "1",
-                        ],
-                    )
-                )
-                if reply == "unknown":
-                    with self._mu:
-                        loc.unacked = None
-                    raise self._unknown(stream_id)
-                if reply == "stale":
-                    with self._mu:
-                        loc.unacked = None
-                    continue
-                _, status, total, rem, _granted, ttl_ms, avail_s = reply.split("|")
-                avail = int(avail_s)
-                with self._mu:
-                    loc.unacked = None
-                    loc.total = int(total)
-                    if status != "open":
-                        loc.closed = status
-                    server_rem = int(rem)
-                    # units consumed while the push was in flight came out of the old lease
-                    loc.remaining = max(0, server_rem - loc.consumed - loc.held)
-                    if server_rem > 0:
-                        # our clock starts before the server's: we stop consuming first
-                        margin = min(0.25 * int(ttl_ms) / 1000, 0.5)
-                        loc.expiry = t0 + int(ttl_ms) / 1000 - margin
-                    else:
-                        loc.expiry = 0.0
-                    again = loc.consumed > 0 and (loc.closed is not None or release)
-                    if resend:
-                        again = True  # the re-sent push was an old one; now do ours
-                        resend = False
-                if not again:
-                    return avail
-                release = release or loc.closed is not None
+        reply = _s(
+            self._eval(
+                lua.LEASE,
+                [k["st"], k["sess"], k["op"] + "-", k["leases"]],
+                [
+                    "",
+                    f"lease/{self._worker}",
+                    push.seq,
+                    self._op_ttl,
+                    self._worker,
+                    push.used,
+                    push.want,
+                    int(self._lease_ttl * 1000),
+                    int(release),
+                    push.need,
+                    int(push.exact),
+                ],
+            )
+        )
+        if reply == "unknown":
+            raise self._unknown(stream_id)
+        if reply == "stale":
+            return Grant("open", 0, 0, 0, stale=True)
+        _, status, total, rem, _granted, ttl_ms, avail = reply.split("|")
+        return Grant(
+            # draining: the final claim waits for the leases; this worker counts no more
+            "closing" if status == "draining" else status,
+            int(total),
+            int(rem),
+            int(avail),
+            ttl=int(ttl_ms) / 1000,
+        )
 
     def _drain(self, stream_id: str) -> None:
         """Stop new leases and wait (bounded) until every worker has returned its lease."""
@@ -806,38 +667,6 @@ class RedisStore(BaseStore):
                 return
             time.sleep(0.01)
         log.warning("stream %s: leases still held at close; revoking them", stream_id)
-
-    def _start_pusher(self) -> None:
-        if self._pusher is not None or self._closed:
-            return
-        ref = weakref.ref(self)
-        stop = self._stop
-        interval = self._push_interval
-        t = threading.Thread(
-            target=_pusher_loop, args=(ref, stop, interval), name="pfm-redis-pusher", daemon=True
-        )
-        self._pusher = t
-        t.start()
-        _LIVE.add(self)
-
-    def _tick(self) -> None:
-        """One pusher round: push consumption, renew busy leases, return idle ones."""
-        now = time.monotonic()
-        with self._mu:
-            work: list[tuple[str, bool]] = []
-            for sid, loc in self._locals.items():
-                if loc.consumed or loc.unacked is not None:
-                    work.append((sid, False))
-                elif loc.remaining and not loc.active and not loc.held:
-                    work.append((sid, True))
-                elif (loc.remaining or loc.held) and loc.expiry - now < self._lease_ttl / 2:
-                    work.append((sid, False))
-                loc.active = False
-        for sid, release in work:
-            try:
-                self._sync(sid, need=0, release=release)
-            except Exception as exc:  # keep pushing other streams; retry next tick
-                log.warning("redis push for stream %s failed: %s", sid, exc)
 
 
 class _RedisCounter:
@@ -853,13 +682,13 @@ class _RedisCounter:
         return self._store.add_units(self._sid, units)
 
     def reserve(self, units: int) -> None:
-        self._store._add_leased(self._sid, units, hold=True)
+        self._store._engine().reserve(self._sid, units)
 
     def commit(self, units: int) -> int:
-        return self._store._commit_held(self._sid, units)
+        return self._store._engine().commit(self._sid, units)
 
     def cancel(self, units: int) -> None:
-        self._store._cancel_held(self._sid, units)
+        self._store._engine().cancel(self._sid, units)
 
     def units_left(self) -> int | None:
         return None  # the fleet shares the budget: only Redis knows
@@ -876,15 +705,6 @@ def _reset_after_fork() -> None:
 
 
 _lifecycle.on(_lifecycle.FORK, _reset_after_fork)
-
-
-def _pusher_loop(ref: weakref.ref[RedisStore], stop: threading.Event, interval: float) -> None:
-    while not stop.wait(interval):
-        store = ref()
-        if store is None:
-            return
-        store._tick()
-        del store
 
 
 def _close_all() -> None:
