@@ -184,6 +184,10 @@ class _Lease:
         # never mistaken for an old push.
         self.seq = time.time_ns() // 1000
 
+    def unpushed(self) -> int:
+        """Units counted here the record may not have: consumed, and in a push in doubt."""
+        return self.consumed + (self.unacked.used if self.unacked is not None else 0)
+
 
 class LeasedCounter:
     """The per-process side of every stream's lease in one store (see the module docstring).
@@ -236,11 +240,13 @@ class LeasedCounter:
         loc = self._lease(stream_id)
         chunk = self._chunk
         with loc.mu:
-            push_first = bool(chunk and loc.consumed and loc.consumed + units > chunk)
+            unpushed = loc.unpushed()
+            push_first = bool(chunk and unpushed and unpushed + units > chunk)
+            seen = loc.counted
         error: BaseException | None = None
         if push_first:  # keep the unpushed units within a chunk
             try:
-                self._sync(stream_id, loc, need=0, release=False)
+                self._sync(stream_id, loc, need=0, release=False, until=seen)
             except Exception as exc:  # raised below, after counting
                 error = exc
         with loc.mu:
@@ -250,7 +256,7 @@ class LeasedCounter:
             mark = loc.counted
             loc.active = True
             total = loc.total + loc.consumed
-            push_now = not chunk or loc.consumed > chunk  # one call larger than a chunk
+            push_now = not chunk or loc.unpushed() > chunk  # one call larger than a chunk
         if error is not None:
             raise error
         if push_now or wait:
@@ -277,8 +283,11 @@ class LeasedCounter:
                 if loc.closed is not None:
                     raise StreamClosed(f"stream {stream_id} is {loc.closed}; it takes no units")
                 # Push first when these units would take the unpushed count past a chunk:
-                # what a killed process loses is its unpushed count, at most one chunk.
-                push_first = not hold and loc.consumed and loc.consumed + units > chunk
+                # what a killed process loses is its unpushed count (a push in doubt
+                # included), at most one chunk.
+                unpushed = loc.unpushed()
+                push_first = not hold and unpushed and unpushed + units > chunk
+                seen = loc.counted
                 if (
                     not push_first
                     and loc.remaining >= units
@@ -293,10 +302,10 @@ class LeasedCounter:
                     loc.counted += units
                     total = loc.total + loc.consumed
                     mark = loc.counted
-                    push_now = loc.consumed > chunk
+                    push_now = loc.unpushed() > chunk
                     break
-            if push_first:
-                self._sync(stream_id, loc, need=0, release=False)
+            if push_first:  # (a push under way that covers them is waited for, not repeated)
+                self._sync(stream_id, loc, need=0, release=False, until=seen)
                 continue
             avail, status = self._sync_status(stream_id, loc, need=units)
             with loc.mu:
@@ -523,8 +532,7 @@ class LeasedCounter:
         if loc is None:
             return None
         with loc.mu:
-            unpushed = loc.consumed + (loc.unacked.used if loc.unacked is not None else 0)
-            return LeaseView(loc.remaining, loc.held, unpushed, loc.total, loc.closed)
+            return LeaseView(loc.remaining, loc.held, loc.unpushed(), loc.total, loc.closed)
 
     def forget(self, stream_id: str) -> None:
         """Drop a stream's local side (it holds nothing: pushed and given back)."""
