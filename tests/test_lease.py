@@ -76,8 +76,10 @@ class Ledger:
         lease -= from_lease
         counted = from_lease
         late = push.used - from_lease
-        if late and self.status == "open" and self.units + counted + lease + others + late <= (
-            self.max_units
+        if (
+            late
+            and self.status == "open"
+            and self.units + counted + lease + others + late <= (self.max_units)
         ):
             counted += late
         else:
@@ -193,7 +195,9 @@ def test_a_push_that_never_arrived_is_resent_and_counted_once() -> None:
 def test_while_the_record_is_unreachable_at_most_a_chunk_is_unpushed() -> None:
     ledger = Ledger(1000)
     e = engine(ledger, chunk=4)
-    e.add(SID, 1)  # takes a lease
+    e.reserve(SID, 8)  # a lease of 8 held + a chunk of 4
+    e.cancel(SID, 8)  # the call failed: 12 free, more than a chunk
+    e.add(SID, 1)
     ledger.fail = ["before"] * 100
     counted = 1
     for _ in range(20):

@@ -8,12 +8,18 @@ Why: ``PaymentStream(..., store="meter.db")`` should just work. ``None`` is a fr
 each URL scheme to its factory); an object that ``isinstance(obj, Store)`` (the whole contract;
 subclass :class:`~pf_metered.meter.store.BaseStore`) is returned as is.
 
+A scheme not in :data:`FACTORIES` names its module: ``"<scheme>://…"`` opens with
+``pf_metered.meter.<scheme>_store.open_url(text)``, imported on first use. So a new store
+(``postgres_store.py`` with ``open_url``, for ``postgres://``) is one module: nothing else in
+the package lists it.
+
 What it must never do: import ``redis`` unless a Redis URL was asked for, or guess: an
 unrecognised object is refused with ``InvalidInput("store", …)`` before anything is locked.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from urllib.parse import parse_qsl
@@ -21,7 +27,7 @@ from urllib.parse import parse_qsl
 from pf_metered.errors import InvalidInput
 from pf_metered.meter.store import MemoryStore, Store
 
-__all__ = ["FACTORIES", "StoreSpec", "open_store"]
+__all__ = ["FACTORIES", "StoreSpec", "factory", "open_store"]
 
 StoreSpec = Store | str | os.PathLike[str] | None
 """What ``store=`` accepts."""
@@ -56,8 +62,29 @@ FACTORIES: dict[str, Callable[[str], Store]] = {
     "unix": _redis,
     "sqlite": _sqlite,
 }
-"""URL scheme → factory of the store it names (given the whole text). A new store module adds
-its scheme here (one line); a text with no scheme is a SQLite path."""
+"""URL scheme → factory of the store it names (given the whole text): the built-in schemes and
+their aliases (a program may add its own). A text with no scheme is a SQLite path; any other
+scheme is looked up by module name (:func:`factory`)."""
+
+
+def factory(scheme: str) -> Callable[[str], Store] | None:
+    """The factory for ``scheme``: :data:`FACTORIES`, else the ``open_url`` of the module
+    ``pf_metered.meter.<scheme>_store`` (imported now; ``MissingExtra`` if its driver is not
+    installed), else ``None``."""
+    found = FACTORIES.get(scheme)
+    if found is not None:
+        return found
+    if not (scheme.isascii() and scheme.isidentifier() and scheme.islower()):
+        return None
+    name = f"pf_metered.meter.{scheme}_store"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
+    opener = vars(module).get("open_url")
+    return opener if callable(opener) else None
 
 
 def open_store(spec: object) -> Store:
@@ -75,10 +102,13 @@ def open_store(spec: object) -> Store:
         scheme, sep, _ = text.partition("://")
         if not sep:
             return _sqlite(text)
-        factory = FACTORIES.get(scheme)
-        if factory is None:
+        opener = factory(scheme)
+        if opener is None:
             raise InvalidInput("store", f"unknown store URL scheme: {scheme!r}")
-        return factory(text)
+        store = opener(text)
+        if not isinstance(store, Store):
+            raise InvalidInput("store", f"{scheme}:// opened a {type(store).__name__}, no Store")
+        return store
     if isinstance(spec, Store):
         return spec
     raise InvalidInput(
