@@ -30,9 +30,13 @@ Only work that happened is billed:
   ``ceil(characters / 4)`` per message, or ``count_tokens(text)`` if given — and logs once per
   model; ``"per_call"`` bills the declared ``per_call_tokens=(input, output)``; ``"warn"`` bills
   nothing and logs each call; ``"raise"`` never bills a guess: a model whose configuration
-  says it will not report usage is refused before its first call (``ConfigError``), and one
-  that turns out not to keeps the answer it gave (billed nothing) and its *next* call is
-  refused before it runs.
+  says it will not report usage (``ChatOpenAI`` streaming without ``stream_usage``) is refused
+  at ``attach()`` and before each call, ``invoke`` too, with ``ConfigError`` naming the fix;
+  one that turns out not to report keeps the answer it gave (billed nothing, logged) and its
+  *next* call is refused before it runs — raising after the answer came back would lose it.
+  Why ``"estimate"`` is the default: the provider did the work and charges for it; billing
+  nothing (``"warn"``) underpays silently, ``"per_call"`` needs a figure only the user knows,
+  and ``"raise"`` refuses work; an estimate, logged with the fix, is the closest to the truth.
 * **An abandoned stream** (the caller stops reading: ``break`` out of ``for chunk in
   model.stream(...)``, ``aclose()``, a cancelled task) is billed what came back so far: the
   usage the chunks seen carry where the provider reports it early, else ``on_missing_usage``
