@@ -217,6 +217,7 @@ def test_stream_list_after_every_stream_closed_reports_only_what_is_really_locke
     rows = {r["stream_id"]: r for r in listing["streams"]}
     assert (rows["s2"]["paid"], rows["s2"]["refunded"]) == ("0.40", "1.60")
     assert pf_world.balance() == Decimal("100") - Decimal("1.57")
+    assert "locked=0.00, counted=1.57" in repr(ctx)  # max_total still counts what was paid
 
 
 def test_stream_list_on_the_deployed_dialect_counts_only_the_tranche_still_held() -> None:

@@ -24,6 +24,7 @@ conversation's.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -168,13 +169,19 @@ class ConversationTool(PurpleFleaTool):
 
 
 _TWINS: dict[type[PurpleFleaTool], type[ConversationTool]] = {}
+_TWINS_LOCK = threading.Lock()
 
 
 def conversation_tool_class(cls: type[PurpleFleaTool]) -> type[ConversationTool]:
-    """The per-conversation twin of tool class ``cls`` (made once, then reused)."""
-    twin = _TWINS.get(cls)
-    if twin is None:
-        name = cls.__name__.removesuffix("Tool") + "ConversationTool"
-        twin = type(name, (cls, ConversationTool), {"__module__": __name__, "__doc__": cls.__doc__})
-        _TWINS[cls] = twin
+    """The per-conversation twin of tool class ``cls`` (made once, then reused).
+
+    The twin subclasses ``cls`` first (its name, description and schema win) and
+    :class:`ConversationTool` second (its ``_run``/``_arun``, which pick the context)."""
+    with _TWINS_LOCK:
+        twin = _TWINS.get(cls)
+        if twin is None:
+            name = cls.__name__.removesuffix("Tool") + "ConversationTool"
+            namespace = {"__module__": __name__, "__doc__": cls.__doc__}
+            twin = type(name, (cls, ConversationTool), namespace)
+            _TWINS[cls] = twin
     return twin

@@ -219,9 +219,10 @@ class ToolContext:
         self._pending: list[PendingCreate] = []
 
     def __repr__(self) -> str:
+        locked = self.book.figures().locked_micro  # what is locked now, not what was paid
         return (
-            f"ToolContext(streams={len(self._streams)}, locked={format_usdc(self._locked_micro)}, "
-            f"caps={self.caps.describe()!r})"
+            f"ToolContext(streams={len(self._streams)}, locked={format_usdc(locked)}, "
+            f"counted={format_usdc(self._locked_micro)}, caps={self.caps.describe()!r})"
         )
 
     @property
@@ -240,7 +241,10 @@ class ToolContext:
 
     @property
     def locked_micro(self) -> int:
-        """What the tools of this context have locked and not had refunded, in micro-USDC."""
+        """What ``max_total`` counts, in micro-USDC: everything the tools of this context took
+        from the payer and did not get back — money locked now *and* money already paid (a
+        refund counts back, a payment does not). For what is locked right now, read
+        ``book.figures().locked_micro`` (what ``stream_list`` reports)."""
         return self._locked_micro
 
     def reserve(self, amount_micro: int, *, what: str, provider: str, stream: bool) -> None:
