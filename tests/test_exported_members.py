@@ -209,10 +209,16 @@ def _package_modules() -> list[str]:
     )
 
 
-OWN_SURFACE = {"ToolError": "pf_metered.tools", "PaymentRefused": "pf_metered.provider"}
+OWN_SURFACE = {
+    "ToolError": "pf_metered.tools",
+    "PaymentRefused": "pf_metered.provider",
+    "MeterConfigError": "pf_metered.langchain.middleware",
+}
 """Exceptions that belong to a subpackage's surface rather than the top level, and why:
 ``ToolError`` is what a tool answers a model with, raised to LangChain/MCP, not to callers;
-``PaymentRefused`` is a provider's gate refusing a caller, caught by the provider's own code."""
+``PaymentRefused`` is a provider's gate refusing a caller, caught by the provider's own code;
+``MeterConfigError`` is ``MeteredMiddleware``'s bad argument, importable only with the
+``langchain`` extra, and caught as the top level's ``ConfigError`` or ``InvalidInput``."""
 
 
 def test_every_exception_a_caller_can_catch_is_exported() -> None:
