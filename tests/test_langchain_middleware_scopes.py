@@ -223,9 +223,10 @@ async def test_per_thread_async_streams_on_astream_messages(pf_world):
             if isinstance(m, AIMessage) and m.usage_metadata
         )
     assert reported["t1"] > 0 and reported["t2"] > 0
+    streams = {thread: s.stream_id for thread, s in meter.open_streams().items()}
+    assert set(streams) == {"t1", "t2"}  # t1's second run used t1's stream again
     receipts = {r.stream_id: r for r in await meter.aclose_all()}
-    by_thread = {t: receipts[s.stream_id] for t, s in zip(("t1", "t2"), receipts.values())}
-    assert sorted(r.units for r in by_thread.values()) == sorted(reported.values())
+    assert {t: receipts[streams[t]].units for t in streams} == reported
     total = sum(reported.values())
     _check_totals(
         pf_world,
