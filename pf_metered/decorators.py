@@ -48,6 +48,7 @@ import wrapt
 from pf_metered import _lifecycle
 from pf_metered.errors import InvalidInput
 from pf_metered.meter.core import PER_QUANTA
+from pf_metered.meter.lane import LaneParts, lane_call, lane_call_async
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.store import Store
 from pf_metered.money import AmountLike, parse_count
@@ -288,21 +289,17 @@ class Metered:
             self.overflow_units += unpaid
 
     def _sync_body(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        ensure = self._ensure_open_sync
         reserve_n = self._reserve_count()
         charge = self.charge_errors
         if not (self._carry is None and isinstance(self.units, int)):
             return self._generic_sync(fn, reserve_n, charge)
+        ensure = self._ensure_open_sync
         count_unpaid = self._count_unpaid
-        inner: Callable[..., Any] | None = None
 
-        def metered_call(*args: Any, **kwargs: Any) -> Any:
-            nonlocal inner
-            if inner is None:  # the stream opens on the first call: bind its fast lane
-                inner = ensure().wrap_call(fn, reserve_n, charge=charge, on_unpaid=count_unpaid)
-            return inner(*args, **kwargs)
+        def bind() -> LaneParts:  # on the first call: the stream opens, its lane is bound
+            return ensure().lane_parts(reserve_n, on_unpaid=count_unpaid)
 
-        return metered_call
+        return lane_call(fn, bind, charge=charge)
 
     def _generic_sync(
         self, fn: Callable[..., Any], reserve_n: int, charge: bool
@@ -334,32 +331,14 @@ class Metered:
         charge = self.charge_errors
         settle = self._settle
         perf = self._timer
-        plain = self._carry is None and isinstance(self.units, int)
         count_unpaid = self._count_unpaid
         opened: StreamBase | None = None
-        lane: tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]] | None
-        lane = None
+        if self._carry is None and isinstance(self.units, int):
 
-        async def metered_plain(*args: Any, **kwargs: Any) -> Any:
-            nonlocal lane
-            if lane is None:
-                lane = (await ensure()).lane()
-            reserve, commit, cancel = lane
-            token = reserve(reserve_n)  # refuses before the coroutine runs
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException:
-                if charge:
-                    commit(token)
-                else:
-                    cancel(token)
-                raise
-            if commit(token):
-                count_unpaid(reserve_n)
-            return result
+            async def bind() -> LaneParts:
+                return (await ensure()).lane_parts(reserve_n, on_unpaid=count_unpaid)
 
-        if plain:
-            return metered_plain
+            return lane_call_async(fn, bind, charge=charge)
 
         async def metered_async(*args: Any, **kwargs: Any) -> Any:
             nonlocal opened

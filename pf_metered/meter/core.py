@@ -27,6 +27,7 @@ from decimal import Decimal
 from typing import Final, Literal
 
 from pf_metered.errors import InvalidInput, StreamClosed
+from pf_metered.meter.lane import LaneParts
 from pf_metered.meter.policy import BatchPolicy, every, parse_seconds
 from pf_metered.meter.receipt import Receipt, ReleaseRecord, StatusReport
 from pf_metered.meter.store import (
@@ -496,10 +497,10 @@ class Meter:
 
     def lane(
         self, on_due: Callable[[int], None], on_late: Callable[[int], None]
-    ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]] | None:
-        """The counter's closures when it has a fast lane (see ``FastLane``), else ``None``."""
+    ) -> LaneParts | None:
+        """The counter's lock-free lane when it has one (see ``FastLane``), else ``None``."""
         counter = self.counter
-        return counter.lane(on_due, on_late) if isinstance(counter, FastLane) else None
+        return counter.lane_parts(on_due, on_late) if isinstance(counter, FastLane) else None
 
     # ------------------------------------------------------------- batching
     def seconds_until_due(self) -> float | None:

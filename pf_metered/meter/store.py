@@ -57,9 +57,10 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Final, Literal, Protocol, runtime_checkable
 
 from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
+from pf_metered.meter.lane import LOCK_FREE, TALLY_END, LaneParts, tally
 from pf_metered.money import Rate, parse_rate
 
 __all__ = [
@@ -80,6 +81,10 @@ __all__ = [
     "owner_alive",
     "owner_in_this_process",
 ]
+
+_NEVER_DUE: Final = 1 << 62  # no batch threshold
+_LEASE: Final = 4096  # tokens lent to a lane at most at once (taking them back is a loop)
+_TOKENS: Final[tuple[None, ...]] = (None,) * _LEASE
 
 StreamStatus = Literal["new", "open", "closing", "closed"]
 """``new``: configured, escrow not yet locked. ``open``: counting. ``closing``: the final intent
@@ -305,35 +310,23 @@ class CallGate(UnitCounter, Protocol):
 
 @runtime_checkable
 class FastLane(Protocol):
-    """A gate that can hand out its hot path as three plain closures (the in-memory record).
+    """A gate with a lock-free lane for one-unit calls (the in-memory record).
 
-    ``lane(on_due, on_late)`` returns ``(reserve, commit, cancel)`` with the semantics of
-    ``StreamBase.reserve`` / ``commit`` / ``cancel`` for plain calls: ``reserve(n)`` returns
-    the token (``n``) or raises (``blocked`` first, then ``StreamClosed`` / ``BudgetExhausted``);
-    ``commit(token)`` counts it and returns the units not paid (``0``; ``token`` when the stream
-    closed while the call ran: ``on_late(token)`` is told), calling ``on_due(total)`` once the
-    total reaches ``due_at``; ``cancel(token)`` gives it back. Why closures: each is one Python
-    call over one lock, with no layer in between.
+    ``lane_parts(on_due, on_late)`` returns the :class:`~pf_metered.meter.lane.LaneParts` a
+    metered closure binds (:func:`~pf_metered.meter.lane.lane_call`): a call is admitted
+    before it runs (refused: ``blocked`` first, then ``StreamClosed`` / ``BudgetExhausted``),
+    counted when it returns (``on_due(total)`` once the total reaches ``due_at``; when the
+    stream closed while it ran, ``on_late(1)`` and it is not paid) and given back when it
+    raises. Setting ``due_at`` or ``blocked`` takes effect for calls that start afterwards.
     """
 
     due_at: int
     blocked: BaseException | None
 
-    def lane(
+    def lane_parts(
         self, on_due: Callable[[int], None], on_late: Callable[[int], None]
-    ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]]:
-        """The three closures (see the class docstring)."""
-
-    def wrap(
-        self,
-        fn: Callable[..., Any],
-        units: int,
-        charge: bool,
-        on_due: Callable[[int], None],
-        on_late: Callable[[int], None],
-    ) -> Callable[..., Any]:
-        """``fn`` metered: reserve ``units``, call, commit (or cancel when it raises, unless
-        ``charge``), all in one closure — the lane with no call between it and ``fn``."""
+    ) -> LaneParts:
+        """The counts, bounds and slow halves of the lane (see the class docstring)."""
 
 
 class AddUnitsCounter:
@@ -433,24 +426,37 @@ class BaseStore:
 class _Record:
     """One stream's mutable state in a :class:`MemoryStore`, guarded by its own lock.
 
-    It is also the stream's :class:`CallGate` (the fast lane lives here, beside the state it
-    is fast on): one lock guards the count, the reservations and the close phases, so "a call
-    committed before the final claim is in it; one after is late" is exact.
+    It is also the stream's :class:`CallGate` and :class:`FastLane` (the fast lane lives here,
+    beside the state it is fast on). The locked part: ``units`` (counted by ``add`` and by
+    commits of locked reservations), ``reserved`` (locked reservations), the close phases.
+    The lock-free part (one-unit calls of the lane): a lease of tokens a call pops before it
+    runs, and a commit count it draws from after. Why that never overspends and why "a call
+    committed before the final claim is in it; one after is late" stays exact is argued in
+    :mod:`pf_metered.meter.lane`; the invariant kept here, under the lock, is ``units +
+    reserved + _bound ≤ max_units``, and ``mark`` changes only ``-1`` first.
 
     Why mutable: the frozen ``StreamState`` + ``dataclasses.replace`` on every unit cost
-    microseconds; the hot path here is a lock, two integer compares and an add.
+    microseconds. Why the hot methods are written out: each Python call costs ~50 ns.
     """
 
     __slots__ = (
-        "blocked",
+        "_blocked",
+        "_bound",
+        "_commits",
+        "_committed_left",
+        "_due_at",
+        "_laned",
+        "_lease",
+        "_sealed",
+        "_take",
         "claimed_units",
+        "cond",
         "config",
         "draining",
-        "due_at",
         "escrow_id",
-        "idle",
         "late_units",
         "lock",
+        "mark",
         "max_units",
         "next_seq",
         "paid_micro",
@@ -469,15 +475,24 @@ class _Record:
         self.stream_id = config.stream_id
         self.max_units = config.max_units
         self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)  # a closer waits for the calls in flight
         self.status: StreamStatus = "new"
         self.escrow_id: str | None = None
-        self.units = 0
+        self.units = 0  # counted under the lock; the lane's commits: ``_n_committed()``
         self.reserved = 0
         self.draining = False  # close began: no new reservation
-        self.idle = threading.Event()  # set once draining and no reservation is held
         self.late_units = 0
-        self.blocked: BaseException | None = None  # a stream's permanent failure: refuse calls
-        self.due_at = 1 << 62  # the meter's batch threshold (``FastLane``)
+        self._blocked: BaseException | None = None  # a permanent failure: refuse calls
+        self._due_at = _NEVER_DUE
+        self._laned = False  # a lane was handed out: commits may come without the lock
+        self._lease: list[None] = []  # tokens lent to the lane: a call pops one
+        self._take = self._lease.pop
+        # ``F`` of the lane docstring: tokens lent and not taken back, plus calls admitted
+        # under the lock, less calls cancelled. Never below what the lane's calls hold.
+        self._bound = 0
+        self._commits, self._committed_left = tally()
+        self.mark = -1  # commits at or past it take the slow half (``-1``: all)
+        self._sealed = -1  # the commit count the final claim took (``-1``: not sealed)
         self.claimed_units = 0
         self.paid_micro = 0
         self.releases = 0
@@ -486,215 +501,264 @@ class _Record:
         self.next_seq = 1
         self.settled: list[tuple[Intent, int]] = []
 
+    # ------------------------------------------------ the lane's books (lock held)
+    def _n_committed(self) -> int:
+        return TALLY_END - self._committed_left()
+
+    def _lane_used(self) -> int:
+        """The units the lane's calls hold or spent, exactly (tokens popped by calls)."""
+        return self._bound - len(self._lease)
+
+    def _take_back(self) -> None:
+        """Empty the lease, counting each token (a call may pop one meanwhile: it keeps it)."""
+        pop = self._lease.pop
+        taken = 0
+        try:
+            while True:
+                pop()
+                taken += 1
+        except IndexError:
+            pass
+        self._bound -= taken
+
+    def _lend(self) -> None:
+        """Top the lease up to half the room left (all of a last unit), at most a chunk."""
+        if not LOCK_FREE or self.status != "open" or self.draining or self._blocked is not None:
+            return
+        room = self.max_units - self.units - self.reserved - self._bound
+        lend = min(room - room // 2, _LEASE - len(self._lease))
+        if lend > 0:
+            self._lease.extend(_TOKENS if lend == _LEASE else _TOKENS[:lend])
+            self._bound += lend
+
+    def _fits(self, units: int) -> bool:
+        """Whether ``units`` more fit beside what is held and lent, taking the lease back
+        first when they do not fit beside it (the next lane call that finds it empty lends
+        again)."""
+        if self.units + self.reserved + units + self._bound <= self.max_units:
+            return True
+        self._take_back()
+        return self.units + self.reserved + units + self._bound <= self.max_units
+
+    def _count(self, units: int) -> int:
+        """Count ``units`` under the lock (fits checked); return the total.
+
+        With a lane out, ``mark`` goes ``-1`` before C is read (a commit drawn after the
+        read sees it), then to the commit index from which a commit needs the slow half: the
+        batch threshold, at most a lease ahead (so the lane compares small ints); none while
+        closing, so that every commit is looked at.
+        """
+        units += self.units
+        self.units = units
+        if not self._laned:
+            return units
+        self.mark = -1
+        committed = TALLY_END - self._committed_left()
+        if LOCK_FREE and self.status == "open" and not self.draining:
+            due = self._due_at - units - 1
+            ahead = committed + _LEASE
+            self.mark = due if due < ahead else ahead
+        return units + committed
+
+    def snapshot_units(self) -> int:
+        """Units counted (lock held): locked ones plus the lane's commits (up to the final
+        claim's)."""
+        sealed = self._sealed
+        return self.units + (sealed if sealed >= 0 else self._n_committed())
+
+    def _in_flight(self) -> int:
+        """Units held by calls not finished: reservations and lane calls admitted and not
+        committed or cancelled (C read first: a call committed was admitted before)."""
+        committed = self._n_committed()
+        return self.reserved + self._lane_used() - committed
+
     def _refuse(self, units: int) -> BudgetExhausted | StreamClosed:
         if self.status != "open":
             return StreamClosed(f"stream {self.stream_id} is {self.status}; it takes no units")
         if self.draining:
             return StreamClosed(f"stream {self.stream_id} is closing; it takes no new calls")
-        left = self.max_units - self.units - self.reserved
+        left = max(0, self.max_units - self.units - self.reserved - self._lane_used())
         return BudgetExhausted(
-            f"{units} more units would exceed the budget; {max(left, 0)} left",
-            remaining_units=max(left, 0),
+            f"{units} more units would exceed the budget; {left} left", remaining_units=left
         )
 
-    # The hot path: UnitCounter. acquire()/release() rather than ``with``: the context
-    # manager protocol costs ~70 ns a call, and nothing between them can raise.
+    # ------------------------------------------------ UnitCounter: units under the lock
+    # acquire()/release() rather than ``with``: the context manager protocol costs ~70 ns.
     def add(self, units: int) -> int:
         lock = self.lock
         lock.acquire()
         total = self.units + units
-        if self.status != "open" or total + self.reserved > self.max_units:
+        if (self.status != "open" or total + self.reserved + self._bound > self.max_units) and (
+            self.status != "open" or not self._fits(units)
+        ):
             refusal = self._refuse(units)
             lock.release()
             raise refusal
-        self.units = total
+        if self._laned:
+            total = self._count(units)
+        else:  # no lane out: no commit comes without the lock (``_count`` written out)
+            self.units = total
         lock.release()
         return total
 
     def reserve(self, units: int) -> None:
         lock = self.lock
         lock.acquire()
-        held = self.reserved + units
-        if self.status != "open" or self.draining or self.units + held > self.max_units:
+        if (
+            self.status != "open"
+            or self.draining
+            or (
+                self.units + self.reserved + units + self._bound > self.max_units
+                and not self._fits(units)
+            )
+        ):
             refusal = self._refuse(units)
             lock.release()
             raise refusal
-        self.reserved = held
+        self.reserved += units
         lock.release()
 
     def commit(self, units: int) -> int:
         lock = self.lock
         lock.acquire()
-        held = self.reserved - units
-        self.reserved = held
+        self.reserved -= units
         if self.status != "open":  # after the final claim: no release would pay it
             self.late_units += units
-            if not held:
-                self.idle.set()
+            if self.draining:
+                self.cond.notify_all()
             lock.release()
             raise StreamClosed(f"stream {self.stream_id} closed before this call finished")
-        total = self.units + units
-        self.units = total
-        if self.draining and not held:
-            self.idle.set()
+        total = self._count(units)
+        if self.draining:
+            self.cond.notify_all()
         lock.release()
         return total
 
     def cancel(self, units: int) -> None:
         lock = self.lock
         lock.acquire()
-        held = self.reserved - units
-        self.reserved = held
-        if self.draining and not held:
-            self.idle.set()
+        self.reserved -= units
+        if self.draining:
+            self.cond.notify_all()
         lock.release()
 
-    # FastLane: the same reserve/commit/cancel as closures over this record's lock.
-    def lane(
-        self, on_due: Callable[[int], None], on_late: Callable[[int], None]
-    ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]]:
-        rec = self
+    # ------------------------------------------- FastLane: the lock-free lane's slow halves
+    def _admit(self) -> None:
+        """The lease was empty: admit the call under the lock (and lend again) or raise."""
         lock = self.lock
-        acquire, release = lock.acquire, lock.release
-        idle = self.idle
+        lock.acquire()
+        blocked = self._blocked
+        refusal: BaseException | None = None
+        if blocked is not None:
+            refusal = blocked.with_traceback(None)
+        elif self.status != "open" or self.draining or not self._fits(1):
+            refusal = self._refuse(1)
+        else:
+            self._bound += 1
+            self._lend()
+        lock.release()
+        if refusal is not None:
+            raise refusal from None  # not "during handling of IndexError"
 
-        def reserve(units: int) -> int:
-            blocked = rec.blocked
-            if blocked is not None:
-                raise blocked.with_traceback(None)
-            acquire()
-            held = rec.reserved + units
-            if rec.status != "open" or rec.draining or rec.units + held > rec.max_units:
-                refusal = rec._refuse(units)
-                release()
-                raise refusal
-            rec.reserved = held
-            release()
-            return units
+    def _settle(self, index: int) -> int:
+        """A commit at or past ``mark``: the total after it, or ``-1`` when it is late."""
+        lock = self.lock
+        lock.acquire()
+        sealed = self._sealed
+        if 0 <= sealed <= index:  # drawn after the final claim read C
+            self.late_units += 1
+            total = -1
+        elif sealed >= 0:
+            total = self.units + sealed
+        else:
+            total = self._count(0)  # a batch threshold or a lease's end: set the next mark
+        if self.draining:
+            self.cond.notify_all()
+        lock.release()
+        return total
 
-        def commit(units: int) -> int:
-            acquire()
-            held = rec.reserved - units
-            rec.reserved = held
-            if rec.status != "open":  # after the final claim: counted late, not paid
-                rec.late_units += units
-                if not held:
-                    idle.set()
-                release()
-                on_late(units)
-                return units
-            total = rec.units + units
-            rec.units = total
-            if rec.draining and not held:
-                idle.set()
-            release()
-            if total >= rec.due_at:
+    def _cancel_call(self) -> None:
+        lock = self.lock
+        lock.acquire()
+        self._bound -= 1
+        if self.draining:
+            self.cond.notify_all()
+        lock.release()
+
+    def lane_parts(
+        self, on_due: Callable[[int], None], on_late: Callable[[int], None]
+    ) -> LaneParts:
+        with self.lock:
+            if not self._laned:
+                self._laned = True
+                self._count(0)  # sets the mark
+        settle_locked = self._settle
+
+        def settle(index: int) -> int:
+            total = settle_locked(index)
+            if total < 0:
+                on_late(1)
+                return 1
+            if total >= self._due_at:
                 on_due(total)
             return 0
 
-        def cancel(units: int) -> None:
-            acquire()
-            held = rec.reserved - units
-            rec.reserved = held
-            if rec.draining and not held:
-                idle.set()
-            release()
+        return LaneParts(self._take, self._admit, self._commits, self, settle, self._cancel_call)
 
-        return reserve, commit, cancel
+    @property
+    def due_at(self) -> int:
+        return self._due_at
 
-    def wrap(
-        self,
-        fn: Callable[..., Any],
-        units: int,
-        charge: bool,
-        on_due: Callable[[int], None],
-        on_late: Callable[[int], None],
-    ) -> Callable[..., Any]:
-        rec = self
-        lock = self.lock
-        acquire, release = lock.acquire, lock.release
-        idle = self.idle
+    @due_at.setter
+    def due_at(self, value: int) -> None:
+        with self.lock:
+            self._due_at = value
+            self._count(0)  # moves the mark
 
-        def finish(ok: bool) -> None:  # the slow half: after a raise (charge or give back)
-            acquire()
-            held = rec.reserved - units
-            rec.reserved = held
-            late = ok and rec.status != "open"
-            total = rec.units
-            if ok and not late:
-                total = rec.units = total + units
-            elif late:
-                rec.late_units += units
-            if (rec.draining or late) and not held:
-                idle.set()
-            release()
-            if late:
-                on_late(units)
-            elif ok and total >= rec.due_at:
-                on_due(total)
+    @property
+    def blocked(self) -> BaseException | None:
+        return self._blocked
 
-        def metered(*args: Any, **kwargs: Any) -> Any:
-            blocked = rec.blocked
-            if blocked is not None:
-                raise blocked.with_traceback(None)
-            acquire()
-            held = rec.reserved + units
-            if rec.status != "open" or rec.draining or rec.units + held > rec.max_units:
-                refusal = rec._refuse(units)
-                release()
-                raise refusal
-            rec.reserved = held
-            release()
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException:
-                finish(charge)
-                raise
-            acquire()
-            held = rec.reserved - units
-            rec.reserved = held
-            if rec.status != "open":  # after the final claim: counted late, not paid
-                rec.late_units += units
-                if not held:
-                    idle.set()
-                release()
-                on_late(units)
-                return result
-            total = rec.units + units
-            rec.units = total
-            if rec.draining and not held:
-                idle.set()
-            release()
-            if total >= rec.due_at:
-                on_due(total)
-            return result
+    @blocked.setter
+    def blocked(self, failure: BaseException | None) -> None:
+        with self.lock:
+            self._blocked = failure
+            if failure is not None:
+                self._take_back()  # from now on every call is refused under the lock
 
-        return metered
-
-    # CallGate: close's phases (the final claim itself seals: it moves status off "open").
+    # CallGate: close's phases (the final claim itself seals: ``seal_for_final_claim``).
     def stop_calls(self) -> None:
         with self.lock:
             self.draining = True
-            if not self.reserved:
-                self.idle.set()
+            self._take_back()  # no new token: ``_lend`` lends nothing while draining
+            self.mark = -1  # every commit from now on notifies the closer
+            self.cond.notify_all()
 
     def wait_calls(self, timeout: float) -> int:
-        self.idle.wait(timeout)
-        with self.lock:
-            return self.reserved
+        with self.cond:
+            self.cond.wait_for(lambda: not self._in_flight(), timeout)
+            return self._in_flight()
 
     def seal(self, timeout: float) -> None:
         return None
 
+    def seal_for_final_claim(self) -> int:
+        """The final claim (lock held): later commits are late; return the units it covers."""
+        self.mark = -1  # before reading C, for good
+        self._take_back()
+        self._sealed = self._n_committed()
+        return self.units + self._sealed
+
     def units_left(self) -> int | None:
-        return max(0, self.max_units - self.units - self.reserved)
+        with self.lock:
+            return max(0, self.max_units - self.units - self.reserved - self._lane_used())
 
     def snapshot(self) -> StreamState:
         return StreamState(
             config=self.config,
             status=self.status,
             escrow_id=self.escrow_id,
-            units=self.units,
+            units=self.snapshot_units(),
             claimed_units=self.claimed_units,
             paid_micro=self.paid_micro,
             releases=self.releases,
@@ -760,13 +824,15 @@ class MemoryStore(BaseStore):
                 return None
             if rec.status == "closing":  # one final intent per stream
                 return None
-            new_units = rec.units - rec.claimed_units
-            if not final and new_units < max(min_units, 1):
-                return None
-            intent = Intent(stream_id, rec.next_seq, rec.claimed_units, rec.units, final)
             if final:
+                units = rec.seal_for_final_claim()
                 rec.status = "closing"
-            rec.claimed_units = rec.units
+            else:
+                units = rec.snapshot_units()
+                if units - rec.claimed_units < max(min_units, 1):
+                    return None
+            intent = Intent(stream_id, rec.next_seq, rec.claimed_units, units, final)
+            rec.claimed_units = units
             rec.pending = intent
             rec.next_seq += 1
             return intent

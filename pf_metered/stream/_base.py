@@ -30,10 +30,11 @@ from pf_metered.errors import (
     StreamClosed,
 )
 from pf_metered.meter.core import Meter, plan_stream
+from pf_metered.meter.lane import SHUT, LaneParts, lane_call, locked_parts
 from pf_metered.meter.open import StoreSpec, open_store
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt, StatusReport
-from pf_metered.meter.store import FastLane, Store, StreamConfig
+from pf_metered.meter.store import Store, StreamConfig
 from pf_metered.models import Escrow
 from pf_metered.money import MAX_UNITS, AmountLike, Rate, format_usdc, micro_to_decimal, parse_count
 from pf_metered.stream import _provider_auth
@@ -340,19 +341,65 @@ class StreamBase:
         """The work ``token`` was reserved for failed: give the budget back, count nothing."""
         self._meter.cancel(token)
 
+    def lane_parts(
+        self, units: int = 1, *, on_unpaid: Callable[[int], None] | None = None
+    ) -> LaneParts:
+        """What a metered closure binds to pay ``units`` a call (see :mod:`pf_metered.meter.lane`).
+
+        On the in-memory store, for one unit, the record's lock-free lane; elsewhere parts
+        over :meth:`reserve`, :meth:`commit` and :meth:`cancel`. ``on_unpaid(n)`` hears of a
+        call that finished after close (its units not paid). Bind them while the stream is
+        open: before, every call is refused as :meth:`reserve` refuses it.
+        """
+        if self._opened and units == 1:
+
+            def late(n: int) -> None:
+                self._lane_late(n)
+                if on_unpaid is not None:
+                    on_unpaid(n)
+
+            parts = self._meter.lane(self._lane_due, late)
+            if parts is not None:
+                return parts
+        return locked_parts(self.reserve, self.commit, self.cancel, units, on_unpaid)
+
     def lane(
         self,
     ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], None]]:
         """The counting API's fast lane: ``(reserve, commit, cancel)`` for plain calls.
 
         Same semantics as :meth:`reserve`, :meth:`commit` (without ``units``) and
-        :meth:`cancel`, as three callables bound once (``@metered`` takes them on its first
-        call). On the in-memory store they are the record's own closures — one Python call
-        over one lock each, no layer between; elsewhere they are these methods. Valid while
-        the stream is open; after close they refuse (reserve) or count late (commit).
+        :meth:`cancel`, as three callables bound once; a token goes back to the lane that
+        gave it. On the in-memory store a one-unit token is a ticket of the record's
+        lock-free lane (see :meth:`lane_parts`); others are this stream's methods.
         """
-        fast = self._meter.lane(self._lane_due, self._lane_late) if self._opened else None
-        return fast if fast is not None else (self.reserve, self.commit, self.cancel)
+        take, admit, commits, bounds, settle, give_back = self.lane_parts(1)
+        if bounds is SHUT:  # no lock-free lane here
+            return self.reserve, self.commit, self.cancel
+        reserve_n, commit_n, cancel_n = self.reserve, self.commit, self.cancel
+
+        def reserve(units: int = 1) -> int:
+            if units.__class__ is not int or units != 1:
+                return reserve_n(units)
+            try:
+                take()
+            except IndexError:
+                admit()
+            return 1
+
+        def commit(token: int) -> int:
+            if token != 1:
+                return commit_n(token)
+            c = next(commits)
+            return settle(c) if c >= bounds.mark else 0
+
+        def cancel(token: int) -> None:
+            if token != 1:
+                cancel_n(token)
+            else:
+                give_back()
+
+        return reserve, commit, cancel
 
     def wrap_call(
         self,
@@ -362,39 +409,15 @@ class StreamBase:
         charge: bool = False,
         on_unpaid: Callable[[int], None] | None = None,
     ) -> Callable[..., Any]:
-        """``fn`` metered through the fast lane: reserve ``units`` before it runs (refused:
-        it does not run), commit after it returns (or when it raises, if ``charge``), cancel
-        when it raises. ``on_unpaid(units)`` hears of a call that finished after close.
+        """``fn`` metered: reserve ``units`` before it runs (refused: it does not run), commit
+        after it returns (or when it raises, if ``charge``), cancel when it raises.
+        ``on_unpaid(units)`` hears of a call that finished after close.
 
-        On the in-memory store this is one closure of the record's (no call between the
-        lane and ``fn``); elsewhere it is built on :meth:`lane`.
+        One closure over :meth:`lane_parts` (:func:`~pf_metered.meter.lane.lane_call`): on
+        the in-memory store, for one unit, no lock and no call between it and ``fn``.
         """
-
-        def late(n: int) -> None:
-            self._lane_late(n)
-            if on_unpaid is not None:
-                on_unpaid(n)
-
-        counter = self._meter.counter
-        if self._opened and isinstance(counter, FastLane):
-            return counter.wrap(fn, units, charge, self._lane_due, late)
-        reserve, commit, cancel = self.lane()
-
-        def metered(*args: Any, **kwargs: Any) -> Any:
-            token = reserve(units)
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException:
-                if charge:
-                    commit(token)
-                else:
-                    cancel(token)
-                raise
-            if commit(token) and on_unpaid is not None:
-                on_unpaid(units)
-            return result
-
-        return metered
+        parts = self.lane_parts(units, on_unpaid=on_unpaid)
+        return lane_call(fn, lambda: parts, charge=charge)
 
     def _lane_due(self, total: int) -> None:
         if total >= self._meter.due_at and not self._woken:
