@@ -572,10 +572,12 @@ class _Record:
         committed = self._n_committed()
         return self.reserved + self._lane_used() - committed
 
-    def _refuse(self, units: int) -> BudgetExhausted | StreamClosed:
+    def _refuse(self, units: int, *, call: bool = True) -> BudgetExhausted | StreamClosed:
+        """Why ``units`` more are refused (``call``: for a new call, which closing refuses;
+        ``add`` still counts while closing, so its refusal is the budget's)."""
         if self.status != "open":
             return StreamClosed(f"stream {self.stream_id} is {self.status}; it takes no units")
-        if self.draining:
+        if call and self.draining:
             return StreamClosed(f"stream {self.stream_id} is closing; it takes no new calls")
         left = max(0, self.max_units - self.units - self.reserved - self._lane_used())
         return BudgetExhausted(
@@ -591,7 +593,7 @@ class _Record:
         if (self.status != "open" or total + self.reserved + self._bound > self.max_units) and (
             self.status != "open" or not self._fits(units)
         ):
-            refusal = self._refuse(units)
+            refusal = self._refuse(units, call=False)
             lock.release()
             raise refusal
         if self._laned:
