@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from pf_metered.errors import InvalidInput
+from pf_metered.errors import ConfigError, InvalidInput
 from pf_metered.tools import (
     ALL_TOOL_NAMES,
     TOOLS,
@@ -232,7 +232,7 @@ def test_budget_exhausted_and_closed_streams_say_what_to_do(pf_world):
     call(ctx, "stream_open", provider=pf_world.provider.agent_id, rate="0.5", max_units=3)
     call(ctx, "stream_record", stream_id="s1", units=2)
     err = error_of(ctx, "stream_record", stream_id="s1", units=2)
-    assert err.kind == "budget_exhausted" and "1 units left" in str(err)
+    assert err.kind == "budget_exhausted" and "1 unit left" in str(err)
     assert "stream_close" in str(err)
     assert call(ctx, "stream_status", stream_id="s1")["units"] == 2  # nothing was counted
     call(ctx, "stream_close", stream_id="s1")
@@ -385,14 +385,12 @@ async def test_async_tools_on_async_client(pf_world):
     await asyncio.gather(*(work() for _ in range(5)))
     receipt = await acall(ctx, "stream_close", stream_id="s1")
     assert receipt["units"] == 200 and receipt["paid"] == "0.20" and receipt["refunded"] == "1.80"
-    # a sync call cannot close an async stream, and says so
+    # a sync call on a context with only an async client: the developer's mistake, raised
     await acall(ctx, "stream_open", provider=p, rate="0.001", budget="1")
-    sync_ctx_err = None
-    try:
-        get_definition("stream_close").call(ctx, {"stream_id": "s2"})
-    except ToolError as exc:
-        sync_ctx_err = exc
-    assert sync_ctx_err is not None and "async" in str(sync_ctx_err)
+    locked = ctx.locked_micro
+    with pytest.raises(ConfigError, match=r"only an async_client.*client=EscrowClient"):
+        get_definition("stream_open").call(ctx, {"provider": p, "rate": "0.001", "budget": "1"})
+    assert len(ctx.entries()) == 2 and ctx.locked_micro == locked  # nothing more locked
     await acall(ctx, "stream_close", stream_id="s2")
     e = await acall(ctx, "escrow_create", to_agent_id=p, amount="1")
     assert (await acall(ctx, "escrow_status", escrow_id=e["escrow_id"]))["amount"] == "1.00"

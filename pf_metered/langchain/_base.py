@@ -26,14 +26,13 @@ raise).
 
 from __future__ import annotations
 
-import threading
-import uuid
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool, ToolException
-from pydantic import Field, PrivateAttr, ValidationError
+from pydantic import Field, ValidationError
 
 from pf_metered.tools import (
     Answer,
@@ -52,6 +51,19 @@ def context_from_env() -> ToolContext:
     from pf_metered.client import EscrowClient
 
     return ToolContext(EscrowClient())
+
+
+_FAILURES: ContextVar[list[ToolError] | None] = ContextVar("pf_metered_tool_failures", default=None)
+"""Where a running ``_run`` leaves its ``ToolError`` for :meth:`PurpleFleaTool.run` (LangChain
+runs ``_run`` in a copy of the caller's context, which shares this list)."""
+
+
+def _failed(exc: ToolError) -> ToolException:
+    """The ``ToolException`` LangChain turns into an error message; ``exc`` kept for its kind."""
+    failures = _FAILURES.get()
+    if failures is not None:
+        failures.append(exc)
+    return ToolException(exc.message)
 
 
 class ValidationMessage:
@@ -88,6 +100,11 @@ class PurpleFleaTool(BaseTool):
     context: ToolContext = Field(default_factory=context_from_env, exclude=True, repr=False)
     """The clients, caps and open streams this tool acts on (never shown or serialised)."""
 
+    offered: frozenset[str] | None = Field(default=None, exclude=True, repr=False)
+    """The tools the model is given beside this one (the toolkit sets it), so an error's next
+    step names only tools it can call; ``None`` (a tool built by hand): every tool the caps
+    allow."""
+
     handle_tool_error: bool = True
     response_format: str = "content_and_artifact"  # type: ignore[assignment]
     """``content``: the sentence the model reads; ``artifact``: the answer's figures (a dict)."""
@@ -100,60 +117,44 @@ class PurpleFleaTool(BaseTool):
         if not self.handle_validation_error:
             self.handle_validation_error = ValidationMessage(self.name)
 
-    _failures: dict[uuid.UUID, ToolError] = PrivateAttr(default_factory=dict)
-    _failures_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-
-    def _failed(self, run_manager: Any, exc: ToolError) -> ToolException:
-        """Keep ``exc`` (by run id) for :meth:`run` to put its kind into the artifact."""
-        if run_manager is not None:
-            with self._failures_lock:
-                self._failures[run_manager.run_id] = exc
-        return ToolException(exc.message)
-
-    def _with_error_artifact(self, output: Any, run_id: uuid.UUID) -> Any:
+    def _with_error_artifact(self, output: Any, failures: list[ToolError]) -> Any:
         """An error ``ToolMessage`` gets ``{"error": kind, "message": text}`` as its artifact:
         LangChain gives a handled ``ToolException`` no artifact, and a program (or a standard
         test) must be able to tell an insufficient balance from a typo without parsing text."""
-        with self._failures_lock:
-            failure = self._failures.pop(run_id, None)
         if isinstance(output, ToolMessage) and output.status == "error" and output.artifact is None:
-            kind = failure.kind if failure is not None else "invalid_argument"  # schema refused
+            kind = failures[-1].kind if failures else "invalid_argument"  # the schema refused
             output.artifact = {"error": kind, "message": output.content}
         return output
 
     def run(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        """``BaseTool.run`` under a known run id, so an error's kind reaches the artifact."""
-        run_id = kwargs.get("run_id") or uuid.uuid4()
-        kwargs["run_id"] = run_id
+        """``BaseTool.run``, with a place for ``_run`` to leave the kind of its failure."""
+        failures: list[ToolError] = []
+        token = _FAILURES.set(failures)
         try:
             output = super().run(tool_input, *args, **kwargs)
-        except BaseException:
-            with self._failures_lock:
-                self._failures.pop(run_id, None)
-            raise
-        return self._with_error_artifact(output, run_id)
+        finally:
+            _FAILURES.reset(token)
+        return self._with_error_artifact(output, failures)
 
     async def arun(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        """``BaseTool.arun`` under a known run id (see :meth:`run`)."""
-        run_id = kwargs.get("run_id") or uuid.uuid4()
-        kwargs["run_id"] = run_id
+        """``BaseTool.arun``, with a place for ``_arun`` to leave its failure (see :meth:`run`)."""
+        failures: list[ToolError] = []
+        token = _FAILURES.set(failures)
         try:
             output = await super().arun(tool_input, *args, **kwargs)
-        except BaseException:
-            with self._failures_lock:
-                self._failures.pop(run_id, None)
-            raise
-        return self._with_error_artifact(output, run_id)
+        finally:
+            _FAILURES.reset(token)
+        return self._with_error_artifact(output, failures)
 
     def _run(
         self, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any
     ) -> tuple[str, Answer]:
         """Run the shared definition: ``(sentence, figures)``; a ``ToolError`` becomes a
-        ``ToolException``."""
+        ``ToolException``. ``run_manager`` is accepted (LangChain passes it) and not needed."""
         try:
-            answer = self.definition.call_answer(self.context, kwargs)
+            answer = self.definition.call_answer(self.context, kwargs, offered=self.offered)
         except ToolError as exc:
-            raise self._failed(run_manager, exc) from exc
+            raise _failed(exc) from exc
         return summarize(self.name, answer), answer
 
     async def _arun(
@@ -161,7 +162,7 @@ class PurpleFleaTool(BaseTool):
     ) -> tuple[str, Answer]:
         """Run the shared definition natively async (no thread unless the context is sync)."""
         try:
-            answer = await self.definition.acall_answer(self.context, kwargs)
+            answer = await self.definition.acall_answer(self.context, kwargs, offered=self.offered)
         except ToolError as exc:
-            raise self._failed(run_manager, exc) from exc
+            raise _failed(exc) from exc
         return summarize(self.name, answer), answer

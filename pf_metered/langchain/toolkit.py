@@ -184,10 +184,13 @@ class PurpleFleaToolkit(BaseToolkit):
             for cls in TOOL_CLASSES
             if cls.definition.name in self.allowed and ctx.caps.allows(cls.definition.name)
         ]
+        offered = frozenset(cls.definition.name for cls in classes)  # what messages may name
         if self.conversations is None:
-            return [cls(context=ctx) for cls in classes]
+            return [cls(context=ctx, offered=offered) for cls in classes]
         return [
-            conversation_tool_class(cls)(context=ctx, conversations=self.conversations)
+            conversation_tool_class(cls)(
+                context=ctx, conversations=self.conversations, offered=offered
+            )
             for cls in classes
         ]
 

@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pf_metered.errors import ConfigError, redact
-from pf_metered.tools import ToolContext, ToolDefinition, ToolError, render
+from pf_metered.tools import ToolContext, ToolDefinition, ToolError, explain, render
 
 try:
     import anyio
@@ -196,9 +196,13 @@ def build(
             )
         ctx = sessions.context(Sessions.key_of(rctx))
         try:
-            answer = await definition.acall_answer(ctx, params.arguments or {})
+            answer = await definition.acall_answer(ctx, params.arguments or {}, offered=by_name)
         except ToolError as exc:
             return _error(exc.message, exc.kind)
+        except ConfigError as exc:  # the operator's to fix: said on stderr, and to the model
+            _log.error("tool %s cannot run as configured: %s", params.name, redact(str(exc)))
+            told = explain(exc, tool_name=params.name)
+            return _error(told.message, told.kind)
         except Exception as exc:  # a bug must not take the agent's session down
             _log.error(
                 "tool %s failed unexpectedly: %s",

@@ -12,17 +12,18 @@ escape ``call``/``acall`` for a failure the agent could act on, or format money 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from pf_metered.errors import PFMeteredError
+from pf_metered.errors import ConfigError, PFMeteredError
+from pf_metered.tools.caps import ALL_TOOL_NAMES
 from pf_metered.tools.context import ToolContext
-from pf_metered.tools.errors import ToolError, explain, format_validation_error
+from pf_metered.tools.errors import ToolError, explain, format_validation_error, offering
 
-__all__ = ["Answer", "Family", "ToolDefinition", "render"]
+__all__ = ["Answer", "Family", "ToolDefinition", "render", "usable_tools"]
 
 A = TypeVar("A", bound=BaseModel)
 Answer = dict[str, Any]
@@ -33,6 +34,27 @@ Family = Literal["escrow", "faucet", "stream"]
 def render(answer: Answer) -> str:
     """The text the model reads: compact one-line JSON with the figures as strings."""
     return json.dumps(answer, separators=(", ", ": "), ensure_ascii=False)
+
+
+def usable_tools(ctx: ToolContext, offered: Iterable[str] | None = None) -> frozenset[str]:
+    """The tools a message may tell the model to call: those the adapter offers (``None``:
+    all), that the operator's caps allow, and that this escrow service can run.
+
+    Why the service: on the deployed dialect the faucet needs an agent id the tools do not know,
+    and a service with no refund or listing call makes ``escrow_refund`` / ``escrow_list``
+    answer "not supported"; suggesting them would send the model into a dead end.
+    """
+    names = {n for n in (ALL_TOOL_NAMES if offered is None else offered) if ctx.caps.allows(n)}
+    client = ctx.client if ctx.client is not None else ctx.async_client
+    if client is not None and ctx.dialect is not None:  # known once a request has been sent
+        capabilities = client.capabilities
+        if capabilities.dialect == "deployed":
+            names.discard("faucet_claim")
+        if not capabilities.supports_refund:
+            names.discard("escrow_refund")
+        if not capabilities.supports_listing:
+            names.discard("escrow_list")
+    return frozenset(names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,33 +110,53 @@ class ToolDefinition(Generic[A]):
     def _allowed(self, ctx: ToolContext) -> None:
         if not ctx.caps.allows(self.name):
             raise ToolError(
-                f"The operator does not allow {self.name}. Do not call it again.",
+                f"The operator does not allow {self.name}.",
+                next_step="Do not call it again; if it is needed, ask the user to have the "
+                "operator allow it.",
                 kind="not_allowed",
             )
 
-    def call_answer(self, ctx: ToolContext, raw: Mapping[str, Any] | BaseModel | None) -> Answer:
-        """Run the tool synchronously and return its figures."""
+    def call_answer(
+        self,
+        ctx: ToolContext,
+        raw: Mapping[str, Any] | BaseModel | None,
+        *,
+        offered: Iterable[str] | None = None,
+    ) -> Answer:
+        """Run the tool synchronously and return its figures.
+
+        ``offered``: the tools the model has beside this one (``None``: every tool), so an
+        error's next step names only tools it can call. A ``ConfigError`` (the developer's
+        mistake, such as a sync call on an async-only context) is raised as it is, never
+        turned into a message for the model.
+        """
         self._allowed(ctx)
         args = self.parse(raw)
-        try:
-            return self.run(ctx, args)
-        except ToolError:
-            raise
-        except PFMeteredError as exc:
-            raise explain(exc, tool_name=self.name) from None
+        with offering(usable_tools(ctx, offered)):
+            try:
+                return self.run(ctx, args)
+            except (ToolError, ConfigError):
+                raise
+            except PFMeteredError as exc:
+                raise explain(exc, tool_name=self.name) from None
 
     async def acall_answer(
-        self, ctx: ToolContext, raw: Mapping[str, Any] | BaseModel | None
+        self,
+        ctx: ToolContext,
+        raw: Mapping[str, Any] | BaseModel | None,
+        *,
+        offered: Iterable[str] | None = None,
     ) -> Answer:
-        """Run the tool asynchronously and return its figures."""
+        """Run the tool asynchronously and return its figures (see :meth:`call_answer`)."""
         self._allowed(ctx)
         args = self.parse(raw)
-        try:
-            return await self.arun(ctx, args)
-        except ToolError:
-            raise
-        except PFMeteredError as exc:
-            raise explain(exc, tool_name=self.name) from None
+        with offering(usable_tools(ctx, offered)):
+            try:
+                return await self.arun(ctx, args)
+            except (ToolError, ConfigError):
+                raise
+            except PFMeteredError as exc:
+                raise explain(exc, tool_name=self.name) from None
 
     def call(self, ctx: ToolContext, raw: Mapping[str, Any] | BaseModel | None = None) -> str:
         """Run the tool synchronously; the answer as text for the model."""

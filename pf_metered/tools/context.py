@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pf_metered.errors import AmbiguousOutcome, ConfigError, NotFound, PFMeteredError
 from pf_metered.money import Rate, format_usdc
 from pf_metered.tools.caps import Caps
-from pf_metered.tools.errors import ToolError, unknown_provider
+from pf_metered.tools.errors import ToolError, provider_not_allowed, unknown_provider
 from pf_metered.tools.state import Book, ToolState
 
 if TYPE_CHECKING:
@@ -251,11 +251,8 @@ class ToolContext:
         """Check the caps for locking ``amount_micro`` and hold it; raise ``ToolError`` if not."""
         caps = self.caps
         if caps.allowed_providers is not None and provider not in caps.allowed_providers:
-            raise ToolError(
-                f"Cap exceeded: paying {provider!r} is not allowed by the operator; allowed "
-                f"providers: {sorted(caps.allowed_providers)}.",
-                kind="cap_exceeded",
-            )
+            tool_name = "stream_open" if stream else "escrow_create"
+            raise provider_not_allowed(provider, caps.allowed_providers, tool_name=tool_name)
         if caps.max_budget_micro is not None and amount_micro > caps.max_budget_micro:
             raise ToolError(
                 f"Cap exceeded: {what} {format_usdc(amount_micro)} USDC is above the operator's "

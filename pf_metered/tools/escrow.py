@@ -23,7 +23,7 @@ from pf_metered.models import Escrow
 from pf_metered.money import format_usdc, parse_amount
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import ToolContext
-from pf_metered.tools.errors import ToolError
+from pf_metered.tools.errors import ToolError, offers, sync_call_without_client
 from pf_metered.tools.schemas import (
     EscrowCreateArgs,
     EscrowListArgs,
@@ -71,12 +71,9 @@ def escrow_figures(escrow: Escrow, *, history: bool = False) -> Answer:
     return answer
 
 
-def _sync(ctx: ToolContext) -> EscrowClient:
+def _sync(ctx: ToolContext, tool_name: str) -> EscrowClient:
     if ctx.client is None:
-        raise ToolError(
-            "This tool set was configured for async use only; call it asynchronously.",
-            kind="config",
-        )
+        raise sync_call_without_client(tool_name)  # the developer's to fix, not the model's
     return ctx.client
 
 
@@ -94,7 +91,7 @@ def _create_prepare(ctx: ToolContext, args: EscrowCreateArgs) -> int:
 
 
 def _create(ctx: ToolContext, args: EscrowCreateArgs) -> Answer:
-    client = _sync(ctx)
+    client = _sync(ctx, "escrow_create")
     amount = _create_prepare(ctx, args)
     with ctx.locking(
         amount, stream=False, provider=args.to_agent_id, tool_name="escrow_create"
@@ -161,9 +158,13 @@ def _release_prepare(ctx: ToolContext, args: EscrowReleaseArgs) -> int | None:
     amount = None if args.amount is None else parse_amount(args.amount, "amount")
     owner = ctx.owner_of_escrow(args.escrow_id)
     if owner is not None:
+        through = [t for t in ("stream_record", "stream_close") if offers(t)]
         raise ToolError(
-            f"Escrow {args.escrow_id} is the budget of stream {owner.handle}; pay through the "
-            f"stream (stream_record, stream_close), not escrow_release.",
+            f"Escrow {args.escrow_id} is the budget of stream {owner.handle}, so escrow_release "
+            "may not pay it.",
+            next_step=f"Pay through the stream ({', '.join(through)})."
+            if through
+            else "It is paid when the stream closes; do not call escrow_release for it again.",
             kind="owned_by_stream",
         )
     if not ctx.caps.release_any_escrow and not ctx.created_escrow(args.escrow_id):
@@ -207,7 +208,7 @@ def _released(ctx: ToolContext, before: Escrow, after: Escrow) -> Answer:
 
 
 def _release(ctx: ToolContext, args: EscrowReleaseArgs) -> Answer:
-    client = _sync(ctx)
+    client = _sync(ctx, "escrow_release")
     amount = _release_prepare(ctx, args)
     before = client.get_escrow(args.escrow_id)  # first: a client that probes its dialect has
     partial = client.capabilities.supports_partial_release  # found it by now
@@ -274,7 +275,7 @@ def _seen(ctx: ToolContext, escrow: Escrow) -> Answer:
 
 
 def _status(ctx: ToolContext, args: EscrowStatusArgs) -> Answer:
-    return _seen(ctx, _sync(ctx).get_escrow(args.escrow_id))
+    return _seen(ctx, _sync(ctx, "escrow_status").get_escrow(args.escrow_id))
 
 
 async def _astatus(ctx: ToolContext, args: EscrowStatusArgs) -> Answer:
@@ -311,7 +312,7 @@ def _list_answer(escrows: list[Escrow] | tuple[Escrow, ...], args: EscrowListArg
 
 
 def _list(ctx: ToolContext, args: EscrowListArgs) -> Answer:
-    return _list_answer(_sync(ctx).list_escrows(), args)
+    return _list_answer(_sync(ctx, "escrow_list").list_escrows(), args)
 
 
 async def _alist(ctx: ToolContext, args: EscrowListArgs) -> Answer:
@@ -342,15 +343,16 @@ def _no_keyed_faucet() -> ToolError:
     """The deployed dialect's faucet takes an agent id, which the tools do not know."""
     return ToolError(
         "faucet_claim is not available with this escrow service: its faucet is a separate "
-        "service that takes the agent id, which only the operator can claim for "
-        "('pf-metered faucet claim --agent-id ...'). Do not call faucet_claim again.",
+        "service that takes the agent id, which only the operator can claim for.",
+        next_step="Do not call faucet_claim again; if funds are needed, ask the user to have the "
+        "operator claim it ('pf-metered faucet claim --agent-id ...') or fund the account.",
         kind="unsupported",
     )
 
 
 def _claim(ctx: ToolContext, args: FaucetClaimArgs) -> Answer:
     try:
-        claim = _sync(ctx).claim_faucet()
+        claim = _sync(ctx, "faucet_claim").claim_faucet()
     except UnsupportedByDialect:
         raise _no_keyed_faucet() from None
     return {"credited": format_usdc(claim.credited_micro), "claim_id": claim.claim_id}

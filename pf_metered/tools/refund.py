@@ -19,7 +19,7 @@ from pf_metered.errors import UnsupportedByDialect
 from pf_metered.models import Escrow
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import ToolContext
-from pf_metered.tools.errors import ToolError
+from pf_metered.tools.errors import ToolError, offers, sync_call_without_client
 from pf_metered.tools.escrow import escrow_figures
 from pf_metered.tools.schemas import EscrowStatusArgs
 
@@ -34,8 +34,13 @@ def _prepare(ctx: ToolContext, args: EscrowRefundArgs) -> None:
     owner = ctx.owner_of_escrow(args.escrow_id)
     if owner is not None:
         raise ToolError(
-            f"Escrow {args.escrow_id} is the budget of stream {owner.handle}; close the stream "
-            "with stream_close (it pays what was counted and refunds the rest).",
+            f"Escrow {args.escrow_id} is the budget of stream {owner.handle}, so escrow_refund "
+            "may not give it back.",
+            next_step="Close the stream with stream_close: it pays what was counted and refunds "
+            "the rest."
+            if offers("stream_close")
+            else "Its unused rest is refunded when the stream closes; do not call escrow_refund "
+            "for it again.",
             kind="owned_by_stream",
         )
     if not ctx.caps.release_any_escrow and not ctx.created_escrow(args.escrow_id):
@@ -50,8 +55,9 @@ def _prepare(ctx: ToolContext, args: EscrowRefundArgs) -> None:
 def _no_refund() -> ToolError:
     return ToolError(
         "escrow_refund is not available with this escrow service: it has no refund call. An "
-        "escrow you made comes back to you (less the service's 1%) when its timeout passes; "
-        "or pay it with escrow_release. Do not call escrow_refund again.",
+        "escrow you made comes back to you (less the service's 1%) when its timeout passes.",
+        next_step="Do not call escrow_refund again"
+        + ("; to pay it instead, use escrow_release." if offers("escrow_release") else "."),
         kind="unsupported",
     )
 
@@ -63,10 +69,7 @@ def _refunded(ctx: ToolContext, escrow: Escrow) -> Answer:
 
 def _refund(ctx: ToolContext, args: EscrowRefundArgs) -> Answer:
     if ctx.client is None:
-        raise ToolError(
-            "This tool set was configured for async use only; call it asynchronously.",
-            kind="config",
-        )
+        raise sync_call_without_client("escrow_refund")  # the developer's to fix
     _prepare(ctx, args)
     try:
         escrow = ctx.client.refund(args.escrow_id)

@@ -23,7 +23,7 @@ from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_r
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import StreamEntry, ToolContext, await_on_loop, run_async_close
-from pf_metered.tools.errors import ToolError
+from pf_metered.tools.errors import ToolError, sync_call_without_client
 from pf_metered.tools.schemas import (
     StreamCloseArgs,
     StreamListArgs,
@@ -190,9 +190,7 @@ def _opened(
 
 def _open(ctx: ToolContext, args: StreamOpenArgs) -> Answer:
     if ctx.client is None:
-        raise ToolError(
-            "This tool set is configured for async use; call it asynchronously.", kind="config"
-        )
+        raise sync_call_without_client("stream_open")  # the developer's to fix
     rate, budget_micro = _open_prepare(ctx, args)
     with ctx.locking(
         budget_micro, stream=True, provider=args.provider, tool_name="stream_open"
