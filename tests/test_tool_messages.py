@@ -199,6 +199,49 @@ def test_handler_messages_name_only_the_tools_of_their_toolkit(pf_world):
     ctx.close_all()
 
 
+def _within(msg: ToolMessage, toolkit: PurpleFleaToolkit, kind: str) -> str:
+    """The error's text, after checking its kind and that it names only the toolkit's tools."""
+    assert msg.status == "error" and msg.artifact["error"] == kind, msg.content
+    names = {t.name for t in toolkit.get_tools()}
+    assert set(_TOOL.findall(msg.content)) <= names, (sorted(names), msg.content)
+    return str(msg.content)
+
+
+def test_cap_and_stream_messages_name_only_the_tools_of_their_toolkit(pf_world):
+    from pf_metered.tools import ToolContext
+
+    p = pf_world.provider.agent_id
+    caps = Caps(max_open_streams=1, max_total="3", max_locked="2.5")
+    ctx = ToolContext(pf_world.client, caps=caps)
+    full = PurpleFleaToolkit(context=ctx)
+    opener = PurpleFleaToolkit(context=ctx, allowed=["stream_open"])
+    reader = PurpleFleaToolkit(context=ctx, allowed=["stream_status", "stream_record"])
+    open_args = {"provider": p, "rate": "0.01", "budget": "1"}
+
+    text = _within(
+        _call(reader.get_tool("stream_status"), stream_id="s1"), reader, "unknown_stream"
+    )
+    assert "Ask the user which stream" in text
+    text = _within(_call(full.get_tool("stream_status"), stream_id="s1"), full, "unknown_stream")
+    assert "Open one with stream_open first" in text
+    _call(full.get_tool("stream_open"), **open_args)
+    for toolkit, close in ((full, True), (opener, False)):
+        text = _within(_call(toolkit.get_tool("stream_open"), **open_args), toolkit, "cap_exceeded")
+        assert ("stream_close" in text) is close and "at most 1 stream may be open" in text
+    ctx2 = ToolContext(pf_world.client, caps=Caps(max_locked="1.5"))
+    _call(PurpleFleaToolkit(context=ctx2).get_tool("stream_open"), **open_args)  # 1.00 locked
+    for allowed, close in ((None, True), (["stream_open"], False)):
+        toolkit = PurpleFleaToolkit(context=ctx2, allowed=allowed)
+        text = _within(_call(toolkit.get_tool("stream_open"), **open_args), toolkit, "cap_exceeded")
+        assert ("stream_close: s1" in text) is close, text
+        assert "use at most 0.50 USDC" in text
+    ctx2.close_all()
+    _call(full.get_tool("stream_close"), stream_id="s1")
+    text = _within(_call(reader.get_tool("stream_record"), stream_id="s1"), reader, "stream_closed")
+    assert "Tell the user" in text
+    assert pf_world.balance() == 100
+
+
 # -- a developer's mistake is raised to the developer ----------------------------------------
 
 

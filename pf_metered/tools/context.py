@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pf_metered.errors import AmbiguousOutcome, ConfigError, NotFound, PFMeteredError
 from pf_metered.money import Rate, format_usdc
 from pf_metered.tools.caps import Caps
-from pf_metered.tools.errors import ToolError, provider_not_allowed, unknown_provider
+from pf_metered.tools.errors import ToolError, offers, provider_not_allowed, unknown_provider
 from pf_metered.tools.state import Book, ToolState
 
 if TYPE_CHECKING:
@@ -266,7 +266,13 @@ class ToolContext:
                     raise ToolError(
                         f"Cap exceeded: locking {format_usdc(amount_micro)} USDC more would pass "
                         f"the operator's total of {format_usdc(caps.max_total_micro)} USDC "
-                        f"({format_usdc(max(room, 0))} USDC left). Close a stream or use less.",
+                        f"({format_usdc(max(room, 0))} USDC left).",
+                        next_step="Use less"
+                        + (
+                            ", or close a stream you are done with (stream_close)."
+                            if offers("stream_close")
+                            else "."
+                        ),
                         kind="cap_exceeded",
                     )
             if stream and caps.max_open_streams is not None:
@@ -275,8 +281,12 @@ class ToolContext:
                 )
                 if open_now >= caps.max_open_streams:
                     raise ToolError(
-                        f"Cap exceeded: at most {caps.max_open_streams} streams may be open at "
-                        "once. Close one with stream_close first.",
+                        f"Cap exceeded: at most {caps.max_open_streams} stream"
+                        f"{'' if caps.max_open_streams == 1 else 's'} may be open at once.",
+                        next_step="Close one you are done with (stream_close) first."
+                        if offers("stream_close")
+                        else "Pay through a stream already open, or ask the user to have the "
+                        "operator raise max_open_streams.",
                         kind="cap_exceeded",
                     )
             self.book.hold(amount_micro, caps, what=what)  # max_locked, max_spend
@@ -420,10 +430,19 @@ class ToolContext:
             found = self._streams.get(stream_id.strip())
             known = sorted(self._streams, key=lambda h: (len(h), h))
         if found is None:
-            listing = ", ".join(known[-10:]) if known else "none yet; open one with stream_open"
+            if known:
+                listing, step = ", ".join(known[-10:]), "Call the tool again with one of them."
+            else:
+                listing = "none yet"
+                step = (
+                    "Open one with stream_open first."
+                    if offers("stream_open")
+                    else "Ask the user which stream to use."
+                )
             raise ToolError(
                 f"Unknown stream {stream_id!r}: no stream of that id was opened in this "
                 f"conversation. Known streams: {listing}.",
+                next_step=step,
                 kind="unknown_stream",
             )
         return found

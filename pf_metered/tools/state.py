@@ -45,7 +45,7 @@ from typing import IO, TYPE_CHECKING, Final
 
 from pf_metered.errors import ConfigError
 from pf_metered.money import format_usdc
-from pf_metered.tools.errors import ToolError
+from pf_metered.tools.errors import ToolError, offers
 
 if TYPE_CHECKING:
     from pf_metered.meter.store import Store
@@ -442,17 +442,20 @@ class Book:
         steps = []
         if room > 0:
             steps.append(f"use at most {format_usdc(room)} USDC")
-        if streams:
+        if streams and offers("stream_close"):
             steps.append(f"close a stream you are done with (stream_close: {', '.join(streams)})")
-        if escrows:
-            steps.append(
-                "pay (escrow_release) or give back (escrow_refund) an escrow "
-                f"({', '.join(escrows[-5:])})"
+        ways = [w for w in ("escrow_release", "escrow_refund") if offers(w)]
+        if escrows and ways:
+            steps.append(f"settle an escrow ({' or '.join(ways)}: {', '.join(escrows[-5:])})")
+        if not steps and (streams or escrows):
+            return (
+                "Next: ask the user to settle what this session holds, or to have the operator "
+                "raise max_locked."
             )
         if not steps:
             return (
                 "Nothing of this session is locked; the room is held by other work. Try again "
-                "later, or ask the operator to raise max_locked."
+                "later, or ask the user to have the operator raise max_locked."
             )
         return "Next: " + "; or ".join(steps) + "."
 
@@ -460,14 +463,14 @@ class Book:
         steps = []
         if room > 0:
             steps.append(f"use at most {format_usdc(room)} USDC")
-        if self.state.escrows(self.owner, open_only=True):
+        if offers("escrow_refund") and self.state.escrows(self.owner, open_only=True):
             steps.append("refund an escrow you no longer need (escrow_refund)")
-        if self.state.streams(self.owner, open_only=True):
+        if offers("stream_close") and self.state.streams(self.owner, open_only=True):
             steps.append("close a stream (stream_close): its unused budget stops counting")
         if not steps:
             return (
-                "This server may pay out nothing more; tell the operator (the total is kept in "
-                "the server's state file)."
+                "This server may pay out nothing more; tell the user, whose operator can raise "
+                "max_spend (the total is kept in the server's state file)."
             )
         return "Next: " + "; or ".join(steps) + "."
 

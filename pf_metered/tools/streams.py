@@ -23,7 +23,7 @@ from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_r
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
 from pf_metered.tools._base import Answer, ToolDefinition
 from pf_metered.tools.context import StreamEntry, ToolContext, await_on_loop, run_async_close
-from pf_metered.tools.errors import ToolError, sync_call_without_client
+from pf_metered.tools.errors import ToolError, offers, sync_call_without_client
 from pf_metered.tools.schemas import (
     StreamCloseArgs,
     StreamListArgs,
@@ -276,8 +276,10 @@ def _record(ctx: ToolContext, args: StreamRecordArgs) -> Answer:
     entry = ctx.entry(args.stream_id)
     if entry.receipt is not None or entry.closing:
         raise ToolError(
-            f"Stream {entry.handle} is closed; open a new stream with stream_open to pay for "
-            "more units.",
+            f"Stream {entry.handle} is closed and takes no more units.",
+            next_step="Open a new stream with stream_open to pay for more units."
+            if offers("stream_open")
+            else "Tell the user if more work must be paid for.",
             kind="stream_closed",
         )
     result = entry.stream.record(args.units)
@@ -315,8 +317,10 @@ def _begin_close(ctx: ToolContext, args: StreamCloseArgs) -> tuple[StreamEntry, 
             return entry, False
         if entry.closing:
             raise ToolError(
-                f"Stream {entry.handle} is being closed by another call; check it with "
-                "stream_status in a moment.",
+                f"Stream {entry.handle} is being closed by another call.",
+                next_step="Check it with stream_status in a moment."
+                if offers("stream_status")
+                else "Do not close it again: that call returns its receipt.",
                 kind="closing",
             )
         entry.closing = True

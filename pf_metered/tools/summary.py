@@ -112,13 +112,19 @@ def _stream_list(a: Answer) -> str:
         head += f"; {a['unsettled_creates']} creates whose outcome is not yet known"
     if not rows:
         return head + ". No streams to list."
-    listed = "; ".join(
-        f"{r['stream_id']} to {r['provider']} ({r['status']}): {_n(r['units'], 'unit')}, budget "
-        f"{r['budget']}, " + (f"paid {r['paid']}" if "paid" in r else f"released {r['released']}")
-        for r in rows[-_MAX_ROWS:]
-    )
+    listed = "; ".join(_stream_row(r) for r in rows[-_MAX_ROWS:])
     more = f" (the newest {_MAX_ROWS} of {len(rows)})" if len(rows) > _MAX_ROWS else ""
     return f"{head}. Streams{more}: {listed}."
+
+
+def _stream_row(r: Mapping[str, Any]) -> str:
+    """One row of stream_list: an open stream by what it released, a closed one by its money."""
+    text = f"{r['stream_id']} to {r['provider']} ({r['status']}): {_n(r['units'], 'unit')}, budget "
+    text += f"{r['budget']}"
+    for key in ("released", "paid", "refunded", "still_locked"):
+        if key in r:
+            text += f", {key.replace('_', ' ')} {r[key]}"
+    return text
 
 
 # -- escrows -------------------------------------------------------------------------------
