@@ -1,78 +1,73 @@
-"""The fast lane: a one-unit metered call counted with C-level atomic steps, no lock.
+"""The fast lane: a one-unit metered call counted with two atomic C steps, no lock.
 
 Why: a lock taken twice per call (reserve before, commit after) costs more than the call it
-meters. Here a call takes a *token* from a list before it runs (``list.pop``) and draws a
-*commit index* after it returns (``next()`` on a range iterator), each one C call that runs no
-Python code (atomic under the GIL), and takes the slow half under the owner's lock only when
-the list is empty or the index is at or past a bound. The owner is the in-memory store's
-record (``pf_metered.meter.store._Record``, which keeps the invariants below); every other
-stream gets :func:`locked_parts`, which sends every call to the slow half (the stream's
-public ``reserve`` / ``commit`` / ``cancel``).
+meters. Here a call pops a token from one list before it runs (its *admission*) and from
+another after it returns (its *commit*): ``list.pop`` is one C call that runs no Python code,
+so it is atomic, and it allocates nothing. Only an empty list sends the call to the slow
+half, under its owner's lock. The owner is the in-memory store's record
+(``pf_metered.meter.store._Record``), which fills and empties both lists under that lock;
+every other stream gets :func:`locked_parts`, whose lists are always empty (every call goes
+to the stream's public ``reserve`` / ``commit`` / ``cancel``).
 
-The hot path, in this order::
+The hot path::
 
-    try: take()            except IndexError: admit()   # admit: under the lock, may raise
-    result = fn(...)                                    # raised: cancel() under the lock
-    c = next(commits);     if c >= mark: settle(c)      # late? due? a closer waiting?
+    try: take()   except IndexError: admit()    # admit: under the lock, may refuse (raise)
+    result = fn(...)                             # raised: cancel() under the lock
+    try: done()   except IndexError: settle()   # settle: late? a batch due? a closer?
 
-**Never over budget.** The lease is a list of tokens the owner filled under its lock; a token
-is removed exactly once, by a call (``pop`` succeeded: it may run) or by the owner taking the
-lease back (it pops them one by one, counting). So the calls admitted without the lock are
-at most the tokens lent and not taken back, and the owner's bound ``F = lent − taken back +
-admitted under the lock − cancelled`` is never below what the lane's calls hold or spent.
-With ``B`` the owner's locked units and reservations and ``M = max_units`` the owner keeps
-``B + F ≤ M``: it lends ``k ≤ M − B − F``, lets ``B`` grow by ``n`` only if ``B + n + F ≤
-M`` (else it takes the lease back first, which lowers ``F`` to what is really used) and
-admits under the lock only if ``B + F + 1 ≤ M``. Hence spent ≤ ``B + F`` ≤ ``M`` at every
-moment. This needs nothing but ``list.pop`` being atomic (it is without the GIL too).
+**Why it is safe: every token is removed exactly once**, either by a call (``pop``
+succeeded) or by the owner taking the list back (it pops the tokens one by one, counting
+them). So under the lock the owner knows exactly how many calls took a token: the tokens it
+put in, less those it took back, less those still in the list (``len``).
 
-**Exact at close.** ``C`` (the commit count) is read under the lock through the iterator's
-``__length_hint__``; ``mark`` is a commit index, stored only under the lock, always
-``mark = -1`` first and the count read after. The final claim stores ``mark = -1`` for good,
-reads ``C = s`` and claims the locked units plus ``s``: an index below ``s`` was drawn before
-the read (the final release pays it); one at or past ``s`` was drawn after ``mark = -1`` was
-stored, so it compares with ``-1`` (the GIL orders every load after the store it follows),
-takes the slow half and is *late* (``late_units``, not paid, ``on_late``). ``close`` first
-takes the lease back and stores ``mark = -1`` (every commit or cancel from then on notifies
-it), then waits on a condition until no call is in flight: admitted − ``C`` − cancelled, read
-``C`` first (a call committed was admitted before), zero only when none is. Batches:
-``mark`` is the commit index at which the total reaches ``due_at`` (capped a chunk ahead, so
-the compare stays on small ints); it is lowered, ``-1`` first, whenever the locked units
-grow, so the commit that reaches ``due_at`` is always looked at.
+* *Never over budget.* Admission tokens are lent only within the budget: with ``B`` the
+  record's locked units and reservations, ``M = max_units`` and ``F`` = admission tokens lent
+  and not taken back + calls admitted under the lock − calls cancelled (never below what the
+  lane's calls hold or spent: a token still in the list counts as spent), the owner keeps
+  ``B + F ≤ M``. It lends ``k ≤ M − B − F``; lets ``B`` grow by ``n`` only if ``B + n + F ≤
+  M``, taking the list back first when that fails (which lowers ``F`` to what calls really
+  took); admits under the lock only if ``B + F + 1 ≤ M``. Spent ≤ ``B + F`` ≤ ``M``, always.
+* *Exact commits.* The commit count is commit tokens lent − taken back − ``len`` + commits
+  made under the lock. The final claim takes both lists back (after which every commit finds
+  its list empty), then claims the locked units plus that count: a commit that popped a token
+  is in the claim; every later one takes the slow half, is *late* (``late_units``, not paid,
+  ``on_late``; its admission is given back) and counts nowhere else.
+* *Batches.* Commit tokens are lent only up to one below the batch threshold: ``units +
+  commits + tokens in the list ≤ due_at − 1`` (a sum the owner knows without reading the
+  list: a commit moves one from the list to the count). So the commit that reaches
+  ``due_at`` finds the list empty and wakes the sender; when the locked units grow, the
+  owner takes back what no longer fits.
+* *Close.* ``close`` takes both lists back (every new call is refused under the lock, every
+  commit or cancel notifies), then waits on a condition until no call is in flight: admitted
+  − committed − cancelled, the commit list read before the admission list (a call that
+  committed had taken its admission first), so it is never negative and zero means none.
 
-**Binding late.** A decorator's closure exists before its stream opens. Until bound its
-``take`` pops an empty list and its ``admit`` binds the parts, then admits; rebinding stores
-the commit side first, ``take`` after it and ``admit`` last, so a call that got a real token
-(or a real admission) finds a real commit side.
+**Binding late.** A decorator's closure exists before its stream opens. Until bound both its
+lists are an always-empty one and its ``admit`` binds the parts, then admits. Rebinding
+stores the commit side first, ``take`` after it and ``admit`` last, so a call admitted with a
+real token or by a real ``admit`` finds a real commit side.
 
-**Without the GIL** (a free-threaded build running with the GIL disabled): ``list.pop`` and
-``itertools.count``'s ``next`` are atomic there (3.13+, gh-117657), a range iterator's only
-from 3.15 (gh-129068), and the commit argument also needs the store of ``mark`` ordered
-before the owner's read of ``C`` and each commit's load of ``mark`` after its draw (a
-store→load fence) that CPython does not promise. So there nothing is lent and ``mark``
-stays ``-1``: every call takes the lock on both sides, as before this lane existed, and the
-commit count is an ``itertools.count`` read from its ``repr``. No such build could be
-installed here, so that mode is argued, not tested; :data:`LOCK_FREE` tells which runs.
+**Without the GIL** (a free-threaded build running with the GIL disabled): ``list.pop`` is
+still atomic (each list has its own lock there), so the two bullets above still hold, but
+the close-time read of two lists' lengths without their locks is not promised to be ordered,
+so "zero in flight" could be read early. There nothing is lent: every call takes the lock on
+both sides, as before this lane existed. No such build could be installed on the machine
+this was written on, so that mode is argued, not tested; :data:`LOCK_FREE` tells which runs.
 """
 
 from __future__ import annotations
 
-import itertools
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final, NamedTuple, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, NamedTuple
 
 __all__ = [
     "LOCK_FREE",
-    "SHUT",
-    "TALLY_END",
-    "Bounds",
     "LaneParts",
     "lane_call",
     "lane_call_async",
     "locked_parts",
-    "tally",
 ]
 
 if sys.version_info >= (3, 13):
@@ -80,71 +75,33 @@ if sys.version_info >= (3, 13):
 else:
     _gil = True
 LOCK_FREE: Final[bool] = _gil
-"""Whether the owner may lend to the lock-free lane: the GIL is on (once on it is never
-turned off again, so a decision made at import stays safe)."""
-
-TALLY_END: Final = 1 << 62
-"""A tally's count is ``TALLY_END - left()``."""
-
-
-def tally() -> tuple[Iterator[int], Callable[[], int]]:
-    """A shared count: the iterator whose ``next()`` is the atomic step, and ``left()``,
-    with the count ``TALLY_END - left()``.
-
-    Under the GIL a range iterator, whose ``__length_hint__`` is ``left`` (a C call of about
-    25 ns, so a locked ``record(n)`` may read the count on every call); without the GIL an
-    ``itertools.count`` (atomic there), read from its ``repr`` under the owner's lock.
-    """
-    if LOCK_FREE:
-        it = iter(range(TALLY_END))
-        return it, it.__length_hint__  # type: ignore[attr-defined]
-    count = itertools.count()
-
-    def left() -> int:
-        return TALLY_END - int(repr(count)[6:-1])
-
-    return count, left
-
-
-class Bounds(Protocol):
-    """What a commit compares with: the commit index from which it needs the slow half."""
-
-    @property
-    def mark(self) -> int: ...
-
-
-class _Shut:
-    """Bounds that send every commit to the slow half."""
-
-    __slots__ = ()
-    mark: Final = -1
-
-
-SHUT: Final = _Shut()
+"""Whether an owner may lend tokens to the lane: the GIL is on (once on, it is never turned
+off again, so a decision made at import stays safe)."""
 
 
 class LaneParts(NamedTuple):
-    """What a metered closure binds: the two atomic steps, the bound and the slow halves.
+    """What a metered closure binds: the two atomic steps and the slow halves.
 
-    ``take()`` removes a token of the lease (``IndexError`` when there is none: call
-    ``admit()``, which admits under the lock or raises ``BudgetExhausted``, ``StreamClosed``
-    or the stream's failure); ``commits`` yields commit indices, ``settle(index)`` finishes a
-    commit at or past ``bounds.mark`` and returns the units not paid (``1`` when late);
-    ``cancel()`` gives back the admission of a call that raised.
+    ``take()`` removes an admission token (``IndexError`` when there is none: then
+    ``admit()`` admits under the lock or raises ``BudgetExhausted``, ``StreamClosed`` or the
+    stream's failure, its context suppressed); ``done()`` removes a commit token
+    (``IndexError``: then ``settle()`` counts the commit and returns the units not paid,
+    ``1`` when it was late); ``cancel()`` gives back the admission of a call that raised.
+    ``locked``: both steps always fail (parts over a stream's locked counting API).
     """
 
     take: Callable[[], object]
     admit: Callable[[], None]
-    commits: Iterator[int]
-    bounds: Bounds
-    settle: Callable[[int], int]
+    done: Callable[[], object]
+    settle: Callable[[], int]
     cancel: Callable[[], None]
+    locked: bool = False
 
 
 _EMPTY: Final[list[object]] = []  # never filled: its pop always raises IndexError
 
 
-def _unbound_settle(index: int) -> int:  # pragma: no cover - no commit before admit binds
+def _unbound_settle() -> int:  # pragma: no cover - no commit before admit binds
     raise AssertionError("a lane commits only after it was bound")
 
 
@@ -171,7 +128,7 @@ def locked_parts(
         except BaseException as refusal:
             raise refusal from None  # not "during handling of IndexError"
 
-    def settle(index: int) -> int:
+    def settle() -> int:
         unpaid = commit(units)
         if unpaid and on_unpaid is not None:
             on_unpaid(unpaid)
@@ -180,7 +137,7 @@ def locked_parts(
     def give_back() -> None:
         cancel(units)
 
-    return LaneParts(_EMPTY.pop, admit, itertools.repeat(0), SHUT, settle, give_back)
+    return LaneParts(_EMPTY.pop, admit, _EMPTY.pop, settle, give_back, locked=True)
 
 
 def lane_call(
@@ -191,28 +148,26 @@ def lane_call(
 ) -> Callable[..., Any]:
     """``fn`` metered on the lane ``bind()`` gives (called on the first call, under a lock).
 
-    The returned closure is the whole hot path: no Python call between it and ``fn`` but a
-    ``pop()`` and a ``next()``. A call that raises is cancelled (it costs nothing), or
-    committed when ``charge``. A refusal is raised with its context suppressed.
+    The returned closure is the whole hot path: no Python call between it and ``fn`` but
+    two ``pop()``. A call that raises is cancelled (it costs nothing), or committed when
+    ``charge``.
     """
     take: Callable[[], object] = _EMPTY.pop
-    commits: Iterator[int] = itertools.repeat(0)
-    bounds: Bounds = SHUT
-    settle: Callable[[int], int] = _unbound_settle
+    done: Callable[[], object] = _EMPTY.pop
+    settle: Callable[[], int] = _unbound_settle
     cancel: Callable[[], None] = _unbound_cancel
     binding = threading.Lock()
     admit: Callable[[], None]
 
     def first() -> None:
-        nonlocal take, commits, bounds, settle, cancel, admit
+        nonlocal take, done, settle, cancel, admit
         with binding:
             if admit is first:
                 try:
                     parts = bind()
                 except BaseException as exc:
                     raise exc from None  # not "during handling of IndexError"
-                commits, bounds = parts.commits, parts.bounds
-                settle, cancel = parts.settle, parts.cancel
+                done, settle, cancel = parts.done, parts.settle, parts.cancel
                 take = parts.take  # after the commit side: see the module docstring
                 admit = parts.admit
         admit()
@@ -229,13 +184,15 @@ def lane_call(
             try:
                 result = fn(*args, **kwargs)
             except BaseException:
-                c = next(commits)
-                if c >= bounds.mark:
-                    settle(c)
+                try:
+                    done()
+                except IndexError:
+                    settle()
                 raise
-            c = next(commits)
-            if c >= bounds.mark:
-                settle(c)
+            try:
+                done()
+            except IndexError:
+                settle()
             return result
 
         return metered_charged
@@ -250,9 +207,10 @@ def lane_call(
         except BaseException:
             cancel()
             raise
-        c = next(commits)
-        if c >= bounds.mark:
-            settle(c)
+        try:
+            done()
+        except IndexError:
+            settle()
         return result
 
     return metered
@@ -266,19 +224,18 @@ def lane_call_async(
 ) -> Callable[..., Awaitable[Any]]:
     """:func:`lane_call` for a coroutine function: the same steps around ``await fn(...)``.
 
-    The token is taken when the coroutine starts, before ``fn``'s coroutine is made, so a
-    refused call never runs; nothing awaits between a step and its check.
+    The admission is taken when the coroutine starts, before ``fn``'s coroutine is made, so a
+    refused call never runs; no step awaits.
     """
     take: Callable[[], object] = _EMPTY.pop
-    commits: Iterator[int] = itertools.repeat(0)
-    bounds: Bounds = SHUT
-    settle: Callable[[int], int] = _unbound_settle
+    done: Callable[[], object] = _EMPTY.pop
+    settle: Callable[[], int] = _unbound_settle
     cancel: Callable[[], None] = _unbound_cancel
     binding = threading.Lock()
     admit: Callable[[], Awaitable[None]]
 
     async def first() -> None:
-        nonlocal take, commits, bounds, settle, cancel, admit
+        nonlocal take, done, settle, cancel, admit
         if admit is first:
             try:
                 parts = await bind()  # the stream's open (once), outside the lock
@@ -286,8 +243,7 @@ def lane_call_async(
                 raise exc from None
             with binding:
                 if admit is first:
-                    commits, bounds = parts.commits, parts.bounds
-                    settle, cancel = parts.settle, parts.cancel
+                    done, settle, cancel = parts.done, parts.settle, parts.cancel
                     take = parts.take
                     admit = _awaitable(parts.admit)
         await admit()
@@ -304,13 +260,15 @@ def lane_call_async(
             try:
                 result = await fn(*args, **kwargs)
             except BaseException:
-                c = next(commits)
-                if c >= bounds.mark:
-                    settle(c)
+                try:
+                    done()
+                except IndexError:
+                    settle()
                 raise
-            c = next(commits)
-            if c >= bounds.mark:
-                settle(c)
+            try:
+                done()
+            except IndexError:
+                settle()
             return result
 
         return metered_charged
@@ -325,9 +283,10 @@ def lane_call_async(
         except BaseException:
             cancel()
             raise
-        c = next(commits)
-        if c >= bounds.mark:
-            settle(c)
+        try:
+            done()
+        except IndexError:
+            settle()
         return result
 
     return metered

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol, runtime_checkable
 
 from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
-from pf_metered.meter.lane import LOCK_FREE, TALLY_END, LaneParts, tally
+from pf_metered.meter.lane import LOCK_FREE, LaneParts
 from pf_metered.money import Rate, parse_rate
 
 __all__ = [
@@ -429,11 +429,11 @@ class _Record:
     It is also the stream's :class:`CallGate` and :class:`FastLane` (the fast lane lives here,
     beside the state it is fast on). The locked part: ``units`` (counted by ``add`` and by
     commits of locked reservations), ``reserved`` (locked reservations), the close phases.
-    The lock-free part (one-unit calls of the lane): a lease of tokens a call pops before it
-    runs, and a commit count it draws from after. Why that never overspends and why "a call
-    committed before the final claim is in it; one after is late" stays exact is argued in
-    :mod:`pf_metered.meter.lane`; the invariant kept here, under the lock, is ``units +
-    reserved + _bound ≤ max_units``, and ``mark`` changes only ``-1`` first.
+    The lock-free part (one-unit calls of the lane): two lists of tokens, one a call pops
+    before it runs (admission), one after (commit). Why that never overspends and why "a
+    call committed before the final claim is in it; one after is late" stays exact is argued
+    in :mod:`pf_metered.meter.lane`; kept here, under the lock: ``units + reserved + _bound
+    ≤ max_units`` and ``units + commits + tokens in _marks ≤ due_at − 1``.
 
     Why mutable: the frozen ``StreamState`` + ``dataclasses.replace`` on every unit cost
     microseconds. Why the hot methods are written out: each Python call costs ~50 ns.
@@ -442,13 +442,13 @@ class _Record:
     __slots__ = (
         "_blocked",
         "_bound",
-        "_commits",
-        "_committed_left",
         "_due_at",
         "_laned",
         "_lease",
+        "_marks",
+        "_marks_out",
         "_sealed",
-        "_take",
+        "_slow_done",
         "claimed_units",
         "cond",
         "config",
@@ -456,7 +456,6 @@ class _Record:
         "escrow_id",
         "late_units",
         "lock",
-        "mark",
         "max_units",
         "next_seq",
         "paid_micro",
@@ -484,15 +483,15 @@ class _Record:
         self.late_units = 0
         self._blocked: BaseException | None = None  # a permanent failure: refuse calls
         self._due_at = _NEVER_DUE
-        self._laned = False  # a lane was handed out: commits may come without the lock
-        self._lease: list[None] = []  # tokens lent to the lane: a call pops one
-        self._take = self._lease.pop
-        # ``F`` of the lane docstring: tokens lent and not taken back, plus calls admitted
-        # under the lock, less calls cancelled. Never below what the lane's calls hold.
+        self._laned = False  # a lane was handed out: calls may come without the lock
+        self._lease: list[None] = []  # admission tokens: a call pops one before it runs
+        # ``F`` of the lane docstring: admission tokens lent and not taken back, plus calls
+        # admitted under the lock, less calls cancelled. Never below what lane calls hold.
         self._bound = 0
-        self._commits, self._committed_left = tally()
-        self.mark = -1  # commits at or past it take the slow half (``-1``: all)
-        self._sealed = -1  # the commit count the final claim took (``-1``: not sealed)
+        self._marks: list[None] = []  # commit tokens: a call pops one when it returns
+        self._marks_out = 0  # commit tokens lent and not taken back
+        self._slow_done = 0  # lane commits counted under the lock
+        self._sealed = False  # the final claim was made: every lane commit now is late
         self.claimed_units = 0
         self.paid_micro = 0
         self.releases = 0
@@ -503,26 +502,30 @@ class _Record:
 
     # ------------------------------------------------ the lane's books (lock held)
     def _n_committed(self) -> int:
-        return TALLY_END - self._committed_left()
+        """Lane calls committed (in time): tokens calls popped, plus commits under the lock."""
+        return self._marks_out - len(self._marks) + self._slow_done
 
     def _lane_used(self) -> int:
         """The units the lane's calls hold or spent, exactly (tokens popped by calls)."""
         return self._bound - len(self._lease)
 
-    def _take_back(self) -> None:
-        """Empty the lease, counting each token (a call may pop one meanwhile: it keeps it)."""
-        pop = self._lease.pop
+    @staticmethod
+    def _take_back(tokens: list[None], most: int = _NEVER_DUE) -> int:
+        """Pop up to ``most`` tokens back, counting each (a call may pop one meanwhile: it
+        keeps it); return how many came back."""
+        pop = tokens.pop
         taken = 0
         try:
-            while True:
+            while taken < most:
                 pop()
                 taken += 1
         except IndexError:
             pass
-        self._bound -= taken
+        return taken
 
     def _lend(self) -> None:
-        """Top the lease up to half the room left (all of a last unit), at most a chunk."""
+        """Top the admission list up to half the room left (all of a last unit), at most a
+        chunk."""
         if not LOCK_FREE or self.status != "open" or self.draining or self._blocked is not None:
             return
         room = self.max_units - self.units - self.reserved - self._bound
@@ -531,44 +534,43 @@ class _Record:
             self._lease.extend(_TOKENS if lend == _LEASE else _TOKENS[:lend])
             self._bound += lend
 
+    def _fit_marks(self) -> None:
+        """Keep ``units + commits + tokens in _marks ≤ due_at − 1``: take back what no longer
+        fits, or top up (at most a chunk); none while closing or sealed."""
+        excess = self.units + self._marks_out + self._slow_done - self._due_at + 1
+        if excess > 0:
+            self._marks_out -= self._take_back(self._marks, excess)
+        elif LOCK_FREE and self.status == "open" and not self.draining:
+            lend = min(-excess, _LEASE - len(self._marks))
+            if lend > 0:
+                self._marks.extend(_TOKENS if lend == _LEASE else _TOKENS[:lend])
+                self._marks_out += lend
+
     def _fits(self, units: int) -> bool:
-        """Whether ``units`` more fit beside what is held and lent, taking the lease back
-        first when they do not fit beside it (the next lane call that finds it empty lends
-        again)."""
+        """Whether ``units`` more fit beside what is held and lent, taking the admission
+        tokens back first when they do not fit beside them (the next lane call that finds
+        the list empty lends again)."""
         if self.units + self.reserved + units + self._bound <= self.max_units:
             return True
-        self._take_back()
+        self._bound -= self._take_back(self._lease)
         return self.units + self.reserved + units + self._bound <= self.max_units
 
     def _count(self, units: int) -> int:
-        """Count ``units`` under the lock (fits checked); return the total.
-
-        With a lane out, ``mark`` goes ``-1`` before C is read (a commit drawn after the
-        read sees it), then to the commit index from which a commit needs the slow half: the
-        batch threshold, at most a lease ahead (so the lane compares small ints); none while
-        closing, so that every commit is looked at.
-        """
+        """Count ``units`` under the lock (fits checked); return the total."""
         units += self.units
         self.units = units
         if not self._laned:
             return units
-        self.mark = -1
-        committed = TALLY_END - self._committed_left()
-        if LOCK_FREE and self.status == "open" and not self.draining:
-            due = self._due_at - units - 1
-            ahead = committed + _LEASE
-            self.mark = due if due < ahead else ahead
-        return units + committed
+        self._fit_marks()
+        return units + self._n_committed()
 
     def snapshot_units(self) -> int:
-        """Units counted (lock held): locked ones plus the lane's commits (up to the final
-        claim's)."""
-        sealed = self._sealed
-        return self.units + (sealed if sealed >= 0 else self._n_committed())
+        """Units counted (lock held): locked ones plus the lane's commits in time."""
+        return self.units + self._n_committed()
 
     def _in_flight(self) -> int:
         """Units held by calls not finished: reservations and lane calls admitted and not
-        committed or cancelled (C read first: a call committed was admitted before)."""
+        committed or cancelled (commits read first: a call committed was admitted before)."""
         committed = self._n_committed()
         return self.reserved + self._lane_used() - committed
 
@@ -598,7 +600,7 @@ class _Record:
             raise refusal
         if self._laned:
             total = self._count(units)
-        else:  # no lane out: no commit comes without the lock (``_count`` written out)
+        else:  # no lane out: nothing counts without the lock (``_count`` written out)
             self.units = total
         lock.release()
         return total
@@ -646,7 +648,7 @@ class _Record:
 
     # ------------------------------------------- FastLane: the lock-free lane's slow halves
     def _admit(self) -> None:
-        """The lease was empty: admit the call under the lock (and lend again) or raise."""
+        """No admission token was left: admit the call under the lock (and lend) or raise."""
         lock = self.lock
         lock.acquire()
         blocked = self._blocked
@@ -662,18 +664,18 @@ class _Record:
         if refusal is not None:
             raise refusal from None  # not "during handling of IndexError"
 
-    def _settle(self, index: int) -> int:
-        """A commit at or past ``mark``: the total after it, or ``-1`` when it is late."""
+    def _settle(self) -> int:
+        """No commit token was left: the total after this commit, or ``-1`` if it is late."""
         lock = self.lock
         lock.acquire()
-        sealed = self._sealed
-        if 0 <= sealed <= index:  # drawn after the final claim read C
+        if self._sealed:  # no release pays it: its admission is given back, it counts late
+            self._bound -= 1
             self.late_units += 1
             total = -1
-        elif sealed >= 0:
-            total = self.units + sealed
         else:
-            total = self._count(0)  # a batch threshold or a lease's end: set the next mark
+            self._slow_done += 1
+            self._fit_marks()  # a chunk's end: lend the next (none past the batch threshold)
+            total = self.units + self._n_committed()
         if self.draining:
             self.cond.notify_all()
         lock.release()
@@ -693,11 +695,11 @@ class _Record:
         with self.lock:
             if not self._laned:
                 self._laned = True
-                self._count(0)  # sets the mark
+                self._fit_marks()
         settle_locked = self._settle
 
-        def settle(index: int) -> int:
-            total = settle_locked(index)
+        def settle() -> int:
+            total = settle_locked()
             if total < 0:
                 on_late(1)
                 return 1
@@ -705,7 +707,7 @@ class _Record:
                 on_due(total)
             return 0
 
-        return LaneParts(self._take, self._admit, self._commits, self, settle, self._cancel_call)
+        return LaneParts(self._lease.pop, self._admit, self._marks.pop, settle, self._cancel_call)
 
     @property
     def due_at(self) -> int:
@@ -715,7 +717,8 @@ class _Record:
     def due_at(self, value: int) -> None:
         with self.lock:
             self._due_at = value
-            self._count(0)  # moves the mark
+            if self._laned:
+                self._fit_marks()
 
     @property
     def blocked(self) -> BaseException | None:
@@ -725,15 +728,15 @@ class _Record:
     def blocked(self, failure: BaseException | None) -> None:
         with self.lock:
             self._blocked = failure
-            if failure is not None:
-                self._take_back()  # from now on every call is refused under the lock
+            if failure is not None:  # from now on every call is refused under the lock
+                self._bound -= self._take_back(self._lease)
 
     # CallGate: close's phases (the final claim itself seals: ``seal_for_final_claim``).
     def stop_calls(self) -> None:
         with self.lock:
-            self.draining = True
-            self._take_back()  # no new token: ``_lend`` lends nothing while draining
-            self.mark = -1  # every commit from now on notifies the closer
+            self.draining = True  # nothing is lent from now on
+            self._bound -= self._take_back(self._lease)  # every new call: refused, locked
+            self._marks_out -= self._take_back(self._marks)  # every commit: notifies
             self.cond.notify_all()
 
     def wait_calls(self, timeout: float) -> int:
@@ -746,10 +749,10 @@ class _Record:
 
     def seal_for_final_claim(self) -> int:
         """The final claim (lock held): later commits are late; return the units it covers."""
-        self.mark = -1  # before reading C, for good
-        self._take_back()
-        self._sealed = self._n_committed()
-        return self.units + self._sealed
+        self._bound -= self._take_back(self._lease)
+        self._marks_out -= self._take_back(self._marks)
+        self._sealed = True
+        return self.units + self._n_committed()
 
     def units_left(self) -> int | None:
         with self.lock:

@@ -30,7 +30,7 @@ from pf_metered.errors import (
     StreamClosed,
 )
 from pf_metered.meter.core import Meter, plan_stream
-from pf_metered.meter.lane import SHUT, LaneParts, lane_call, locked_parts
+from pf_metered.meter.lane import LaneParts, lane_call, locked_parts
 from pf_metered.meter.open import StoreSpec, open_store
 from pf_metered.meter.policy import BatchPolicy
 from pf_metered.meter.receipt import Receipt, StatusReport
@@ -373,8 +373,8 @@ class StreamBase:
         gave it. On the in-memory store a one-unit token is a ticket of the record's
         lock-free lane (see :meth:`lane_parts`); others are this stream's methods.
         """
-        take, admit, commits, bounds, settle, give_back = self.lane_parts(1)
-        if bounds is SHUT:  # no lock-free lane here
+        take, admit, done, settle, give_back, locked = self.lane_parts(1)
+        if locked:  # no lock-free lane here
             return self.reserve, self.commit, self.cancel
         reserve_n, commit_n, cancel_n = self.reserve, self.commit, self.cancel
 
@@ -390,8 +390,11 @@ class StreamBase:
         def commit(token: int) -> int:
             if token != 1:
                 return commit_n(token)
-            c = next(commits)
-            return settle(c) if c >= bounds.mark else 0
+            try:
+                done()
+            except IndexError:
+                return settle()
+            return 0
 
         def cancel(token: int) -> None:
             if token != 1:
