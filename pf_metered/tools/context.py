@@ -332,9 +332,11 @@ class ToolContext:
             log.warning("%s; kept against the caps until it is settled", pending.describe())
             raise ToolError(
                 f"{tool_name} may or may not have locked {format_usdc(amount_micro)} USDC for "
-                f"{provider}: its answer was lost. Do NOT call {tool_name} again for this "
-                "payment. The amount stays counted against the operator's limits until this "
-                "session reconciles it (an escrow found then is refunded, a stream closed).",
+                f"{provider}: its answer was lost. The amount stays counted against the "
+                "operator's limits until this session reconciles it (an escrow found then is "
+                "refunded, a stream closed).",
+                next_step=f"Do NOT call {tool_name} again for this payment; tell the user it is "
+                "in doubt, and carry on without it.",
                 kind="ambiguous",
             ) from None
         except BaseException:
