@@ -165,6 +165,15 @@ class Escrow(_Model):
     def refunded_micro(self) -> int:
         return decimal_to_micro(self.refunded)
 
+    @property
+    def returned_micro(self) -> int:
+        """What of the refund came back to the payer's balance (micro-USDC).
+
+        Why beside ``refunded``: on a service that keeps a commission on what it hands back
+        (the deployed dialect keeps 1% of an expired escrow) the two differ, and a count of
+        money that left the payer must give back only what really returned."""
+        return self.refunded_micro
+
 
 class EscrowEvent(_Model):
     """One line of an escrow's history as the deployed service shows it to the escrow's two

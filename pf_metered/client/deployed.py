@@ -258,6 +258,11 @@ class DeployedEscrow(Escrow):
             return 0
         return self.amount_micro - fee_micro(self.amount_micro)
 
+    @property
+    def returned_micro(self) -> int:
+        """The refund less the commission the service kept (see :attr:`Escrow.returned_micro`)."""
+        return self.returned_to_creator_micro
+
 
 def _str_field(data: dict[str, Any], *names: str) -> str | None:
     for name in names:
