@@ -214,6 +214,9 @@ class ToolContext:
         self._ids = itertools.count(self.book.last_handle_number() + 1)  # never reuse an id
         self._streams: dict[str, StreamEntry] = {}
         self._created_escrows: set[str] = set()
+        self._escrow_counted: dict[str, int] = {}
+        """What each escrow ``escrow_create`` made here counts against ``max_total`` now:
+        its amount less what came back (paid and still-locked money stay counted)."""
         self._locked_micro = 0
         self._opening = 0
         self._pending: list[PendingCreate] = []
@@ -242,9 +245,10 @@ class ToolContext:
     @property
     def locked_micro(self) -> int:
         """What ``max_total`` counts, in micro-USDC: everything the tools of this context took
-        from the payer and did not get back — money locked now *and* money already paid (a
-        refund counts back, a payment does not). For what is locked right now, read
-        ``book.figures().locked_micro`` (what ``stream_list`` reports)."""
+        from the payer and did not get back — money locked now *and* money already paid. What
+        comes back counts back: an escrow refunded (:meth:`escrow_seen`), a stream's unused
+        budget at close (:meth:`closed`); a payment does not. For what is locked right now,
+        read ``book.figures().locked_micro`` (what ``stream_list`` reports)."""
         return self._locked_micro
 
     def reserve(self, amount_micro: int, *, what: str, provider: str, stream: bool) -> None:
@@ -260,39 +264,98 @@ class ToolContext:
                 kind="cap_exceeded",
             )
         with self._lock:
+            room = None
             if caps.max_total_micro is not None:
                 room = caps.max_total_micro - self._locked_micro
-                if amount_micro > room:
-                    raise ToolError(
-                        f"Cap exceeded: locking {format_usdc(amount_micro)} USDC more would pass "
-                        f"the operator's total of {format_usdc(caps.max_total_micro)} USDC "
-                        f"({format_usdc(max(room, 0))} USDC left).",
-                        next_step="Use less"
-                        + (
-                            ", or close a stream you are done with (stream_close)."
-                            if offers("stream_close")
-                            else "."
-                        ),
-                        kind="cap_exceeded",
-                    )
-            if stream and caps.max_open_streams is not None:
-                open_now = self._opening + sum(
-                    1 for e in self._streams.values() if e.receipt is None
+            if room is None or amount_micro <= room:
+                self._hold(amount_micro, caps, what=what, stream=stream)
+                return
+        raise self._total_exceeded(amount_micro, room, stream=stream)
+
+    def _hold(self, amount_micro: int, caps: Caps, *, what: str, stream: bool) -> None:
+        """The rest of :meth:`reserve` once ``max_total`` has room, under ``self._lock``:
+        ``max_open_streams``, the global caps (the book), then the hold itself."""
+        if stream and caps.max_open_streams is not None:
+            open_now = self._opening + sum(1 for e in self._streams.values() if e.receipt is None)
+            if open_now >= caps.max_open_streams:
+                raise ToolError(
+                    f"Cap exceeded: at most {caps.max_open_streams} stream"
+                    f"{'' if caps.max_open_streams == 1 else 's'} may be open at once.",
+                    next_step="Close one you are done with (stream_close) first."
+                    if offers("stream_close")
+                    else "Pay through a stream already open, or ask the user to have the "
+                    "operator raise max_open_streams.",
+                    kind="cap_exceeded",
                 )
-                if open_now >= caps.max_open_streams:
-                    raise ToolError(
-                        f"Cap exceeded: at most {caps.max_open_streams} stream"
-                        f"{'' if caps.max_open_streams == 1 else 's'} may be open at once.",
-                        next_step="Close one you are done with (stream_close) first."
-                        if offers("stream_close")
-                        else "Pay through a stream already open, or ask the user to have the "
-                        "operator raise max_open_streams.",
-                        kind="cap_exceeded",
-                    )
-            self.book.hold(amount_micro, caps, what=what)  # max_locked, max_spend
-            self._locked_micro += amount_micro
-            if stream:
-                self._opening += 1
+        self.book.hold(amount_micro, caps, what=what)  # max_locked, max_spend
+        self._locked_micro += amount_micro
+        if stream:
+            self._opening += 1
+
+    def _total_exceeded(self, amount_micro: int, room: int, *, stream: bool) -> ToolError:
+        """The refusal of a lock that would pass ``max_total``, with the next steps that exist
+        now (built outside the lock: it reads the registry and the book)."""
+        cap = self.caps.max_total_micro
+        assert cap is not None  # only called when max_total refused
+        return ToolError(
+            f"Cap exceeded: locking {format_usdc(amount_micro)} USDC more would pass the "
+            f"operator's total of {format_usdc(cap)} USDC (max_total: money paid or still "
+            f"locked counts, money refunded comes back; {format_usdc(max(room, 0))} USDC left).",
+            next_step=self._total_next(
+                room, tool_name="stream_open" if stream else "escrow_create"
+            ),
+            kind="cap_exceeded",
+        )
+
+    def _total_next(self, room: int, *, tool_name: str) -> str:
+        """What the model can do when ``max_total`` has no room: only steps that give money
+        back to the count (closing an open stream, refunding an open escrow made here) or fit
+        the room; otherwise the limit is reached and only the operator can raise it."""
+        steps = []
+        if room > 0:
+            steps.append(f"use at most {format_usdc(room)} USDC")
+        with self._lock:
+            streams = [
+                e.handle for e in self._streams.values() if e.receipt is None and not e.closing
+            ]
+            counted = set(self._escrow_counted)
+            pending = len(self._pending)
+        if streams and offers("stream_close"):
+            steps.append(
+                f"close a stream you are done with (stream_close: {', '.join(streams[-5:])}): "
+                "its unused budget comes back"
+            )
+        escrows = [
+            e.escrow_id
+            for e in self.book.escrows(open_only=True)
+            if e.escrow_id in counted and e.remaining_micro > 0
+        ]
+        if escrows and offers("escrow_refund"):
+            steps.append(
+                "give back an escrow you no longer need (escrow_refund: "
+                f"{', '.join(escrows[-3:])}): what it still holds comes back"
+            )
+        cap = format_usdc(self.caps.max_total_micro or 0)
+        notes = ""
+        if pending:
+            notes += (
+                f" {pending} create(s) whose answer was lost stay counted until this session "
+                "settles them."
+            )
+        if escrows and self.dialect == "deployed" and offers("escrow_status"):
+            notes += (
+                " This escrow service hands an escrow that was not released back at its "
+                "timeout, less its 1%: escrow_status after that gives the room back."
+            )
+        if not steps:
+            until = " until then" if notes else ""
+            return (
+                f"The operator's max_total of {cap} USDC is reached.{notes} Do not call "
+                f"{tool_name} again{until}; tell the user the limit is reached and only the "
+                "operator can raise it."
+            )
+        steps.append("ask the user to have the operator raise max_total")
+        return "Next: " + "; or ".join(steps) + f".{notes}"
 
     def unreserve(self, amount_micro: int, *, stream: bool) -> None:
         """Give back a reservation whose lock failed (or an amount a close refunded)."""
@@ -363,8 +426,30 @@ class ToolContext:
     def escrow_made(self, escrow: Escrow, *, provider: str, amount_micro: int) -> None:
         """``escrow_create`` locked ``escrow``: remember it (here and in the book, where its
         hold of ``amount_micro`` becomes the escrow's own figures)."""
-        self.add_created_escrow(escrow.escrow_id)
+        with self._lock:
+            self._created_escrows.add(escrow.escrow_id)
+            self._escrow_counted[escrow.escrow_id] = amount_micro
         self.book.escrow_made(escrow, provider=provider, held_micro=amount_micro)
+        self.escrow_seen(escrow)  # an answer that already shows a refund (it never should)
+
+    def escrow_seen(self, escrow: Escrow) -> int:
+        """Keep the book's figures of ``escrow`` from a fresh answer (release, refund, status)
+        and give back to ``max_total`` what came back to the payer since it was last seen;
+        returns that amount (micro-USDC).
+
+        Why here and not in the book: ``max_total`` is this context's count. Only escrows
+        ``escrow_create`` made through this context are in it; a refund of one is given back
+        once, however often it is seen (the count only goes down to amount less returned).
+        """
+        self.book.escrow_seen(escrow)
+        counts_now = escrow.amount_micro - escrow.returned_micro
+        with self._lock:
+            before = self._escrow_counted.get(escrow.escrow_id)
+            if before is None or counts_now >= before:
+                return 0
+            self._escrow_counted[escrow.escrow_id] = counts_now
+            self._locked_micro -= before - counts_now
+        return before - counts_now
 
     def created_escrow(self, escrow_id: str) -> bool:
         """Whether escrow ``escrow_id`` was made by ``escrow_create`` through this context."""

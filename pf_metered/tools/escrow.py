@@ -197,7 +197,7 @@ def _whole_amount(ctx: ToolContext, escrow: Escrow, amount: int | None, partial:
 def _booked(ctx: ToolContext, escrow: Escrow, released_now: int) -> Answer:
     """Keep the book's figures of an escrow the tools made, or count a release of another."""
     if ctx.created_escrow(escrow.escrow_id):
-        ctx.book.escrow_seen(escrow)
+        ctx.escrow_seen(escrow)
     else:
         ctx.book.other_release(escrow.escrow_id, released_now)
     return {"released_now": format_usdc(released_now), **escrow_figures(escrow)}
@@ -270,7 +270,7 @@ ESCROW_RELEASE: ToolDefinition[EscrowReleaseArgs] = ToolDefinition(
 
 
 def _seen(ctx: ToolContext, escrow: Escrow) -> Answer:
-    ctx.book.escrow_seen(escrow)  # an escrow of the book's: keep its figures current
+    ctx.escrow_seen(escrow)  # an escrow of the book's: keep its figures (and max_total) current
     return escrow_figures(escrow, history=True)
 
 

@@ -63,7 +63,7 @@ def _no_refund() -> ToolError:
 
 
 def _refunded(ctx: ToolContext, escrow: Escrow) -> Answer:
-    ctx.book.escrow_seen(escrow)
+    ctx.escrow_seen(escrow)  # what came back is given back to max_total
     return {"refunded_now": escrow_figures(escrow)["refunded"], **escrow_figures(escrow)}
 
 
