@@ -205,3 +205,52 @@ def test_max_total_refusal_names_no_refund_where_the_service_has_none() -> None:
         assert "max_total" in err.message and "timeout" in err.message
     finally:
         world.close()
+
+
+def test_a_closed_streams_tranche_that_came_back_is_given_back() -> None:
+    """On the deployed dialect a closed stream leaves its unused tranche locked until its
+    timeout; once stream_status sees it came back, the room is given back (less the 1% the
+    service kept), once."""
+    world = DeployedWorld(balance="100")
+    try:
+        ctx = ToolContext(world.client(), caps=Caps(max_total="1.3"))
+        p = world.provider.agent_id
+        call(ctx, "stream_open", provider=p, rate="0.01", budget="1", batch=10)
+        call(ctx, "stream_record", stream_id="s1", units=17)
+        receipt = call(ctx, "stream_close", stream_id="s1")
+        assert (receipt["paid"], receipt["still_locked"]) == ("0.17", "0.10")
+        assert ctx.locked_micro == 270_000 == debited_micro(world, Decimal("100"))
+        err = refusal(ctx, "escrow_create", to_agent_id=p, amount="1.1")
+        assert "1.03 USDC left" in err.message and "0.10 USDC is still locked" in err.message
+        assert "s1" in err.message and "stream_status" in err.message
+        assert call(ctx, "stream_status", stream_id="s1")["still_locked"] == "0.10"  # not yet
+        world.sleep(25 * 3600)
+        later = call(ctx, "stream_status", stream_id="s1")
+        assert "still_locked" not in later and later["kept_by_service"] == "0.001"
+        assert later["refunded"] == "0.099" and later["debited"] == "0.171"
+        assert ctx.locked_micro == 171_000 == debited_micro(world, Decimal("100"))
+        call(ctx, "stream_status", stream_id="s1")  # seen again: nothing given twice
+        assert ctx.locked_micro == 171_000
+        assert call(ctx, "stream_list", include_closed=True)["locked"] == "0.00"
+        call(ctx, "escrow_create", to_agent_id=p, amount="1.129")
+        assert ctx.locked_micro == 1_300_000
+    finally:
+        world.close()
+
+
+async def test_a_closed_streams_tranche_that_came_back_is_given_back_async() -> None:
+    world = DeployedWorld(balance="100")
+    try:
+        aclient = world.aclient()
+        ctx = ToolContext(async_client=aclient, caps=Caps(max_total="2"))
+        p = world.provider.agent_id
+        await acall(ctx, "stream_open", provider=p, rate="0.01", budget="1", batch=10)
+        await acall(ctx, "stream_record", stream_id="s1", units=17)
+        await acall(ctx, "stream_close", stream_id="s1")
+        world.sleep(25 * 3600)
+        later = await acall(ctx, "stream_status", stream_id="s1")
+        assert "still_locked" not in later and later["refunded"] == "0.099"
+        assert ctx.locked_micro == 171_000 == debited_micro(world, Decimal("100"))
+        await aclient.aclose()
+    finally:
+        world.close()

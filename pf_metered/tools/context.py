@@ -31,8 +31,8 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pf_metered.errors import AmbiguousOutcome, ConfigError, NotFound, PFMeteredError
@@ -320,6 +320,11 @@ class ToolContext:
             ]
             counted = set(self._escrow_counted)
             pending = len(self._pending)
+            held = {
+                e.handle: e.receipt.still_locked
+                for e in self._streams.values()
+                if e.receipt is not None and e.receipt.still_locked
+            }
         if streams and offers("stream_close"):
             steps.append(
                 f"close a stream you are done with (stream_close: {', '.join(streams[-5:])}): "
@@ -341,6 +346,15 @@ class ToolContext:
             notes += (
                 f" {pending} create(s) whose answer was lost stay counted until this session "
                 "settles them."
+            )
+        if held and offers("stream_status"):
+            times = sorted(h.until for hs in held.values() for h in hs if h.until)
+            first = f"; the first comes back after {times[0]}" if times else ""
+            locked = format_usdc(sum(h.amount_micro for hs in held.values() for h in hs))
+            notes += (
+                f" {locked} USDC is still locked by closed streams "
+                f"({', '.join(list(held)[-5:])}{first}): stream_status on them after that gives "
+                "back the room of what came back."
             )
         if escrows and self.dialect == "deployed" and offers("escrow_status"):
             notes += (
@@ -667,6 +681,55 @@ class ToolContext:
             refunded_micro=receipt.refunded_micro,
             still_locked_micro=receipt.still_locked_micro,
         )
+
+    def still_locked_seen(self, entry: StreamEntry, escrows: Iterable[Escrow]) -> int:
+        """A closed stream's still-locked escrows read back (``escrows``): those the service
+        has since handed back or released leave the receipt's ``still_locked``; what came back
+        to the payer is given back to ``max_total``. Returns that amount (micro-USDC).
+
+        Why: on the deployed dialect a stream's unused tranche stays locked after close and
+        comes back, less the service's 1%, at its timeout; until it is seen to, it counts (it
+        may yet be released). Each escrow leaves ``still_locked`` once, so a second read gives
+        nothing twice.
+        """
+        seen = {e.escrow_id: e for e in escrows}
+        with self._lock:
+            receipt = entry.receipt
+            if receipt is None:
+                return 0
+            held, returned, kept, released, notes = [], 0, 0, 0, []
+            for h in receipt.still_locked:
+                escrow = seen.get(h.escrow_id)
+                if escrow is None or escrow.is_open:
+                    held.append(h)
+                    continue
+                back = escrow.returned_micro
+                returned += back
+                kept += h.amount_micro - back - escrow.released_micro
+                released += escrow.released_micro
+                notes.append(
+                    f"escrow {h.escrow_id} ({format_usdc(h.amount_micro)} USDC, {h.why}) "
+                    f"later {escrow.status}: {format_usdc(back)} USDC came back"
+                )
+            if not notes:
+                return 0
+            entry.receipt = replace(
+                receipt,
+                still_locked=tuple(held),
+                refunded_micro=receipt.refunded_micro + returned,
+                kept_by_service_micro=receipt.kept_by_service_micro + kept,
+                auto_released_micro=receipt.auto_released_micro + released,
+                notes=receipt.notes + tuple(notes),
+            )
+            self._locked_micro -= returned
+            updated = entry.receipt
+        self.book.stream_closed(
+            entry.handle,
+            paid_micro=updated.released_micro,
+            refunded_micro=updated.refunded_micro,
+            still_locked_micro=updated.still_locked_micro,
+        )
+        return returned
 
     def close_all(self) -> list[Receipt]:
         """Close every stream the agent left open (pay what it used, refund the rest).

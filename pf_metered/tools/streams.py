@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from typing import Any
 
-from pf_metered.errors import InvalidInput
+from pf_metered.errors import InvalidInput, PFMeteredError
 from pf_metered.meter.receipt import Receipt, StatusReport
 from pf_metered.money import MAX_UNITS, Rate, format_usdc, parse_amount, parse_rate
 from pf_metered.stream import AsyncPaymentStream, PaymentStream
@@ -41,6 +42,8 @@ __all__ = [
     "receipt_figures",
     "status_figures",
 ]
+
+log = logging.getLogger("pf_metered.tools")
 
 
 def _units_cap(rate: Rate, budget_micro: int, max_units: int | None) -> int:
@@ -247,12 +250,39 @@ STREAM_OPEN: ToolDefinition[StreamOpenArgs] = ToolDefinition(
 # -- stream_status ----------------------------------------------------------------------
 
 
+def _still_locked(entry: StreamEntry) -> list[str]:
+    """The escrows a closed stream left locked (worth reading back: one may have come back)."""
+    return [] if entry.receipt is None else [h.escrow_id for h in entry.receipt.still_locked]
+
+
+def _reread_failed(entry: StreamEntry, exc: PFMeteredError) -> None:
+    # the receipt as last seen is still true (the money was locked then); say why it stands
+    log.warning("stream %s: still-locked escrows not read back: %s", entry.handle, exc)
+
+
 def _status(ctx: ToolContext, args: StreamStatusArgs) -> Answer:
-    return _figures(ctx.entry(args.stream_id))
+    entry = ctx.entry(args.stream_id)
+    held = _still_locked(entry)
+    if held and ctx.client is not None:
+        try:
+            ctx.still_locked_seen(entry, [ctx.client.get_escrow(e) for e in held])
+        except PFMeteredError as exc:
+            _reread_failed(entry, exc)
+    return _figures(entry)
 
 
 async def _astatus(ctx: ToolContext, args: StreamStatusArgs) -> Answer:
-    return _status(ctx, args)
+    entry = ctx.entry(args.stream_id)
+    held = _still_locked(entry)
+    client = ctx.async_client
+    if held and client is None:
+        return await asyncio.to_thread(_status, ctx, args)
+    if held and client is not None:
+        try:
+            ctx.still_locked_seen(entry, [await client.get_escrow(e) for e in held])
+        except PFMeteredError as exc:
+            _reread_failed(entry, exc)
+    return _figures(entry)
 
 
 STREAM_STATUS: ToolDefinition[StreamStatusArgs] = ToolDefinition(
@@ -260,7 +290,9 @@ STREAM_STATUS: ToolDefinition[StreamStatusArgs] = ToolDefinition(
     family="stream",
     description=(
         "Read a payment stream's figures: units counted, units_left in the budget, released "
-        "(paid to the provider so far), unreleased_units and remaining budget."
+        "(paid to the provider so far), unreleased_units and remaining budget; for a closed "
+        "stream its receipt, with escrows it left still_locked read again (what came back since "
+        "shows as refunded)."
     ),
     args_schema=StreamStatusArgs,
     run=_status,
