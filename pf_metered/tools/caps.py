@@ -43,8 +43,10 @@ class Caps:
 
     * ``max_budget``: the most one stream may lock, and the most one ``escrow_create`` may lock.
     * ``max_rate``: the highest price per unit a stream may be opened at.
-    * ``max_total``: the most money all tools of one context may have locked at once (stream
-      budgets and escrow amounts, less what streams refunded when they closed).
+    * ``max_total``: the most money the tools of one context may take from the payer: what
+      they paid plus what is still locked. Money that comes back counts back (an
+      ``escrow_refund``, a stream's unused budget at close, an escrow or a closed stream's
+      tranche the service handed back at its timeout, less the 1% it kept); paid money never.
     * ``max_locked``: the most money locked at once (open escrows' remaining amounts and open
       streams' unpaid budgets, over the whole state file); paid and refunded money counts back.
     * ``max_spend``: the most money that may ever be paid out over the server's life (what was
