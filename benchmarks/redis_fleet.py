@@ -12,7 +12,14 @@ itself is left out: this measures the meter and Redis, not the escrow service). 
 
 Round trips are counted twice: by the stores (script calls sent) and by the server
 (``INFO commandstats`` deltas of EVALSHA/EVAL/SCRIPT LOAD; other clients of the same server
-would add to it). Prints one table.
+would add to it). Prints one table, then checks leased mode's bound (fewer than
+``0.01`` round trips per unit, :data:`LEASED_TRIPS_PER_UNIT`) and exits 1 if it was missed.
+
+The budget is the units the workers record plus one chunk per worker: a worker that finishes
+may still hold up to a chunk of lease until it closes, and a fleet whose budget is exactly its
+work would then see a late worker refused with budget left (leased to a finished one). That
+end-of-budget race is the stores' tests' business (``tests/test_redis_fleet.py``); here every
+unit recorded must be counted, exactly.
 
 Without ``--redis-url`` it starts a private ``redis-server`` on a free loopback port (no
 persistence) and stops it afterwards, so the server's counts are this benchmark's alone.
@@ -38,6 +45,9 @@ from redis_server import RedisServer  # the tests' private-server helper
 
 CTX = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
+LEASED_TRIPS_PER_UNIT = 0.01
+"""Leased mode's budget of Redis round trips per counted unit (issue 14.4)."""
+
 
 def _calls(client: redis.Redis) -> int:
     """EVALSHA/EVAL calls the server has run: every store operation is one of them.
@@ -53,6 +63,14 @@ def _calls(client: redis.Redis) -> int:
 
 
 def _worker(job: tuple, chans: tuple) -> None:
+    try:
+        _work(job, chans)
+    except BaseException as exc:  # the parent stops at once instead of waiting on the queue
+        chans[2].put(f"worker {os.getpid()} failed: {exc!r}")
+        raise
+
+
+def _work(job: tuple, chans: tuple) -> None:
     url, prefix, sid, chunk, units, batch = job
     ready, go, out = chans
     store = RedisStore(url, prefix=prefix, chunk=chunk)
@@ -79,7 +97,8 @@ def run(url: str, procs: int, units: int, chunk: int, batch: int) -> dict[str, f
     admin = redis.Redis.from_url(url)
     store = RedisStore(url, prefix=prefix)
     total = procs * units
-    store.create(StreamConfig(sid, "agent_b", "0.000001", total, total, batch_units=batch))
+    budget = total + procs * chunk  # see the module docstring
+    store.create(StreamConfig(sid, "agent_b", "0.000001", budget, budget, batch_units=batch))
     store.set_escrow(sid, "esc_bench")
     ready, go, out = CTX.Queue(), CTX.Event(), CTX.Queue()
     workers = [
@@ -96,8 +115,12 @@ def run(url: str, procs: int, units: int, chunk: int, batch: int) -> dict[str, f
     before = _calls(admin)
     t0 = time.perf_counter()
     go.set()
-    trips = sum(out.get(timeout=600) for _ in workers)
+    answers = [out.get(timeout=600) for _ in workers]
     elapsed = time.perf_counter() - t0
+    failed = [a for a in answers if isinstance(a, str)]
+    if failed:
+        raise SystemExit("; ".join(failed))
+    trips = sum(answers)
     server_calls = _calls(admin) - before
     for w in workers:
         w.join()
@@ -139,6 +162,7 @@ def table(args: argparse.Namespace, url: str) -> None:
         f"{'mode':<14}{'procs':>6}{'units/s':>12}{'trips/unit':>12}{'server/unit':>12}"
         f"{'seconds':>9}"
     )
+    worst = 0.0
     for chunk in (0, args.chunk):
         mode = "direct" if chunk == 0 else f"leased({chunk})"
         units = args.units if chunk else max(args.units // 4, args.batch)
@@ -146,8 +170,18 @@ def table(args: argparse.Namespace, url: str) -> None:
             r = run(url, n, units, chunk, args.batch)
             print(
                 f"{mode:<14}{n:>6}{r['units_per_s']:>12,.0f}{r['store_trips_per_unit']:>12.4f}"
-                f"{r['server_cmds_per_unit']:>12.4f}{r['seconds']:>9.2f}"
+                f"{r['server_cmds_per_unit']:>12.4f}{r['seconds']:>9.2f}",
+                flush=True,
             )
+            if chunk:
+                worst = max(worst, r["store_trips_per_unit"], r["server_cmds_per_unit"])
+    ok = worst < LEASED_TRIPS_PER_UNIT
+    print(
+        f"leased mode: at most {worst:.4f} round trips per unit "
+        f"({'under' if ok else 'NOT under'} {LEASED_TRIPS_PER_UNIT})"
+    )
+    if not ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
