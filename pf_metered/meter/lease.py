@@ -151,6 +151,7 @@ class _Lease:
         "expires",
         "expiry",
         "held",
+        "inflight",
         "io",
         "mu",
         "remaining",
@@ -177,6 +178,7 @@ class _Lease:
         self.ttl = 0.0
         self.active = False  # consumed since the last tick
         self.unacked: Push | None = None
+        self.inflight = 0  # the units of ``unacked`` (a push sent, its answer not seen yet)
         self.unacked_upto = 0
         self.unacked_giving = False
         # Sequences start at the clock in µs: a process that reuses an id (a worker name given
@@ -186,7 +188,7 @@ class _Lease:
 
     def unpushed(self) -> int:
         """Units counted here the record may not have: consumed, and in a push in doubt."""
-        return self.consumed + (self.unacked.used if self.unacked is not None else 0)
+        return self.consumed + self.inflight
 
 
 class LeasedCounter:
@@ -195,7 +197,10 @@ class LeasedCounter:
     ``chunk``: the lease a take asks for beyond what running calls hold, and the most units
     left unpushed; ``0`` leases exactly what is held and pushes every commit. ``return_idle``:
     a background round gives back the lease of a stream nothing consumed from since the last
-    round (Redis: other workers may need it; SQLite keeps it until ``close``).
+    round (Redis: other workers may need it; SQLite keeps it until ``close``). ``interval``:
+    seconds between background rounds (:meth:`tick` on a daemon thread started with the first
+    stream; ``None``: the store calls :meth:`tick` itself); ``on_start`` is called when that
+    thread starts (a store registers for its exit flush then).
     """
 
     def __init__(
@@ -204,6 +209,9 @@ class LeasedCounter:
         *,
         chunk: int,
         return_idle: bool = False,
+        interval: float | None = None,
+        name: str = "pf-metered-leases",
+        on_start: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(backend, LeaseBackend):
@@ -215,23 +223,52 @@ class LeasedCounter:
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()
         self._ticker: threading.Thread | None = None
+        self._interval = interval
+        self._name = name
+        self._on_start = on_start
         self._stopped = False
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ hot path
-    def add(self, stream_id: str, units: int, *, wait: bool = False) -> int:
+    def add(self, stream_id: str, units: int, wait: bool = False) -> int:
         """Consume ``units`` out of the lease (topped up when short); the total as known here.
 
         ``wait``: return only once a push covering these units was acknowledged (concurrent
         waiters share one push). Raises ``StreamClosed`` / ``BudgetExhausted`` counting nothing.
         """
+        loc = self._leases.get(stream_id)
+        if loc is not None and not wait:  # the fast path: no push due, no I/O
+            with loc.mu:
+                if (
+                    loc.remaining >= units
+                    and loc.consumed + loc.inflight + units <= self._chunk
+                    and loc.closed is None
+                    and (not loc.expires or self._clock() < loc.expiry)
+                ):
+                    loc.remaining -= units
+                    loc.consumed += units
+                    loc.counted += units
+                    loc.active = True
+                    return loc.total + loc.consumed
         return self._consume(stream_id, units, hold=False, wait=wait)
 
     def reserve(self, stream_id: str, units: int) -> None:
         """Hold ``units`` of the lease for a call still running (counted by ``commit``)."""
+        loc = self._leases.get(stream_id)
+        if loc is not None:  # the fast path
+            with loc.mu:
+                if (
+                    loc.remaining >= units
+                    and loc.closed is None
+                    and (not loc.expires or self._clock() < loc.expiry)
+                ):
+                    loc.remaining -= units
+                    loc.held += units
+                    loc.active = True
+                    return
         self._consume(stream_id, units, hold=True, wait=False)
 
-    def commit(self, stream_id: str, units: int, *, wait: bool = False) -> int:
+    def commit(self, stream_id: str, units: int, wait: bool = False) -> int:
         """Count ``units`` held by ``reserve``; the total as known here.
 
         The call ran, so its units are counted even when the push this triggers fails: they
@@ -239,8 +276,16 @@ class LeasedCounter:
         """
         loc = self._lease(stream_id)
         chunk = self._chunk
+        if not wait:
+            with loc.mu:
+                if loc.consumed + loc.inflight + units <= chunk:  # the fast path: no push due
+                    loc.held -= units
+                    loc.consumed += units
+                    loc.counted += units
+                    loc.active = True
+                    return loc.total + loc.consumed
         with loc.mu:
-            unpushed = loc.unpushed()
+            unpushed = loc.consumed + loc.inflight
             push_first = bool(chunk and unpushed and unpushed + units > chunk)
             seen = loc.counted
         error: BaseException | None = None
@@ -256,7 +301,9 @@ class LeasedCounter:
             mark = loc.counted
             loc.active = True
             total = loc.total + loc.consumed
-            push_now = not chunk or loc.unpushed() > chunk  # one call larger than a chunk
+            push_now = (
+                not chunk or (loc.consumed + loc.inflight) > chunk
+            )  # one call larger than a chunk
         if error is not None:
             raise error
         if push_now or wait:
@@ -285,7 +332,7 @@ class LeasedCounter:
                 # Push first when these units would take the unpushed count past a chunk:
                 # what a killed process loses is its unpushed count (a push in doubt
                 # included), at most one chunk.
-                unpushed = loc.unpushed()
+                unpushed = loc.consumed + loc.inflight
                 push_first = not hold and unpushed and unpushed + units > chunk
                 seen = loc.counted
                 if (
@@ -302,7 +349,7 @@ class LeasedCounter:
                     loc.counted += units
                     total = loc.total + loc.consumed
                     mark = loc.counted
-                    push_now = loc.unpushed() > chunk
+                    push_now = (loc.consumed + loc.inflight) > chunk
                     break
             if push_first:  # (a push under way that covers them is waited for, not repeated)
                 self._sync(stream_id, loc, need=0, release=False, until=seen)
@@ -414,6 +461,7 @@ class LeasedCounter:
                         giving = release or loc.closed is not None
                         loc.consumed = 0
                         loc.unacked, loc.unacked_upto = push, upto
+                        loc.inflight = push.used
                         loc.unacked_giving = giving
                         resend = False
                     t0 = self._clock()
@@ -427,6 +475,7 @@ class LeasedCounter:
                 except InvalidInput:  # a definite no (an unknown stream): nothing was applied
                     with loc.mu:
                         loc.unacked = None
+                        loc.inflight = 0
                         loc.consumed += push.used
                         empty = not (loc.consumed or loc.held or loc.remaining)
                     if empty:
@@ -434,6 +483,7 @@ class LeasedCounter:
                     raise
                 with loc.mu:
                     loc.unacked = None
+                    loc.inflight = 0
                     if answer.stale:  # the record saw a later sequence: resend under a new one
                         loc.consumed += push.used
                         loc.seq += _SEQ_JUMP
@@ -499,6 +549,8 @@ class LeasedCounter:
                 target=_tick_loop, args=(ref, self._stop, interval), name=name, daemon=True
             )
             self._ticker.start()
+        if self._on_start is not None:
+            self._on_start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the background rounds for good (waits at most ``timeout`` for the current
@@ -546,6 +598,8 @@ class LeasedCounter:
                 loc = self._leases.get(stream_id)
                 if loc is None:
                     loc = self._leases[stream_id] = _Lease()
+            if self._interval is not None:
+                self.start(self._interval, self._name)
         return loc
 
 

@@ -211,8 +211,7 @@ class RedisStore(BaseStore):
         """Seconds after which an unsettled intent's owner is presumed gone (``take_over``)."""
         self._worker = worker or new_owner_id()
         self._shas: dict[str, str] = {}
-        self._leases = LeasedCounter(_WorkerLeases(self), chunk=chunk, return_idle=True)
-        self._pushing = False  # the pusher (the engine's background round) was started
+        self._leases = self._new_leases()
         self._session = _ThreadSession()
         self._closed = False
         self.round_trips = 0
@@ -228,7 +227,6 @@ class RedisStore(BaseStore):
         """
         self._worker = new_owner_id()
         self._leases.reset()
-        self._pushing = False
         self._session = _ThreadSession()
 
     # ------------------------------------------------------------------ plumbing
@@ -353,7 +351,7 @@ class RedisStore(BaseStore):
         if self._chunk and op_id is None and units <= self._chunk:
             # A count larger than a chunk goes to Redis at once (below): consumed locally it
             # would put more than a chunk at risk if this worker died before its next push.
-            return self._engine().add(stream_id, units)
+            return self._leases.add(stream_id, units)
         k = self._keys(stream_id)
         dedup = self._dedup_args(op_id)
         opkey = k["op"] + (op_id if op_id is not None else "-")
@@ -611,13 +609,24 @@ class RedisStore(BaseStore):
 
     # ------------------------------------------------------------------ leases
 
-    def _engine(self) -> LeasedCounter:
-        """The lease engine, its pusher running (started on first use, and after a fork)."""
-        if not self._pushing and not self._closed:
-            self._pushing = True
-            self._leases.start(self._push_interval, "pfm-redis-pusher")
-            _LIVE.add(self)
-        return self._leases
+    def _new_leases(self) -> LeasedCounter:
+        """This worker's side of its leases; its background round is the pusher (started
+        with the first lease, when exit starts to close this store: push, give leases back)."""
+        ref = weakref.ref(self)
+
+        def started() -> None:
+            store = ref()
+            if store is not None:
+                _LIVE.add(store)
+
+        return LeasedCounter(
+            _WorkerLeases(self),
+            chunk=self._chunk,
+            return_idle=True,
+            interval=self._push_interval,
+            name="pfm-redis-pusher",
+            on_start=started,
+        )
 
     def _lease_script(self, stream_id: str, push: Push, *, release: bool) -> Grant:
         """One push of the lease engine: the ``LEASE`` script (see ``_WorkerLeases``)."""
@@ -682,13 +691,13 @@ class _RedisCounter:
         return self._store.add_units(self._sid, units)
 
     def reserve(self, units: int) -> None:
-        self._store._engine().reserve(self._sid, units)
+        self._store._leases.reserve(self._sid, units)
 
     def commit(self, units: int) -> int:
-        return self._store._engine().commit(self._sid, units)
+        return self._store._leases.commit(self._sid, units)
 
     def cancel(self, units: int) -> None:
-        self._store._engine().cancel(self._sid, units)
+        self._store._leases.cancel(self._sid, units)
 
     def units_left(self) -> int | None:
         return None  # the fleet shares the budget: only Redis knows

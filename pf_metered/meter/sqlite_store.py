@@ -276,7 +276,12 @@ class SQLiteStore(BaseStore):
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         # group mode: this process's side of its leases (the flusher is its background round)
-        self._leases = LeasedCounter(_FileLeases(self), chunk=lease_units)
+        self._leases = LeasedCounter(
+            _FileLeases(self),
+            chunk=lease_units,
+            interval=self.group_interval,
+            name="pf-metered-sqlite-flusher",
+        )
         self._closed = False
         self.refused_units = 0
         """Units counted in group mode that could not be committed (the stream was closed
@@ -482,7 +487,7 @@ class SQLiteStore(BaseStore):
         """Count ``units`` within the budget; see the module docstring for when it is durable."""
         self._check_units(units)
         if self.durability == "group":
-            return self._group(stream_id).add(stream_id, units, wait=self.group_wait)
+            return self._leases.add(stream_id, units, self.group_wait)
         return self._add_durable(stream_id, units)
 
     def _add_durable(self, stream_id: str, units: int, held_here: int = 0) -> int:
@@ -661,13 +666,6 @@ class SQLiteStore(BaseStore):
             # Our own lease: commit what we counted, keep only what running calls hold.
             self._leases.push(stream_id, release=True)
 
-    # ------------------------------------------------------------ group mode
-    def _group(self, stream_id: str) -> LeasedCounter:
-        """The lease engine, its flusher running (started on first use, and after a fork)."""
-        leases = self._leases
-        leases.start(self.group_interval, "pf-metered-sqlite-flusher")
-        return leases
-
     def sync(self) -> None:
         """Wait until every unit counted so far in this process is durable (group mode)."""
         if self.durability == "group":
@@ -711,7 +709,7 @@ class _Counter:
     def add(self, units: int) -> int:
         store = self._store
         if store.durability == "group":
-            return store._group(self._sid).add(self._sid, units, wait=store.group_wait)
+            return store._leases.add(self._sid, units, store.group_wait)
         # Reservations held here by calls in progress count against the budget too.
         store._check_units(units)
         return store._add_durable(self._sid, units, self._local)
@@ -719,7 +717,7 @@ class _Counter:
     def reserve(self, units: int) -> None:
         store = self._store
         if store.durability == "group":
-            store._group(self._sid).reserve(self._sid, units)
+            store._leases.reserve(self._sid, units)
             return
         with self._lock:
             state = store.load(self._sid)
@@ -732,7 +730,7 @@ class _Counter:
     def commit(self, units: int) -> int:
         store = self._store
         if store.durability == "group":
-            return store._group(self._sid).commit(self._sid, units, wait=store.group_wait)
+            return store._leases.commit(self._sid, units, store.group_wait)
         with self._lock:
             self._local -= units
         return store.add_units(self._sid, units)
@@ -743,7 +741,7 @@ class _Counter:
     def cancel(self, units: int) -> None:
         store = self._store
         if store.durability == "group":
-            store._group(self._sid).cancel(self._sid, units)
+            store._leases.cancel(self._sid, units)
             return
         with self._lock:
             self._local -= units
