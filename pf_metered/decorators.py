@@ -19,10 +19,12 @@ rest is counted in ``overflow_units`` and logged, never raised over a finished c
 
 Why two wrapping paths: a plain Python function is wrapped by a plain closure (a function is
 already a correct descriptor: it binds as a method, and ``inspect.iscoroutinefunction`` & co.
-hold because the closure is of the same kind), which keeps the per-call cost near a
-``prometheus_client.Counter.inc()``. Everything else (``classmethod``/``staticmethod`` objects,
-callable instances, builtins, partials) gets ``wrapt.FunctionWrapper``, whose descriptor
-handling is correct on every kind of callable.
+hold because the closure is of the same kind). For one unit a call that closure is the
+stream's lane itself (:func:`pf_metered.meter.lane.lane_call`: two atomic ``list.pop``
+around the call, no lock, no Python call in between), so it adds less than half of what a
+``prometheus_client.Counter.inc()`` adds (``benchmarks/overhead.py``). Everything else
+(``classmethod``/``staticmethod`` objects, callable instances, builtins, partials) gets
+``wrapt.FunctionWrapper``, whose descriptor handling is correct on every kind of callable.
 
 What this module must never do: run the wrapped function when the budget cannot pay for it,
 do I/O per call (only the first call of a lazily-opened own stream locks its escrow), or

@@ -267,6 +267,7 @@ class RecordMachine(RuleBasedStateMachine):
         self.sealed = False
         self.failure: BaseException | None = None
         self.due_at = 1 << 62
+        self.told = False  # the sender was told the total reached due_at
 
     def _late(self, n: int) -> None:
         self.lates += n
@@ -314,8 +315,9 @@ class RecordMachine(RuleBasedStateMachine):
             return
         assert unpaid == 0
         self.units += 1
-        if self.units >= self.due_at:
-            assert self.dues and self.dues[-1] == self.units  # the crossing was looked at
+        if self.units >= self.due_at:  # the sender was told: by this commit or before
+            assert self.told or (self.dues and self.dues[-1] == self.units)
+            self.told = True
 
     @rule(n=st.integers(0, 5))
     def record(self, n: int) -> None:
@@ -328,6 +330,7 @@ class RecordMachine(RuleBasedStateMachine):
         else:
             assert self.gate.add(n) == self.units + n
             self.units += n
+            self.told = self.told or self.units >= self.due_at  # record() wakes the sender
 
     @rule(n=st.integers(1, 4))
     def reserve(self, n: int) -> None:
@@ -355,11 +358,13 @@ class RecordMachine(RuleBasedStateMachine):
         else:
             assert self.gate.commit(n) == self.units + n
             self.units += n
+            self.told = self.told or self.units >= self.due_at  # commit() wakes the sender
 
     @rule(ahead=st.integers(0, 4))
     def set_due(self, ahead: int) -> None:
         self.due_at = self.units + ahead
         self.gate.due_at = self.due_at
+        self.told = False
 
     @rule()
     def batch_claim(self) -> None:

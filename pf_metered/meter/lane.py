@@ -32,11 +32,12 @@ put in, less those it took back, less those still in the list (``len``).
   its list empty), then claims the locked units plus that count: a commit that popped a token
   is in the claim; every later one takes the slow half, is *late* (``late_units``, not paid,
   ``on_late``; its admission is given back) and counts nowhere else.
-* *Batches.* Commit tokens are lent only up to one below the batch threshold: ``units +
-  commits + tokens in the list ≤ due_at − 1`` (a sum the owner knows without reading the
-  list: a commit moves one from the list to the count). So the commit that reaches
-  ``due_at`` finds the list empty and wakes the sender; when the locked units grow, the
-  owner takes back what no longer fits.
+* *Batches.* Commit tokens are lent only up to one below the next batch threshold: ``units
+  + commits + tokens in the list ≤ threshold − 1`` (a sum the owner knows without reading
+  the list: a commit moves one from the list to the count). So the commit that reaches
+  ``due_at`` finds the list empty and wakes the sender; past it the threshold is the next
+  batch (``due_at − claimed`` further), so the calls between the wake-up and the sender's
+  claim stay fast. When the locked units grow, the owner takes back what no longer fits.
 * *Close.* ``close`` takes both lists back (every new call is refused under the lock, every
   commit or cancel notifies), then waits on a condition until no call is in flight: admitted
   − committed − cancelled, the commit list read before the admission list (a call that

@@ -288,7 +288,8 @@ class CallGate(UnitCounter, Protocol):
     Why: a call reserved before close began must be paid (its body ran on the budget's
     promise), and a call that commits after the final claim must not count a unit no release
     will pay. The meter wraps a store's plain counter in one (:mod:`pf_metered.meter.core`);
-    the in-memory record is one natively, on its own lock (the fast lane).
+    the in-memory record is one natively (its lane counts one-unit calls without the lock and
+    takes it only for these phases: :mod:`pf_metered.meter.lane`).
 
     Phases: open → ``stop_calls`` (new reservations refused with ``StreamClosed``; running
     calls still commit) → ``wait_calls`` (bounded) → ``seal`` (a commit from now on is *late*:
@@ -326,7 +327,7 @@ class FastLane(Protocol):
     def lane_parts(
         self, on_due: Callable[[int], None], on_late: Callable[[int], None]
     ) -> LaneParts:
-        """The counts, bounds and slow halves of the lane (see the class docstring)."""
+        """The atomic steps and slow halves of the lane (see the class docstring)."""
 
 
 class AddUnitsCounter:
@@ -433,7 +434,7 @@ class _Record:
     before it runs (admission), one after (commit). Why that never overspends and why "a
     call committed before the final claim is in it; one after is late" stays exact is argued
     in :mod:`pf_metered.meter.lane`; kept here, under the lock: ``units + reserved + _bound
-    ≤ max_units`` and ``units + commits + tokens in _marks ≤ due_at − 1``.
+    ≤ max_units`` and ``units + commits + tokens in _marks`` below the next batch threshold.
 
     Why mutable: the frozen ``StreamState`` + ``dataclasses.replace`` on every unit cost
     microseconds. Why the hot methods are written out: each Python call costs ~50 ns.
@@ -449,6 +450,7 @@ class _Record:
         "_marks_out",
         "_sealed",
         "_slow_done",
+        "_told",
         "claimed_units",
         "cond",
         "config",
@@ -483,6 +485,7 @@ class _Record:
         self.late_units = 0
         self._blocked: BaseException | None = None  # a permanent failure: refuse calls
         self._due_at = _NEVER_DUE
+        self._told = False  # a commit told the sender the total reached ``_due_at``
         self._laned = False  # a lane was handed out: calls may come without the lock
         self._lease: list[None] = []  # admission tokens: a call pops one before it runs
         # ``F`` of the lane docstring: admission tokens lent and not taken back, plus calls
@@ -534,10 +537,18 @@ class _Record:
             self._lease.extend(_TOKENS if lend == _LEASE else _TOKENS[:lend])
             self._bound += lend
 
-    def _fit_marks(self) -> None:
-        """Keep ``units + commits + tokens in _marks ≤ due_at − 1``: take back what no longer
-        fits, or top up (at most a chunk); none while closing or sealed."""
-        excess = self.units + self._marks_out + self._slow_done - self._due_at + 1
+    def _fit_marks(self, total: int) -> None:
+        """Lend commit tokens up to one below the next threshold past ``total`` (the units
+        counted now): ``due_at`` or, once the sender was told it was reached, the next
+        multiple of the batch past it (``due_at − claimed_units``), so the commits between a
+        wake-up and the sender's claim stay fast and the next threshold is still seen. The
+        invariant: ``units + commits + tokens in _marks ≤ threshold − 1``; what no longer fits
+        is taken back; nothing is lent while closing or sealed."""
+        threshold = self._due_at
+        if total >= threshold and self._told:
+            step = max(1, threshold - self.claimed_units)
+            threshold += ((total - threshold) // step + 1) * step
+        excess = self.units + self._marks_out + self._slow_done - threshold + 1
         if excess > 0:
             self._marks_out -= self._take_back(self._marks, excess)
         elif LOCK_FREE and self.status == "open" and not self.draining:
@@ -561,8 +572,11 @@ class _Record:
         self.units = units
         if not self._laned:
             return units
-        self._fit_marks()
-        return units + self._n_committed()
+        total = units + self._n_committed()
+        if total >= self._due_at:
+            self._told = True  # the caller (the stream) wakes its sender on this total
+        self._fit_marks(total)
+        return total
 
     def snapshot_units(self) -> int:
         """Units counted (lock held): locked ones plus the lane's commits in time."""
@@ -674,8 +688,10 @@ class _Record:
             total = -1
         else:
             self._slow_done += 1
-            self._fit_marks()  # a chunk's end: lend the next (none past the batch threshold)
             total = self.units + self._n_committed()
+            if total >= self._due_at:
+                self._told = True  # ``settle`` tells the sender (``on_due``)
+            self._fit_marks(total)  # a threshold or a chunk's end: lend up to the next
         if self.draining:
             self.cond.notify_all()
         lock.release()
@@ -695,7 +711,7 @@ class _Record:
         with self.lock:
             if not self._laned:
                 self._laned = True
-                self._fit_marks()
+                self._fit_marks(self.snapshot_units())
         settle_locked = self._settle
 
         def settle() -> int:
@@ -717,8 +733,9 @@ class _Record:
     def due_at(self, value: int) -> None:
         with self.lock:
             self._due_at = value
+            self._told = False
             if self._laned:
-                self._fit_marks()
+                self._fit_marks(self.snapshot_units())
 
     @property
     def blocked(self) -> BaseException | None:
