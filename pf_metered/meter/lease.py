@@ -58,6 +58,7 @@ log = logging.getLogger("pf_metered.meter.lease")
 
 _PLENTY = 1 << 62  # "enough": another thread topped the lease up while we waited
 _SEQ_JUMP = 1_000_000  # a stale sequence (another process used the id): jump a second ahead
+_MAX_ROUNDS = 10_000  # a count that another thread's push beat to the lease retries: a bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +149,14 @@ class _Lease:
         "closed",
         "consumed",
         "counted",
+        "done",
         "expires",
         "expiry",
         "held",
         "inflight",
         "io",
         "mu",
+        "pushing",
         "remaining",
         "seq",
         "total",
@@ -166,6 +169,10 @@ class _Lease:
     def __init__(self) -> None:
         self.mu = threading.Lock()
         self.io = threading.Lock()
+        # Notified when a push's answer came (or did not): its own lock, so waiters woken
+        # together do not queue on ``mu`` behind the hot path. Guards ``pushing``.
+        self.done = threading.Condition(threading.Lock())
+        self.pushing = False  # a push is on its way to the record
         self.remaining = 0  # free lease: neither held nor consumed
         self.held = 0  # reserved by calls still running
         self.consumed = 0  # counted here since the last push was sent
@@ -228,6 +235,7 @@ class LeasedCounter:
         self._on_start = on_start
         self._stopped = False
         self._stop = threading.Event()
+        self._kick = threading.Event()
 
     # ------------------------------------------------------------------ hot path
     def add(self, stream_id: str, units: int, wait: bool = False) -> int:
@@ -306,8 +314,11 @@ class LeasedCounter:
             )  # one call larger than a chunk
         if error is not None:
             raise error
-        if push_now or wait:
+        if push_now:
             self._sync(stream_id, loc, need=0, release=False, until=mark)
+        elif wait:
+            self._await(stream_id, loc, mark)
+        if push_now or wait:
             with loc.mu:
                 total = max(total, loc.total)
         return total
@@ -325,7 +336,13 @@ class LeasedCounter:
     def _consume(self, stream_id: str, units: int, *, hold: bool, wait: bool) -> int:
         loc = self._lease(stream_id)
         chunk = self._chunk
-        for _ in range(8):
+        pushed = 0  # pushes of ours that left these units short (others took the lease)
+        for _ in range(_MAX_ROUNDS):
+            if pushed >= 8:
+                raise BudgetExhausted(
+                    f"could not reserve {units} units: other processes hold the rest of the budget",
+                    remaining_units=0,
+                )
             with loc.mu:
                 if loc.closed is not None:
                     raise StreamClosed(f"stream {stream_id} is {loc.closed}; it takes no units")
@@ -352,9 +369,12 @@ class LeasedCounter:
                     push_now = (loc.consumed + loc.inflight) > chunk
                     break
             if push_first:  # (a push under way that covers them is waited for, not repeated)
-                self._sync(stream_id, loc, need=0, release=False, until=seen)
+                if self._sync(stream_id, loc, need=0, release=False, until=seen) != _PLENTY:
+                    pushed += 1
                 continue
             avail, status = self._sync_status(stream_id, loc, need=units)
+            if avail != _PLENTY:
+                pushed += 1
             with loc.mu:
                 if status == "new":
                     raise StreamClosed(f"stream {stream_id} is new; it takes no units")
@@ -369,13 +389,36 @@ class LeasedCounter:
                 f"could not reserve {units} units: other processes hold the rest of the budget",
                 remaining_units=0,
             )
-        if push_now or wait:
+        if push_now:
             self._sync(stream_id, loc, need=0, release=False, until=mark)
+        elif wait:
+            self._await(stream_id, loc, mark)
+        if push_now or wait:
             with loc.mu:
                 total = max(total, loc.total)
         return total
 
     # ------------------------------------------------------------------ pushes
+    def _await(self, stream_id: str, loc: _Lease, mark: int) -> None:
+        """Return once a push covering ``mark`` was acknowledged (``wait=True``).
+
+        Why the background thread pushes: waiters that each pushed in turn carried a unit or
+        two per commit (each woke, pushed what little was there, and the rest queued behind
+        it); one pusher kicked by every waiter takes all that accumulated during the last
+        commit, so concurrent waiters share one fsync. If it does not answer within a second
+        (it died, or the push keeps failing) the waiter pushes itself and sees the error.
+        """
+        ticker = self._ticker
+        if ticker is not None and not self._stopped:
+            self._kick.set()
+            with loc.done:
+                while loc.acked < mark:
+                    if not loc.done.wait(1.0):
+                        break
+                if loc.acked >= mark:
+                    return
+        self._sync(stream_id, loc, need=0, release=False, until=mark)
+
     def push(self, stream_id: str, *, release: bool = False) -> None:
         """Push what this process consumed on ``stream_id`` (and, with ``release``, give the
         free lease back). Returns once every unit consumed before the call is acknowledged."""
@@ -428,6 +471,12 @@ class LeasedCounter:
         """
         backend = self._backend
         avail, status = 0, "open"
+        if until is not None:  # a push already under way may carry our units: wait for it
+            with loc.done:
+                while loc.acked < until and loc.pushing:
+                    loc.done.wait()
+                if loc.acked >= until:
+                    return _PLENTY, "open"
         with loc.io:
             while True:
                 with loc.mu:
@@ -465,6 +514,8 @@ class LeasedCounter:
                         loc.unacked_giving = giving
                         resend = False
                     t0 = self._clock()
+                with loc.done:
+                    loc.pushing = True
                 # a re-send is the same call: the record answers it with the first's reply
                 try:
                     answer = (
@@ -478,8 +529,12 @@ class LeasedCounter:
                         loc.inflight = 0
                         loc.consumed += push.used
                         empty = not (loc.consumed or loc.held or loc.remaining)
+                    self._answered(loc)
                     if empty:
                         self.forget(stream_id)
+                    raise
+                except BaseException:  # in doubt: kept in ``unacked``, re-sent by the next push
+                    self._answered(loc)
                     raise
                 with loc.mu:
                     loc.unacked = None
@@ -487,27 +542,40 @@ class LeasedCounter:
                     if answer.stale:  # the record saw a later sequence: resend under a new one
                         loc.consumed += push.used
                         loc.seq += _SEQ_JUMP
-                        continue
-                    loc.acked = max(loc.acked, upto)
-                    loc.total = answer.total
-                    status = answer.status
-                    if status not in ("open", "new"):
-                        loc.closed = status
-                    avail = answer.available
-                    # units consumed while the push was in flight came out of the old lease
-                    loc.remaining = max(0, answer.lease - loc.consumed - loc.held)
-                    loc.expires = answer.ttl is not None
-                    if answer.ttl is not None:
-                        loc.ttl = answer.ttl
-                        # our clock starts before the record's: we stop consuming first
-                        margin = min(0.25 * answer.ttl, 0.5)
-                        loc.expiry = t0 + answer.ttl - margin if answer.lease > 0 else 0.0
-                    again = loc.consumed > 0 and (loc.closed is not None or release)
-                    if resend:
-                        again = True  # the re-sent push was an old one; now do ours
+                        again = True
+                    else:
+                        # after a re-send (an old push) comes ours
+                        again = self._apply(loc, answer, upto, t0, release) or resend
+                        status, avail = answer.status, answer.available
+                self._answered(loc)
                 if not again:
                     return avail, status
                 release = release or loc.closed is not None
+
+    @staticmethod
+    def _apply(loc: _Lease, answer: Grant, upto: int, t0: float, more: bool) -> bool:
+        """Take a push's answer in (under ``loc.mu``); whether to push again at once (units
+        consumed meanwhile must follow a give-back or a close)."""
+        loc.acked = max(loc.acked, upto)
+        loc.total = answer.total
+        if answer.status not in ("open", "new"):
+            loc.closed = answer.status
+        # units consumed while the push was in flight came out of the old lease
+        loc.remaining = max(0, answer.lease - loc.consumed - loc.held)
+        loc.expires = answer.ttl is not None
+        if answer.ttl is not None:
+            loc.ttl = answer.ttl
+            # our clock starts before the record's: we stop consuming first
+            margin = min(0.25 * answer.ttl, 0.5)
+            loc.expiry = t0 + answer.ttl - margin if answer.lease > 0 else 0.0
+        return loc.consumed > 0 and (loc.closed is not None or more)
+
+    @staticmethod
+    def _answered(loc: _Lease) -> None:
+        """The push is over (answered or failed): wake whoever waits on it."""
+        with loc.done:
+            loc.pushing = False
+            loc.done.notify_all()
 
     # ------------------------------------------------------------------ background
     def tick(self) -> None:
@@ -546,7 +614,10 @@ class LeasedCounter:
             self._stop = threading.Event()
             ref = weakref.ref(self)
             self._ticker = threading.Thread(
-                target=_tick_loop, args=(ref, self._stop, interval), name=name, daemon=True
+                target=_tick_loop,
+                args=(ref, self._stop, self._kick, interval),
+                name=name,
+                daemon=True,
             )
             self._ticker.start()
         if self._on_start is not None:
@@ -557,6 +628,7 @@ class LeasedCounter:
         one); only :meth:`reset` lets :meth:`start` run them again."""
         self._stopped = True
         self._stop.set()
+        self._kick.set()
         ticker = self._ticker
         if ticker is not None and ticker is not threading.current_thread():
             ticker.join(timeout)
@@ -569,6 +641,7 @@ class LeasedCounter:
         self._ticker = None
         self._stopped = False
         self._stop = threading.Event()
+        self._kick = threading.Event()
 
     # ------------------------------------------------------------------ introspection
     def streams(self) -> list[str]:
@@ -603,8 +676,18 @@ class LeasedCounter:
         return loc
 
 
-def _tick_loop(ref: weakref.ref[LeasedCounter], stop: threading.Event, interval: float) -> None:
-    while not stop.wait(interval):
+def _tick_loop(
+    ref: weakref.ref[LeasedCounter],
+    stop: threading.Event,
+    kick: threading.Event,
+    interval: float,
+) -> None:
+    while True:
+        if kick.wait(interval):  # every interval, or at once when a waiter needs a push
+            time.sleep(0)  # let the waiters just woken count their next units first
+        kick.clear()
+        if stop.is_set():
+            return
         engine = ref()
         if engine is None:
             return
