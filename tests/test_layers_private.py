@@ -28,7 +28,11 @@ RULES: list[tuple[str, str | None, str]] = [
     (r"getattr\(\s*[\w.]+\s*,\s*['\"]_[a-z]", None, "a private attribute probed by name"),
 ]
 
-_DEFINES_LIVE = {"meter/sqlite_store.py", "meter/redis_store.py"}
+
+def _defines_live(rel: str) -> bool:
+    """A store module (``meter/<name>_store.py``) keeps its own registry of live stores for
+    the exit flush; a new store module needs no entry here."""
+    return rel.startswith("meter/") and rel.endswith("_store.py")
 
 
 def _code_lines(path: Path) -> list[tuple[int, str]]:
@@ -58,7 +62,7 @@ def test_no_cross_module_private_reaches() -> None:
         rel = path.relative_to(ROOT).as_posix()
         for no, text in _code_lines(path):
             for pattern, allowed, why in RULES:
-                if allowed == rel or (pattern == r"\b_LIVE\b" and rel in _DEFINES_LIVE):
+                if allowed == rel or (pattern == r"\b_LIVE\b" and _defines_live(rel)):
                     continue
                 for match in re.finditer(pattern, text):
                     found.append(f"{rel}:{no}: {match.group(0)!r} ({why})")

@@ -49,6 +49,7 @@ LOGGERS: Final = (
     "pf_metered.sandbox",
     "pf_metered.sandbox.server",
     "pf_metered.meter.sqlite",
+    "pf_metered.meter.store",
     "pf_metered.meter.redis_store",
     "pf_metered.stream",
     "pf_metered.stream.recovery",

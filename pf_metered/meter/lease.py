@@ -54,7 +54,9 @@ from pf_metered.errors import BudgetExhausted, InvalidInput, StreamClosed
 
 __all__ = ["Grant", "LeaseBackend", "LeaseView", "LeasedCounter", "Push", "grant"]
 
-log = logging.getLogger("pf_metered.meter.lease")
+log = logging.getLogger("pf_metered.meter.store")
+"""The store layer's logger: the lease engine's, and any store's without one of its own (a new
+store module logs here, so the redaction filter's list needs no new name)."""
 
 _PLENTY = 1 << 62  # "enough": another thread topped the lease up while we waited
 _SEQ_JUMP = 1_000_000  # a stale sequence (another process used the id): jump a second ahead
@@ -164,6 +166,7 @@ class _Lease:
         "unacked",
         "unacked_giving",
         "unacked_upto",
+        "waiting",
     )
 
     def __init__(self) -> None:
@@ -173,6 +176,7 @@ class _Lease:
         # together do not queue on ``mu`` behind the hot path. Guards ``pushing``.
         self.done = threading.Condition(threading.Lock())
         self.pushing = False  # a push is on its way to the record
+        self.waiting = 0  # threads in ``LeasedCounter._await`` (guarded by ``done``)
         self.remaining = 0  # free lease: neither held nor consumed
         self.held = 0  # reserved by calls still running
         self.consumed = 0  # counted here since the last push was sent
@@ -412,9 +416,13 @@ class LeasedCounter:
         if ticker is not None and not self._stopped:
             self._kick.set()
             with loc.done:
-                while loc.acked < mark:
-                    if not loc.done.wait(1.0):
-                        break
+                loc.waiting += 1
+                try:
+                    while loc.acked < mark:
+                        if not loc.done.wait(1.0):
+                            break
+                finally:
+                    loc.waiting -= 1
                 if loc.acked >= mark:
                     return
         self._sync(stream_id, loc, need=0, release=False, until=mark)
@@ -643,6 +651,12 @@ class LeasedCounter:
         self._stop = threading.Event()
         self._kick = threading.Event()
 
+    def crowded(self) -> bool:
+        """Whether several threads wait on one stream's push (``wait=True``): then the pusher
+        lets the ones just woken count again before it pushes, so one fsync carries them all
+        (with one waiter that yield would only add latency)."""
+        return any(loc.waiting > 1 for loc in list(self._leases.values()))
+
     # ------------------------------------------------------------------ introspection
     def streams(self) -> list[str]:
         with self._lock:
@@ -683,13 +697,14 @@ def _tick_loop(
     interval: float,
 ) -> None:
     while True:
-        if kick.wait(interval):  # every interval, or at once when a waiter needs a push
-            time.sleep(0)  # let the waiters just woken count their next units first
+        kicked = kick.wait(interval)  # every interval, or at once when a waiter needs a push
         kick.clear()
         if stop.is_set():
             return
         engine = ref()
         if engine is None:
             return
+        if kicked and engine.crowded():
+            time.sleep(0)  # let the waiters the last push woke count their next units first
         engine.tick()
         del engine
