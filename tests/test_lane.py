@@ -136,6 +136,35 @@ def test_no_frame_between_the_caller_and_the_function(agents: Any) -> None:
     assert stream.close().units == 2
 
 
+def test_stream_lane_closures_count_like_the_methods(agents: Any, tmp_path: Any) -> None:
+    """``StreamBase.lane()``: one-unit tokens ride the lock-free lane, others the methods;
+    a token committed after close is returned unpaid; elsewhere it is the methods."""
+    stream = PaymentStream(
+        agents.client, agents.provider.agent_id, "0.5", max_units=5, close_wait=0.01
+    ).open()
+    reserve, commit, cancel = stream.lane()
+    assert commit(reserve(1)) == 0
+    cancel(reserve(1))  # a call that raised: nothing counted, nothing held
+    assert stream.units_left == 4
+    assert commit(reserve(2)) == 0  # two units: the locked methods
+    held = reserve(1)
+    assert stream.units_left == 1
+    assert commit(reserve(1)) == 0
+    with pytest.raises(BudgetExhausted):
+        reserve(1)
+    receipt = stream.close()  # ``held`` is still running: close waits 0.01 s, then seals
+    assert commit(held) == 1 and stream.late_units == 1
+    assert receipt.units == 4 and receipt.paid_micro == 2_000_000
+    with pytest.raises(StreamClosed):
+        reserve(1)
+
+    other = PaymentStream(
+        agents.client, agents.provider.agent_id, "0.5", max_units=5, store=str(tmp_path / "s.db")
+    ).open()
+    assert other.lane() == (other.reserve, other.commit, other.cancel)
+    other.close()
+
+
 # ------------------------------------------------------------------- 64 threads vs close
 THREADS = 64
 HOLDERS = 8  # threads whose first call is still running when close() gives up waiting
