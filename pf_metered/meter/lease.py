@@ -151,6 +151,7 @@ class _Lease:
         "closed",
         "consumed",
         "counted",
+        "crowd",
         "done",
         "expires",
         "expiry",
@@ -177,6 +178,7 @@ class _Lease:
         self.done = threading.Condition(threading.Lock())
         self.pushing = False  # a push is on its way to the record
         self.waiting = 0  # threads in ``LeasedCounter._await`` (guarded by ``done``)
+        self.crowd = False  # two waiters were seen at once: hand pushes to the pusher
         self.remaining = 0  # free lease: neither held nor consumed
         self.held = 0  # reserved by calls still running
         self.consumed = 0  # counted here since the last push was sent
@@ -411,8 +413,24 @@ class LeasedCounter:
         it); one pusher kicked by every waiter takes all that accumulated during the last
         commit, so concurrent waiters share one fsync. If it does not answer within a second
         (it died, or the push keeps failing) the waiter pushes itself and sees the error.
+        Until a second waiter was seen on the stream, a waiter pushes itself (no hand-over to
+        another thread: one caller's fsync is its latency).
         """
         ticker = self._ticker
+        with loc.done:
+            if loc.waiting:
+                loc.crowd = True
+            crowd = loc.crowd
+            loc.waiting += 1
+        if not crowd:
+            try:
+                self._sync(stream_id, loc, need=0, release=False, until=mark)
+            finally:
+                with loc.done:
+                    loc.waiting -= 1
+            return
+        with loc.done:
+            loc.waiting -= 1
         if ticker is not None and not self._stopped:
             self._kick.set()
             with loc.done:
