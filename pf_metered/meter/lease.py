@@ -248,7 +248,9 @@ class LeasedCounter:
         """Consume ``units`` out of the lease (topped up when short); the total as known here.
 
         ``wait``: return only once a push covering these units was acknowledged (concurrent
-        waiters share one push). Raises ``StreamClosed`` / ``BudgetExhausted`` counting nothing.
+        waiters share one push). Raises ``StreamClosed`` / ``BudgetExhausted`` (or the backend's
+        error) counting nothing; once counted, a failed push is logged, not raised (see
+        ``commit``).
         """
         loc = self._leases.get(stream_id)
         if loc is not None and not wait:  # the fast path: no push due, no I/O
@@ -286,7 +288,8 @@ class LeasedCounter:
         """Count ``units`` held by ``reserve``; the total as known here.
 
         The call ran, so its units are counted even when the push this triggers fails: they
-        stay unpushed (and the error is raised) and go out with the next push.
+        stay unpushed (the failure is logged) and go out with the next push. Only ``wait``
+        raises it (the units are not durable yet; they still go with the next push).
         """
         loc = self._lease(stream_id)
         chunk = self._chunk
@@ -302,12 +305,8 @@ class LeasedCounter:
             unpushed = loc.consumed + loc.inflight
             push_first = bool(chunk and unpushed and unpushed + units > chunk)
             seen = loc.counted
-        error: BaseException | None = None
         if push_first:  # keep the unpushed units within a chunk
-            try:
-                self._sync(stream_id, loc, need=0, release=False, until=seen)
-            except Exception as exc:  # raised below, after counting
-                error = exc
+            self._push_after_count(stream_id, loc, seen)
         with loc.mu:
             loc.held -= units
             loc.consumed += units
@@ -318,11 +317,10 @@ class LeasedCounter:
             push_now = (
                 not chunk or (loc.consumed + loc.inflight) > chunk
             )  # one call larger than a chunk
-        if error is not None:
-            raise error
-        if push_now:
-            self._sync(stream_id, loc, need=0, release=False, until=mark)
-        elif wait:
+        if wait:
+            self._await(stream_id, loc, mark)
+        elif push_now:
+            self._push_after_count(stream_id, loc, mark)
             self._await(stream_id, loc, mark)
         if push_now or wait:
             with loc.mu:
@@ -395,16 +393,33 @@ class LeasedCounter:
                 f"could not reserve {units} units: other processes hold the rest of the budget",
                 remaining_units=0,
             )
-        if push_now:
-            self._sync(stream_id, loc, need=0, release=False, until=mark)
-        elif wait:
+        if wait:
             self._await(stream_id, loc, mark)
+        elif push_now:
+            self._push_after_count(stream_id, loc, mark)
         if push_now or wait:
             with loc.mu:
                 total = max(total, loc.total)
         return total
 
     # ------------------------------------------------------------------ pushes
+    def _push_after_count(self, stream_id: str, loc: _Lease, mark: int) -> None:
+        """A push due once units are counted here (a call that ran, a count past a chunk).
+
+        Its failure is logged, not raised: the units are counted (unpushed, or in the push
+        kept for re-sending) and go out with the next push, exactly once; raising would tell
+        the caller they were not, and a retry would count them twice.
+        """
+        try:
+            self._sync(stream_id, loc, need=0, release=False, until=mark)
+        except Exception as exc:
+            log.warning(
+                "pf_metered: push for stream %s failed; its units stay counted here and go "
+                "with the next push: %s",
+                stream_id,
+                exc,
+            )
+
     def _await(self, stream_id: str, loc: _Lease, mark: int) -> None:
         """Return once a push covering ``mark`` was acknowledged (``wait=True``).
 
