@@ -405,3 +405,35 @@ def test_fleet_bounds(ops: list[tuple[str, int, int]], chunk: int, budget: int) 
         assert ledger.counted_by.get(f"p{i}/{gen[i]}", 0) == told[i]  # exactly once
     assert ledger.leases == {}
     ledger.check()
+
+
+def test_a_failed_push_after_counting_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The call ran: its units are counted; a push that fails then is logged, and the next
+    push carries them once (raising would invite a retry that counts them twice)."""
+    ledger = Ledger(20)
+    e = engine(ledger, chunk=0)  # every commit pushes at once
+    e.reserve(SID, 3)
+    ledger.fail = ["after"]  # applied, answer lost
+    assert e.commit(SID, 3) == 3
+    assert "push for stream s1 failed" in caplog.text
+    e.push(SID)
+    assert ledger.units == 3 and ledger.counted_by == {"p1": 3}
+    e.reserve(SID, 2)
+    ledger.fail = ["before"]  # never arrived
+    e.commit(SID, 2)
+    e.push(SID)
+    assert ledger.units == 5
+    ledger.fail = ["before"]
+    with pytest.raises(StoreUnavailable):  # no lease to count from: refused, nothing counted
+        e.add(SID, 1)
+    e.push(SID)
+    assert ledger.units == 5
+    w = engine(ledger, "p2", chunk=4)
+    w.add(SID, 1)  # takes a lease
+    ledger.fail = ["before"]
+    with pytest.raises(StoreUnavailable):  # wait=True promised a push: its failure is raised
+        w.add(SID, 1, wait=True)
+    w.push(SID)
+    assert ledger.counted_by["p2"] == 2  # and the unit counted before it still went, once

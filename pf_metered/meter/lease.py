@@ -314,14 +314,12 @@ class LeasedCounter:
             mark = loc.counted
             loc.active = True
             total = loc.total + loc.consumed
-            push_now = (
-                not chunk or (loc.consumed + loc.inflight) > chunk
-            )  # one call larger than a chunk
+            # no chunk: every commit goes out at once; else one call larger than a chunk
+            push_now = not chunk or loc.consumed + loc.inflight > chunk
         if wait:
             self._await(stream_id, loc, mark)
         elif push_now:
             self._push_after_count(stream_id, loc, mark)
-            self._await(stream_id, loc, mark)
         if push_now or wait:
             with loc.mu:
                 total = max(total, loc.total)
@@ -370,7 +368,7 @@ class LeasedCounter:
                     loc.counted += units
                     total = loc.total + loc.consumed
                     mark = loc.counted
-                    push_now = (loc.consumed + loc.inflight) > chunk
+                    push_now = loc.consumed + loc.inflight > chunk
                     break
             if push_first:  # (a push under way that covers them is waited for, not repeated)
                 if self._sync(stream_id, loc, need=0, release=False, until=seen) != _PLENTY:
