@@ -245,9 +245,7 @@ class ToolState:
     def close(self) -> None:
         """Close the file (the meter journal too) and let another process have it."""
         with self._lock:
-            close = getattr(self.meter_store, "close", None)
-            if callable(close):
-                close()
+            self.meter_store.close()
             self._db.close()
             if self._lockfile is not None:
                 self._lockfile.close()
