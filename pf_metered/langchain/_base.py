@@ -43,7 +43,7 @@ from pf_metered.tools import (
     summarize,
 )
 
-__all__ = ["PurpleFleaTool", "ValidationMessage", "context_from_env"]
+__all__ = ["ErrorArtifactTool", "PurpleFleaTool", "ValidationMessage", "context_from_env", "failed"]
 
 
 def context_from_env() -> ToolContext:
@@ -54,11 +54,11 @@ def context_from_env() -> ToolContext:
 
 
 _FAILURES: ContextVar[list[ToolError] | None] = ContextVar("pf_metered_tool_failures", default=None)
-"""Where a running ``_run`` leaves its ``ToolError`` for :meth:`PurpleFleaTool.run` (LangChain
-runs ``_run`` in a copy of the caller's context, which shares this list)."""
+"""Where a running ``_run`` leaves its ``ToolError`` for :meth:`ErrorArtifactTool.run`
+(LangChain runs ``_run`` in a copy of the caller's context, which shares this list)."""
 
 
-def _failed(exc: ToolError) -> ToolException:
+def failed(exc: ToolError) -> ToolException:
     """The ``ToolException`` LangChain turns into an error message; ``exc`` kept for its kind."""
     failures = _FAILURES.get()
     if failures is not None:
@@ -86,44 +86,26 @@ class ValidationMessage:
         return f"ValidationMessage({self.tool_name!r})"
 
 
-class PurpleFleaTool(BaseTool):
-    """A LangChain tool over one shared tool definition and a :class:`ToolContext`.
+class ErrorArtifactTool(BaseTool):
+    """A tool whose error ``ToolMessage`` carries ``{"error": kind, "message": text}``.
 
-    Subclasses set ``definition``; ``name``, ``description`` and ``args_schema`` follow from it.
-    Built without ``context``, a tool talks to the service configured by ``PF_API_KEY``.
+    Why a shared base: every tool of this package (the Purple Flea tools and ``pay_per_call``'s
+    paid tools) must answer a failure in the same shape, so a program tells a spent budget
+    from a typo the same way whichever tool refused. A ``_run`` raises :func:`failed` with its
+    :class:`ToolError` to give the kind.
     """
 
-    definition: ClassVar[ToolDefinition]  # type: ignore[type-arg]
-
-    name: str = ""
-    description: str = ""
-    context: ToolContext = Field(default_factory=context_from_env, exclude=True, repr=False)
-    """The clients, caps and open streams this tool acts on (never shown or serialised)."""
-
-    offered: frozenset[str] | None = Field(default=None, exclude=True, repr=False)
-    """The tools the model is given beside this one (the toolkit sets it), so an error's next
-    step names only tools it can call; ``None`` (a tool built by hand): every tool the caps
-    allow."""
-
-    handle_tool_error: bool = True
-    response_format: str = "content_and_artifact"  # type: ignore[assignment]
-    """``content``: the sentence the model reads; ``artifact``: the answer's figures (a dict)."""
-
-    def model_post_init(self, context: Any, /) -> None:
-        """Describe the operator's caps to the model and name bad fields on validation errors."""
-        super().model_post_init(context)
-        if self.description == type(self).model_fields["description"].default:
-            self.description = self.definition.describe(self.context)
-        if not self.handle_validation_error:
-            self.handle_validation_error = ValidationMessage(self.name)
+    unrecorded_error_kind: ClassVar[str | None] = None
+    """The kind of a handled error no ``_run`` recorded (``None``: leave its artifact alone)."""
 
     def _with_error_artifact(self, output: Any, failures: list[ToolError]) -> Any:
         """An error ``ToolMessage`` gets ``{"error": kind, "message": text}`` as its artifact:
         LangChain gives a handled ``ToolException`` no artifact, and a program (or a standard
         test) must be able to tell an insufficient balance from a typo without parsing text."""
         if isinstance(output, ToolMessage) and output.status == "error" and output.artifact is None:
-            kind = failures[-1].kind if failures else "invalid_argument"  # the schema refused
-            output.artifact = {"error": kind, "message": output.content}
+            kind = failures[-1].kind if failures else self.unrecorded_error_kind
+            if kind is not None:
+                output.artifact = {"error": kind, "message": output.content}
         return output
 
     def run(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -146,6 +128,40 @@ class PurpleFleaTool(BaseTool):
             _FAILURES.reset(token)
         return self._with_error_artifact(output, failures)
 
+
+class PurpleFleaTool(ErrorArtifactTool):
+    """A LangChain tool over one shared tool definition and a :class:`ToolContext`.
+
+    Subclasses set ``definition``; ``name``, ``description`` and ``args_schema`` follow from it.
+    Built without ``context``, a tool talks to the service configured by ``PF_API_KEY``.
+    """
+
+    definition: ClassVar[ToolDefinition]  # type: ignore[type-arg]
+
+    name: str = ""
+    description: str = ""
+    context: ToolContext = Field(default_factory=context_from_env, exclude=True, repr=False)
+    """The clients, caps and open streams this tool acts on (never shown or serialised)."""
+
+    offered: frozenset[str] | None = Field(default=None, exclude=True, repr=False)
+    """The tools the model is given beside this one (the toolkit sets it), so an error's next
+    step names only tools it can call; ``None`` (a tool built by hand): every tool the caps
+    allow."""
+
+    unrecorded_error_kind: ClassVar[str | None] = "invalid_argument"  # the schema refused
+
+    handle_tool_error: bool = True
+    response_format: str = "content_and_artifact"  # type: ignore[assignment]
+    """``content``: the sentence the model reads; ``artifact``: the answer's figures (a dict)."""
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Describe the operator's caps to the model and name bad fields on validation errors."""
+        super().model_post_init(context)
+        if self.description == type(self).model_fields["description"].default:
+            self.description = self.definition.describe(self.context)
+        if not self.handle_validation_error:
+            self.handle_validation_error = ValidationMessage(self.name)
+
     def _run(
         self, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any
     ) -> tuple[str, Answer]:
@@ -154,7 +170,7 @@ class PurpleFleaTool(BaseTool):
         try:
             answer = self.definition.call_answer(self.context, kwargs, offered=self.offered)
         except ToolError as exc:
-            raise _failed(exc) from exc
+            raise failed(exc) from exc
         return summarize(self.name, answer), answer
 
     async def _arun(
@@ -164,5 +180,5 @@ class PurpleFleaTool(BaseTool):
         try:
             answer = await self.definition.acall_answer(self.context, kwargs, offered=self.offered)
         except ToolError as exc:
-            raise _failed(exc) from exc
+            raise failed(exc) from exc
         return summarize(self.name, answer), answer

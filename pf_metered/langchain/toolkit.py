@@ -175,15 +175,26 @@ class PurpleFleaToolkit(BaseToolkit):
             return self.tool_context
         return self.conversations.contexts.get(key)
 
+    def _classes(self) -> list[type[PurpleFleaTool]]:
+        """The classes of the allowed tools (toolkit ``allowed`` and ``caps.allowed_tools``)."""
+        caps = self.tool_context.caps
+        return [
+            cls
+            for cls in TOOL_CLASSES
+            if cls.definition.name in self.allowed and caps.allows(cls.definition.name)
+        ]
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        """The names of the tools :meth:`get_tools` gives the model: all an error message may
+        tell it to call (``pay_per_call(tool, toolkit=...)`` reads them too)."""
+        return frozenset(cls.definition.name for cls in self._classes())
+
     def get_tools(self) -> list[BaseTool]:
         """The allowed tools (toolkit ``allowed`` and ``caps.allowed_tools``), in a fixed order;
         per conversation, their twins that act on the calling conversation's context."""
         ctx = self.tool_context
-        classes = [
-            cls
-            for cls in TOOL_CLASSES
-            if cls.definition.name in self.allowed and ctx.caps.allows(cls.definition.name)
-        ]
+        classes = self._classes()
         offered = frozenset(cls.definition.name for cls in classes)  # what messages may name
         if self.conversations is None:
             return [cls(context=ctx, offered=offered) for cls in classes]
