@@ -211,7 +211,7 @@ def run() -> Outcome:
         caps=Caps(max_budget="2.00", max_rate="0.05", max_total="5.00", max_open_streams=2),
         allowed=["escrow", "stream"],  # may pay; may not claim the faucet
     )
-    paid_prices = pay_per_call(market_price, context=toolkit.tool_context, provider=world.provider)
+    paid_prices = pay_per_call(market_price, toolkit=toolkit, provider=world.provider)
     model = configured_model() or scripted_model(world.provider)
 
     def model_calls_stream(run_key: str) -> PaymentStream:

@@ -70,7 +70,7 @@ def test_langchain_agent_pays_per_model_call_and_per_tool_call():
     itself; the printed receipts add up to what the sandbox ledger shows."""
     out = run("langchain_agent.py")
     assert out.count("[error]") == 3  # over the cap, a rate in words, buying before paying
-    assert "Cap exceeded" in out and "open a payment stream to provider" in out
+    assert "Cap exceeded" in out and "no payment stream to provider" in out
     assert out.count("tool market_price   [ok]") == 12
     # first table: the agent's stream to the provider; second: the program's to the host
     assert row(out, "rate") == ["0.01 USDC / unit", "0.002 USDC / unit"]

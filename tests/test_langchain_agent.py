@@ -129,7 +129,7 @@ def pay_script(provider: str) -> list[Any]:
 def pay_tools(toolkit: PurpleFleaToolkit, provider: str) -> list[BaseTool]:
     return [
         *toolkit.get_tools(),
-        pay_per_call(weather, context=toolkit.tool_context, provider=provider),
+        pay_per_call(weather, toolkit=toolkit, provider=provider),
     ]
 
 

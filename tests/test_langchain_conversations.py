@@ -310,7 +310,7 @@ def test_pay_per_call_pays_from_the_calling_conversation_stream(pf_world: PFWorl
     p = pf_world.provider.agent_id
     toolkit = PurpleFleaToolkit(client=pf_world.client, allowed=["stream"], conversations=by_thread)
     assert toolkit.conversations is not None
-    paid = pay_per_call(quote, context=toolkit.conversations, provider=p)
+    paid = pay_per_call(quote, toolkit=toolkit, provider=p)
     model = ScriptedChatModel(
         script=[
             say(tool_call("stream_open", provider=p, rate="0.05", budget="1")),
@@ -325,7 +325,8 @@ def test_pay_per_call_pays_from_the_calling_conversation_stream(pf_world: PFWorl
     b = agent.invoke({"messages": [("human", "price Z")]}, thread("B"))
     assert [m.status for m in answers(a, "quote")] == ["success", "success"]
     [refused] = answers(b, "quote")
-    assert refused.status == "error" and "open a payment stream" in refused.content
+    assert refused.status == "error" and refused.artifact["error"] == "no_stream"
+    assert "Open one with stream_open" in refused.content  # the toolkit offers it
     [receipt] = toolkit.context_for("A").close_all()
     assert (receipt.units, receipt.paid_micro) == (2, 100_000)
     assert pf_world.balance() == Decimal("99.90")

@@ -16,12 +16,15 @@ import pytest
 from conftest import DeployedWorld
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.tools import tool
 from pydantic import ValidationError
 
 from pf_metered import TrancheFailure, errors
-from pf_metered.errors import ConfigError, PFMeteredError
-from pf_metered.langchain import Caps, PurpleFleaToolkit
+from pf_metered.errors import ConfigError, InvalidInput, PFMeteredError
+from pf_metered.langchain import Caps, PurpleFleaToolkit, pay_per_call
+from pf_metered.langchain._paid_messages import no_stream, refused
 from pf_metered.langchain.testing import ScriptedChatModel, tool_call
+from pf_metered.stream import PaymentStream
 from pf_metered.tools import ALL_TOOL_NAMES, ToolError, explain
 from pf_metered.tools.errors import offering
 from pf_metered.tools.schemas import StreamOpenArgs
@@ -240,6 +243,141 @@ def test_cap_and_stream_messages_name_only_the_tools_of_their_toolkit(pf_world):
     text = _within(_call(reader.get_tool("stream_record"), stream_id="s1"), reader, "stream_closed")
     assert "Tell the user" in text
     assert pf_world.balance() == 100
+
+
+# -- a pay_per_call tool refuses within the toolkit it serves --------------------------------
+
+
+@tool
+def quote(symbol: str) -> str:
+    """Today's price of a symbol."""
+    return f"{symbol}: 101.5"
+
+
+def _paid_refusal(text: str, offered: frozenset[str]) -> str:
+    """``text`` names only tools in ``offered`` and gives a next step (one of them, calling the
+    paid tool again after that, or asking the user)."""
+    named = set(_TOOL.findall(text))
+    assert named <= offered, (sorted(offered), text)
+    assert named or "the user" in text, text
+    assert "not run" in text, text
+    return text
+
+
+@pytest.mark.parametrize("toolset", [*TOOLSETS, "none"], ids=[*TOOLSETS, "none"])
+def test_every_paid_call_refusal_names_a_next_step_within_the_toolkit(toolset):
+    offered = TOOLSETS.get(toolset, frozenset())
+    kinds: set[str] = set()
+    for handle in ("s1", None):  # the agent's stream, the program's
+        for exc in _instances():
+            err = refused(
+                exc, tool_name="quote", units=2, provider="ag_p", handle=handle, offered=offered
+            )
+            assert KEY not in err.message and KEY[8:20] not in err.message, err.message
+            assert err.kind and err.next_step in err.message
+            _paid_refusal(err.message, offered if handle else frozenset())
+            kinds.add(err.kind)
+    err = no_stream("quote", provider="ag_p", offered=offered)
+    _paid_refusal(err.message, offered)
+    assert ("stream_open" in err.message) is ("stream_open" in offered), err.message
+    assert {"budget_exhausted", "stream_closed", "ambiguous"} <= kinds
+
+
+@pytest.mark.parametrize("toolset", TOOLSETS, ids=list(TOOLSETS))
+def test_a_paid_tool_refuses_within_its_toolkit(pf_world, toolset):
+    from pf_metered.tools import ToolContext
+
+    offered = TOOLSETS[toolset]
+    p = pf_world.provider.agent_id
+    ctx = ToolContext(pf_world.client)
+    toolkit = PurpleFleaToolkit(context=ctx, allowed=offered)
+    assert toolkit.tool_names == offered
+    paid = pay_per_call(quote, toolkit=toolkit, provider=p, units=2)
+    blind = pay_per_call(quote, context=ctx, provider=p, units=2)  # which tools: not known
+
+    msg = _call(paid, symbol="X")
+    assert msg.status == "error" and msg.artifact["error"] == "no_stream", msg.content
+    text = _paid_refusal(msg.content, offered)
+    assert ("with stream_open" in text) is ("stream_open" in offered), text
+    assert "Ask the user to open a payment stream" in _paid_refusal(
+        _call(blind, symbol="X").content, frozenset()
+    )
+
+    full = PurpleFleaToolkit(context=ctx)  # the program opens the stream the agent pays from
+    _call(full.get_tool("stream_open"), provider=p, rate="0.5", max_units=3)
+    assert _call(paid, symbol="X").content == "X: 101.5"
+    for tool_, names in ((paid, offered), (blind, frozenset())):
+        msg = _call(tool_, symbol="Y")
+        assert msg.artifact == {"error": "budget_exhausted", "message": msg.content}
+        text = _paid_refusal(msg.content, names)
+        assert "Budget exhausted (1 unit left)" in text and "stream s1" in text
+        assert ("stream_close" in text) is ("stream_close" in names), text
+        assert ("stream_open" in text) is ("stream_open" in names), text
+    [receipt] = ctx.close_all()
+    assert receipt.units == 2 and pf_world.balance() == 99
+
+
+def test_a_paid_tool_on_a_closed_program_stream_asks_the_user(pf_world):
+    toolkit = PurpleFleaToolkit(client=pf_world.client)  # every tool: none acts on this stream
+    with PaymentStream(pf_world.client, pf_world.provider.agent_id, "0.5", max_units=2) as stream:
+        paid = pay_per_call(quote, stream=stream)
+        assert _call(paid, symbol="X").content == "X: 101.5"
+    msg = _call(paid, symbol="Y")
+    assert msg.artifact["error"] == "stream_closed", msg.content
+    assert "Tell the user the tool's stream is closed" in _paid_refusal(msg.content, frozenset())
+    with pytest.raises(InvalidInput):
+        pay_per_call(quote, stream=stream, offered=toolkit.tool_names)  # the model has no say
+    with pytest.raises(InvalidInput):
+        pay_per_call(quote, toolkit=toolkit)  # whom to pay?
+    with pytest.raises(InvalidInput):
+        pay_per_call(quote, context=toolkit.tool_context, provider="p", offered=["stream_opn"])
+    assert stream.receipt.units == 1
+
+
+def _answers(result: dict[str, Any], name: str) -> list[ToolMessage]:
+    return [m for m in result["messages"] if isinstance(m, ToolMessage) and m.name == name]
+
+
+def test_an_agent_whose_paid_tool_is_spent_is_told_a_step_it_can_take(pf_world):
+    p = pf_world.provider.agent_id
+    toolkit = PurpleFleaToolkit(client=pf_world.client, allowed=["stream_open", "stream_record"])
+    model = ScriptedChatModel(
+        script=[
+            AIMessage("", tool_calls=[tool_call("stream_open", provider=p, rate="1", max_units=1)]),
+            AIMessage("", tool_calls=[tool_call("quote", symbol="X")]),
+            AIMessage("", tool_calls=[tool_call("quote", symbol="Y")]),
+            "Priced X; Y needs a new stream.",
+        ]
+    )
+    paid = pay_per_call(quote, toolkit=toolkit, provider=p)
+    result = create_agent(model, [*toolkit.get_tools(), paid]).invoke(
+        {"messages": [("human", "price X and Y")]}
+    )
+    ok, spent = _answers(result, "quote")
+    assert ok.status == "success" and ok.content == "X: 101.5"
+    assert spent.status == "error" and spent.artifact["error"] == "budget_exhausted"
+    text = _paid_refusal(str(spent.content), toolkit.tool_names)
+    assert "Open a new stream to provider" in text and "with stream_open" in text
+    assert "stream_close" not in text
+    [receipt] = toolkit.tool_context.close_all()
+    assert receipt.units == 1 and model.calls == 4
+
+
+async def test_an_agent_without_stream_tools_is_told_to_ask_the_user(pf_world):
+    toolkit = PurpleFleaToolkit(async_client=pf_world.aclient, allowed=["escrow"])
+    model = ScriptedChatModel(
+        script=[AIMessage("", tool_calls=[tool_call("quote", symbol="X")]), "I must ask."]
+    )
+    paid = pay_per_call(quote, toolkit=toolkit, provider=pf_world.provider.agent_id)
+    result = await create_agent(model, [*toolkit.get_tools(), paid]).ainvoke(
+        {"messages": [("human", "price X")]}
+    )
+    [refusal] = _answers(result, "quote")
+    assert refusal.status == "error" and refusal.artifact["error"] == "no_stream"
+    text = _paid_refusal(str(refusal.content), toolkit.tool_names)
+    assert not _TOOL.findall(text) and "Ask the user to open a payment stream" in text
+    assert pf_world.balance() == 100
+    await pf_world.aclient.aclose()
 
 
 # -- a developer's mistake is raised to the developer ----------------------------------------
