@@ -315,10 +315,9 @@ def explain(exc: BaseException, *, tool_name: str) -> ToolError:
             kind="idempotency_conflict",
         )
     if isinstance(exc, RateLimited):
-        wait = f"{exc.retry_after:g} seconds" if exc.retry_after else "a minute"
         return ToolError(
             "Rate limited by the escrow service: nothing was done.",
-            next_step=f"Wait {wait}, then call {tool_name} again.",
+            next_step=_wait_then_retry(exc.retry_after, tool_name),
             kind="rate_limited",
         )
     if isinstance(exc, InvalidRequest):
@@ -341,10 +340,9 @@ def explain(exc: BaseException, *, tool_name: str) -> ToolError:
             kind="unsupported",
         )
     if isinstance(exc, StreamBusy):
-        wait = f"{exc.retry_after:g} seconds" if exc.retry_after else "a minute"
         return ToolError(
             "Another process is settling this stream's payment right now.",
-            next_step=f"Wait {wait}, then call {tool_name} again.",
+            next_step=_wait_then_retry(exc.retry_after, tool_name),
             kind="busy",
         )
     if isinstance(exc, StoreError):
@@ -386,6 +384,13 @@ def explain(exc: BaseException, *, tool_name: str) -> ToolError:
         next_step=_or_tell(_check_first(tool_name, moves_money=moves)),
         kind="error",
     )
+
+
+def _wait_then_retry(retry_after: float | None, tool_name: str) -> str:
+    """The step for a refusal that passes with time (rate limit, a busy stream): wait as long
+    as the service asked (a minute when it did not say), then repeat the same call."""
+    wait = f"{retry_after:g} seconds" if retry_after else "a minute"
+    return f"Wait {wait}, then call {tool_name} again."
 
 
 def _or_tell(step: str) -> str:
