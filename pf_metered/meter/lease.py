@@ -316,13 +316,8 @@ class LeasedCounter:
             total = loc.total + loc.consumed
             # no chunk: every commit goes out at once; else one call larger than a chunk
             push_now = not chunk or loc.consumed + loc.inflight > chunk
-        if wait:
-            self._await(stream_id, loc, mark)
-        elif push_now:
-            self._push_after_count(stream_id, loc, mark)
-        if push_now or wait:
-            with loc.mu:
-                total = max(total, loc.total)
+        if wait or push_now:  # else (the common case) no further call is made
+            return self._send_counted(stream_id, loc, mark, total, wait=wait)
         return total
 
     def cancel(self, stream_id: str, units: int) -> None:
@@ -391,16 +386,24 @@ class LeasedCounter:
                 f"could not reserve {units} units: other processes hold the rest of the budget",
                 remaining_units=0,
             )
-        if wait:
-            self._await(stream_id, loc, mark)
-        elif push_now:
-            self._push_after_count(stream_id, loc, mark)
-        if push_now or wait:
-            with loc.mu:
-                total = max(total, loc.total)
+        if wait or push_now:  # else (the common case) no further call is made
+            return self._send_counted(stream_id, loc, mark, total, wait=wait)
         return total
 
     # ------------------------------------------------------------------ pushes
+    def _send_counted(
+        self, stream_id: str, loc: _Lease, mark: int, total: int, *, wait: bool
+    ) -> int:
+        """Units counted up to ``mark`` that must go out now (``commit`` and ``consume``):
+        waited for when the caller asked to (``wait``), else pushed; the total they return
+        is then at least what the store holds."""
+        if wait:
+            self._await(stream_id, loc, mark)
+        else:
+            self._push_after_count(stream_id, loc, mark)
+        with loc.mu:
+            return max(total, loc.total)
+
     def _push_after_count(self, stream_id: str, loc: _Lease, mark: int) -> None:
         """A push due once units are counted here (a call that ran, a count past a chunk).
 
