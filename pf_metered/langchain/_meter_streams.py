@@ -92,13 +92,7 @@ def receipt_view(receipt: Receipt) -> dict[str, Any]:
         "stream_id": receipt.stream_id,
         "escrow_id": receipt.escrow_id,
         "rate": str(receipt.rate),
-        "units": receipt.units,
-        "releases": receipt.releases,
-        "budget": format_usdc(receipt.budget_micro),
-        "paid": format_usdc(receipt.paid_micro),
-        "fee": format_usdc(receipt.fee_micro),
-        "provider_net": format_usdc(receipt.provider_net_micro),
-        "refunded": format_usdc(receipt.refunded_micro),
+        **receipt.figures(),
     }
 
 

@@ -215,6 +215,19 @@ class Receipt:
         )
         return f"{shown} USDC / {self.per}"
 
+    def figures(self) -> dict[str, int | str]:
+        """The counts and money every receipt has, as plain data (money as USDC's exact wire
+        text): the part of a receipt the tools' answers and the run bills share."""
+        return {
+            "units": self.units,
+            "releases": self.releases,
+            "budget": format_usdc(self.budget_micro),
+            "paid": format_usdc(self.paid_micro),
+            "fee": format_usdc(self.fee_micro),
+            "provider_net": format_usdc(self.provider_net_micro),
+            "refunded": format_usdc(self.refunded_micro),
+        }
+
     def rows(self) -> list[tuple[str, str]]:
         """The receipt as (label, value) rows, in the order the table prints them."""
         return [

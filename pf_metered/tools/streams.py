@@ -80,13 +80,7 @@ def receipt_figures(entry: StreamEntry, receipt: Receipt) -> Answer:
         "stream_id": entry.handle,
         "provider": entry.provider,
         "status": "closed",
-        "units": receipt.units,
-        "releases": receipt.releases,
-        "budget": format_usdc(receipt.budget_micro),
-        "paid": format_usdc(receipt.paid_micro),
-        "fee": format_usdc(receipt.fee_micro),
-        "provider_net": format_usdc(receipt.provider_net_micro),
-        "refunded": format_usdc(receipt.refunded_micro),
+        **receipt.figures(),
         "escrow_id": receipt.escrow_id,
     }
     if receipt.auto_released_micro:
