@@ -35,6 +35,12 @@ def refusal(ctx: ToolContext, name: str, **args: Any) -> ToolError:
 # -- a context per conversation ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("maker", [ToolContext, ToolContexts])
+def test_a_context_without_any_client_is_refused(maker: type) -> None:
+    with pytest.raises(ConfigError, match=rf"^{maker.__name__} needs a client, an async_client"):
+        maker()
+
+
 def test_each_key_has_its_own_streams_and_short_ids(pf_world: PFWorld) -> None:
     contexts = ToolContexts(pf_world.client)
     p = pf_world.provider.agent_id

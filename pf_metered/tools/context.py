@@ -48,11 +48,18 @@ if TYPE_CHECKING:
     from pf_metered.models import Escrow
     from pf_metered.stream import AsyncPaymentStream, PaymentStream
 
-__all__ = ["PendingCreate", "StreamEntry", "ToolContext", "run_async_close"]
+__all__ = ["PendingCreate", "StreamEntry", "ToolContext", "require_a_client", "run_async_close"]
 
 log = logging.getLogger("pf_metered.tools")
 
 T = TypeVar("T")
+
+
+def require_a_client(who: str, client: object, async_client: object) -> None:
+    """Refuse a ``who`` (:class:`ToolContext`, :class:`~pf_metered.tools.contexts.ToolContexts`)
+    made with no client at all: its tools could make no call, sync or async."""
+    if client is None and async_client is None:
+        raise ConfigError(f"{who} needs a client, an async_client, or both")
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -200,10 +207,7 @@ class ToolContext:
         auto_release_hours: int | None = None,
         book: Book | None = None,
     ) -> None:
-        if client is None and async_client is None:
-            from pf_metered.errors import ConfigError
-
-            raise ConfigError("ToolContext needs a client, an async_client, or both")
+        require_a_client("ToolContext", client, async_client)
         self.client = client
         self.async_client = async_client
         self.caps = caps if caps is not None else Caps()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from pf_metered.errors import ConfigError, InvalidInput
 from pf_metered.tools.caps import Caps
-from pf_metered.tools.context import ToolContext
+from pf_metered.tools.context import ToolContext, require_a_client
 from pf_metered.tools.state import Figures, ToolState
 
 if TYPE_CHECKING:
@@ -60,8 +60,7 @@ class ToolContexts:
         state: ToolState | None = None,
         owner_prefix: str = "conversation",
     ) -> None:
-        if client is None and async_client is None:
-            raise ConfigError("ToolContexts needs a client, an async_client, or both")
+        require_a_client("ToolContexts", client, async_client)
         if not owner_prefix:
             raise InvalidInput("owner_prefix", "must not be empty")
         self.client = client
