@@ -151,7 +151,8 @@ def lane_call(
 
     The returned closure is the whole hot path: no Python call between it and ``fn`` but
     two ``pop()``. A call that raises is cancelled (it costs nothing), or committed when
-    ``charge``.
+    ``charge``. :func:`lane_call_async` repeats these closures around ``await fn(...)``, kept
+    apart on purpose (see there).
     """
     take: Callable[[], object] = _EMPTY.pop
     done: Callable[[], object] = _EMPTY.pop
@@ -227,6 +228,10 @@ def lane_call_async(
 
     The admission is taken when the coroutine starts, before ``fn``'s coroutine is made, so a
     refused call never runs; no step awaits.
+
+    Its closures repeat :func:`lane_call`'s line for line on purpose: a helper shared by the
+    two would put a Python call into every metered call (the hot path has none but the two
+    ``pop()``), and the sync closures cannot hold an ``await``. Change both together.
     """
     take: Callable[[], object] = _EMPTY.pop
     done: Callable[[], object] = _EMPTY.pop
