@@ -190,10 +190,10 @@ if late > 0 then
 end
 local granted = 0
 local ttl = tonumber(ARGV[8])
-if status == 'open' and ARGV[9] ~= '1' then
+if status == 'open' then
   local want = tonumber(ARGV[7])
-  local need = tonumber(ARGV[10])
-  if rem < want then
+  if ARGV[9] ~= '1' and rem < want then
+    local need = tonumber(ARGV[10])
     local avail = max - units - reserved
     local g = want - rem
     local half = math.floor(avail / 2)
@@ -211,31 +211,19 @@ if status == 'open' and ARGV[9] ~= '1' then
     rem = rem + g
     reserved = reserved + g
     granted = g
-  elseif ARGV[11] == '1' and rem > want then
-    -- no spare headroom wanted (no client-side batching): give back what is not held
+  elseif (ARGV[9] == '1' or ARGV[11] == '1') and rem > want then
+    -- a give-back (ARGV[9]), or no spare headroom wanted (ARGV[11], no client-side
+    -- batching): keep only what the worker's running calls hold (ARGV[7])
     reserved = reserved - (rem - want)
     rem = want
-  end
-  if rem > 0 then
-    redis.call('HSET', KEYS[4], ARGV[5], fmt(rem) .. '|' .. fmt(now + ttl))
-  else
-    redis.call('HDEL', KEYS[4], ARGV[5])
-  end
-elseif status == 'open' then
-  -- give back: keep only what the worker's running calls hold (ARGV[7])
-  local want = tonumber(ARGV[7])
-  if rem > want then
-    reserved = reserved - (rem - want)
-    rem = want
-  end
-  if rem > 0 then
-    redis.call('HSET', KEYS[4], ARGV[5], fmt(rem) .. '|' .. fmt(now + ttl))
-  else
-    redis.call('HDEL', KEYS[4], ARGV[5])
   end
 else
   reserved = reserved - rem
   rem = 0
+end
+if rem > 0 then
+  redis.call('HSET', KEYS[4], ARGV[5], fmt(rem) .. '|' .. fmt(now + ttl))
+else
   redis.call('HDEL', KEYS[4], ARGV[5])
 end
 redis.call('HSET', KEYS[1], 'units', fmt(units), 'reserved', fmt(reserved),
