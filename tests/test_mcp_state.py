@@ -7,29 +7,19 @@ process would.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from toolcalls import call, refusal
 
 from pf_metered.errors import ConfigError
 from pf_metered.sandbox import Sandbox, SandboxAgent
 from pf_metered.tools import Caps, ToolContext, ToolError, ToolState, get_definition
 from pf_metered.tools.restore import restore
 from pf_metered.tools.state import default_state_path, strip_memo_tag
-
-
-def call(ctx: ToolContext, name: str, **args: Any) -> dict[str, Any]:
-    return json.loads(get_definition(name).call(ctx, args))  # type: ignore[no-any-return]
-
-
-def refusal(ctx: ToolContext, name: str, **args: Any) -> ToolError:
-    with pytest.raises(ToolError) as info:
-        get_definition(name).call(ctx, args)
-    return info.value
 
 
 @pytest.fixture

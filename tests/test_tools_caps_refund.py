@@ -10,28 +10,13 @@ step that exists in the situation it is refused in.
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
-from typing import Any
 
 import pytest
 from conftest import DeployedWorld, PFWorld
+from toolcalls import acall, call, refusal
 
 from pf_metered.tools import Caps, ToolContext, ToolContexts, ToolError, get_definition
-
-
-def call(ctx: ToolContext, name: str, **args: Any) -> dict[str, Any]:
-    return json.loads(get_definition(name).call(ctx, args))
-
-
-async def acall(ctx: ToolContext, name: str, **args: Any) -> dict[str, Any]:
-    return json.loads(await get_definition(name).acall(ctx, args))
-
-
-def refusal(ctx: ToolContext, name: str, **args: Any) -> ToolError:
-    with pytest.raises(ToolError) as info:
-        get_definition(name).call(ctx, args)
-    return info.value
 
 
 def debited_micro(world: PFWorld | DeployedWorld, start: Decimal) -> int:

@@ -5,32 +5,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from conftest import DeployedWorld, PFWorld
+from toolcalls import acall, call, refusal
 
 from pf_metered.client import AsyncEscrowClient, EscrowClient
 from pf_metered.errors import ConfigError
 from pf_metered.tools import Caps, ToolContext, ToolContexts, ToolError, ToolState, get_definition
-
-
-def call(ctx: ToolContext, name: str, **args: Any) -> dict[str, Any]:
-    return json.loads(get_definition(name).call(ctx, args))
-
-
-async def acall(ctx: ToolContext, name: str, **args: Any) -> dict[str, Any]:
-    return json.loads(await get_definition(name).acall(ctx, args))
-
-
-def refusal(ctx: ToolContext, name: str, **args: Any) -> ToolError:
-    with pytest.raises(ToolError) as info:
-        get_definition(name).call(ctx, args)
-    return info.value
-
 
 # -- a context per conversation ------------------------------------------------------------
 
