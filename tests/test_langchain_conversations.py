@@ -14,10 +14,9 @@ import pytest
 from conftest import PFWorld
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, ToolMessage
-from langchain_core.tools import BaseTool, tool
-from langchain_tests.integration_tests import ToolsIntegrationTests
-from langchain_tests.unit_tests import ToolsUnitTests
+from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
+from lc_suites import standard_suites
 
 from pf_metered.errors import InvalidInput
 from pf_metered.langchain import (
@@ -391,33 +390,23 @@ def _example(name: str) -> dict[str, Any]:
     }[name]
 
 
-def _suite(base: type, cls: type[ConversationTool]) -> type:
-    name = cls.definition.name
-
-    class Suite(base):  # type: ignore[misc, valid-type]
-        @property
-        def tool_constructor(self) -> type[BaseTool]:
-            return cls
-
-        @property
-        def tool_constructor_params(self) -> dict[str, Any]:
-            conversations = _conversations()
-            return {"context": conversations.default, "conversations": conversations}
-
-        @property
-        def tool_invoke_params_example(self) -> dict[str, Any]:
-            _conversations()
-            return _example(name)
-
-    Suite.__name__ = Suite.__qualname__ = f"Test{cls.__name__}{base.__name__}"
-    return Suite
+def _conversation_params() -> dict[str, Any]:
+    conversations = _conversations()
+    return {"context": conversations.default, "conversations": conversations}
 
 
-for _cls in TOOL_CLASSES:
-    for _base in (ToolsUnitTests, ToolsIntegrationTests):
-        _s = _suite(_base, conversation_tool_class(_cls))
-        globals()[_s.__name__] = _s
-del _cls, _base, _s
+def _example_in_world(name: str) -> dict[str, Any]:
+    _conversations()
+    return _example(name)
+
+
+globals().update(
+    standard_suites(
+        [conversation_tool_class(cls) for cls in TOOL_CLASSES],
+        params=_conversation_params,
+        example=_example_in_world,
+    )
+)
 
 
 def test_twins_mirror_their_tools(pf_world: PFWorld) -> None:

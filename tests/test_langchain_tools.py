@@ -11,14 +11,12 @@ import pytest
 from conftest import PFWorld
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
-from langchain_tests.integration_tests import ToolsIntegrationTests
-from langchain_tests.unit_tests import ToolsUnitTests
+from lc_suites import standard_suites
 
 from pf_metered.errors import InvalidInput
 from pf_metered.langchain import (
     TOOL_CLASSES,
     Caps,
-    PurpleFleaTool,
     PurpleFleaToolkit,
     ToolContext,
 )
@@ -86,35 +84,14 @@ def _example(name: str) -> dict[str, Any]:
     }[name]
 
 
-def _suite(base: type, cls: type[PurpleFleaTool]) -> type:
-    name = cls.definition.name
-
-    class Suite(base):  # type: ignore[misc, valid-type]
-        @property
-        def tool_constructor(self) -> type[BaseTool]:
-            return cls
-
-        @property
-        def tool_constructor_params(self) -> dict[str, Any]:
-            return {"context": _fresh_context()}
-
-        @property
-        def tool_invoke_params_example(self) -> dict[str, Any]:
-            return _example(name)
-
-        @property
-        def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
-            return ({"PF_API_KEY": "pf_test_fromenv0123456789abcdef"}, {}, {"name": name})
-
-    Suite.__name__ = Suite.__qualname__ = f"Test{cls.__name__}{base.__name__}"
-    return Suite
-
-
-for _cls in TOOL_CLASSES:
-    for _base in (ToolsUnitTests, ToolsIntegrationTests):
-        _s = _suite(_base, _cls)
-        globals()[_s.__name__] = _s
-del _cls, _base, _s
+globals().update(
+    standard_suites(
+        TOOL_CLASSES,
+        params=lambda: {"context": _fresh_context()},
+        example=_example,
+        env=lambda name: ({"PF_API_KEY": "pf_test_fromenv0123456789abcdef"}, {}, {"name": name}),
+    )
+)
 
 
 # -- one source of truth -------------------------------------------------------------------
