@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from pf_metered.errors import InvalidInput, NotFound, PermissionDenied, PFMeteredError
 from pf_metered.models import Escrow
@@ -90,18 +90,7 @@ Reason = Literal[
     "unpaid",
     "unverifiable",
 ]
-REASONS: Final[tuple[Reason, ...]] = (
-    "missing_escrow",
-    "invalid_claim",
-    "unknown_escrow",
-    "wrong_provider",
-    "not_payer",
-    "escrow_in_use",
-    "escrow_closed",
-    "insufficient_escrow",
-    "unpaid",
-    "unverifiable",
-)
+REASONS: Final[tuple[Reason, ...]] = get_args(Reason)  # the Literal is the one list
 _BEFORE_WORK: Final = frozenset(REASONS) - {"unpaid", "unverifiable", "insufficient_escrow"}
 
 _ID: Final = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}\Z")
